@@ -1,0 +1,114 @@
+"""Checkpoints: one dict per file, written atomically, loaded without running code (weights_only).
+
+A checkpoint holds `model` (state dict without torch.compile/DDP prefixes), `optimizer`,
+`scheduler`, `step`, `best_val_loss`, `config` (the fully resolved run config as plain containers),
+`tokenizer` (its identity dict), `rng` (torch/python/numpy/batch-sampler states) and `logger`
+(e.g. the W&B run id), so infer.py and a resumed run rebuild everything from the file alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+from pathlib import Path
+
+import torch
+
+from gpt.errors import UserError
+
+REQUIRED_KEYS = ("model", "config", "tokenizer", "step")
+_PREFIXES = ("_orig_mod.", "module.")
+
+
+def clean_state_dict(state: dict) -> dict:
+    """Strip torch.compile ('_orig_mod.') and DDP ('module.') prefixes from parameter names."""
+    out = {}
+    for k, v in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for p in _PREFIXES:
+                if k.startswith(p):
+                    k, changed = k[len(p):], True
+        out[k] = v
+    return out
+
+
+def save_checkpoint(obj: dict, path: str | Path) -> Path:
+    """torch.save to a temp file in the same folder, then rename over `path` (atomic on POSIX)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def resolve_checkpoint(path: str | Path, prefer: str = "best") -> Path:
+    """A checkpoint file, or a run folder (uses checkpoints/<prefer>.pt, falling back to the other)."""
+    if path is None or str(path) in ("", "None", "???"):
+        raise UserError("no checkpoint given; pass ckpt=<checkpoint file or run folder>")
+    p = Path(str(path)).expanduser()
+    if p.is_dir():
+        order = [prefer, "last" if prefer == "best" else "best"]
+        for name in order:
+            for cand in (p / "checkpoints" / f"{name}.pt", p / f"{name}.pt"):
+                if cand.is_file():
+                    return cand
+        raise UserError(f"run folder {str(path)!r} has no checkpoints/best.pt or checkpoints/last.pt; "
+                        f"pass a run folder that finished at least one evaluation, or a .pt file")
+    if not p.exists():
+        raise UserError(f"checkpoint {str(path)!r} does not exist; pass an existing .pt file or run folder")
+    return p
+
+
+def load_checkpoint(path: str | Path, prefer: str = "best", map_location="cpu") -> dict:
+    """Load and validate a checkpoint (no code execution: weights_only=True)."""
+    p = resolve_checkpoint(path, prefer)
+    try:
+        ckpt = torch.load(p, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:
+        raise UserError(f"{str(p)!r} is not a checkpoint file: torch.load could not read it as weights-only "
+                        f"data ({type(e).__name__}); pass a .pt file written by train.py or finetune.py") from None
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
+        raise UserError(f"{str(p)!r} is not a checkpoint of this project (expected a dict with keys "
+                        f"{list(REQUIRED_KEYS)})")
+    ckpt["model"] = clean_state_dict(ckpt["model"])
+    ckpt["path"] = str(p)
+    return ckpt
+
+
+def file_sha256(path: str | Path) -> str:
+    """Content hash of a file, recorded as lineage by runs that start from a checkpoint."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_from_checkpoint(ckpt: dict, device: str = "cpu") -> torch.nn.Module:
+    """Rebuild the model from the checkpoint's embedded config and load its weights.
+
+    Only classes inside this package may be instantiated, so a shared checkpoint cannot name
+    arbitrary code to run.
+    """
+    from hydra.utils import instantiate
+
+    node = dict(ckpt["config"]["model"])
+    target = str(node.get("_target_", ""))
+    if not target.startswith("gpt."):
+        raise UserError(f"checkpoint {ckpt.get('path')!r} names model class {target!r}, which is outside the "
+                        f"gpt package; refusing to instantiate it")
+    model = instantiate(node)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise UserError(f"checkpoint {ckpt.get('path')!r}: weights do not fit its config "
+                        f"({str(e).splitlines()[0]})") from None
+    return model.to(device).eval()

@@ -1,0 +1,136 @@
+"""Build a training run from a composed config: device and precision, data and tokenizer, model,
+optimizer and schedule, logger, objective; resume if asked; train; summarise.
+
+This is what train.py calls; everything is instantiated from `_target_` nodes in conf/.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from gpt import distributed
+from gpt.checkpoint import load_checkpoint
+from gpt.config import run_dir, to_plain
+from gpt.data import unigram_loss
+from gpt.errors import UserError
+from gpt.optim import param_groups
+from gpt.trainer import Precision, Trainer, measure_peak_flops
+
+log = logging.getLogger("gpt")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def configure_hardware(hw: DictConfig) -> None:
+    if hw.get("threads"):
+        torch.set_num_threads(int(hw.threads))
+    if hw.get("tf32") and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def build_model(cfg: DictConfig, vocab_size: int) -> torch.nn.Module:
+    """Instantiate cfg.model after recording the tokenizer's vocab size (model.vocab_size interpolates it)."""
+    with open_dict(cfg):
+        cfg.tokenizer.vocab_size = vocab_size
+    return instantiate(cfg.model)
+
+
+def train(cfg: DictConfig) -> float:
+    """Run the configured stage; return the final validation loss (the metric sweepers optimise)."""
+    t_start = time.time()
+    configure_hardware(cfg.hardware)
+    info = distributed.setup(cfg.hardware.device, cfg.hardware.distributed, cfg.hardware.get("backend"))
+    out_dir = run_dir()
+    logger = None
+    exit_code = 1
+    try:
+        if not info.is_main:
+            logging.getLogger().setLevel(logging.WARNING)
+        resume = load_checkpoint(cfg.resume, prefer="last") if cfg.get("resume") else None
+        if resume is not None:  # what must match the saved weights comes from the checkpoint itself
+            with open_dict(cfg):
+                for key in ("model", "tokenizer", "data"):
+                    cfg[key] = OmegaConf.create(resume["config"][key])
+            log.info("resume: model, tokenizer and data settings taken from %s", resume["path"])
+        seed_everything(int(cfg.seed) + info.rank)
+
+        tok_node = OmegaConf.masked_copy(cfg.tokenizer, [k for k in cfg.tokenizer if k != "vocab_size"])
+        tokenizer = instantiate(tok_node)  # vocab_size is an output (filled in below), not an argument
+        source = instantiate(cfg.data)
+        data = source.load(tokenizer)
+        tokenizer = data.tokenizer
+        if resume is not None and resume["tokenizer"] != tokenizer.identity():
+            raise UserError(f"resume={cfg.resume!r} was trained with tokenizer {resume['tokenizer'].get('type')} "
+                            f"{resume['tokenizer'].get('name', '')}; this run's data/tokenizer differ; "
+                            f"use the same data= and tokenizer= as the checkpoint's run")
+        log.info("data: %s -> %s train / %s val tokens (%s cache %s)", source.describe(), f"{len(data.train):,}",
+                 f"{len(data.val):,}", "reused" if data.reused else "new", data.cache_path)
+
+        model = build_model(cfg, tokenizer.vocab_size).to(info.device)
+        log.info("model: %s parameters (%s)", f"{model.num_params():,}",
+                 ", ".join(f"{k}={v}" for k, v in model.hparams().items()))
+        opt_factory = instantiate(cfg.optimizer)
+        optimizer = opt_factory(param_groups(model, cfg.optimizer.get("weight_decay", 0.0)))
+        scheduler = instantiate(cfg.scheduler)(optimizer)
+        precision = Precision(info.device, cfg.hardware.autocast_dtype)
+        objective = instantiate(cfg.stage)(data=data, block_size=model.config.block_size, device=info.device,
+                                           seed=int(cfg.seed), rank=info.rank)
+        peak = cfg.hardware.get("peak_flops") or measure_peak_flops(info.device, precision.dtype)
+
+        plain = to_plain(cfg)
+        logger = instantiate(cfg.logger) if info.is_main else None
+        loop = {k: v for k, v in cfg.trainer.items() if k != "batch_size"}  # batch_size belongs to the stage
+        trainer = Trainer(model, objective, optimizer, scheduler, **loop, precision=precision,
+                          dist_info=info, run_dir=out_dir, logger=logger,
+                          checkpoint_meta={"config": plain, "tokenizer": tokenizer.identity(),
+                                           "resumed_from": resume["path"] if resume else None},
+                          compile=cfg.hardware.compile, peak_flops=peak)
+        if resume is not None:
+            trainer.restore(resume)
+            log.info("resumed from %s at step %d", resume["path"], trainer.state.step)
+        if logger is not None:
+            trainer.state.logger_id = logger.start(plain, str(out_dir), trainer.state.logger_id)
+
+        baseline = unigram_loss(data.train, data.val, tokenizer.vocab_size)
+        log.info("training on %s with %s: %d iters x %d tokens/iter", info.device, precision, cfg.trainer.max_iters,
+                 cfg.trainer.batch_size * model.config.block_size * cfg.trainer.grad_accum_steps * info.world_size)
+        val = trainer.fit()
+        if info.is_main:
+            summarise(trainer, baseline, time.time() - t_start, out_dir)
+        exit_code = 0
+        return val
+    finally:
+        if logger is not None:
+            logger.finish(exit_code)
+        distributed.teardown()
+
+
+def summarise(trainer: Trainer, baseline: float, seconds: float, out_dir) -> None:
+    s = trainer.state
+    rows = trainer.objective.samples(trainer.raw_model, trainer.precision.autocast)
+    print("\n" + "-" * 72)
+    for r in rows:
+        print(r["text"])
+    print("-" * 72)
+    print(f"val loss {s.last_val_loss:.4f} (best {s.best_val_loss:.4f}) vs unigram baseline {baseline:.4f} nats/token")
+    print(f"steps {s.step}  wall time {seconds:.0f}s  run folder {out_dir}")
+    print(f"checkpoints: {out_dir / 'checkpoints' / 'last.pt'}  {out_dir / 'checkpoints' / 'best.pt'}")
+    if trainer.metrics is not None:
+        trainer.metrics.write(s.step, {"summary/val_loss": s.last_val_loss, "summary/best_val_loss": s.best_val_loss,
+                                       "summary/unigram_loss": baseline, "summary/wall_seconds": seconds})
+    trainer.logger.log({"summary/unigram_loss": baseline, "summary/best_val_loss": s.best_val_loss}, s.step)
+    if not math.isfinite(s.last_val_loss):
+        log.warning("no evaluation ran; raise trainer.max_iters or lower trainer.eval_interval")

@@ -1,0 +1,75 @@
+"""infer.py's logic: rebuild tokenizer and model from a checkpoint alone, sample, stream to stdout."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from omegaconf import DictConfig
+
+from gpt.checkpoint import load_checkpoint, model_from_checkpoint
+from gpt.errors import UserError
+from gpt.generate import generate_tokens
+from gpt.tokenizer import from_identity
+from gpt.trainer import Precision
+
+
+def load_for_inference(path: str, device: str = "cpu"):
+    """-> (model, tokenizer, checkpoint dict) from a checkpoint file or run folder (best.pt preferred)."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={device!r} but CUDA is not available here; use device=cpu")
+    ckpt = load_checkpoint(path, prefer="best", map_location=device)
+    tokenizer = from_identity(ckpt["tokenizer"])
+    model = model_from_checkpoint(ckpt, device)
+    return model, tokenizer, ckpt
+
+
+def encode_prompt(tokenizer, prompt: str, block_size: int, out=sys.stderr) -> list[int]:
+    ids = tokenizer.encode(prompt)
+    if not ids:  # an empty prompt starts from end-of-text (BPE) or a newline (char)
+        ids = [tokenizer.eot_id] if tokenizer.eot_id is not None else tokenizer.encode("\n")
+    if len(ids) > block_size:
+        print(f"note: prompt has {len(ids)} tokens, more than block_size={block_size}; "
+              f"the model sees only its last {block_size} tokens", file=out)
+    return ids
+
+
+def stream_samples(cfg: DictConfig, out=sys.stdout) -> list[str]:
+    """Generate cfg.num_samples continuations of cfg.prompt, printing each (prompt included) as it grows."""
+    for key in ("max_new_tokens", "num_samples"):
+        if int(cfg[key]) < 0 or (key == "num_samples" and int(cfg[key]) < 1):
+            raise UserError(f"{key}={cfg[key]} must be a positive integer")
+    if cfg.top_p is not None and not 0.0 < float(cfg.top_p) <= 1.0:
+        raise UserError(f"top_p={cfg.top_p} must be in (0, 1]")
+    model, tok, _ = load_for_inference(cfg.ckpt, cfg.device)
+    prompt = str(cfg.prompt)
+    ids = encode_prompt(tok, prompt, model.config.block_size)
+    precision = Precision(cfg.device, cfg.get("autocast_dtype"))
+    g = torch.Generator(device=cfg.device).manual_seed(int(cfg.seed))
+    texts = []
+    for i in range(int(cfg.num_samples)):
+        if i:
+            out.write("\n" + "-" * 40 + "\n")
+        out.write(prompt)
+        out.flush()
+        idx = torch.tensor([ids], dtype=torch.long, device=cfg.device)
+        new: list[int] = []
+        shown = ""
+        with precision.autocast():
+            for nxt in generate_tokens(model, idx, int(cfg.max_new_tokens), temperature=float(cfg.temperature),
+                                       top_k=cfg.top_k, top_p=cfg.top_p, eot_id=tok.eot_id, generator=g,
+                                       use_cache=bool(cfg.use_cache)):
+                t = int(nxt[0])
+                if t == tok.eot_id:
+                    break
+                new.append(t)
+                text = tok.decode(new)
+                if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                    out.write(text[len(shown):])
+                    out.flush()
+                    shown = text
+        text = tok.decode(new)
+        out.write(text[len(shown):] + "\n")
+        out.flush()
+        texts.append(prompt + text)
+    return texts

