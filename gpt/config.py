@@ -82,6 +82,17 @@ def _only_setup_files(folder: Path) -> bool:
                for p in folder.iterdir())
 
 
+def user_error_in(exc: BaseException) -> UserError | None:
+    """The UserError that caused `exc` (itself or along its __cause__ / __context__ chain), if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, UserError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def entry(fn):
     """Wrap an entry point: a UserError becomes one line on stderr and exit code 2, and the run folder
     Hydra created for it is removed when nothing but its set-up files were written."""
@@ -90,7 +101,10 @@ def entry(fn):
     def wrapper(cfg: DictConfig):
         try:
             return fn(cfg)
-        except UserError as e:
+        except Exception as exc:
+            e = user_error_in(exc)  # hydra.utils.instantiate wraps errors raised by constructors
+            if e is None:
+                raise
             folder = run_dir()
             logging.shutdown()
             if folder != Path.cwd() and folder.is_dir() and _only_setup_files(folder):

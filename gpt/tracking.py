@@ -90,3 +90,44 @@ class WandbLogger(NullLogger):
         if self.run is not None:
             self.run.finish(exit_code=exit_code)
             self.run = None
+
+
+def read_wandb_history(path: str | Path) -> list[dict]:
+    """Read the logged history rows back from an offline W&B run file (`run-*.wandb`).
+
+    The file is a LevelDB-style log: a 7-byte file header, then 32 KiB blocks of records, each with a
+    7-byte header (crc32 <I, length <H, type <B: 1 full, 2 first, 3 middle, 4 last); payloads are
+    protobuf `Record`s. Returns one dict per history record ({"_step": ..., key: value}).
+    """
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = Path(path).read_bytes()
+    block, pos, rows, pending = 32 * 1024, 7, [], b""
+    while pos + 7 <= len(data):
+        left = block - (pos % block)
+        if left < 7:  # block trailer padding
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        payload = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind == 0 and length == 0:
+            continue
+        pending = payload if kind in (1, 2) else pending + payload
+        if kind not in (1, 4):
+            continue
+        rec = pb.Record()
+        rec.ParseFromString(pending)
+        pending = b""
+        if rec.WhichOneof("record_type") == "history":
+            row = {}
+            for item in rec.history.item:
+                key = item.key or "/".join(item.nested_key)
+                try:
+                    row[key] = json.loads(item.value_json)
+                except ValueError:
+                    row[key] = item.value_json
+            rows.append(row)
+    return rows

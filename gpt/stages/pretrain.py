@@ -58,7 +58,8 @@ class Pretrain:
                 with autocast():
                     _, loss = model(x, y)
                 losses.append(float(loss))
-            out[f"{split}/loss"] = sum(losses) / len(losses)
+            # the train split's estimate is named apart from the running train/loss of the log steps
+            out["val/loss" if split == "val" else "train/eval_loss"] = sum(losses) / len(losses)
         return out
 
     def samples(self, model, autocast, n: int = 1) -> list[dict]:

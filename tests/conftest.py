@@ -1,0 +1,38 @@
+"""Shared test settings: offline libraries, caches and W&B folders inside temp dirs, tiny configs."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Tiny model and loop for end-to-end runs of the real entry scripts (seconds on 2 CPU cores).
+TINY = [
+    "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
+    "trainer.max_iters=6", "trainer.eval_interval=3", "trainer.eval_iters=2", "trainer.log_interval=2",
+    "trainer.batch_size=4", "stage.sample_tokens=20",
+]
+
+
+@pytest.fixture(autouse=True)
+def _offline_env(monkeypatch, tmp_path_factory):
+    cache = tmp_path_factory.getbasetemp() / "cache"
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("GPT_CACHE_DIR", str(cache))  # token caches shared by the tests of one session
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(tmp_path_factory.getbasetemp() / "wandb"))
+
+
+def run_script(script: str, *args: str, cwd: Path, env: dict | None = None, timeout: int = 300,
+               prefix: list[str] | None = None) -> subprocess.CompletedProcess:
+    """Run an entry script of the project (train.py, infer.py, ...) in `cwd`; returns the finished process."""
+    full_env = {**os.environ, **(env or {})}
+    full_env["PYTHONPATH"] = str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
+    cmd = (prefix or [sys.executable]) + [str(ROOT / script), *args]
+    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
