@@ -92,19 +92,18 @@ class WandbLogger(NullLogger):
             self.run = None
 
 
-def read_wandb_history(path: str | Path) -> list[dict]:
-    """Read the logged history rows back from an offline W&B run file (`run-*.wandb`).
+def read_wandb_records(path: str | Path) -> list:
+    """All protobuf `Record`s of an offline W&B run file (`run-*.wandb`), in order.
 
     The file is a LevelDB-style log: a 7-byte file header, then 32 KiB blocks of records, each with a
-    7-byte header (crc32 <I, length <H, type <B: 1 full, 2 first, 3 middle, 4 last); payloads are
-    protobuf `Record`s. Returns one dict per history record ({"_step": ..., key: value}).
+    7-byte header (crc32 <I, length <H, type <B: 1 full, 2 first, 3 middle, 4 last).
     """
     import struct
 
     from wandb.proto import wandb_internal_pb2 as pb
 
     data = Path(path).read_bytes()
-    block, pos, rows, pending = 32 * 1024, 7, [], b""
+    block, pos, records, pending = 32 * 1024, 7, [], b""
     while pos + 7 <= len(data):
         left = block - (pos % block)
         if left < 7:  # block trailer padding
@@ -116,11 +115,18 @@ def read_wandb_history(path: str | Path) -> list[dict]:
         if kind == 0 and length == 0:
             continue
         pending = payload if kind in (1, 2) else pending + payload
-        if kind not in (1, 4):
-            continue
-        rec = pb.Record()
-        rec.ParseFromString(pending)
-        pending = b""
+        if kind in (1, 4):
+            rec = pb.Record()
+            rec.ParseFromString(pending)
+            records.append(rec)
+            pending = b""
+    return records
+
+
+def read_wandb_history(path: str | Path) -> list[dict]:
+    """The logged history rows of an offline W&B run file: one dict per row ({"_step": ..., key: value})."""
+    rows = []
+    for rec in read_wandb_records(path):
         if rec.WhichOneof("record_type") == "history":
             row = {}
             for item in rec.history.item:
@@ -131,3 +137,9 @@ def read_wandb_history(path: str | Path) -> list[dict]:
                     row[key] = item.value_json
             rows.append(row)
     return rows
+
+
+def read_wandb_exit_code(path: str | Path) -> int | None:
+    """The exit code a W&B run file recorded when its run was finished (None: never finished)."""
+    codes = [rec.exit.exit_code for rec in read_wandb_records(path) if rec.WhichOneof("record_type") == "exit"]
+    return codes[-1] if codes else None

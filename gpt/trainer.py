@@ -263,11 +263,11 @@ class Trainer:
                     if s.step % self.eval_interval == 0 or s.step == self.max_iters:
                         self.run_eval()
         except KeyboardInterrupt:
-            bar.close()
             if self.dist.is_main:
                 self.save(best=False)
                 log.warning("interrupted at step %d; saved %s (resume with resume=%s)", s.step,
                             self.run_dir / "checkpoints" / "last.pt", self.run_dir)
             raise
-        bar.close()
+        finally:
+            bar.close()
         return s.last_val_loss

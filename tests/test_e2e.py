@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import TINY, run_script
-from gpt.tracking import read_metrics, read_wandb_history
+from gpt.tracking import read_metrics, read_wandb_exit_code, read_wandb_history
 
 pytestmark = pytest.mark.slow
 
@@ -225,3 +225,14 @@ def test_config_composes_every_option():
         cfg = compose("train", overrides=["model=gpt2_xl"])
         assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd) == (48, 25, 1600)
         json.dumps(dict(cfg.trainer))
+
+
+def test_failing_job_still_closes_its_wandb_run(tmp_path):
+    # a learning rate this large makes the loss non-finite within a few steps: the run fails cleanly
+    proc = run_script("train.py", *TINY, "logger=wandb", "logger.mode=offline", "optimizer.lr=1e12",
+                      "trainer.grad_clip=0", "optimizer.weight_decay=0", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "training loss became" in proc.stderr.strip().splitlines()[-1]
+    files = glob.glob(str(tmp_path / "outputs" / "*" / "*" / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert len(files) == 1
+    assert read_wandb_exit_code(files[0]) == 1
