@@ -48,6 +48,7 @@ class Pretrain:
         _, loss = model(x, y)
         return loss, {}
 
+    @torch.no_grad()
     def evaluate(self, model, iters: int, autocast) -> dict:
         out = {}
         for split in ("train", "val"):
