@@ -91,10 +91,10 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def model_from_checkpoint(ckpt: dict, device: str = "cpu") -> torch.nn.Module:
-    """Rebuild the model from the checkpoint's embedded config and load its weights.
+def build_model(ckpt: dict) -> torch.nn.Module:
+    """A freshly initialised model of the class and shape the checkpoint's config names.
 
-    The config may only name a model class registered in MODEL_CLASSES, and its arguments must be
+    The config may only name a model class registered in model_classes(), and its arguments must be
     plain values: a shared checkpoint cannot make us construct or call anything else.
     """
     node = dict(ckpt["config"]["model"])
@@ -107,9 +107,14 @@ def model_from_checkpoint(ckpt: dict, device: str = "cpu") -> torch.nn.Module:
         if not isinstance(value, (int, float, str, bool, type(None))):
             raise UserError(f"checkpoint {ckpt.get('path')!r}: model argument {key!r} is not a plain value")
     try:
-        model = cls(**node)
+        return cls(**node)
     except TypeError as e:
         raise UserError(f"checkpoint {ckpt.get('path')!r}: model config does not fit {target} ({e})") from None
+
+
+def model_from_checkpoint(ckpt: dict, device: str = "cpu") -> torch.nn.Module:
+    """Rebuild the model from the checkpoint's embedded config and load its weights (eval mode)."""
+    model = build_model(ckpt)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:

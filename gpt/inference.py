@@ -14,14 +14,33 @@ from gpt.tokenizer import from_identity
 from gpt.trainer import Precision
 
 
-def load_for_inference(path: str, device: str = "cpu"):
-    """-> (model, tokenizer, checkpoint dict) from a checkpoint file or run folder (best.pt preferred)."""
+def load_for_inference(path: str, device: str = "cpu", quantize: str | None = None):
+    """-> (model, tokenizer, checkpoint dict) from a checkpoint file or run folder (best.pt preferred).
+
+    quantize="int8" quantizes the Linear layers at load time (CPU); int8 checkpoints load as int8.
+    """
+    from gpt.quantize import model_from_quantized, quantize_int8
+
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device={device!r} but CUDA is not available here; use device=cpu")
-    ckpt = load_checkpoint(path, prefer="best", map_location=device)
+    if quantize not in (None, "none", "int8"):
+        raise UserError(f"quantize={quantize!r} is not supported; use quantize=int8 or leave it unset")
+    ckpt = load_checkpoint(path, prefer="best", map_location="cpu" if quantize == "int8" else device)
+    int8 = quantize == "int8" or bool(ckpt.get("quantized"))
+    if int8 and not device.startswith("cpu"):
+        raise UserError(f"int8 models run on the CPU only (torch.ao dynamic quantization); use device=cpu")
     tokenizer = from_identity(ckpt["tokenizer"])
-    model = model_from_checkpoint(ckpt, device)
+    if ckpt.get("quantized"):
+        model = model_from_quantized(ckpt)
+    else:
+        model = model_from_checkpoint(ckpt, device)
+        if quantize == "int8":
+            model = quantize_int8(model)
     return model, tokenizer, ckpt
+
+
+def is_quantized(model) -> bool:
+    return not isinstance(model.lm_head, torch.nn.Linear)
 
 
 def encode_prompt(tokenizer, prompt: str, block_size: int, out=sys.stderr) -> list[int]:
@@ -41,10 +60,11 @@ def stream_samples(cfg: DictConfig, out=sys.stdout) -> list[str]:
             raise UserError(f"{key}={cfg[key]} must be a positive integer")
     if cfg.top_p is not None and not 0.0 < float(cfg.top_p) <= 1.0:
         raise UserError(f"top_p={cfg.top_p} must be in (0, 1]")
-    model, tok, _ = load_for_inference(cfg.ckpt, cfg.device)
+    model, tok, _ = load_for_inference(cfg.ckpt, cfg.device, cfg.get("quantize"))
     prompt = str(cfg.prompt)
     ids = encode_prompt(tok, prompt, model.config.block_size)
-    precision = Precision(cfg.device, cfg.get("autocast_dtype"))
+    # int8 kernels take float32 activations: no autocast for a quantized model
+    precision = Precision(cfg.device, None if is_quantized(model) else cfg.get("autocast_dtype"))
     g = torch.Generator(device=cfg.device).manual_seed(int(cfg.seed))
     texts = []
     for i in range(int(cfg.num_samples)):

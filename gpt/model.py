@@ -142,47 +142,96 @@ class Block(nn.Module):
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of (h @ W^T) against targets, computed in row chunks.
 
-    The (N, V) logits are never materialised at once: each chunk's logits live only while its loss
-    and its gradients with respect to h and W are computed, in the forward pass. The backward pass
-    only scales the stored gradients. Rows whose target is `ignore_index` contribute nothing.
+    The (N, V) logits are never materialised at once: a chunk of `chunk_size` rows gets its logits in
+    the compute dtype (bf16 under autocast), which are turned in place into d(loss)/d(logits) =
+    softmax - onehot (softmax and loss in float32; on CPU a few rows at a time, while they are in
+    cache); the chunk's gradients with respect to h and W are then two matmuls, all in the forward
+    pass. The backward pass only scales them. Rows whose target is `ignore_index` contribute nothing.
     h: (N, C), weight: (V, C), targets: (N,).
     """
 
+    MM_BLOCK = 1 << 23  # CPU: logits elements per matmul (V = 50304: 166 rows)
+    SOFTMAX_BLOCK = 1 << 21  # CPU: logits elements per softmax step; its float32 copy (8 MiB) stays in cache
+
     @staticmethod
     def forward(ctx, h, weight, targets, chunk_size: int, ignore_index: int, grad_enabled: bool):
-        n_valid = (targets != ignore_index).sum().clamp(min=1)
-        compute_dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
-        w = weight.to(compute_dtype)
-        need_grad = grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
-        grad_h = torch.empty_like(h) if need_grad else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
-        loss = torch.zeros((), device=h.device, dtype=torch.float32)
-        with torch.autocast(h.device.type, enabled=False):
-            for start in range(0, h.size(0), chunk_size):
-                hc = h[start:start + chunk_size].to(compute_dtype)
-                tc = targets[start:start + chunk_size]
-                logits = (hc @ w.t()).float()  # (n, V)
-                valid = tc != ignore_index
-                safe_t = tc.clamp(min=0)
-                lse = torch.logsumexp(logits, dim=-1)
-                picked = logits.gather(1, safe_t[:, None]).squeeze(1)
-                loss += torch.where(valid, lse - picked, 0.0).sum()
+        dev = h.device
+        compute_dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else h.dtype
+        acc_dtype = torch.promote_types(compute_dtype, torch.float32)  # softmax, loss, grad_w accumulation
+        low = compute_dtype != acc_dtype
+        want_h = grad_enabled and ctx.needs_input_grad[0]
+        want_w = grad_enabled and ctx.needs_input_grad[1]
+        need_grad = want_h or want_w
+        N, V = h.size(0), weight.size(0)
+        valid = targets != ignore_index
+        n_valid = valid.sum().clamp(min=1)
+        safe_t = torch.where(valid, targets, 0)[:, None]
+        chunk = max(1, min(chunk_size, N))
+        cpu = dev.type == "cpu"
+        mm_rows = max(1, min(_FusedLinearCrossEntropy.MM_BLOCK // V, chunk)) if cpu else chunk
+        sm_rows = max(1, min(_FusedLinearCrossEntropy.SOFTMAX_BLOCK // V, mm_rows)) if cpu else mm_rows
+        nll = torch.empty(N, device=dev, dtype=acc_dtype)
+        grad_h = torch.empty_like(h) if want_h else None
+        grad_w = None
+        with torch.autocast(dev.type, enabled=False):
+            w = weight.to(compute_dtype)
+            # with grads the whole chunk's logits are kept (they become its gradient), else one block
+            buf = torch.empty(chunk if need_grad else mm_rows, V, device=dev, dtype=compute_dtype)
+            p_buf = torch.empty(sm_rows, V, device=dev, dtype=acc_dtype) if low and cpu else None
+            for start in range(0, N, chunk):
+                end = min(start + chunk, N)
+                hc = h[start:end].to(compute_dtype)
+                g = buf[: end - start]
+                for b0 in range(0, end - start, mm_rows):
+                    b1 = min(b0 + mm_rows, end - start)
+                    blk = g[b0:b1] if need_grad else buf[: b1 - b0]
+                    torch.mm(hc[b0:b1], w.t(), out=blk)
+                    for s0 in range(0, b1 - b0, sm_rows):
+                        s1 = min(s0 + sm_rows, b1 - b0)
+                        rows = slice(start + b0 + s0, start + b0 + s1)
+                        lg, t = blk[s0:s1], safe_t[rows]
+                        x_max = lg.amax(dim=1, keepdim=True).to(acc_dtype)
+                        x_t = lg.gather(1, t).to(acc_dtype)
+                        if cpu:
+                            p = p_buf[: s1 - s0].copy_(lg) if low else lg
+                            torch.softmax(p, dim=1, out=p)
+                        else:
+                            p = torch.softmax(lg, dim=1, dtype=acc_dtype)
+                        # the largest probability cannot underflow: logsumexp = x_max - log(p_max)
+                        nll[rows] = (x_max - p.amax(dim=1, keepdim=True).log() - x_t).squeeze(1)
+                        if need_grad:
+                            p.scatter_add_(1, t, torch.full_like(x_t, -1.0))  # softmax - onehot
+                            if p is not lg:
+                                lg.copy_(p)
                 if need_grad:
-                    # d(mean CE)/d logits = (softmax - onehot) / n_valid on valid rows
-                    g = logits.sub_(lse[:, None]).exp_()
-                    g[torch.arange(g.size(0), device=g.device), safe_t] -= 1.0
-                    g.mul_((valid.float() / n_valid)[:, None])
-                    g = g.to(compute_dtype)
-                    grad_h[start:start + chunk_size] = (g @ w).to(h.dtype)
-                    grad_w += (g.t() @ hc).float()
+                    vmask = valid[start:end, None]
+                    if want_h:  # ignored rows are zeroed here and, for grad_w, in hc below
+                        grad_h[start:end] = (g @ w).to(acc_dtype).mul_(vmask.to(acc_dtype) / n_valid).to(h.dtype)
+                    if want_w:
+                        gw = g.t() @ (hc * vmask.to(compute_dtype))  # (V, C), unscaled
+                        if grad_w is None:
+                            grad_w = gw
+                        else:
+                            grad_w = grad_w.to(acc_dtype)
+                            grad_w += gw
+        loss = torch.where(valid, nll, 0.0).sum().float() / n_valid
         if need_grad:
-            ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
-        return loss / n_valid
+            if want_w and grad_w is None:  # no rows at all
+                grad_w = torch.zeros(weight.shape, device=dev, dtype=acc_dtype)
+            ctx.save_for_backward(grad_h, grad_w, n_valid)
+            ctx.weight_dtype = weight.dtype
+        return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_loss, grad_w * grad_loss, None, None, None, None
+        grad_h, grad_w_raw, n_valid = ctx.saved_tensors
+        grad_w = None
+        if grad_w_raw is not None:  # upcast first, then scale: no extra rounding of a bf16 gradient
+            grad_w = torch.empty(grad_w_raw.shape, device=grad_w_raw.device,
+                                 dtype=torch.promote_types(grad_w_raw.dtype, ctx.weight_dtype))
+            grad_w.copy_(grad_w_raw).mul_(grad_loss.to(grad_w.dtype) / n_valid)
+            grad_w = grad_w.to(ctx.weight_dtype)
+        return (grad_h * grad_loss if grad_h is not None else None), grad_w, None, None, None, None
 
 
 class GPT(nn.Module):
@@ -250,7 +299,7 @@ class GPT(nn.Module):
         if targets is None:
             return self.lm_head(h), None
         chunk = self.config.loss_chunk_size
-        if chunk <= 0:
+        if chunk <= 0 or not isinstance(self.lm_head, nn.Linear):  # unfused: also for a quantized lm_head
             logits = self.lm_head(h)
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index)
             return logits, loss
@@ -260,7 +309,7 @@ class GPT(nn.Module):
 
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
         cfg = self.config
-        p = self.lm_head.weight
+        p = self.transformer.wte.weight  # an embedding stays float even in an int8-quantized model
         return KVCache(cfg.n_layer, batch_size, cfg.n_head, cfg.n_embd // cfg.n_head,
                        max_len or cfg.block_size, device=p.device, dtype=dtype or p.dtype)
 
