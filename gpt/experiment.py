@@ -22,6 +22,8 @@ from gpt.config import run_dir, to_plain
 from gpt.data import unigram_loss
 from gpt.errors import UserError
 from gpt.optim import param_groups
+from gpt.plots import plot_folder
+from gpt.tracking import peak_memory, read_metrics, run_summary
 from gpt.trainer import Precision, Trainer, measure_peak_flops
 
 log = logging.getLogger("gpt")
@@ -110,6 +112,7 @@ def train(cfg: DictConfig) -> float:
         val = trainer.fit()
         if info.is_main:
             summarise(trainer, baseline, time.time() - t_start, out_dir)
+            logger.log_checkpoint(out_dir / "checkpoints" / "last.pt", ["latest", f"step-{trainer.state.step}"])
         exit_code = 0
         return val
     finally:
@@ -119,18 +122,43 @@ def train(cfg: DictConfig) -> float:
 
 
 def summarise(trainer: Trainer, baseline: float, seconds: float, out_dir) -> None:
+    """Print the run's samples and summary, write its loss and learning-rate plots, record the summary.
+
+    Summary: final and best val loss (vs the unigram baseline), tokens seen, wall time, training
+    throughput and MFU (means over the logged windows), peak memory, checkpoint and plot paths.
+    """
     s = trainer.state
     rows = trainer.objective.samples(trainer.raw_model, trainer.precision.autocast)
     print("\n" + "-" * 72)
     for r in rows:
         print(r["text"])
     print("-" * 72)
-    print(f"val loss {s.last_val_loss:.4f} (best {s.best_val_loss:.4f}) vs unigram baseline {baseline:.4f} nats/token")
-    print(f"steps {s.step}  wall time {seconds:.0f}s  run folder {out_dir}")
+    history = read_metrics(trainer.metrics.path) if trainer.metrics is not None else []
+    stats = run_summary(history)
+    peak, measured = peak_memory(next(trainer.raw_model.parameters()).device)
+    plots = []
+    try:
+        plots = plot_folder(out_dir)
+    except Exception as e:  # the run itself succeeded: a plotting failure must not fail it
+        log.warning("could not write plots: %s: %s", type(e).__name__, e)
+
+    best_at = f" at step {stats['best_val_step']}" if stats.get("best_val_loss") == s.best_val_loss else ""
+    print(f"val loss {s.last_val_loss:.4f} (best {s.best_val_loss:.4f}{best_at}) vs unigram baseline "
+          f"{baseline:.4f} nats/token")
+    speed = f"{stats['tokens_per_sec']:,.0f} tokens/s" if "tokens_per_sec" in stats else "n/a"
+    mfu = f"{100 * stats['mfu']:.2f}%" if "mfu" in stats else "n/a"
+    print(f"steps {s.step}  tokens seen {stats.get('tokens', 0):,}  wall time {seconds:.0f}s  "
+          f"training speed {speed}  MFU {mfu}  peak memory {peak / 2**20:,.0f} MiB ({measured})")
+    print(f"run folder {out_dir}")
     print(f"checkpoints: {out_dir / 'checkpoints' / 'last.pt'}  {out_dir / 'checkpoints' / 'best.pt'}")
+    if plots:
+        print("plots: " + "  ".join(str(p) for p in plots))
+    summary = {"summary/val_loss": s.last_val_loss, "summary/best_val_loss": s.best_val_loss,
+               "summary/unigram_loss": baseline, "summary/wall_seconds": seconds,
+               "summary/peak_memory_bytes": peak,
+               **{f"summary/{k}": stats[k] for k in ("tokens", "tokens_per_sec", "mfu") if k in stats}}
     if trainer.metrics is not None:
-        trainer.metrics.write(s.step, {"summary/val_loss": s.last_val_loss, "summary/best_val_loss": s.best_val_loss,
-                                       "summary/unigram_loss": baseline, "summary/wall_seconds": seconds})
-    trainer.logger.log({"summary/unigram_loss": baseline, "summary/best_val_loss": s.best_val_loss}, s.step)
+        trainer.metrics.write(s.step, summary)
+    trainer.logger.log(summary, s.step)
     if not math.isfinite(s.last_val_loss):
         log.warning("no evaluation ran; raise trainer.max_iters or lower trainer.eval_interval")

@@ -1,0 +1,467 @@
+"""evaluate.py's logic: score a checkpoint and write the scores into its own run folder.
+
+A checkpoint is evaluated from the file alone (model, tokenizer and, unless `data=` says otherwise, the
+data it was trained on). Each evaluation that applies adds flat, prefixed metrics to one report:
+
+    language modelling  every token of a data split: `<split>/loss`, `perplexity`, `bits_per_byte`
+    instructions        greedy answers to a JSONL of prompts: `instruct/exact_match`, `bleu`, `rouge1/2/L`
+    samples             a few sampled continuations, saved to samples.txt
+
+The report goes to metrics.json (plus generations.jsonl and samples.txt) and is printed as a table;
+`evaluate.py -m ckpt=a,b` ends with one comparison table across the jobs (`ComparisonTable`), and
+`evaluate.py plot=<folder>` only draws the loss and learning-rate plots (gpt.plots).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import logging
+import math
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from gpt.config import _only_setup_files, run_dir, user_error_in, write_json
+from gpt.data import TextSource
+from gpt.errors import UserError
+from gpt.generate import generate_tokens
+from gpt.inference import encode_prompt, load_for_inference
+from gpt.tracking import job_labels, sweep_jobs
+from gpt.trainer import Precision
+
+log = logging.getLogger("gpt")
+
+
+# ---- language modelling: perplexity and bits per byte -----------------------------------------
+
+def eval_source(data: DictConfig | None, ckpt: dict) -> TextSource:
+    """The data source to score: `data` when given (a conf/data option), else the checkpoint's own.
+
+    A checkpoint's config is only trusted to name a TextSource class of gpt.data, built without
+    instantiating anything nested in it.
+    """
+    from hydra.utils import get_object, instantiate
+
+    origin = "data"
+    if data is None:
+        node = (ckpt["config"] or {}).get("data") or {}
+        target = str(node.get("_target_", ""))
+        origin = f"the checkpoint's data ({target or 'none'})"
+        cls = get_object(target) if target.startswith("gpt.data.") else None
+        if not (isinstance(cls, type) and issubclass(cls, TextSource)):
+            raise UserError(f"{origin} is not a data source of gpt.data; pass data=text data.path=<file> "
+                            f"(or data=shakespeare, data=hf data.name=...)")
+        data = OmegaConf.create(node)
+    try:
+        return instantiate(data, _recursive_=False)
+    except Exception as e:
+        err = user_error_in(e)
+        if err is None:
+            raise
+        raise UserError(f"{origin}: {err}; pass data=... to evaluate on other data") from None
+
+
+def split_tokens(source: TextSource, tokenizer, split: str) -> np.ndarray:
+    """The token ids of `split` ("train" or "val") of `source`, encoded with the checkpoint's tokenizer.
+
+    Documents are joined and split exactly as training's token cache does (gpt.data.TextSource), so the
+    checkpoint's own data gives back the val tokens it was validated on; the tokenizer is never refitted.
+    """
+    if split not in ("train", "val"):
+        raise UserError(f"perplexity.split={split!r} must be train or val")
+    sep = [tokenizer.eot_id] if tokenizer.eot_id is not None else None
+    ids: list[int] = []
+    for i, doc in enumerate(d for d in source.documents() if d):
+        if i:
+            ids.extend(sep if sep is not None else tokenizer.encode("\n\n"))
+        try:
+            ids.extend(tokenizer.encode(doc))
+        except UserError as e:
+            raise UserError(f"evaluating {source.describe()}: {e}") from None
+    n_val = int(len(ids) * source.val_fraction)
+    tokens = ids[len(ids) - n_val:] if split == "val" else ids[:len(ids) - n_val]
+    if len(tokens) < 2:
+        raise UserError(f"{source.describe()} gives {len(tokens)} {split} tokens; at least 2 are needed")
+    return np.asarray(tokens, dtype=np.int64)
+
+
+def utf8_bytes(tokenizer, ids: list[int]) -> int:
+    """UTF-8 length of the text the tokens `ids` stand for (exact per token for tiktoken encodings,
+    whose tokens may hold part of a multi-byte character)."""
+    enc = getattr(tokenizer, "enc", None)
+    if enc is not None:
+        return sum(len(b) for b in enc.decode_tokens_bytes(ids))
+    return len(tokenizer.decode(ids).encode("utf-8"))
+
+
+def windows(n: int, block_size: int, stride: int) -> list[tuple[int, int, int]]:
+    """Cover the n - 1 next-token targets of a stream of n tokens, each exactly once.
+
+    -> [(begin, end, skip)]: a window feeds tokens[begin:end] (at most block_size) and predicts
+    tokens[begin+1:end+1]; its first `skip` targets were scored by the previous window and are not
+    scored again. Windows start every `stride` tokens: stride = block_size gives disjoint windows,
+    a smaller stride gives later targets more context at more compute.
+    """
+    out, begin, done = [], 0, 0
+    while True:
+        end = min(begin + block_size, n - 1)
+        out.append((begin, end, max(0, done - begin)))
+        done = end
+        if end >= n - 1:
+            return out
+        begin += stride
+
+
+@torch.no_grad()
+def language_model_metrics(model, tokens: np.ndarray, tokenizer, batch_size: int = 8, stride: int | None = None,
+                           autocast=contextlib.nullcontext, prefix: str = "val") -> dict:
+    """Token-weighted next-token loss over a whole token stream tokens (N,).
+
+    Windows (see `windows`) are batched (B, block_size); padding of short windows and targets already
+    scored get target -1, which the model's loss ignores, so the mean loss of a batch times its number
+    of scored targets is its summed NLL. Over the N - 1 targets:
+        loss = total NLL / (N - 1)  (nats/token),  perplexity = exp(loss),
+        bits_per_byte = total NLL / ln 2 / UTF-8 bytes of the targets' text  (comparable across tokenizers).
+    """
+    block = model.config.block_size
+    stride = int(stride or block)
+    if not 1 <= stride <= block:
+        raise UserError(f"perplexity.stride={stride} must be between 1 and model.block_size={block}")
+    device = model.transformer.wte.weight.device
+    model.eval()
+    data = torch.as_tensor(tokens, dtype=torch.long)
+    spans = windows(len(data), block, stride)
+    total_nll, scored = 0.0, 0
+    for first in range(0, len(spans), batch_size):
+        chunk = spans[first:first + batch_size]
+        x = torch.zeros(len(chunk), block, dtype=torch.long)
+        y = torch.full((len(chunk), block), -1, dtype=torch.long)
+        for row, (begin, end, skip) in enumerate(chunk):
+            x[row, :end - begin] = data[begin:end]
+            y[row, skip:end - begin] = data[begin + 1 + skip:end + 1]
+        count = int((y != -1).sum())
+        with autocast():
+            _, loss = model(x.to(device), y.to(device))
+        total_nll += float(loss) * count
+        scored += count
+    n_bytes = utf8_bytes(tokenizer, data[1:].tolist())
+    mean = total_nll / scored
+    return {f"{prefix}/loss": mean, f"{prefix}/perplexity": math.exp(mean),
+            f"{prefix}/bits_per_byte": total_nll / math.log(2) / max(n_bytes, 1),
+            f"{prefix}/tokens": scored, f"{prefix}/bytes": n_bytes}
+
+
+# ---- instruction data: greedy answers, exact match, BLEU, ROUGE -------------------------------
+
+_INSTRUCTION_KEYS = (("prompt", "completion"), ("instruction", "response"))
+
+
+def read_instructions(path: str | Path, tokenizer=None) -> list[dict]:
+    """A JSONL file, one {"prompt", "completion"} or {"instruction", "response"} object per line
+    -> [{"prompt", "reference", "line"}]. Blank lines are skipped; anything else malformed, or a prompt
+    `tokenizer` cannot encode, is a UserError naming the file and line."""
+    p = Path(str(path)).expanduser()
+    if not p.is_file():
+        raise UserError(f"instructions={str(path)!r} does not exist; pass a JSONL file")
+    records = []
+    with open(p, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"instructions file {p} line {lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            keys = next((k for k in _INSTRUCTION_KEYS if isinstance(obj, dict) and all(x in obj for x in k)), None)
+            if keys is None:
+                found = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+                raise UserError(f"{where}: expected an object with \"prompt\" and \"completion\" (or \"instruction\" "
+                                f"and \"response\"), found {found}")
+            prompt, reference = obj[keys[0]], obj[keys[1]]
+            if not isinstance(prompt, str) or not isinstance(reference, str):
+                raise UserError(f"{where}: \"{keys[0]}\" and \"{keys[1]}\" must be strings")
+            if tokenizer is not None:
+                try:
+                    tokenizer.encode(prompt)
+                except UserError as e:
+                    raise UserError(f"{where}: {e}") from None
+            records.append({"prompt": prompt, "reference": reference, "line": lineno})
+    if not records:
+        raise UserError(f"instructions file {p} holds no records")
+    return records
+
+
+def cut_at_stop(text: str, stop: list[str]) -> str:
+    """text up to the first occurrence of any stop string."""
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+@torch.no_grad()
+def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int, stop: list[str], autocast) -> str:
+    """The greedy (temperature 0) continuation of `prompt`, ended by end-of-text, a stop string or the budget."""
+    device = model.transformer.wte.weight.device
+    ids = encode_prompt(tokenizer, prompt, model.config.block_size)
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    new: list[int] = []
+    with autocast():
+        for nxt in generate_tokens(model, idx, max_new_tokens, temperature=0.0, eot_id=tokenizer.eot_id):
+            if int(nxt[0]) == tokenizer.eot_id:
+                break
+            new.append(int(nxt[0]))
+            text = tokenizer.decode(new)
+            if stop and len(cut_at_stop(text, stop)) < len(text):
+                break
+    return cut_at_stop(tokenizer.decode(new), stop)
+
+
+# Scripts written without spaces between words: scored one character per token.
+_HAN = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002a6df"
+_KANA = "\u3040-\u30ff"
+_CJK = f"\u3100-\u312f{_KANA}{_HAN}"  # bopomofo, kana, Han
+
+
+class MixedScriptTokenizer:
+    """ROUGE tokenizer for any language: each CJK character is one token, other text splits into
+    lower-cased runs of letters and digits; punctuation is dropped. (rouge_score's default tokenizer
+    keeps only [a-z0-9], so it would score Chinese text as empty.)"""
+
+    _token = re.compile(rf"(?=\w)[{_CJK}]|[^\W_{_CJK}]+")
+
+    def tokenize(self, text: str) -> list[str]:
+        return self._token.findall(text.lower())
+
+
+def bleu_tokenize(texts: list[str]) -> str:
+    """sacrebleu tokenizer for the references: "char" for Japanese kana, "zh" (one token per Chinese
+    character, 13a for the rest) for Chinese, "13a" (sacrebleu's standard) otherwise."""
+    joined = "".join(texts)
+    if re.search(f"[{_KANA}]", joined):
+        return "char"
+    return "zh" if re.search(f"[{_HAN}]", joined) else "13a"
+
+
+def normalise(text: str) -> str:
+    """Exact match compares texts with surrounding whitespace stripped and inner runs collapsed to one space."""
+    return " ".join(text.split())
+
+
+def text_metrics(hypotheses: list[str], references: list[str], prefix: str = "instruct") -> tuple[dict, list[dict]]:
+    """Corpus scores (all on a 0-100 scale) and per-item scores of hypotheses against references.
+
+    -> ({prefix/n, exact_match (% of items), bleu (sacrebleu corpus BLEU), rouge1, rouge2, rougeL
+    (mean ROUGE F1 x 100, rouge-score)}, [{"exact_match", "bleu", "rougeL"} per item]).
+    """
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    if len(hypotheses) != len(references) or not references:
+        raise ValueError("need as many hypotheses as references, at least one")
+    tokenize = bleu_tokenize(references)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], tokenizer=MixedScriptTokenizer())
+    items = []
+    rouge = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    for hyp, ref in zip(hypotheses, references):
+        scores = scorer.score(ref, hyp)
+        for key in rouge:
+            rouge[key] += scores[key].fmeasure
+        items.append({"exact_match": normalise(hyp) == normalise(ref),
+                      "bleu": sacrebleu.sentence_bleu(hyp, [ref], tokenize=tokenize).score,
+                      "rougeL": 100 * scores["rougeL"].fmeasure})
+    n = len(references)
+    metrics = {f"{prefix}/n": n, f"{prefix}/exact_match": 100 * sum(i["exact_match"] for i in items) / n,
+               f"{prefix}/bleu": sacrebleu.corpus_bleu(hypotheses, [references], tokenize=tokenize).score}
+    metrics.update({f"{prefix}/{k}": 100 * v / n for k, v in rouge.items()})
+    return metrics, [dict(i, bleu_tokenize=tokenize) for i in items]
+
+
+def instruction_metrics(model, tokenizer, records: list[dict], max_new_tokens: int, stop: list[str], autocast,
+                        out_file: Path | None = None) -> dict:
+    """Answer every prompt of `records` (read_instructions) greedily and score the answers against their
+    references; each prompt, reference, answer and its scores go to out_file (JSONL)."""
+    answers = [greedy_answer(model, tokenizer, rec["prompt"], max_new_tokens, stop, autocast) for rec in records]
+    metrics, items = text_metrics([a.strip() for a in answers], [r["reference"] for r in records])
+    if out_file is not None:
+        with open(out_file, "w", encoding="utf-8") as f:
+            for rec, answer, item in zip(records, answers, items):
+                f.write(json.dumps({"prompt": rec["prompt"], "reference": rec["reference"], "generation": answer,
+                                    **item}, ensure_ascii=False) + "\n")
+    return metrics
+
+
+# ---- samples ----------------------------------------------------------------------------------
+
+@torch.no_grad()
+def sample_texts(model, tokenizer, prompt: str, num: int, max_new_tokens: int, temperature: float,
+                 top_k: int | None, seed: int, autocast) -> list[str]:
+    """`num` sampled continuations of `prompt` (prompt included), one batch, seeded."""
+    device = model.transformer.wte.weight.device
+    ids = encode_prompt(tokenizer, prompt, model.config.block_size)
+    idx = torch.tensor([ids] * num, dtype=torch.long, device=device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    with autocast():
+        new = list(generate_tokens(model, idx, max_new_tokens, temperature=temperature, top_k=top_k,
+                                   eot_id=tokenizer.eot_id, generator=g))
+    rows = torch.stack(new, dim=1).tolist() if new else [[] for _ in range(num)]
+    return [prompt + tokenizer.decode([t for t in row if t != tokenizer.eot_id]) for row in rows]
+
+
+# ---- tables -----------------------------------------------------------------------------------
+
+def _cell(value) -> str:
+    if isinstance(value, bool) or value is None:
+        return "" if value is None else str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 1e4 else f"{value:.4g}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+# ---- evaluate.py ------------------------------------------------------------------------------
+
+def checkpoint_info(ckpt: dict, model) -> dict:
+    tok = ckpt["tokenizer"]
+    return {"path": ckpt["path"], "step": int(ckpt["step"]), "params": model.num_params(),
+            "tokenizer": tok.get("name", tok.get("type")), "train_val_loss": ckpt.get("val_loss")}
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Counts in conf/evaluate.yaml must be positive (samples.num may be 0: no samples)."""
+    for key, value, least in (("perplexity.batch_size", cfg.perplexity.batch_size, 1),
+                              ("perplexity.max_tokens", cfg.perplexity.get("max_tokens") or 1, 1),
+                              ("generation.max_new_tokens", cfg.generation.max_new_tokens, 1),
+                              ("samples.num", cfg.samples.num, 0),
+                              ("samples.max_new_tokens", cfg.samples.max_new_tokens, 1)):
+        if not isinstance(value, int) or value < least:
+            raise UserError(f"{key}={value} must be an integer >= {least}")
+
+
+def evaluate(cfg: DictConfig, out=sys.stdout) -> dict:
+    """Evaluate cfg.ckpt (see conf/evaluate.yaml), write metrics.json, generations.jsonl and samples.txt into
+    the run folder, print the table; -> the report {"checkpoint", "data", "metrics", "files"}."""
+    check_settings(cfg)
+    model, tokenizer, ckpt = load_for_inference(cfg.ckpt, cfg.device)
+    precision = Precision(cfg.device, cfg.get("autocast_dtype"))
+    folder = run_dir()
+    report = {"checkpoint": checkpoint_info(ckpt, model), "data": {}, "metrics": {}, "files": {}}
+    records = read_instructions(cfg.instructions, tokenizer) if cfg.get("instructions") else None  # fail early
+
+    ppl = cfg.perplexity
+    source = eval_source(cfg.get("data"), ckpt)
+    tokens = split_tokens(source, tokenizer, ppl.split)
+    if ppl.get("max_tokens"):
+        tokens = tokens[:int(ppl.max_tokens) + 1]
+    log.info("scoring %s tokens of the %s split of %s", f"{len(tokens) - 1:,}", ppl.split, source.describe())
+    report["data"] = {"source": source.describe(), "split": ppl.split}
+    report["metrics"].update(language_model_metrics(model, tokens, tokenizer, int(ppl.batch_size), ppl.get("stride"),
+                                                    precision.autocast, prefix=ppl.split))
+
+    if records is not None:
+        gen = cfg.generation
+        log.info("answering the %d prompts of %s", len(records), cfg.instructions)
+        report["metrics"].update(instruction_metrics(model, tokenizer, records, int(gen.max_new_tokens),
+                                                     list(gen.stop or []), precision.autocast,
+                                                     folder / "generations.jsonl"))
+        report["files"]["generations"] = "generations.jsonl"
+
+    s = cfg.samples
+    if int(s.num) > 0:
+        prompt = s.prompt if s.prompt is not None else ckpt["config"].get("stage", {}).get("sample_prompt", "\n")
+        texts = sample_texts(model, tokenizer, str(prompt), int(s.num), int(s.max_new_tokens), float(s.temperature),
+                             s.top_k, int(cfg.seed), precision.autocast)
+        (folder / "samples.txt").write_text(("\n" + "-" * 40 + "\n").join(texts) + "\n", encoding="utf-8")
+        report["files"]["samples"] = "samples.txt"
+
+    write_json(folder / "metrics.json", report)
+    info = report["checkpoint"]
+    out.write(f"\n{info['path']} (step {info['step']}, {info['params']:,} parameters, tokenizer {info['tokenizer']})\n"
+              f"data: {report['data']['split']} split of {report['data']['source']}\n\n")
+    out.write(markdown_table(["metric", "value"], [[k, v] for k, v in report["metrics"].items()]))
+    out.write(f"\nrun folder {folder}: metrics.json {' '.join(report['files'].values())}\n")
+    out.flush()
+    return report
+
+
+def plot(folder: str, out=sys.stdout) -> list[Path]:
+    """evaluate.py plot=<run or sweep folder>: write its plots there, print their paths; keep no evaluation
+    run folder (nothing was evaluated)."""
+    from gpt.plots import plot_folder
+
+    paths = plot_folder(folder)
+    for p in paths:
+        out.write(f"{p}\n")
+    own = run_dir()
+    if own != Path.cwd() and own.is_dir() and _only_setup_files(own):
+        logging.shutdown()
+        shutil.rmtree(own, ignore_errors=True)
+        cwd = Path.cwd().resolve()
+        for parent in own.resolve().parents:  # evaluations/<date>/ too, when nothing else is in it
+            if parent == cwd or not parent.is_relative_to(cwd) or any(parent.iterdir()):
+                break
+            parent.rmdir()
+    return paths
+
+
+def main(cfg: DictConfig):
+    """evaluate.py: plot=<folder> draws plots; otherwise ckpt=<checkpoint or run folder> is evaluated."""
+    if cfg.get("plot"):
+        if cfg.get("ckpt"):
+            raise UserError("pass either plot=<run or sweep folder> or ckpt=<checkpoint>, not both")
+        return plot(cfg.plot)
+    return evaluate(cfg)
+
+
+# ---- comparison across the jobs of a sweep ----------------------------------------------------
+
+def compare(sweep_dir: str | Path) -> tuple[Path, Path, str]:
+    """One table across the evaluation jobs of a sweep folder (each job's metrics.json): a row per job,
+    a column per metric. Writes comparison.md and comparison.csv there; -> (md path, csv path, markdown)."""
+    sweep_dir = Path(sweep_dir)
+    jobs = sweep_jobs(sweep_dir, "metrics.json")
+    if not jobs:
+        raise UserError(f"{sweep_dir} holds no <job>/metrics.json to compare")
+    reports = [json.loads((j / "metrics.json").read_text()) for j in jobs]
+    columns: list[str] = []
+    for r in reports:
+        columns += [k for k in r["metrics"] if k not in columns]
+    header = ["job", "run", "checkpoint", "step", *columns]
+    rows = [[j.name, label, r["checkpoint"]["path"], r["checkpoint"]["step"], *(r["metrics"].get(c) for c in columns)]
+            for j, label, r in zip(jobs, job_labels(jobs), reports)]
+    text = markdown_table(header, rows)
+    md = sweep_dir / "comparison.md"
+    md.write_text(text)
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    writer.writerows([["" if v is None else v for v in row] for row in rows])
+    path = sweep_dir / "comparison.csv"
+    path.write_text(buf.getvalue())
+    return md, path, text
+
+
+class ComparisonTable(Callback):
+    """Hydra callback (conf/evaluate.yaml): after `evaluate.py -m ...`, compare the jobs' metrics."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if not sweep_jobs(sweep_dir, "metrics.json"):  # e.g. a multirun of plot=...
+            return
+        md, path, text = compare(sweep_dir)
+        print(f"\n{text}\ncomparison: {md} {path}")

@@ -1,0 +1,306 @@
+"""evaluate.py: perplexity and bits per byte, instruction metrics (exact match, BLEU, ROUGE), samples, and
+the comparison table of a sweep; metric values checked against hand-computed cases."""
+
+import contextlib
+import csv
+import glob
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import TINY, run_script
+from gpt.data import TextFiles
+from gpt.errors import UserError
+from gpt.evaluation import (MixedScriptTokenizer, bleu_tokenize, check_settings, compare, cut_at_stop,
+                            greedy_answer, language_model_metrics, read_instructions, split_tokens, text_metrics,
+                            windows)
+from gpt.model import GPT
+from gpt.tokenizer import CharTokenizer, TiktokenTokenizer
+
+ALPHABET = "\nabcdefghijklmnopqrstuvwxyzé你"  # 29 characters, two of them multi-byte in UTF-8
+
+
+def tiny_model(vocab_size: int, block_size: int = 8, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(vocab_size, block_size=block_size, n_layer=1, n_head=2, n_embd=16).eval()
+
+
+# ---- perplexity and bits per byte -------------------------------------------------------------
+
+def test_uniform_model_perplexity_is_vocab_size():
+    tok = CharTokenizer(ALPHABET)
+    model = tiny_model(tok.vocab_size)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # every logit 0: the uniform distribution over the vocabulary
+    tokens = np.random.default_rng(0).integers(0, tok.vocab_size, 37)  # 36 targets: 4 full windows of 8 + 4
+    m = language_model_metrics(model, tokens, tok, batch_size=3)
+    assert m["val/perplexity"] == pytest.approx(tok.vocab_size, rel=1e-5)
+    assert m["val/loss"] == pytest.approx(math.log(tok.vocab_size), rel=1e-6)
+    assert m["val/tokens"] == 36  # padding of the last window is not counted
+    n_bytes = sum(len(tok.decode([t]).encode("utf-8")) for t in tokens[1:])
+    assert m["val/bytes"] == n_bytes > 36  # é and 你 take 2 and 3 bytes
+    assert m["val/bits_per_byte"] == pytest.approx(36 * math.log2(tok.vocab_size) / n_bytes, rel=1e-5)
+
+
+def reference_nll(model: GPT, tokens: np.ndarray, contexts) -> float:
+    """Mean NLL of tokens[p + 1] given tokens[start:p + 1], one full forward pass per target."""
+    data = torch.as_tensor(tokens)
+    total = 0.0
+    for p in range(len(data) - 1):
+        start = contexts(p)
+        logits, _ = model(data[start:p + 1][None])
+        total += float(F.cross_entropy(logits[0, -1:], data[p + 1:p + 2]))
+    return total / (len(data) - 1)
+
+
+@pytest.fixture(scope="module")
+def references():
+    """A random tiny model, a token stream of 30 and its brute-force mean NLLs (computed once: slow)."""
+    tok = CharTokenizer(ALPHABET)
+    model = tiny_model(tok.vocab_size, block_size=8, seed=1)
+    tokens = np.random.default_rng(1).integers(0, tok.vocab_size, 30)
+    with torch.no_grad():
+        # disjoint windows: target p sees the tokens of its window up to p
+        disjoint = reference_nll(model, tokens, lambda p: p - p % 8)
+        # stride 1: every target after the first window sees a full block_size of context
+        sliding = reference_nll(model, tokens, lambda p: max(0, p - 7))
+    return tok, model, tokens, disjoint, sliding
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 64])
+def test_perplexity_is_token_weighted_over_every_target(references, batch_size):
+    tok, model, tokens, disjoint, sliding = references
+    got = language_model_metrics(model, tokens, tok, batch_size=batch_size)
+    assert got["val/loss"] == pytest.approx(disjoint, rel=1e-5)
+    strided = language_model_metrics(model, tokens, tok, batch_size=batch_size, stride=1)
+    assert strided["val/loss"] == pytest.approx(sliding, rel=1e-5)
+    assert strided["val/tokens"] == got["val/tokens"] == 29
+
+
+def test_windows_cover_each_target_once():
+    assert windows(10, 4, 4) == [(0, 4, 0), (4, 8, 0), (8, 9, 0)]
+    assert windows(10, 4, 2) == [(0, 4, 0), (2, 6, 2), (4, 8, 2), (6, 9, 2)]
+    for n, block, stride in [(2, 4, 4), (50, 8, 3), (50, 8, 8), (9, 8, 1)]:
+        assert sum(end - begin - skip for begin, end, skip in windows(n, block, stride)) == n - 1
+
+
+def test_bad_stride_is_user_error():
+    tok = CharTokenizer(ALPHABET)
+    with pytest.raises(UserError, match="perplexity.stride=9 must be between 1 and model.block_size=8"):
+        language_model_metrics(tiny_model(tok.vocab_size), np.arange(20), tok, stride=9)
+
+
+@pytest.mark.parametrize("tokenizer", ["char", "gpt2"])
+def test_split_tokens_are_the_training_splits(tmp_path, tokenizer):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("To be, or not to be, that is the question. " * 20)
+    (corpus / "b.txt").write_text("Whether 'tis nobler in the mind to suffer. " * 20)
+    source = TextFiles(str(corpus), val_fraction=0.2, cache_dir=str(tmp_path / "cache"))
+    data = source.load(CharTokenizer() if tokenizer == "char" else TiktokenTokenizer("gpt2"))
+    for split in ("train", "val"):
+        assert np.array_equal(split_tokens(source, data.tokenizer, split), np.asarray(data.split(split)))
+
+
+def test_text_a_char_vocabulary_lacks_is_user_error(tmp_path):
+    path = tmp_path / "zh.txt"
+    path.write_text("abc\n你好\n" * 10)
+    with pytest.raises(UserError, match=r"evaluating data.path=.*zh.txt.*: character '好' is not in"):
+        split_tokens(TextFiles(str(path)), CharTokenizer(ALPHABET), "val")
+
+
+def test_bytes_of_partial_characters_are_exact_for_bpe():
+    tok = TiktokenTokenizer("gpt2")
+    ids = tok.encode("naïve 你好 😀")
+    assert sum(len(b) for b in tok.enc.decode_tokens_bytes(ids)) == len("naïve 你好 😀".encode("utf-8"))
+    model = tiny_model(tok.vocab_size, block_size=8)
+    m = language_model_metrics(model, np.asarray(ids), tok)
+    assert m["val/bytes"] == len(b"".join(tok.enc.decode_tokens_bytes(ids[1:])))
+
+
+# ---- instruction metrics ----------------------------------------------------------------------
+
+def test_identical_strings_score_100():
+    refs = ["The cat sat on the mat.", "今天天气很好。", "ok then"]  # each has bigrams (ROUGE-2)
+    m, items = text_metrics(refs, refs)
+    for key in ("exact_match", "bleu", "rouge1", "rouge2", "rougeL"):
+        assert m[f"instruct/{key}"] == pytest.approx(100.0), key
+    assert m["instruct/n"] == 3 and all(i["exact_match"] for i in items)
+
+
+def test_known_chinese_pair():
+    # hyp 今天天气不错 vs ref 今天天气很好, one token per character (6 each):
+    # matching n-grams 4/6, 3/5, 2/4, 1/3 -> BLEU = (4/6 * 3/5 * 2/4 * 1/3) ** (1/4), brevity penalty 1;
+    # ROUGE-1 F1 = 4/6, ROUGE-2 F1 = 3/5, ROUGE-L: LCS 今天天气 = 4 -> 4/6
+    m, items = text_metrics(["今天天气不错"], ["今天天气很好"])
+    assert m["instruct/bleu"] == pytest.approx(100 * (4 / 6 * 3 / 5 * 2 / 4 * 1 / 3) ** 0.25, abs=1e-6)
+    assert m["instruct/rouge1"] == pytest.approx(100 * 4 / 6)
+    assert m["instruct/rouge2"] == pytest.approx(100 * 3 / 5)
+    assert m["instruct/rougeL"] == pytest.approx(100 * 4 / 6)
+    assert m["instruct/exact_match"] == 0.0 and items[0]["bleu_tokenize"] == "zh"
+    # the libraries' defaults see one unmatched word (BLEU) or nothing at all (ROUGE) in Chinese text
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    assert sacrebleu.corpus_bleu(["今天天气不错"], [["今天天气很好"]], tokenize="13a").score == 0.0
+    assert rouge_scorer.RougeScorer(["rouge1"]).score("今天天气很好", "今天天气不错")["rouge1"].fmeasure == 0.0
+
+
+def test_mixed_script_tokens_and_bleu_tokenizer_choice():
+    assert MixedScriptTokenizer().tokenize("你好，World 42!") == ["你", "好", "world", "42"]
+    assert MixedScriptTokenizer().tokenize("東京へ行く") == ["東", "京", "へ", "行", "く"]
+    assert bleu_tokenize(["hello world"]) == "13a"
+    assert bleu_tokenize(["hello", "你好"]) == "zh"
+    assert bleu_tokenize(["東京へ行く"]) == "char"
+
+
+def test_exact_match_ignores_surrounding_and_repeated_whitespace():
+    m, _ = text_metrics([" Paris \n", "Lyon", "new  york"], ["Paris", "lyon", "new york"])
+    assert m["instruct/exact_match"] == pytest.approx(200 / 3)  # case still counts: "Lyon" != "lyon"
+
+
+def test_read_instructions_both_schemas(tmp_path):
+    path = tmp_path / "set.jsonl"
+    path.write_text('{"prompt": "2+2=", "completion": "4"}\n\n{"instruction": "你好", "response": "你好！"}\n',
+                    encoding="utf-8")
+    assert read_instructions(path) == [{"prompt": "2+2=", "reference": "4", "line": 1},
+                                       {"prompt": "你好", "reference": "你好！", "line": 3}]
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": "b",\n', r"line 2: not valid JSON"),
+    ('{"prompt": "a", "answer": "b"}\n', r"line 1: expected an object with \"prompt\" and \"completion\".*"
+                                         r"found \['answer', 'prompt'\]"),
+    ('["prompt", "completion"]\n', r"line 1: expected an object .* found list"),
+    ('{"prompt": "a", "completion": 4}\n', r"line 1: \"prompt\" and \"completion\" must be strings"),
+    ('\n\n', r"holds no records"),
+    ('{"prompt": "你", "completion": "b"}\n', r"line 1: character '你' is not in"),
+])
+def test_malformed_instructions_name_file_and_line(tmp_path, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(UserError, match=message) as err:
+        read_instructions(path, CharTokenizer("abcdefghijklmnopqrstuvwxyz\n"))
+    assert str(path) in str(err.value)
+
+
+def test_greedy_answer_ends_at_stop_string():
+    tok = CharTokenizer(ALPHABET)  # "\n" is id 0, the argmax of all-equal logits
+    model = tiny_model(tok.vocab_size)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    assert greedy_answer(model, tok, "abc", 5, [], contextlib.nullcontext) == "\n" * 5
+    assert greedy_answer(model, tok, "abc", 5, ["\n\n"], contextlib.nullcontext) == ""
+    assert cut_at_stop("yes\n\nno\nmaybe", ["\nmaybe", "\n\n"]) == "yes"
+
+
+def test_comparison_table_of_a_sweep_folder(tmp_path):
+    for job, (ckpt, ppl) in enumerate([("runs/a", 12.5), ("runs/b", 9.25)]):
+        folder = tmp_path / str(job)
+        (folder / ".hydra").mkdir(parents=True)
+        (folder / ".hydra" / "overrides.yaml").write_text(f"- ckpt={ckpt}\n- perplexity.max_tokens=100\n")
+        report = {"checkpoint": {"path": f"{ckpt}/checkpoints/best.pt", "step": 10 * (job + 1)},
+                  "metrics": {"val/perplexity": ppl, **({"instruct/bleu": 30.0} if job else {})}}
+        (folder / "metrics.json").write_text(json.dumps(report))
+    md, path, text = compare(tmp_path)
+    rows = list(csv.DictReader(path.open()))
+    assert [r["run"] for r in rows] == ["ckpt=runs/a", "ckpt=runs/b"]  # only what differs between the jobs
+    assert [float(r["val/perplexity"]) for r in rows] == [12.5, 9.25]
+    assert [r["instruct/bleu"] for r in rows] == ["", "30.0"]  # a metric one job lacks stays empty
+    assert md.read_text() == text and "| 1 | ckpt=runs/b | runs/b/checkpoints/best.pt | 20 | 9.2500 | 30.0000 |" in text
+
+
+# ---- evaluate.py end to end -------------------------------------------------------------------
+
+def test_evaluate_config_composes_with_or_without_data():
+    from hydra import compose, initialize_config_dir
+
+    from gpt.config import register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        assert compose("evaluate", overrides=["ckpt=x"]).get("data") is None  # the checkpoint's own data
+        cfg = compose("evaluate", overrides=["data=text", "data.path=corpus.txt"])
+        assert cfg.data._target_ == "gpt.data.TextFiles" and cfg.data.path == "corpus.txt"
+        check_settings(cfg)
+        with pytest.raises(UserError, match="perplexity.batch_size=0 must be an integer >= 1"):
+            check_settings(compose("evaluate", overrides=["perplexity.batch_size=0"]))
+        with pytest.raises(UserError, match="perplexity.max_tokens=-3 must be an integer >= 1"):
+            check_settings(compose("evaluate", overrides=["perplexity.max_tokens=-3"]))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("evaluate")
+    proc = run_script("train.py", *TINY, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = [Path(p) for p in glob.glob(str(cwd / "outputs" / "*" / "*"))]
+    instructions = cwd / "instructions.jsonl"
+    instructions.write_text('{"prompt": "ROMEO:", "completion": "What say you?"}\n'
+                            '{"instruction": "To be, or not", "response": "to be"}\n')
+    return cwd, run, instructions
+
+
+@pytest.mark.slow
+def test_evaluate_a_trained_run(trained):
+    cwd, run, instructions = trained
+    proc = run_script("evaluate.py", f"ckpt={run}", f"instructions={instructions}", "perplexity.max_tokens=3000",
+                      "generation.max_new_tokens=12", "samples.num=2", "samples.max_new_tokens=16", cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (folder,) = [Path(p) for p in glob.glob(str(cwd / "evaluations" / "*" / "*"))]
+    report = json.loads((folder / "metrics.json").read_text())
+    m = report["metrics"]
+    assert report["checkpoint"]["path"] == str(run / "checkpoints" / "best.pt") and report["checkpoint"]["step"] == 6
+    assert m["val/tokens"] == 3000 and m["val/bytes"] == 3000  # Shakespeare is ASCII: one byte per char token
+    assert m["val/perplexity"] == pytest.approx(math.exp(m["val/loss"]))
+    assert m["val/bits_per_byte"] == pytest.approx(m["val/loss"] / math.log(2))
+    assert 1.0 < m["val/perplexity"] < 2 * 65  # a barely trained char model is close to uniform over 65 chars
+    assert m["instruct/n"] == 2 and 0.0 <= m["instruct/bleu"] <= 100.0
+    rows = [json.loads(line) for line in (folder / "generations.jsonl").read_text().splitlines()]
+    assert [r["reference"] for r in rows] == ["What say you?", "to be"]
+    assert all(len(r["generation"]) <= 12 and "\n\n" not in r["generation"] for r in rows)
+    samples = (folder / "samples.txt").read_text()
+    assert samples.count("-" * 40) == 1 and len(samples) > 2 * 16
+    assert "| val/perplexity |" in proc.stdout and "| instruct/rougeL |" in proc.stdout
+
+
+@pytest.mark.slow
+def test_evaluate_sweep_writes_one_comparison_table(trained):
+    cwd, run, _ = trained
+    proc = run_script("evaluate.py", "-m", f"ckpt={run},{run}/checkpoints/last.pt", "perplexity.max_tokens=500",
+                      "samples.num=1", "samples.max_new_tokens=4", cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (sweep,) = [Path(p) for p in glob.glob(str(cwd / "multirun" / "*" / "*"))]
+    rows = list(csv.DictReader((sweep / "comparison.csv").open()))
+    assert [r["run"] for r in rows] == [f"ckpt={run}", f"ckpt={run}/checkpoints/last.pt"]
+    for job, row in enumerate(rows):
+        metrics = json.loads((sweep / str(job) / "metrics.json").read_text())["metrics"]
+        assert float(row["val/perplexity"]) == metrics["val/perplexity"]
+        assert int(row["val/tokens"]) == 500
+    assert (sweep / "comparison.md").read_text() in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args, message", [
+    (["ckpt=/no/such/run"], "does not exist"),
+    (["ckpt=__run__", "instructions=__bad__"], "line 2: not valid JSON"),
+    (["ckpt=__run__", "data=text", "data.path=__zh__"], "character '你' is not in"),
+    (["plot=__cwd__"], "holds no metrics.jsonl"),
+])
+def test_bad_evaluation_input_is_one_clear_line(trained, tmp_path, args, message):
+    cwd, run, instructions = trained
+    (tmp_path / "bad.jsonl").write_text(instructions.read_text().splitlines()[0] + "\n{oops\n")
+    (tmp_path / "zh.txt").write_text("ROMEO: 你好\n" * 50)
+    subs = {"__run__": str(run), "__bad__": str(tmp_path / "bad.jsonl"), "__zh__": str(tmp_path / "zh.txt"),
+            "__cwd__": str(tmp_path)}
+    for key, value in subs.items():
+        args = [a.replace(key, value) for a in args]
+    proc = run_script("evaluate.py", *args, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and message in proc.stderr, proc.stderr
+    assert not list(tmp_path.glob("evaluations/*/*"))  # no half-written run folder
