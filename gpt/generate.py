@@ -40,10 +40,13 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 @torch.no_grad()
 def generate_tokens(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                     top_k: int | None = None, top_p: float | None = None, eot_id: int | None = None,
-                    generator: torch.Generator | None = None, use_cache: bool = True) -> Iterator[torch.Tensor]:
+                    generator: torch.Generator | None = None, use_cache: bool = True,
+                    pad: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
     """idx (B, T) prompt ids -> yields (B,) next ids, max_new_tokens times or until every row hit eot_id.
 
-    Rows that already produced eot_id keep yielding eot_id.
+    pad (B,): left-padding count of each row, for prompts of different lengths batched together
+    (see `left_pad`); each row then generates what it would generate alone. Rows that already
+    produced eot_id keep yielding eot_id.
     """
     model.eval()
     block = model.config.block_size
@@ -51,13 +54,15 @@ def generate_tokens(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperat
     cache = model.new_cache(idx.size(0), block) if use_cache else None
     done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
     for step in range(max_new_tokens):
+        # the model sees at most the last block_size columns; padding cut off on the left is gone
+        window_pad = None if pad is None else (pad - max(0, seq.size(1) - block)).clamp(min=0)
         if cache is None:
-            logits, _ = model(seq[:, -block:])
+            logits, _ = model(seq[:, -block:], pad=window_pad)
         elif step == 0 or cache.pos >= block:  # (re)fill the cache from the last block_size tokens
             cache.reset()
-            logits, _ = model(seq[:, -block:], cache=cache)
+            logits, _ = model(seq[:, -block:], cache=cache, pad=window_pad)
         else:
-            logits, _ = model(seq[:, -1:], cache=cache)
+            logits, _ = model(seq[:, -1:], cache=cache, pad=window_pad)
         nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
         if eot_id is not None:
             nxt = torch.where(done, torch.full_like(nxt, eot_id), nxt)
@@ -68,7 +73,29 @@ def generate_tokens(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperat
             return
 
 
+def left_pad(prompts: list[list[int]], pad_id: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists of different lengths -> (idx (B, T_max) right-aligned, pad (B,) left-padding counts)."""
+    width = max(len(p) for p in prompts)
+    idx = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    for row, p in enumerate(prompts):
+        idx[row, width - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
+    pad = torch.tensor([width - len(p) for p in prompts], dtype=torch.long, device=device)
+    return idx, pad
+
+
 def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
     """idx (B, T) -> (B, T + n) with n <= max_new_tokens new ids (see generate_tokens for kwargs)."""
     new = list(generate_tokens(model, idx, max_new_tokens, **kwargs))
     return torch.cat([idx, torch.stack(new, dim=1)], dim=1) if new else idx
+
+
+def generate_batch(model: GPT, prompts: list[list[int]], max_new_tokens: int, **kwargs) -> list[list[int]]:
+    """Generate for several prompts of different lengths in one batch -> each prompt's new ids.
+
+    With eot_id given, a row's ids stop before its first end-of-text.
+    """
+    idx, pad = left_pad(prompts, device=model.transformer.wte.weight.device)
+    new = list(generate_tokens(model, idx, max_new_tokens, pad=pad, **kwargs))
+    rows = torch.stack(new, dim=1).tolist() if new else [[] for _ in prompts]
+    eot = kwargs.get("eot_id")
+    return [row[: row.index(eot)] if eot is not None and eot in row else row for row in rows]

@@ -54,7 +54,8 @@ def encode_prompt(tokenizer, prompt: str, block_size: int, out=sys.stderr) -> li
 
 
 def stream_samples(cfg: DictConfig, out=sys.stdout) -> list[str]:
-    """Generate cfg.num_samples continuations of cfg.prompt, printing each (prompt included) as it grows."""
+    """Generate cfg.num_samples continuations of cfg.prompt (one batch) and print each, prompt included;
+    a single sample is streamed token by token."""
     for key in ("max_new_tokens", "num_samples"):
         if int(cfg[key]) < 0 or (key == "num_samples" and int(cfg[key]) < 1):
             raise UserError(f"{key}={cfg[key]} must be a positive integer")
@@ -66,30 +67,37 @@ def stream_samples(cfg: DictConfig, out=sys.stdout) -> list[str]:
     # int8 kernels take float32 activations: no autocast for a quantized model
     precision = Precision(cfg.device, None if is_quantized(model) else cfg.get("autocast_dtype"))
     g = torch.Generator(device=cfg.device).manual_seed(int(cfg.seed))
-    texts = []
-    for i in range(int(cfg.num_samples)):
-        if i:
-            out.write("\n" + "-" * 40 + "\n")
-        out.write(prompt)
-        out.flush()
-        idx = torch.tensor([ids], dtype=torch.long, device=cfg.device)
-        new: list[int] = []
-        shown = ""
+    n = int(cfg.num_samples)
+    sampling = dict(temperature=float(cfg.temperature), top_k=cfg.top_k, top_p=cfg.top_p, eot_id=tok.eot_id,
+                    generator=g, use_cache=bool(cfg.use_cache))
+    idx = torch.tensor([ids] * n, dtype=torch.long, device=cfg.device)
+    if n > 1:  # all samples as one batch; each printed in full when done
         with precision.autocast():
-            for nxt in generate_tokens(model, idx, int(cfg.max_new_tokens), temperature=float(cfg.temperature),
-                                       top_k=cfg.top_k, top_p=cfg.top_p, eot_id=tok.eot_id, generator=g,
-                                       use_cache=bool(cfg.use_cache)):
-                t = int(nxt[0])
-                if t == tok.eot_id:
-                    break
-                new.append(t)
-                text = tok.decode(new)
-                if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                    out.write(text[len(shown):])
-                    out.flush()
-                    shown = text
-        text = tok.decode(new)
-        out.write(text[len(shown):] + "\n")
+            steps = list(generate_tokens(model, idx, int(cfg.max_new_tokens), **sampling))
+        rows = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in range(n)]
+        texts = []
+        for i, row in enumerate(rows):
+            row = row[: row.index(tok.eot_id)] if tok.eot_id in row else row
+            texts.append(prompt + tok.decode(row))
+            out.write(("\n" + "-" * 40 + "\n" if i else "") + texts[-1] + "\n")
         out.flush()
-        texts.append(prompt + text)
-    return texts
+        return texts
+    out.write(prompt)  # one sample: stream it token by token
+    out.flush()
+    new: list[int] = []
+    shown = ""
+    with precision.autocast():
+        for nxt in generate_tokens(model, idx, int(cfg.max_new_tokens), **sampling):
+            t = int(nxt[0])
+            if t == tok.eot_id:
+                break
+            new.append(t)
+            text = tok.decode(new)
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                out.write(text[len(shown):])
+                out.flush()
+                shown = text
+    text = tok.decode(new)
+    out.write(text[len(shown):] + "\n")
+    out.flush()
+    return [prompt + text]

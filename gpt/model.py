@@ -100,17 +100,17 @@ class CausalSelfAttention(nn.Module):
         att = F.dropout(F.softmax(att, dim=-1), p=p, training=self.training)
         return att.to(v.dtype) @ v
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                mask: torch.Tensor | None = None, causal: bool = True) -> torch.Tensor:
+        """x (B, T, C); mask None (then `causal` says whether to apply the plain causal mask) or a bool
+        mask, True = may attend, of shape (T, Tk) or (B, 1, T, Tk) over all keys so far."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
-        start = 0 if cache is None else cache.pos
         if cache is not None:
             k, v = cache.update(layer, k, v)  # all keys/values so far: (B, H, start + T, D)
             k, v = k.to(q.dtype), v.to(q.dtype)  # the cache may be kept in another dtype than autocast's
-        # query i (absolute position start + i) may see keys 0 .. start + i; one new query sees them all
-        mask = None if T == 1 or start == 0 else torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
-        y = self.attend(q, k, v, mask, causal=T > 1 and start == 0)
+        y = self.attend(q, k, v, mask, causal=causal and mask is None)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -134,8 +134,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, layer)
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                mask: torch.Tensor | None = None, causal: bool = True) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer, mask, causal)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -273,29 +274,44 @@ class GPT(nn.Module):
         cfg, T = self.config, seq_len or self.config.block_size
         return 6 * self.num_params() + 12 * cfg.n_layer * T * cfg.n_embd
 
-    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """idx (B, T) token ids -> final-layer-normed hidden states (B, T, C)."""
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None,
+                      pad: torch.Tensor | None = None) -> torch.Tensor:
+        """idx (B, T) token ids -> final-layer-normed hidden states (B, T, C).
+
+        pad (B,): number of left-padding tokens of each row (batched prompts of different lengths);
+        a row's positions then count from its first real token, and no real token attends to padding.
+        """
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
         pos = torch.arange(start, start + T, device=idx.device)
+        mask, causal = None, T > 1 and start == 0
+        if T > 1 and start > 0:  # several new queries over a filled cache: query i sees keys 0 .. start + i
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=idx.device).tril(start)
+        if pad is not None:
+            keys = torch.arange(start + T, device=idx.device)
+            allowed = keys[None, :] <= pos[:, None]  # causal (T, Tk)
+            real = keys[None, :] >= pad[:, None]  # (B, Tk)
+            # a padding query attends to itself only, so its row stays finite (its output is never used)
+            mask = (allowed & (real[:, None, :] | (keys[None, :] == pos[:, None])))[:, None]  # (B, 1, T, Tk)
+            pos = (pos[None, :] - pad[:, None]).clamp(min=0)  # (B, T)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cache, i)
+            x = block(x, cache, i, mask, causal)
         if cache is not None:
             cache.advance(T)
         return self.transformer.ln_f(x)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
-                ignore_index: int = -1) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                ignore_index: int = -1, pad: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx (B, T) -> (logits (B, T, V), None) without targets.
 
         With targets (B, T) returns (None, mean cross-entropy over targets != ignore_index); the
         output layer and loss are then computed in chunks without materialising all logits
         (config.loss_chunk_size rows at a time; 0 computes full logits and F.cross_entropy).
         """
-        h = self.hidden_states(idx, cache)
+        h = self.hidden_states(idx, cache, pad)
         if targets is None:
             return self.lm_head(h), None
         chunk = self.config.loss_chunk_size
