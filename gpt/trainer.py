@@ -59,9 +59,10 @@ class Precision:
         return "fp32" if self.dtype is None else str(self.dtype).replace("torch.", "") + " autocast"
 
 
-def measure_peak_flops(device: str, dtype: torch.dtype | None, size: int = 1024, seconds: float = 0.3) -> float:
+def measure_peak_flops(device: str, dtype: torch.dtype | None, size: int | None = None, seconds: float = 0.3) -> float:
     """Achievable dense matmul FLOP/s on this device and dtype (best of repeated square matmuls)."""
     dt = dtype or torch.float32
+    size = size or (8192 if torch.device(device).type == "cuda" else 1024)
     a = torch.randn(size, size, device=device, dtype=dt)
     b = torch.randn(size, size, device=device, dtype=dt)
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
