@@ -29,6 +29,18 @@ def _offline_env(monkeypatch, tmp_path_factory):
         monkeypatch.setenv(var, str(tmp_path_factory.getbasetemp() / "wandb"))
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids thread-pool contention on a 2-core machine (the entry
+    scripts that end-to-end tests start in subprocesses keep torch's default)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def run_script(script: str, *args: str, cwd: Path, env: dict | None = None, timeout: int = 300,
                prefix: list[str] | None = None) -> subprocess.CompletedProcess:
     """Run an entry script of the project (train.py, infer.py, ...) in `cwd`; returns the finished process."""

@@ -15,14 +15,6 @@ from gpt.model import GPT
 HP = dict(vocab_size=11, block_size=16, n_layer=2, n_head=2, n_embd=16, dropout=0.0, bias=True, loss_chunk_size=8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(seed=0):
     torch.manual_seed(seed)
     return GPT(**HP)

@@ -10,15 +10,6 @@ from gpt.model import GPT
 V, BLOCK = 29, 16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids thread-pool contention on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(seed=0, **kw):
     torch.manual_seed(seed)
     cfg = dict(vocab_size=V, block_size=BLOCK, n_layer=2, n_head=2, n_embd=16, bias=True)
