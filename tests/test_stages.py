@@ -50,3 +50,14 @@ def test_samples_start_with_the_prompt():
     model = GPT(vocab_size=11, block_size=8, n_layer=1, n_head=1, n_embd=8)
     rows = obj.samples(model, contextlib.nullcontext)
     assert rows[0]["text"].startswith("\n") and len(rows[0]["text"]) == 1 + 5
+
+
+def test_precision_auto_picks_bf16_only_where_the_cpu_has_it(monkeypatch):
+    from gpt import trainer
+
+    monkeypatch.setattr(trainer, "cpu_has_fast_bf16", lambda: True)
+    assert trainer.Precision("cpu", "auto").dtype is torch.bfloat16
+    monkeypatch.setattr(trainer, "cpu_has_fast_bf16", lambda: False)
+    assert trainer.Precision("cpu", "auto").dtype is None
+    assert trainer.Precision("cpu", "float32").dtype is None
+    assert not trainer.Precision("cpu", "bfloat16").scaler.is_enabled()  # GradScaler only for float16
