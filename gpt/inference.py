@@ -63,12 +63,24 @@ def stream_samples(cfg: DictConfig, out=sys.stdout) -> list[str]:
         raise UserError(f"top_p={cfg.top_p} must be in (0, 1]")
     model, tok, _ = load_for_inference(cfg.ckpt, cfg.device, cfg.get("quantize"))
     prompt = str(cfg.prompt)
-    ids = encode_prompt(tok, prompt, model.config.block_size)
+    eot_id = tok.eot_id
+    if cfg.get("chat"):  # the fine-tuning chat template; print only the answer, stop at its end token
+        from gpt.chat import END, SPECIAL, prompt_ids
+
+        if not all(t in tok.special for t in SPECIAL):
+            raise UserError(f"chat=true needs a chat-tuned checkpoint (finetune.py stage=sft); {cfg.ckpt!r} has no "
+                            f"chat template tokens")
+        ids, prompt, eot_id = prompt_ids(tok, prompt), "", tok.special_id(END)
+        if len(ids) > model.config.block_size:
+            print(f"note: chat prompt has {len(ids)} tokens, more than block_size={model.config.block_size}; "
+                  f"the model sees only its last {model.config.block_size} tokens", file=sys.stderr)
+    else:
+        ids = encode_prompt(tok, prompt, model.config.block_size)
     # int8 kernels take float32 activations: no autocast for a quantized model
     precision = Precision(cfg.device, None if is_quantized(model) else cfg.get("autocast_dtype"))
     g = torch.Generator(device=cfg.device).manual_seed(int(cfg.seed))
     n = int(cfg.num_samples)
-    sampling = dict(temperature=float(cfg.temperature), top_k=cfg.top_k, top_p=cfg.top_p, eot_id=tok.eot_id,
+    sampling = dict(temperature=float(cfg.temperature), top_k=cfg.top_k, top_p=cfg.top_p, eot_id=eot_id,
                     generator=g, use_cache=bool(cfg.use_cache))
     idx = torch.tensor([ids] * n, dtype=torch.long, device=cfg.device)
     if n > 1:  # all samples as one batch; each printed in full when done
@@ -77,7 +89,7 @@ def stream_samples(cfg: DictConfig, out=sys.stdout) -> list[str]:
         rows = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in range(n)]
         texts = []
         for i, row in enumerate(rows):
-            row = row[: row.index(tok.eot_id)] if tok.eot_id in row else row
+            row = row[: row.index(eot_id)] if eot_id in row else row
             texts.append(prompt + tok.decode(row))
             out.write(("\n" + "-" * 40 + "\n" if i else "") + texts[-1] + "\n")
         out.flush()
@@ -89,7 +101,7 @@ def stream_samples(cfg: DictConfig, out=sys.stdout) -> list[str]:
     with precision.autocast():
         for nxt in generate_tokens(model, idx, int(cfg.max_new_tokens), **sampling):
             t = int(nxt[0])
-            if t == tok.eot_id:
+            if t == eot_id:
                 break
             new.append(t)
             text = tok.decode(new)

@@ -2,6 +2,10 @@
 
 Every tokenizer can describe itself as a plain dict (`identity()`), which is stored in checkpoints and
 token caches, and rebuilt from it with `from_identity()`; nothing is downloaded at run time.
+
+Fine-tuning stages add special tokens (e.g. the chat template's `<|user|>`): their ids follow the base
+vocabulary, `encode` never produces them from text (a user cannot type one), `decode` prints their names,
+and the identity lists them, so they survive save/load.
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ class CharTokenizer:
     needs_fit = True
     eot_id = None  # no end-of-text token: generation runs to max_new_tokens
 
-    def __init__(self, chars: str | None = None):
+    def __init__(self, chars: str | None = None, special: list[str] | None = None):
         self.chars = ""
+        self.special = list(special or [])
         if chars:
             self._set(chars)
 
@@ -35,8 +40,12 @@ class CharTokenizer:
         self._set(text)
 
     @property
-    def vocab_size(self) -> int:
+    def base_vocab_size(self) -> int:
         return len(self.chars)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars) + len(self.special)
 
     def encode(self, text: str) -> list[int]:
         try:
@@ -48,10 +57,14 @@ class CharTokenizer:
             ) from None
 
     def decode(self, ids) -> str:
-        return "".join(self.chars[i] for i in ids)
+        n = len(self.chars)
+        return "".join(self.chars[i] if i < n else self.special[i - n] for i in ids)
 
     def identity(self) -> dict:
-        return {"type": "char", "chars": self.chars}
+        return {"type": "char", "chars": self.chars, **({"special": list(self.special)} if self.special else {})}
+
+    def special_id(self, token: str) -> int:
+        return _special_id(self, token)
 
     def cache_key(self) -> str:
         return "char"  # the vocabulary is derived from the data itself, so the source key suffices
@@ -97,7 +110,7 @@ class TiktokenTokenizer:
 
     needs_fit = False
 
-    def __init__(self, name: str = "gpt2"):
+    def __init__(self, name: str = "gpt2", special: list[str] | None = None):
         import tiktoken
 
         self.name = _ALIASES.get(name, name)
@@ -111,32 +124,61 @@ class TiktokenTokenizer:
         except Exception as e:  # network failure for an encoding with no offline copy
             raise UserError(f"could not load tiktoken encoding {name!r} offline or online: {e}") from None
         self.eot_id = self.enc.eot_token
+        self.special = list(special or [])
 
     def fit(self, text: str) -> None:  # fixed vocabulary
         pass
 
     @property
-    def vocab_size(self) -> int:
+    def base_vocab_size(self) -> int:
         return self.enc.n_vocab
+
+    @property
+    def vocab_size(self) -> int:
+        return self.enc.n_vocab + len(self.special)
 
     def encode(self, text: str) -> list[int]:
         return self.enc.encode_ordinary(text)
 
     def decode(self, ids) -> str:
-        return self.enc.decode(list(ids))
+        n, out, run = self.enc.n_vocab, [], []
+        for i in ids:  # decode runs of ordinary ids together (multi-byte characters span several ids)
+            if i < n:
+                run.append(i)
+                continue
+            out += [self.enc.decode(run), self.special[i - n]]
+            run = []
+        return "".join(out) + self.enc.decode(run)
 
     def identity(self) -> dict:
-        return {"type": "tiktoken", "name": self.name}
+        return {"type": "tiktoken", "name": self.name, **({"special": list(self.special)} if self.special else {})}
+
+    def special_id(self, token: str) -> int:
+        return _special_id(self, token)
 
     def cache_key(self) -> str:
         return f"tiktoken-{self.name}"
+
+
+def _special_id(tok, token: str) -> int:
+    if token not in tok.special:
+        raise UserError(f"this tokenizer has no special token {token!r} (it has {tok.special or 'none'}); "
+                        f"use a checkpoint fine-tuned with it")
+    return tok.base_vocab_size + tok.special.index(token)
+
+
+def with_special_tokens(tok, tokens: list[str]):
+    """A copy of `tok` whose special tokens include `tokens` (new ones appended after the existing ids)."""
+    identity = tok.identity()
+    identity["special"] = list(identity.get("special", [])) + [t for t in tokens if t not in tok.special]
+    return from_identity(identity)
 
 
 def from_identity(identity: dict):
     """Rebuild a tokenizer from the dict stored in a checkpoint or token cache."""
     kind = identity.get("type")
     if kind == "char":
-        return CharTokenizer(identity["chars"])
+        return CharTokenizer(identity["chars"], identity.get("special"))
     if kind == "tiktoken":
-        return TiktokenTokenizer(identity["name"])
+        return TiktokenTokenizer(identity["name"], identity.get("special"))
     raise UserError(f"unknown tokenizer identity {identity!r} in checkpoint; expected type 'char' or 'tiktoken'")

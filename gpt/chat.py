@@ -1,0 +1,41 @@
+"""The chat template shared by fine-tuning, infer.py and the RL stages.
+
+Each message is `<|role|> content <|end|>` with dedicated special tokens (appended to the tokenizer's
+vocabulary, so they survive save/load and cannot be typed by a user). Training masks every token
+except the assistant's content and its `<|end|>`; generation appends `<|assistant|>` and stops at
+`<|end|>` (the end-of-answer token).
+"""
+
+from __future__ import annotations
+
+from gpt.tokenizer import with_special_tokens
+
+SPECIAL = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+END = "<|end|>"
+
+
+def chat_tokenizer(tok):
+    """`tok` with the chat template's special tokens (a copy; unchanged if it has them already)."""
+    return tok if all(t in tok.special for t in SPECIAL) else with_special_tokens(tok, SPECIAL)
+
+
+def encode_chat(tok, messages: list[dict], generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
+    """messages -> (ids, train_mask): train_mask[i] is True where ids[i] is an assistant answer token
+    (its content and closing <|end|>). generation_prompt appends <|assistant|> to prompt for an answer."""
+    ids: list[int] = []
+    mask: list[bool] = []
+    end = tok.special_id(END)
+    for m in messages:
+        body = tok.encode(m["content"]) + [end]
+        learn = m["role"] == "assistant"
+        ids += [tok.special_id(f"<|{m['role']}|>")] + body
+        mask += [False] + [learn] * len(body)
+    if generation_prompt:
+        ids.append(tok.special_id("<|assistant|>"))
+        mask.append(False)
+    return ids, mask
+
+
+def prompt_ids(tok, prompt: str) -> list[int]:
+    """A single user prompt, ready for the assistant's answer."""
+    return encode_chat(tok, [{"role": "user", "content": prompt}], generation_prompt=True)[0]

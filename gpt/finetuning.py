@@ -1,0 +1,108 @@
+"""Build a fine-tuning run (what finetune.py calls): load the parent checkpoint, let the stage build its
+model(s) and data from it, then train with the one loop (gpt.trainer.Trainer).
+
+Every stage is an objective (gpt/stages/) constructed as `stage(parent=<checkpoint dict>, data=<data.path>,
+val_data=<data.val_path>, device=..., seed=..., rank=...)`; it exposes `.model` (what trains), `.tokenizer` and
+`checkpoint_extra()` (the config node that rebuilds the model, plus e.g. label names). Everything is
+validated (data read, parent kinds and tokenizers checked) before the run folder gets any file.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from gpt import distributed
+from gpt.checkpoint import file_sha256, load_checkpoint
+from gpt.config import run_dir, to_plain
+from gpt.experiment import configure_hardware, seed_everything
+from gpt.optim import param_groups
+from gpt.tracking import read_metrics, run_summary
+from gpt.trainer import Precision, Trainer
+
+log = logging.getLogger("gpt")
+
+
+def lineage(parent: dict) -> dict:
+    """Where a run started: the parent checkpoint's path, content hash, stage, and its own lineage."""
+    return {"parent": parent["path"], "parent_sha256": file_sha256(parent["path"]),
+            "parent_stage": parent.get("stage", "pretrain"), "parent_lineage": parent.get("lineage")}
+
+
+def finetune(cfg: DictConfig) -> float:
+    """Run cfg.stage from cfg.ckpt on cfg.data; return the final validation loss."""
+    t_start = time.time()
+    configure_hardware(cfg.hardware)
+    info = distributed.setup(cfg.hardware.device, cfg.hardware.distributed, cfg.hardware.get("backend"))
+    out_dir = run_dir()
+    logger = None
+    exit_code = 1
+    try:
+        parent = load_checkpoint(cfg.ckpt, prefer="best", map_location=info.device)
+        seed_everything(int(cfg.seed) + info.rank)
+        objective = instantiate(cfg.stage)(parent=parent, data=cfg.data.path, val_data=cfg.data.get("val_path"),
+                                           device=info.device, seed=int(cfg.seed), rank=info.rank)
+        model = objective.model
+        extra = objective.checkpoint_extra()
+        tok = objective.tokenizer
+        with open_dict(cfg):  # the checkpoint's config rebuilds this run's model and tokenizer
+            cfg.model = OmegaConf.create(extra.pop("model_config"))
+            cfg.tokenizer = OmegaConf.create({**parent["config"]["tokenizer"], **{k: v for k, v in tok.identity().items()
+                                                                                  if k == "special"},
+                                              "vocab_size": tok.vocab_size})
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log.info("stage %s from %s: %s parameters (%s trainable)", objective.name, parent["path"],
+                 f"{sum(p.numel() for p in model.parameters()):,}", f"{trainable:,}")
+        optimizer = instantiate(cfg.optimizer)(param_groups(model, cfg.optimizer.get("weight_decay", 0.0)))
+        scheduler = instantiate(cfg.scheduler)(optimizer)
+        precision = Precision(info.device, cfg.hardware.autocast_dtype)
+        plain = to_plain(cfg)
+        logger = instantiate(cfg.logger) if info.is_main else None
+        loop = {k: v for k, v in cfg.trainer.items() if k != "batch_size"}
+        meta = {"config": plain, "tokenizer": tok.identity(), "stage": objective.name, "lineage": lineage(parent),
+                "resumed_from": None, **extra}
+        trainer = Trainer(model, objective, optimizer, scheduler, **loop, precision=precision, dist_info=info,
+                          run_dir=out_dir, logger=logger, checkpoint_meta=meta, compile=cfg.hardware.compile,
+                          peak_flops=None)
+        if logger is not None:
+            trainer.state.logger_id = logger.start(plain, str(out_dir), None)
+        val = trainer.fit()
+        if info.is_main:
+            summarise(trainer, time.time() - t_start, out_dir)
+        exit_code = 0
+        return val
+    finally:
+        if logger is not None:
+            logger.finish(exit_code)
+        distributed.teardown()
+
+
+def summarise(trainer: Trainer, seconds: float, out_dir) -> None:
+    """Print samples, the first and last evaluation's metrics, and where the checkpoints are."""
+    rows = trainer.objective.samples(trainer.raw_model, trainer.precision.autocast)
+    print("\n" + "-" * 72)
+    for r in rows:
+        print(r["text"])
+    print("-" * 72)
+    history = read_metrics(trainer.metrics.path)
+    evals = [r for r in history if "val/loss" in r]
+    if evals:
+        keys = [k for k in evals[-1] if k.startswith(("val/", "train/")) and k != "val/best_loss"]
+        for k in keys:
+            first, last = evals[0].get(k), evals[-1].get(k)
+            print(f"{k}: {first if first is None else round(first, 4)} (step {evals[0]['step']}) -> "
+                  f"{last if last is None else round(last, 4)} (step {evals[-1]['step']})")
+    stats = run_summary(history)
+    print(f"stage {trainer.objective.name}  steps {trainer.state.step}  wall time {seconds:.0f}s")
+    print(f"run folder {out_dir}")
+    print(f"checkpoints: {out_dir / 'checkpoints' / 'last.pt'}  {out_dir / 'checkpoints' / 'best.pt'}")
+    summary = {"summary/val_loss": trainer.state.last_val_loss, "summary/wall_seconds": seconds,
+               **{f"summary/{k}": stats[k] for k in ("tokens", "tokens_per_sec") if k in stats}}
+    trainer.metrics.write(trainer.state.step, summary)
+    trainer.logger.log(summary, trainer.state.step)
+    if not math.isfinite(trainer.state.last_val_loss):
+        log.warning("no evaluation ran; raise trainer.max_iters or lower trainer.eval_interval")

@@ -1,0 +1,114 @@
+"""JSONL readers for fine-tuning data: instruction / chat, preference pairs, classification, prompts.
+
+Every record is checked as it is read; a bad line is reported as `file:line: what is wrong`, and
+nothing is trained on until the whole file has been read.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from gpt.errors import UserError
+
+ROLES = ("system", "user", "assistant")
+
+
+def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
+    """-> [(line number, record)] of a JSONL file (blank lines skipped); each record must be an object."""
+    p = Path(str(path)).expanduser()
+    if not p.is_file():
+        raise UserError(f"data file {str(path)!r} does not exist; pass data=<a .jsonl file>")
+    rows = []
+    with open(p, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{p}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(rec, dict):
+                raise UserError(f"{p}:{n}: expected a JSON object, got {type(rec).__name__}")
+            rows.append((n, rec))
+    if not rows:
+        raise UserError(f"data file {str(p)!r} has no records; expected one JSON object per line")
+    return rows
+
+
+def _text(rec: dict, key: str, where: str, allow_empty: bool = False) -> str:
+    if key not in rec:
+        raise UserError(f"{where}: missing key {key!r} (has {sorted(rec)})")
+    value = rec[key]
+    if not isinstance(value, str) or (not allow_empty and not value):
+        raise UserError(f"{where}: {key!r} must be a non-empty string, got {value!r}")
+    return value
+
+
+def to_messages(rec: dict, where: str) -> list[dict]:
+    """An instruction record -> chat messages [{"role", "content"}]. Accepted forms:
+    {"prompt", "completion"}, {"instruction", "response"} (optional "input" appended to the
+    instruction), {"messages": [{"role", "content"}, ...]} with at least one assistant message."""
+    if "messages" in rec:
+        msgs = rec["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise UserError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
+        out = []
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                raise UserError(f"{where}: messages[{i}] must be {{'role': one of {list(ROLES)}, 'content': str}}, "
+                                f"got {m!r}")
+            out.append({"role": m["role"], "content": m["content"]})
+        if not any(m["role"] == "assistant" for m in out):
+            raise UserError(f"{where}: 'messages' has no assistant message to learn from")
+        return out
+    if "prompt" in rec or "completion" in rec:
+        return [{"role": "user", "content": _text(rec, "prompt", where)},
+                {"role": "assistant", "content": _text(rec, "completion", where)}]
+    if "instruction" in rec or "response" in rec:
+        prompt = _text(rec, "instruction", where)
+        if rec.get("input"):
+            prompt += "\n" + _text(rec, "input", where)
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": _text(rec, "response", where)}]
+    raise UserError(f"{where}: expected keys prompt/completion, instruction/response or messages; got {sorted(rec)}")
+
+
+def read_instructions(path: str | Path) -> list[list[dict]]:
+    """SFT data -> one message list per record."""
+    return [to_messages(rec, f"{path}:{n}") for n, rec in read_jsonl(path)]
+
+
+def read_pairs(path: str | Path) -> list[dict]:
+    """Preference data {"prompt", "chosen", "rejected"} -> list of those dicts."""
+    out = []
+    for n, rec in read_jsonl(path):
+        where = f"{path}:{n}"
+        pair = {k: _text(rec, k, where) for k in ("prompt", "chosen", "rejected")}
+        if pair["chosen"] == pair["rejected"]:
+            raise UserError(f"{where}: 'chosen' and 'rejected' are the same text; a pair needs two different answers")
+        out.append(pair)
+    return out
+
+
+def read_prompts(path: str | Path) -> list[dict]:
+    """Prompts for RL stages: {"prompt", optional "answer"/"completion" (the reference answer)}."""
+    out = []
+    for n, rec in read_jsonl(path):
+        where = f"{path}:{n}"
+        answer = rec.get("answer", rec.get("completion"))
+        if answer is not None and not isinstance(answer, str):
+            raise UserError(f"{where}: 'answer' must be a string, got {answer!r}")
+        out.append({"prompt": _text(rec, "prompt", where), "answer": answer})
+    return out
+
+
+def read_labelled(path: str | Path) -> list[tuple[str, str]]:
+    """Classification data {"text", "label"} -> [(text, label)] (labels as strings)."""
+    out = []
+    for n, rec in read_jsonl(path):
+        where = f"{path}:{n}"
+        label = rec.get("label")
+        if not isinstance(label, (str, int)) or isinstance(label, bool):
+            raise UserError(f"{where}: 'label' must be a string or an integer, got {label!r}")
+        out.append((_text(rec, "text", where), str(label)))
+    return out

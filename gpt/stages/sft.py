@@ -1,0 +1,110 @@
+"""Supervised fine-tuning on instruction / chat data with the chat template (gpt/chat.py).
+
+The loss is the mean cross-entropy over answer tokens only: prompt tokens, role tags and padding
+have target -1 (ignore_index). Examples are right-padded, so under causal attention no real token
+sees padding. Evaluation reports the masked val loss and greedy exact match of the answers.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from gpt.chat import END, chat_tokenizer, encode_chat
+from gpt.errors import UserError
+from gpt.generate import generate_batch
+from gpt.jsonl import read_instructions
+from gpt.stages.common import LM, batches, fit_block, lm_batch, lm_from_parent, model_config, require_kind, split_val
+from gpt.tokenizer import from_identity
+
+log = logging.getLogger("gpt")
+
+
+def exact_match(model, tok, conversations: list[list[dict]], autocast, max_new_tokens: int = 32) -> float:
+    """Fraction of conversations whose last assistant answer the model reproduces exactly (greedy)."""
+    if not conversations:
+        return float("nan")
+    prompts = [encode_chat(tok, c[:-1], generation_prompt=True)[0] for c in conversations]
+    with autocast():
+        outs = generate_batch(model, prompts, max_new_tokens, temperature=0.0, eot_id=tok.special_id(END))
+    return sum(tok.decode(o).strip() == c[-1]["content"].strip() for o, c in zip(outs, conversations)) / len(outs)
+
+
+class SFT:
+    """Instruction tuning objective. `parent` is a loaded language-model checkpoint."""
+
+    name = "sft"
+
+    def __init__(self, parent: dict, data: str, val_data: str | None = None, val_fraction: float = 0.1,
+                 batch_size: int = 16, device: str = "cpu", seed: int = 0, rank: int = 0, eval_examples: int = 64,
+                 max_new_tokens: int = 32, num_samples: int = 3):
+        require_kind(parent, (LM,), self.name)
+        if int(batch_size) <= 0:
+            raise UserError(f"trainer.batch_size={batch_size} must be a positive integer")
+        self.tokenizer = tok = chat_tokenizer(from_identity(parent["tokenizer"]))
+        self.model = lm_from_parent(parent, tok.vocab_size, device)
+        block = self.model.config.block_size
+        train = read_instructions(data)
+        val = read_instructions(val_data) if val_data else None
+        self.train_convs, self.val_convs = split_val(train, val, val_fraction, seed, str(data))
+        self.train = fit_block([encode_chat(tok, c) for c in self.train_convs], block, str(data), log)
+        self.val = fit_block([encode_chat(tok, c) for c in self.val_convs], block, str(val_data or data), log)
+        self.val_convs = [c for c in self.val_convs if len(encode_chat(tok, c)[0]) <= block + 1]
+        if not any(any(m) for _, m in self.train):
+            raise UserError(f"{data}: no answer tokens to learn from")
+        self.batch_size, self.device, self.seed = int(batch_size), device, seed
+        self.eval_examples, self.max_new_tokens, self.num_samples = eval_examples, max_new_tokens, num_samples
+        self.generator = torch.Generator().manual_seed(seed + 1000 * rank)
+        self._order = None
+
+    # ---- the objective interface (gpt.trainer) ------------------------------------------------
+    def train_batch(self):
+        if self._order is None:
+            self._order = batches(len(self.train), self.batch_size, self.generator)
+        return lm_batch([self.train[i] for i in next(self._order)], self.device)
+
+    @staticmethod
+    def batch_tokens(batch) -> int:
+        return int((batch[1] >= 0).sum())
+
+    @staticmethod
+    def loss(model, batch):
+        x, y = batch
+        _, loss = model(x, y, ignore_index=-1)
+        return loss, {}
+
+    @torch.no_grad()
+    def evaluate(self, model, iters: int, autocast) -> dict:
+        total, count = 0.0, 0
+        for i in range(0, min(len(self.val), iters * self.batch_size), self.batch_size):
+            x, y = lm_batch(self.val[i: i + self.batch_size], self.device)
+            with autocast():
+                _, loss = model(x, y, ignore_index=-1)
+            n = int((y >= 0).sum())
+            total, count = total + float(loss) * n, count + n
+        em = exact_match(model, self.tokenizer, self.val_convs[: self.eval_examples], autocast, self.max_new_tokens)
+        return {"val/loss": total / max(count, 1), "val/exact_match": em}
+
+    def samples(self, model, autocast) -> list[dict]:
+        convs = self.val_convs[: self.num_samples]
+        prompts = [encode_chat(self.tokenizer, c[:-1], generation_prompt=True)[0] for c in convs]
+        with autocast():
+            outs = generate_batch(model, prompts, self.max_new_tokens, temperature=0.0,
+                                  eot_id=self.tokenizer.special_id(END))
+        rows = []
+        for c, o in zip(convs, outs):
+            prompt = c[-2]["content"] if len(c) > 1 else ""
+            rows.append({"prompt": prompt, "text": f"{prompt!r} -> {self.tokenizer.decode(o)!r} "
+                                                   f"(reference {c[-1]['content']!r})"})
+        return rows
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+    # ---- what the checkpoint records ----------------------------------------------------------
+    def checkpoint_extra(self) -> dict:
+        return {"model_config": model_config(self.model)}

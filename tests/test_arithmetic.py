@@ -1,0 +1,34 @@
+"""The offline arithmetic task: files in every stage's format, disjoint splits, exact-match reward."""
+
+from gpt.jsonl import read_instructions, read_labelled, read_pairs, read_prompts
+from gpt.tasks.arithmetic import exact_match_reward, main, make_splits, wrong_answer
+
+
+def test_task_files_parse_with_the_stage_readers(tmp_path, capsys):
+    main([str(tmp_path), "--n", "200", "--seed", "3"])
+    assert "sft_train" in capsys.readouterr().out
+    sft = read_instructions(tmp_path / "sft_train.jsonl")
+    val = read_instructions(tmp_path / "sft_val.jsonl")
+    assert len(sft) + len(val) == 200 and len(val) == 20
+    assert not {c[0]["content"] for c in sft} & {c[0]["content"] for c in val}  # held-out questions
+    for conv in sft:
+        q, a = conv[0]["content"], conv[1]["content"]
+        assert eval(q[:-1]) == int(a)
+    for p in read_pairs(tmp_path / "pairs_train.jsonl"):
+        assert eval(p["prompt"][:-1]) == int(p["chosen"]) != int(p["rejected"])
+    labels = read_labelled(tmp_path / "classify_train.jsonl")
+    assert {lab for _, lab in labels} == {"correct", "wrong"}
+    for text, lab in labels:
+        q, a = text.split("=")
+        assert (eval(q) == int(a)) == (lab == "correct")
+    assert all(p["answer"] for p in read_prompts(tmp_path / "prompts_val.jsonl"))
+    assert (tmp_path / "pretrain.txt").read_text().count("\n") == 4 * len(sft)
+
+
+def test_splits_are_seeded_and_reward_is_exact_match():
+    assert make_splits(50, seed=1) == make_splits(50, seed=1)
+    import random
+
+    rng = random.Random(0)
+    assert all(wrong_answer(a, rng) != a and int(wrong_answer(a, rng)) >= 0 for a in ("0", "5", "42", "198"))
+    assert exact_match_reward(" 42 ", "42") == 1.0 and exact_match_reward("421", "42") == 0.0

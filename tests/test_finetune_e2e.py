@@ -1,0 +1,76 @@
+"""End-to-end: pretrain a tiny model on the arithmetic task, fine-tune it with finetune.py, chat with infer.py."""
+
+import glob
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY, run_script
+from gpt.checkpoint import file_sha256
+from gpt.tasks.arithmetic import write_task
+from gpt.tracking import read_metrics
+
+pytestmark = pytest.mark.slow
+
+FT = ["trainer.max_iters=60", "trainer.eval_interval=30", "optimizer.lr=3e-3", "scheduler.schedule.warmup_iters=5", "trainer.eval_iters=2", "trainer.log_interval=10",
+      "trainer.batch_size=16", "stage.eval_examples=16", "hardware.autocast_dtype=float32"]
+
+
+def runs(base: Path) -> list[Path]:
+    return sorted(Path(p) for p in glob.glob(str(base / "outputs" / "*" / "*")))
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """Task files, a tiny pretrained model and an SFT run from it (shared by the tests below)."""
+    cwd = tmp_path_factory.mktemp("ft")
+    files = write_task(cwd / "task", n=300, seed=0, hi=20)
+    proc = run_script("train.py", *TINY, "trainer.max_iters=20", "trainer.eval_interval=20", "data=text",
+                      f"data.path={files['pretrain']}", cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (pre,) = runs(cwd)
+    proc = run_script("finetune.py", "stage=sft", f"ckpt={pre}", f"data.path={files['sft_train']}",
+                      f"data.val_path={files['sft_val']}", *FT, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sft = [r for r in runs(cwd) if r != pre][0]
+    return cwd, files, pre, sft, proc
+
+
+def test_sft_run_writes_checkpoint_with_lineage_and_chat_tokens(chain):
+    cwd, files, pre, sft, proc = chain
+    ckpt = torch.load(sft / "checkpoints" / "last.pt", weights_only=True)
+    parent_file = pre / "checkpoints" / "best.pt"
+    assert ckpt["stage"] == "sft" and ckpt["config"]["stage"]["_target_"] == "gpt.stages.sft.SFT"
+    assert ckpt["lineage"]["parent"] == str(parent_file)
+    assert ckpt["lineage"]["parent_sha256"] == file_sha256(parent_file)
+    assert "<|assistant|>" in ckpt["tokenizer"]["special"]
+    assert ckpt["config"]["model"]["vocab_size"] == ckpt["model"]["lm_head.weight"].shape[0] \
+        == len(ckpt["tokenizer"]["chars"]) + len(ckpt["tokenizer"]["special"])
+    rows = read_metrics(sft / "metrics.jsonl")
+    evals = [r for r in rows if "val/exact_match" in r]
+    assert [r["step"] for r in evals] == [30, 60] and evals[-1]["val/loss"] < evals[0]["val/loss"]
+    assert "val/exact_match" in proc.stdout
+
+
+def test_infer_chat_applies_template_and_stops_at_end_of_answer(chain):
+    cwd, _, pre, sft, _ = chain
+    proc = run_script("infer.py", f"ckpt={sft}", 'prompt="3+4="', "chat=true", "temperature=0",
+                      "max_new_tokens=20", cwd=cwd)
+    assert proc.returncode == 0, proc.stderr
+    answer = proc.stdout.rstrip("\n")
+    assert "<|" not in answer and len(answer) < 20  # stopped at <|end|>, which is not printed
+    proc = run_script("infer.py", f"ckpt={pre}", 'prompt="3+4="', "chat=true", cwd=cwd)
+    assert proc.returncode == 2 and "needs a chat-tuned checkpoint" in proc.stderr
+
+
+def test_bad_jsonl_names_file_and_line_and_writes_nothing(chain, tmp_path):
+    _, _, pre, _, _ = chain
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "1+1=", "completion": "2"}\n{"prompt": "1+2="}\n')
+    proc = run_script("finetune.py", "stage=sft", f"ckpt={pre}", f"data.path={bad}", *FT, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: {bad}:2: missing key 'completion' (has ['prompt'])"
+    assert runs(tmp_path) == []
+    proc = run_script("finetune.py", "stage=sft", f"ckpt={tmp_path / 'nope.pt'}", f"data.path={bad}", cwd=tmp_path)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and runs(tmp_path) == []
