@@ -74,3 +74,24 @@ def test_bad_jsonl_names_file_and_line_and_writes_nothing(chain, tmp_path):
     assert runs(tmp_path) == []
     proc = run_script("finetune.py", "stage=sft", f"ckpt={tmp_path / 'nope.pt'}", f"data.path={bad}", cwd=tmp_path)
     assert proc.returncode == 2 and "does not exist" in proc.stderr and runs(tmp_path) == []
+
+
+def finetune(cwd: Path, *args: str) -> tuple[Path, object]:
+    """Run finetune.py in `cwd`; -> (its new run folder, the finished process)."""
+    before = set(runs(cwd))
+    proc = run_script("finetune.py", *args, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (new,) = set(runs(cwd)) - before
+    return new, proc
+
+
+def test_dpo_from_sft_logs_rewards_and_accuracy(chain):
+    cwd, files, _, sft, _ = chain
+    run, _ = finetune(cwd, "stage=dpo", f"ckpt={sft}", f"data.path={files['pairs_train']}",
+                      f"data.val_path={files['pairs_val']}", *FT[:-2], "hardware.autocast_dtype=float32")
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["stage"] == "dpo" and ckpt["lineage"]["parent_stage"] == "sft"
+    assert ckpt["lineage"]["parent_lineage"]["parent_stage"] == "pretrain"
+    evals = [r for r in read_metrics(run / "metrics.jsonl") if "val/accuracy" in r]
+    assert {"val/chosen_reward", "val/rejected_reward", "val/loss"} <= set(evals[-1])
+    assert evals[-1]["val/accuracy"] > 0.5

@@ -1,0 +1,110 @@
+"""Direct Preference Optimization (Rafailov et al. 2023) against a frozen reference model.
+
+For a pair (prompt, chosen y_w, rejected y_l) with summed answer log-probs under the policy (pi) and
+the frozen reference (ref), the implicit rewards are r = beta * (log pi(y|x) - log ref(y|x)) and
+    loss = -log sigmoid(r_w - r_l).
+Reference log-probs are computed once per batch without gradients. Evaluation reports the loss, the
+implicit chosen / rejected rewards, preference accuracy (r_w > r_l) and how often the policy itself
+gives the chosen answer the higher probability.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from gpt.chat import chat_tokenizer, encode_chat
+from gpt.errors import UserError
+from gpt.jsonl import read_pairs
+from gpt.stages.common import (LM, batches, fit_block, frozen, lm_batch, lm_from_parent, model_config, require_kind,
+                               sequence_logprob, split_val)
+from gpt.tokenizer import from_identity
+
+log = logging.getLogger("gpt")
+
+
+def dpo_loss(pi_chosen: torch.Tensor, pi_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed log-probs (B,) each -> (mean loss, chosen rewards (B,), rejected rewards (B,))."""
+    chosen = beta * (pi_chosen - ref_chosen)
+    rejected = beta * (pi_rejected - ref_rejected)
+    return -F.logsigmoid(chosen - rejected).mean(), chosen.detach(), rejected.detach()
+
+
+def encode_pair(tok, pair: dict) -> list[tuple[list[int], list[bool]]]:
+    """-> [chosen example, rejected example], each (ids, train_mask) under the chat template."""
+    return [encode_chat(tok, [{"role": "user", "content": pair["prompt"]}, {"role": "assistant", "content": pair[k]}])
+            for k in ("chosen", "rejected")]
+
+
+class DPO:
+    """Preference optimisation of a language model (usually an SFT checkpoint) on {"prompt","chosen","rejected"}."""
+
+    name = "dpo"
+
+    def __init__(self, parent: dict, data: str, val_data: str | None = None, val_fraction: float = 0.1,
+                 batch_size: int = 16, beta: float = 0.1, device: str = "cpu", seed: int = 0, rank: int = 0):
+        require_kind(parent, (LM,), self.name)
+        if int(batch_size) <= 0 or float(beta) <= 0:
+            raise UserError(f"stage.batch_size={batch_size} and stage.beta={beta} must be positive")
+        self.tokenizer = tok = chat_tokenizer(from_identity(parent["tokenizer"]))
+        self.model = lm_from_parent(parent, tok.vocab_size, device)
+        self.reference = frozen(copy.deepcopy(self.model))
+        block = self.model.config.block_size
+        train, val = split_val(read_pairs(data), read_pairs(val_data) if val_data else None, val_fraction, seed,
+                               str(data))
+        self.train = fit_block([encode_pair(tok, p) for p in train], block, str(data), log)
+        self.val = fit_block([encode_pair(tok, p) for p in val], block, str(val_data or data), log)
+        self.batch_size, self.beta, self.device = int(batch_size), float(beta), device
+        self.generator = torch.Generator().manual_seed(seed + 1000 * rank)
+        self._order = None
+
+    def _batch(self, pairs: list) -> dict:
+        x, y = lm_batch([ex for pair in pairs for ex in pair], self.device)  # rows: chosen, rejected, chosen, ...
+        with torch.no_grad():
+            ref = sequence_logprob(self.reference, x, y)
+        return {"x": x, "y": y, "ref": ref}
+
+    def train_batch(self):
+        if self._order is None:
+            self._order = batches(len(self.train), self.batch_size, self.generator)
+        return self._batch([self.train[i] for i in next(self._order)])
+
+    @staticmethod
+    def batch_tokens(batch) -> int:
+        return int((batch["y"] >= 0).sum())
+
+    def loss(self, model, batch):
+        logp = sequence_logprob(model, batch["x"], batch["y"])
+        loss, chosen, rejected = dpo_loss(logp[0::2], logp[1::2], batch["ref"][0::2], batch["ref"][1::2], self.beta)
+        return loss, {"chosen_reward": chosen.mean(), "rejected_reward": rejected.mean(),
+                      "accuracy": (chosen > rejected).float().mean(),
+                      "logp_accuracy": (logp[0::2] > logp[1::2]).float().mean()}
+
+    @torch.no_grad()
+    def evaluate(self, model, iters: int, autocast) -> dict:
+        sums, n = {}, 0
+        for i in range(0, min(len(self.val), iters * self.batch_size), self.batch_size):
+            pairs = self.val[i: i + self.batch_size]
+            batch = self._batch(pairs)
+            with autocast():
+                loss, m = self.loss(model, batch)
+            for k, v in {"loss": loss, **m}.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * len(pairs)
+            n += len(pairs)
+        return {f"val/{k}": v / max(n, 1) for k, v in sums.items()}
+
+    def samples(self, model, autocast) -> list[dict]:
+        return []
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+    def checkpoint_extra(self) -> dict:
+        return {"model_config": model_config(self.model)}
