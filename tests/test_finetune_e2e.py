@@ -95,3 +95,25 @@ def test_dpo_from_sft_logs_rewards_and_accuracy(chain):
     evals = [r for r in read_metrics(run / "metrics.jsonl") if "val/accuracy" in r]
     assert {"val/chosen_reward", "val/rejected_reward", "val/loss"} <= set(evals[-1])
     assert evals[-1]["val/accuracy"] > 0.5
+
+
+@pytest.fixture(scope="module")
+def reward_run(chain):
+    cwd, files, _, sft, _ = chain
+    return finetune(cwd, "stage=reward", f"ckpt={sft}", f"data.path={files['pairs_train']}",
+                    f"data.val_path={files['pairs_val']}", *FT[:-2], "hardware.autocast_dtype=float32")
+
+
+def test_reward_model_reports_pairwise_accuracy_and_refuses_to_be_a_policy(chain, reward_run, tmp_path):
+    cwd, files, _, sft, _ = chain
+    run, proc = reward_run
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["stage"] == "reward" and ckpt["config"]["model"]["_target_"] == "gpt.heads.RewardModel"
+    assert "head.weight" in ckpt["model"]
+    evals = [r for r in read_metrics(run / "metrics.jsonl") if "val/accuracy" in r]
+    assert len(evals) == 2 and "val/accuracy" in proc.stdout
+    # a reward model is not a language model to fine-tune: refused, and no run folder is left behind
+    before = runs(cwd)
+    proc = run_script("finetune.py", "stage=sft", f"ckpt={run}", f"data.path={files['sft_train']}", *FT, cwd=cwd)
+    assert proc.returncode == 2 and "holds a gpt.heads.RewardModel (stage=reward); stage=sft needs" in proc.stderr
+    assert runs(cwd) == before

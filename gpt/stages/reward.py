@@ -1,0 +1,101 @@
+"""Reward model training with the Bradley-Terry loss on {"prompt","chosen","rejected"} pairs.
+
+The model is the parent GPT with a scalar head read at the last real token of prompt + answer
+(gpt.heads.RewardModel). For rewards r_w (chosen) and r_l (rejected):
+    loss = -log sigmoid(r_w - r_l)      (P(chosen preferred) = sigmoid(r_w - r_l))
+Evaluation reports the loss and the pairwise accuracy (r_w > r_l) on the held-out split.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from gpt.chat import chat_tokenizer
+from gpt.errors import UserError
+from gpt.heads import RewardModel
+from gpt.jsonl import read_pairs
+from gpt.stages.common import LM, batches, fit_block, model_config, require_kind, right_pad, split_val, with_head
+from gpt.stages.dpo import encode_pair
+from gpt.tokenizer import from_identity
+
+log = logging.getLogger("gpt")
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """Rewards (B,) each -> mean -log sigmoid(chosen - rejected)."""
+    return -F.logsigmoid(chosen - rejected).mean()
+
+
+def score_batch(sequences: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (idx (B, T) right-padded, lengths (B,))."""
+    return right_pad(sequences, 0, device), torch.tensor([len(s) for s in sequences], device=device)
+
+
+class Reward:
+    """Train a RewardModel from a language-model parent (pretrained or SFT)."""
+
+    name = "reward"
+
+    def __init__(self, parent: dict, data: str, val_data: str | None = None, val_fraction: float = 0.1,
+                 batch_size: int = 16, device: str = "cpu", seed: int = 0, rank: int = 0):
+        require_kind(parent, (LM,), self.name)
+        if int(batch_size) <= 0:
+            raise UserError(f"trainer.batch_size={batch_size} must be a positive integer")
+        self.tokenizer = tok = chat_tokenizer(from_identity(parent["tokenizer"]))
+        self.model = with_head(RewardModel, parent, tok.vocab_size, device)
+        block = self.model.config.block_size
+        train, val = split_val(read_pairs(data), read_pairs(val_data) if val_data else None, val_fraction, seed,
+                               str(data))
+        # each pair -> (chosen ids, rejected ids); the template's masks are not needed for scoring
+        self.train = [tuple(ids for ids, _ in p) for p in fit_block(
+            [encode_pair(tok, p) for p in train], block, str(data), log)]
+        self.val = [tuple(ids for ids, _ in p) for p in fit_block(
+            [encode_pair(tok, p) for p in val], block, str(val_data or data), log)]
+        self.batch_size, self.device = int(batch_size), device
+        self.generator = torch.Generator().manual_seed(seed + 1000 * rank)
+        self._order = None
+
+    def _batch(self, pairs) -> tuple[torch.Tensor, torch.Tensor]:
+        return score_batch([s for pair in pairs for s in pair], self.device)  # rows: chosen, rejected, ...
+
+    def train_batch(self):
+        if self._order is None:
+            self._order = batches(len(self.train), self.batch_size, self.generator)
+        return self._batch([self.train[i] for i in next(self._order)])
+
+    @staticmethod
+    def batch_tokens(batch) -> int:
+        return int(batch[1].sum())
+
+    @staticmethod
+    def loss(model, batch):
+        r = model.score(*batch)
+        return bradley_terry_loss(r[0::2], r[1::2]), {"accuracy": (r[0::2] > r[1::2]).float().mean(),
+                                                      "margin": (r[0::2] - r[1::2]).mean()}
+
+    @torch.no_grad()
+    def evaluate(self, model, iters: int, autocast) -> dict:
+        sums, n = {}, 0
+        for i in range(0, min(len(self.val), iters * self.batch_size), self.batch_size):
+            pairs = self.val[i: i + self.batch_size]
+            with autocast():
+                loss, m = self.loss(model, self._batch(pairs))
+            for k, v in {"loss": loss, **m}.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * len(pairs)
+            n += len(pairs)
+        return {f"val/{k}": v / max(n, 1) for k, v in sums.items()}
+
+    def samples(self, model, autocast) -> list[dict]:
+        return []
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+    def checkpoint_extra(self) -> dict:
+        return {"model_config": model_config(self.model)}
