@@ -117,3 +117,22 @@ def test_reward_model_reports_pairwise_accuracy_and_refuses_to_be_a_policy(chain
     proc = run_script("finetune.py", "stage=sft", f"ckpt={run}", f"data.path={files['sft_train']}", *FT, cwd=cwd)
     assert proc.returncode == 2 and "holds a gpt.heads.RewardModel (stage=reward); stage=sft needs" in proc.stderr
     assert runs(cwd) == before
+
+
+RL = ["trainer.max_iters=16", "trainer.eval_interval=8", "trainer.log_interval=4", "optimizer.lr=1e-3",
+      "scheduler.schedule.warmup_iters=2", "hardware.autocast_dtype=float32", "stage.eval_prompts=16"]
+
+
+def test_grpo_from_sft_logs_rollout_rewards(chain):
+    cwd, files, _, sft, _ = chain
+    run, proc = finetune(cwd, "stage=grpo", f"ckpt={sft}", f"data.path={files['prompts_train']}",
+                         f"data.val_path={files['prompts_val']}", *RL, "stage.prompts_per_rollout=4",
+                         "stage.group_size=4", "stage.minibatch_size=8")
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["stage"] == "grpo" and ckpt["config"]["stage"]["group_size"] == 4
+    evals = [r for r in read_metrics(run / "metrics.jsonl") if "val/reward" in r]
+    assert [r["step"] for r in evals] == [8, 16]
+    assert {"train/reward", "train/kl", "train/clip_fraction"} <= set(evals[-1])
+    # a GRPO checkpoint is a plain language model: infer.py chats with it
+    proc = run_script("infer.py", f"ckpt={run}", 'prompt="3+4="', "chat=true", "max_new_tokens=5", cwd=cwd)
+    assert proc.returncode == 0, proc.stderr

@@ -1,0 +1,77 @@
+"""Rollouts for the RL stages (grpo, ppo): sample answers with the KV cache, score them, and serve the
+resulting buffer as minibatches over several epochs, one minibatch per trainer step, so the shared
+loop (gpt.trainer.Trainer) runs the optimisation unchanged."""
+
+from __future__ import annotations
+
+import torch
+
+from gpt.chat import END, prompt_ids
+from gpt.errors import UserError
+from gpt.generate import generate_tokens, left_pad
+from gpt.jsonl import read_prompts
+from gpt.stages.common import lm_batch, split_val
+
+
+@torch.no_grad()
+def sample_answers(model, prompts: list[list[int]], max_new_tokens: int, end_id: int, temperature: float = 1.0,
+                   top_k: int | None = None, generator: torch.Generator | None = None) -> list[list[int]]:
+    """One batch of KV-cache sampling -> each prompt's answer ids, up to and including its first end id."""
+    idx, pad = left_pad(prompts, device=model.transformer.wte.weight.device)
+    steps = list(generate_tokens(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, eot_id=end_id,
+                                 generator=generator, pad=pad))
+    rows = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in prompts]
+    return [row[: row.index(end_id) + 1] if end_id in row else row for row in rows]
+
+
+def answer_text(tok, ids: list[int], end_id: int) -> str:
+    return tok.decode([t for t in ids if t != end_id])
+
+
+def sequences(prompts: list[list[int]], answers: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """prompt + answer per row -> x, y (B, T) with y = -1 outside the answer (right-padded)."""
+    return lm_batch([(p + a, [False] * len(p) + [True] * len(a)) for p, a in zip(prompts, answers)], device)
+
+
+def masked_mean(v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (v * mask).sum() / mask.sum().clamp(min=1)
+
+
+class PromptSet:
+    """{"prompt", "answer"} JSONL encoded with the chat template, split into train / val."""
+
+    def __init__(self, tok, data: str, val_data: str | None, val_fraction: float, seed: int, block_size: int,
+                 max_new_tokens: int, need_answer: bool):
+        train = read_prompts(data)
+        val = read_prompts(val_data) if val_data else None
+        self.train, self.val = split_val(train, val, val_fraction, seed, str(data))
+        if need_answer:
+            for name, rows in ((data, self.train), (val_data or data, self.val)):
+                if any(r["answer"] is None for r in rows):
+                    raise UserError(f"{name}: every record needs an 'answer' for the exact-match reward")
+        for r in self.train + self.val:
+            r["ids"] = prompt_ids(tok, r["prompt"])
+        longest = max(len(r["ids"]) for r in self.train + self.val)
+        if longest + max_new_tokens > block_size:
+            raise UserError(f"{data}: a prompt of {longest} tokens + stage.max_new_tokens={max_new_tokens} exceeds the "
+                            f"model's block_size={block_size}; lower stage.max_new_tokens or shorten the prompts")
+
+
+class RolloutBuffer:
+    """Minibatches over a rollout for `epochs` passes; `next()` returns None when it is used up."""
+
+    def __init__(self, data: dict, minibatch: int, epochs: int, generator: torch.Generator):
+        n = data["x"].size(0)
+        self.data = data
+        self.order = [perm[i: i + minibatch] for _ in range(epochs)
+                      for perm in [torch.randperm(n, generator=generator)] for i in range(0, n, minibatch)]
+
+    def next(self) -> dict | None:
+        if not self.order:
+            return None
+        idx = self.order.pop(0)
+        return {k: v[idx] for k, v in self.data.items()}
+
+
+def end_id(tok) -> int:
+    return tok.special_id(END)
