@@ -136,3 +136,24 @@ def test_grpo_from_sft_logs_rollout_rewards(chain):
     # a GRPO checkpoint is a plain language model: infer.py chats with it
     proc = run_script("infer.py", f"ckpt={run}", 'prompt="3+4="', "chat=true", "max_new_tokens=5", cwd=cwd)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_ppo_from_sft_with_the_reward_model(chain, reward_run):
+    cwd, files, _, sft, _ = chain
+    rm, _ = reward_run
+    run, proc = finetune(cwd, "stage=ppo", f"ckpt={sft}", f"stage.reward_ckpt={rm}",
+                         f"data.path={files['prompts_train']}", f"data.val_path={files['prompts_val']}", *RL,
+                         "stage.prompts_per_rollout=8", "stage.minibatch_size=8", "stage.epochs=2")
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["stage"] == "ppo" and ckpt["reward_model"] == str(rm / "checkpoints" / "best.pt")
+    assert ckpt["config"]["model"]["_target_"] == "gpt.heads.ValueHeadGPT"
+    evals = [r for r in read_metrics(run / "metrics.jsonl") if "val/reward" in r]
+    for key in ("train/reward", "train/kl", "train/entropy", "train/clip_fraction", "train/value_loss",
+                "val/exact_match"):
+        assert key in evals[-1], key
+    proc = run_script("infer.py", f"ckpt={run}", 'prompt="3+4="', "chat=true", "max_new_tokens=5", cwd=cwd)
+    assert proc.returncode == 0, proc.stderr
+    # the reward model's place must hold a reward model
+    proc = run_script("finetune.py", "stage=ppo", f"ckpt={sft}", f"stage.reward_ckpt={sft}",
+                      f"data.path={files['prompts_train']}", *RL, cwd=cwd)
+    assert proc.returncode == 2 and "stage.reward_ckpt=" in proc.stderr and "needs gpt.heads.RewardModel" in proc.stderr
