@@ -12,13 +12,15 @@ from __future__ import annotations
 import logging
 import math
 import time
+from pathlib import Path
 
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from gpt import distributed
 from gpt.checkpoint import file_sha256, load_checkpoint
 from gpt.config import run_dir, to_plain
+from gpt.errors import UserError
 from gpt.experiment import configure_hardware, seed_everything
 from gpt.optim import param_groups
 from gpt.tracking import read_metrics, run_summary
@@ -33,12 +35,49 @@ def lineage(parent: dict) -> dict:
             "parent_stage": parent.get("stage", "pretrain"), "parent_lineage": parent.get("lineage")}
 
 
+STAGE_CONF = Path(__file__).resolve().parents[1] / "conf" / "stage"
+
+
+def stage_config(cfg: DictConfig, name: str, overrides: DictConfig | dict, out_dir: Path) -> DictConfig:
+    """A copy of the run config with conf/stage/<name>.yaml (plus `overrides`) as its stage node."""
+    sub = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    with open_dict(sub):
+        sub.stage = OmegaConf.merge(OmegaConf.load(STAGE_CONF / f"{name}.yaml"), overrides or {})
+        sub.run_dir = str(out_dir)
+    return sub
+
+
+def rlhf(cfg: DictConfig) -> float:
+    """stage=rlhf: train a reward model from cfg.ckpt on the pairs in data.pairs (stage=reward), then PPO
+    from cfg.ckpt against it on the prompts in data.path (stage=ppo); one command, two sub-runs in
+    <run folder>/reward and <run folder>/ppo. Both data files are read before anything trains."""
+    from gpt.jsonl import read_pairs, read_prompts
+
+    out_dir = Path(cfg.get("run_dir") or run_dir())
+    pairs = cfg.data.get("pairs")
+    if not pairs:
+        raise UserError("stage=rlhf needs data.pairs=<preference pairs JSONL> for the reward model "
+                        "(and data.path=<prompts JSONL> for PPO)")
+    read_pairs(pairs)
+    read_prompts(cfg.data.path)
+    rm_cfg = stage_config(cfg, "reward", cfg.stage.reward, out_dir / "reward")
+    with open_dict(rm_cfg):
+        rm_cfg.data.path, rm_cfg.data.val_path = pairs, cfg.data.get("pairs_val")
+        rm_cfg.trainer = OmegaConf.merge(rm_cfg.trainer, OmegaConf.to_container(cfg.stage.reward_trainer, resolve=True))
+    finetune(rm_cfg)
+    ppo_cfg = stage_config(cfg, "ppo", {**OmegaConf.to_container(cfg.stage.ppo), "reward_ckpt": str(out_dir / "reward")},
+                           out_dir / "ppo")
+    return finetune(ppo_cfg)
+
+
 def finetune(cfg: DictConfig) -> float:
     """Run cfg.stage from cfg.ckpt on cfg.data; return the final validation loss."""
+    if cfg.stage.get("composite"):  # a stage made of stages (stage=rlhf): its _target_ runs them
+        return get_object(cfg.stage._target_)(cfg)
     t_start = time.time()
     configure_hardware(cfg.hardware)
     info = distributed.setup(cfg.hardware.device, cfg.hardware.distributed, cfg.hardware.get("backend"))
-    out_dir = run_dir()
+    out_dir = Path(cfg.get("run_dir") or run_dir())
     logger = None
     exit_code = 1
     try:

@@ -157,3 +157,20 @@ def test_ppo_from_sft_with_the_reward_model(chain, reward_run):
     proc = run_script("finetune.py", "stage=ppo", f"ckpt={sft}", f"stage.reward_ckpt={sft}",
                       f"data.path={files['prompts_train']}", *RL, cwd=cwd)
     assert proc.returncode == 2 and "stage.reward_ckpt=" in proc.stderr and "needs gpt.heads.RewardModel" in proc.stderr
+
+
+def test_rlhf_runs_reward_then_ppo_in_one_command(chain):
+    cwd, files, _, sft, _ = chain
+    run, proc = finetune(cwd, "stage=rlhf", f"ckpt={sft}", f"data.pairs={files['pairs_train']}",
+                         f"data.pairs_val={files['pairs_val']}", f"data.path={files['prompts_train']}",
+                         f"data.val_path={files['prompts_val']}", *RL[:-1], "stage.reward_trainer.max_iters=8",
+                         "+stage.ppo.prompts_per_rollout=8", "+stage.ppo.minibatch_size=8", "+stage.ppo.epochs=1",
+                         "+stage.ppo.eval_prompts=16")
+    rm = torch.load(run / "reward" / "checkpoints" / "last.pt", weights_only=True)
+    ppo = torch.load(run / "ppo" / "checkpoints" / "last.pt", weights_only=True)
+    assert rm["stage"] == "reward" and rm["step"] == 8 and ppo["stage"] == "ppo" and ppo["step"] == 16
+    assert ppo["reward_model"] == str(run / "reward" / "checkpoints" / "best.pt")
+    assert rm["lineage"]["parent"] == ppo["lineage"]["parent"] == str(sft / "checkpoints" / "best.pt")
+    assert "val/accuracy" in proc.stdout and "train/reward" in proc.stdout
+    proc = run_script("finetune.py", "stage=rlhf", f"ckpt={sft}", f"data.path={files['prompts_train']}", cwd=cwd)
+    assert proc.returncode == 2 and "stage=rlhf needs data.pairs=" in proc.stderr
