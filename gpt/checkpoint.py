@@ -125,7 +125,8 @@ def model_from_checkpoint(ckpt: dict, device: str = "cpu") -> torch.nn.Module:
 
 def model_classes() -> dict:
     """The model classes a checkpoint may name (its config's model._target_)."""
-    from gpt.heads import RewardModel, ValueHeadGPT
+    from gpt.heads import Classifier, RewardModel, ValueHeadGPT
     from gpt.model import GPT
 
-    return {"gpt.model.GPT": GPT, "gpt.heads.RewardModel": RewardModel, "gpt.heads.ValueHeadGPT": ValueHeadGPT}
+    return {"gpt.model.GPT": GPT, "gpt.heads.RewardModel": RewardModel, "gpt.heads.ValueHeadGPT": ValueHeadGPT,
+            "gpt.heads.Classifier": Classifier}

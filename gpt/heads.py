@@ -3,6 +3,7 @@ unchanged) plus a small `head` over the final hidden states; the backbone starts
 
     RewardModel   scalar reward of a whole sequence, read at its last real token  (stage=reward)
     ValueHeadGPT  the policy LM plus a per-token value estimate                   (stage=ppo)
+    Classifier    label logits of a whole sequence, read at its last real token   (stage=classify)
 """
 
 from __future__ import annotations
@@ -50,3 +51,19 @@ class ValueHeadGPT(GPT):
             return super().forward(idx, targets, cache, ignore_index, pad)
         h = self.hidden_states(idx, cache, pad)
         return self.lm_head(h), self.head(h).squeeze(-1).float()
+
+
+class Classifier(GPT):
+    """GPT backbone + a linear head over `num_labels` classes, pooled at the last real token."""
+
+    def __init__(self, num_labels: int = 2, **gpt_args):
+        super().__init__(**gpt_args)
+        self.num_labels = int(num_labels)
+        self.head = nn.Linear(self.config.n_embd, self.num_labels)
+
+    def classify(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """idx (B, T) right-padded, lengths (B,) -> label logits (B, num_labels) float32."""
+        return self.head(last_token(self.hidden_states(idx), lengths)).float()
+
+    def hparams(self) -> dict:
+        return {**super().hparams(), "num_labels": self.num_labels}

@@ -61,8 +61,16 @@ def stream_samples(cfg: DictConfig, out=sys.stdout) -> list[str]:
             raise UserError(f"{key}={cfg[key]} must be a positive integer")
     if cfg.top_p is not None and not 0.0 < float(cfg.top_p) <= 1.0:
         raise UserError(f"top_p={cfg.top_p} must be in (0, 1]")
-    model, tok, _ = load_for_inference(cfg.ckpt, cfg.device, cfg.get("quantize"))
+    model, tok, ckpt = load_for_inference(cfg.ckpt, cfg.device, cfg.get("quantize"))
     prompt = str(cfg.prompt)
+    if ckpt.get("labels"):  # a classifier (finetune.py stage=classify): label probabilities, most likely first
+        from gpt.stages.classify import label_probabilities
+
+        probs = label_probabilities(model, tok, prompt).tolist()
+        lines = [f"{name}\t{p:.4f}" for p, name in sorted(zip(probs, ckpt["labels"]), reverse=True)]
+        out.write("\n".join(lines) + "\n")
+        out.flush()
+        return lines
     eot_id = tok.eot_id
     if cfg.get("chat"):  # the fine-tuning chat template; print only the answer, stop at its end token
         from gpt.chat import END, SPECIAL, prompt_ids

@@ -174,3 +174,21 @@ def test_rlhf_runs_reward_then_ppo_in_one_command(chain):
     assert "val/accuracy" in proc.stdout and "train/reward" in proc.stdout
     proc = run_script("finetune.py", "stage=rlhf", f"ckpt={sft}", f"data.path={files['prompts_train']}", cwd=cwd)
     assert proc.returncode == 2 and "stage=rlhf needs data.pairs=" in proc.stderr
+
+
+def test_classify_reports_accuracy_and_infer_prints_label_probabilities(chain):
+    cwd, files, pre, _, _ = chain
+    run, proc = finetune(cwd, "stage=classify", f"ckpt={pre}", f"data.path={files['classify_train']}",
+                         f"data.val_path={files['classify_val']}", *FT[:-2], "hardware.autocast_dtype=float32")
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["labels"] == ["correct", "wrong"] and ckpt["config"]["model"]["num_labels"] == 2
+    assert "val/accuracy" in proc.stdout
+    proc = run_script("infer.py", f"ckpt={run}", 'prompt="3+4=7"', cwd=cwd)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert sorted(line.split("\t")[0] for line in lines) == ["correct", "wrong"]
+    assert abs(sum(float(line.split("\t")[1]) for line in lines) - 1) < 1e-3
+    # a classifier is refused as the policy of ppo
+    proc = run_script("finetune.py", "stage=ppo", f"ckpt={run}", f"stage.reward_ckpt={run}",
+                      f"data.path={files['prompts_train']}", cwd=cwd)
+    assert proc.returncode == 2 and "holds a gpt.heads.Classifier (stage=classify); stage=ppo needs" in proc.stderr

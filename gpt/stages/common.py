@@ -68,11 +68,11 @@ def frozen(model: torch.nn.Module) -> torch.nn.Module:
     return model.eval()
 
 
-def with_head(cls, parent: dict, vocab_size: int, device: str) -> torch.nn.Module:
+def with_head(cls, parent: dict, vocab_size: int, device: str, **head_args) -> torch.nn.Module:
     """A headed model (`cls`, a GPT subclass with a `head`) whose backbone is the parent LM (vocabulary
     grown to `vocab_size`); the head keeps its own initialisation."""
     lm = lm_from_parent(parent, vocab_size, device)
-    model = cls(**lm.hparams()).to(device)
+    model = cls(**lm.hparams(), **head_args).to(device)
     missing, unexpected = model.load_state_dict(lm.state_dict(), strict=False)
     assert not unexpected and all(k.startswith("head.") for k in missing), (missing, unexpected)
     return model.train()

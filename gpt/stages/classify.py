@@ -1,0 +1,110 @@
+"""Sequence classification on {"text", "label"} JSONL: the parent GPT with a linear head over the
+hidden state of the last real token (gpt.heads.Classifier), cross-entropy loss, accuracy on the
+held-out split. The label names (sorted) are stored in the checkpoint next to the head."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from gpt.errors import UserError
+from gpt.heads import Classifier
+from gpt.jsonl import read_labelled
+from gpt.stages.common import LM, batches, model_config, require_kind, split_val, with_head
+from gpt.stages.reward import score_batch
+from gpt.tokenizer import from_identity
+
+log = logging.getLogger("gpt")
+
+
+def encode_texts(tok, texts: list[str], block_size: int, where: str) -> list[list[int]]:
+    """Texts -> ids, keeping each text's last block_size tokens (the pooled token is the last one)."""
+    out = []
+    for t in texts:
+        ids = tok.encode(t)
+        if not ids:
+            raise UserError(f"{where}: a text encodes to no tokens")
+        out.append(ids[-block_size:])
+    return out
+
+
+class Classify:
+    name = "classify"
+
+    def __init__(self, parent: dict, data: str, val_data: str | None = None, val_fraction: float = 0.1,
+                 batch_size: int = 16, device: str = "cpu", seed: int = 0, rank: int = 0):
+        require_kind(parent, (LM,), self.name)
+        if int(batch_size) <= 0:
+            raise UserError(f"trainer.batch_size={batch_size} must be a positive integer")
+        self.tokenizer = tok = from_identity(parent["tokenizer"])
+        train, val = split_val(read_labelled(data), read_labelled(val_data) if val_data else None, val_fraction,
+                               seed, str(data))
+        self.labels = sorted({lab for _, lab in train})
+        if len(self.labels) < 2:
+            raise UserError(f"{data}: found only the label(s) {self.labels}; classification needs at least two")
+        unseen = sorted({lab for _, lab in val} - set(self.labels))
+        if unseen:
+            raise UserError(f"{val_data or data}: validation labels {unseen} never occur in the training data "
+                            f"(labels {self.labels})")
+        self.model = with_head(Classifier, parent, tok.vocab_size, device, num_labels=len(self.labels))
+        block = self.model.config.block_size
+        index = {lab: i for i, lab in enumerate(self.labels)}
+        self.train = list(zip(encode_texts(tok, [t for t, _ in train], block, str(data)), [index[lab] for _, lab in train]))
+        self.val = list(zip(encode_texts(tok, [t for t, _ in val], block, str(val_data or data)),
+                            [index[lab] for _, lab in val]))
+        self.batch_size, self.device = int(batch_size), device
+        self.generator = torch.Generator().manual_seed(seed + 1000 * rank)
+        self._order = None
+
+    def _batch(self, rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        idx, lengths = score_batch([ids for ids, _ in rows], self.device)
+        return idx, lengths, torch.tensor([lab for _, lab in rows], device=self.device)
+
+    def train_batch(self):
+        if self._order is None:
+            self._order = batches(len(self.train), self.batch_size, self.generator)
+        return self._batch([self.train[i] for i in next(self._order)])
+
+    @staticmethod
+    def batch_tokens(batch) -> int:
+        return int(batch[1].sum())
+
+    @staticmethod
+    def loss(model, batch):
+        idx, lengths, labels = batch
+        logits = model.classify(idx, lengths)
+        return F.cross_entropy(logits, labels), {"accuracy": (logits.argmax(-1) == labels).float().mean()}
+
+    @torch.no_grad()
+    def evaluate(self, model, iters: int, autocast) -> dict:
+        sums, n = {}, 0
+        for i in range(0, min(len(self.val), iters * self.batch_size), self.batch_size):
+            rows = self.val[i: i + self.batch_size]
+            with autocast():
+                loss, m = self.loss(model, self._batch(rows))
+            for k, v in {"loss": loss, **m}.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * len(rows)
+            n += len(rows)
+        return {f"val/{k}": v / max(n, 1) for k, v in sums.items()}
+
+    def samples(self, model, autocast) -> list[dict]:
+        return []
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+    def checkpoint_extra(self) -> dict:
+        return {"model_config": model_config(self.model), "labels": list(self.labels)}
+
+
+def label_probabilities(model: Classifier, tok, text: str) -> torch.Tensor:
+    """(num_labels,) probabilities for one text (its last block_size tokens)."""
+    ids = encode_texts(tok, [text], model.config.block_size, "prompt")[0]
+    idx = torch.tensor([ids], device=model.transformer.wte.weight.device)
+    with torch.no_grad():
+        return torch.softmax(model.classify(idx, torch.tensor([len(ids)], device=idx.device)), -1)[0]

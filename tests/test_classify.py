@@ -1,0 +1,64 @@
+"""Classification: pooled at the last real token, accuracy rising, labels and head through a checkpoint."""
+
+import pytest
+import torch
+
+from gpt.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from gpt.errors import UserError
+from gpt.heads import Classifier
+from gpt.stages.classify import Classify, label_probabilities
+from gpt.stages.common import model_config
+from stage_helpers import make_parent, write_jsonl
+
+
+def rows(n):
+    return [{"text": f"{a}+{b}={'yes' if (a + b) % 2 else 'no'}", "label": "odd" if (a + b) % 2 else "even"}
+            for a in range(n) for b in range(n)]
+
+
+def test_classifier_learns_and_roundtrips_with_its_labels(tmp_path):
+    parent = make_parent(tmp_path / "p.pt")
+    data = write_jsonl(tmp_path / "c.jsonl", rows(6))
+    stage = Classify(parent, str(data), batch_size=8)
+    assert stage.labels == ["even", "odd"] and stage.model.head.out_features == 2
+    ctx = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
+    opt = torch.optim.AdamW(stage.model.parameters(), lr=3e-3)
+    before = stage.evaluate(stage.model, 4, ctx)
+    for _ in range(40):
+        loss, _ = stage.loss(stage.model, stage.train_batch())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = stage.evaluate(stage.model, 4, ctx)
+    assert after["val/loss"] < before["val/loss"] and after["val/accuracy"] == 1.0
+    path = save_checkpoint({"model": stage.model.state_dict(), "step": 1, "tokenizer": stage.tokenizer.identity(),
+                            "config": {"model": model_config(stage.model)}, **stage.checkpoint_extra()},
+                           tmp_path / "c.pt")
+    ckpt = load_checkpoint(path)
+    model = model_from_checkpoint(ckpt)
+    assert type(model) is Classifier and ckpt["labels"] == ["even", "odd"]
+    p = label_probabilities(model, stage.tokenizer, "2+3=yes")
+    assert p.shape == (2,) and p[1] > 0.5 and abs(float(p.sum()) - 1) < 1e-6
+
+
+def test_padding_does_not_change_the_pooled_logits(tmp_path):
+    torch.manual_seed(0)
+    model = Classifier(num_labels=3, vocab_size=10, block_size=16, n_layer=1, n_head=2, n_embd=16).eval()
+    idx = torch.tensor([[1, 2, 3, 0, 0], [4, 5, 6, 7, 8]])
+    both = model.classify(idx, torch.tensor([3, 5]))
+    alone = model.classify(idx[:1, :3], torch.tensor([3]))
+    assert torch.allclose(both[0], alone[0], atol=1e-5)
+
+
+def test_classify_refuses_unseen_val_labels_and_one_label(tmp_path):
+    parent = make_parent(tmp_path / "p.pt")
+    train = write_jsonl(tmp_path / "t.jsonl", [{"text": "1", "label": "a"}, {"text": "2", "label": "b"}])
+    val = write_jsonl(tmp_path / "v.jsonl", [{"text": "3", "label": "c"}])
+    with pytest.raises(UserError, match=r"validation labels \['c'\] never occur"):
+        Classify(parent, str(train), val_data=str(val))
+    one = write_jsonl(tmp_path / "o.jsonl", [{"text": "1", "label": "a"}, {"text": "2", "label": "a"}])
+    with pytest.raises(UserError, match="at least two"):
+        Classify(parent, str(one), val_data=str(one))
+    bad = write_jsonl(tmp_path / "b.jsonl", [{"text": "1", "label": "a"}, {"text": "2", "label": [1]}])
+    with pytest.raises(UserError, match=r"b\.jsonl:2: 'label' must be"):
+        Classify(parent, str(bad))
