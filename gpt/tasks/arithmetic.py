@@ -3,7 +3,7 @@
     python -m gpt.tasks.arithmetic <out folder> [--n 2000] [--seed 0] [--max 99]
 
 writes, from disjoint train / val questions:
-  pretrain.txt                       equations as plain text (a corpus to pretrain a char model on)
+  pretrain.txt                       train equations as plain text, 4 times (a corpus to pretrain a char model on)
   sft_train.jsonl, sft_val.jsonl     {"prompt": "23+45=", "completion": "68"}
   classify_train/val.jsonl           {"text": "23+45=68", "label": "correct" | "wrong"}
   pairs_train/val.jsonl              {"prompt", "chosen": right answer, "rejected": a near miss}
@@ -69,9 +69,9 @@ def write_task(out: str | Path, n: int = 2000, seed: int = 0, hi: int = 99) -> d
     rng = random.Random(seed + 1)
     train, val = make_splits(n, seed, hi)
     files = {}
-    # pretraining text: random equations, half of them with a wrong result, so the base model learns
-    # the format and the digits but not the arithmetic
-    lines = [q + (a if rng.random() < 0.5 else wrong_answer(a, rng)) for q, a in train]
+    # pretraining text: the training questions' equations as plain text (no chat template); the held-out
+    # questions never appear, so val exact match measures generalisation
+    lines = [q + a for q, a in train]
     files["pretrain"] = out / "pretrain.txt"
     files["pretrain"].write_text("\n".join(lines * 4) + "\n")
     for split, items in (("train", train), ("val", val)):
