@@ -51,12 +51,24 @@ class Engine:
         self.lock = threading.Lock()
 
     def encode(self, req: GenerateRequest) -> list[int]:
-        if req.chat:
-            raise UserError("chat=true needs a chat-tuned checkpoint (with a chat template); this one has none")
+        if req.chat:  # the fine-tuning chat template; the answer ends at its end-of-answer token
+            from gpt.chat import SPECIAL, prompt_ids
+
+            if not all(t in getattr(self.tokenizer, "special", []) for t in SPECIAL):
+                raise UserError("chat=true needs a chat-tuned checkpoint (finetune.py stage=sft); this one has "
+                                "no chat template tokens")
+            return prompt_ids(self.tokenizer, req.prompt)[-self.model.config.block_size:]
         ids = self.tokenizer.encode(req.prompt)
         if not ids:
             ids = [self.tokenizer.eot_id] if self.tokenizer.eot_id is not None else self.tokenizer.encode("\n")
         return ids[-self.model.config.block_size:]
+
+    def stop_id(self, req: GenerateRequest) -> int | None:
+        if req.chat:
+            from gpt.chat import END
+
+            return self.tokenizer.special_id(END)
+        return self.tokenizer.eot_id
 
     def pieces(self, ids: list[int], req: GenerateRequest):
         """Yield (text piece, token id) for each new token; decoding waits for whole UTF-8 characters."""
@@ -66,11 +78,12 @@ class Engine:
         new, shown = [], ""
         ctx = (torch.autocast(torch.device(self.device).type, dtype=self.autocast_dtype) if self.autocast_dtype
                else torch.autocast(torch.device(self.device).type, enabled=False))
+        stop = self.stop_id(req)
         with self.lock, ctx:
             for nxt in generate_tokens(self.model, idx, req.max_new_tokens, temperature=req.temperature,
-                                       top_k=req.top_k, top_p=req.top_p, eot_id=self.tokenizer.eot_id, generator=g):
+                                       top_k=req.top_k, top_p=req.top_p, eot_id=stop, generator=g):
                 t = int(nxt[0])
-                if t == self.tokenizer.eot_id:
+                if t == stop:
                     return
                 new.append(t)
                 text = self.tokenizer.decode(new)

@@ -103,3 +103,27 @@ def test_concurrent_requests_are_queued_not_interleaved(engine):
         for t in threads:
             t.join()
     assert results == [expected] * 4  # every concurrent answer equals the answer given alone
+
+
+def test_chat_request_uses_the_template_and_stops_at_end_of_answer():
+    from gpt.chat import END, chat_tokenizer, prompt_ids
+
+    tok = chat_tokenizer(CharTokenizer(CHARS))
+    torch.manual_seed(0)
+    model = GPT(vocab_size=tok.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=32).eval()
+    end = tok.special_id(END)
+    with torch.no_grad():  # a zero output row for <|end|>: its logit is 0, so greedy decoding may stop on it
+        model.lm_head.weight[end] *= 0
+    engine = Engine(model, tok, "cpu", None, "chat.pt")
+    client = TestClient(create_app(engine, Limits(max_new_tokens=50)))
+    r = client.post("/generate", json={"prompt": "Hi", "max_new_tokens": 30, "temperature": 0, "chat": True})
+    assert r.status_code == 200, r.text
+    ids = torch.tensor([prompt_ids(tok, "Hi")])
+    expected = []
+    for t in generate(model, ids, 30, temperature=0)[0, ids.size(1):].tolist():
+        if t == end:
+            break
+        expected.append(t)
+    body = r.json()
+    assert body["completion"] == tok.decode(expected) and body["new_tokens"] == len(expected)
+    assert END not in body["completion"]
