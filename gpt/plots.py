@@ -39,11 +39,11 @@ def curves(rows: list[dict], label: str = "") -> Curves:
         picked = [r for r in rows if r.get(key) is not None and r.get(x) is not None]
         return [r[x] for r in picked], [r[key] for r in picked]
 
-    per_step = next((r["tokens"] / r["step"] for r in rows if r.get("tokens") and r.get("step")), None)
+    per_step = next((r["train/tokens"] / r["step"] for r in rows if r.get("train/tokens") and r.get("step")), None)
     val_steps, val_loss = series("val/loss")
     val_tokens = ([s * per_step for s in val_steps], val_loss) if per_step else ([], [])
-    return Curves(label, series("train/loss"), (val_steps, val_loss), series("train/loss", "tokens"), val_tokens,
-                  series("lr"))
+    return Curves(label, series("train/loss"), (val_steps, val_loss), series("train/loss", "train/tokens"), val_tokens,
+                  series("train/lr"))
 
 
 def _save(fig, path: Path) -> Path:

@@ -45,11 +45,11 @@ def run_summary(rows: list[dict]) -> dict:
     "final_val_loss"}; keys whose rows are missing are left out.
     """
     out: dict = {}
-    logs = [r for r in rows if r.get("tokens") is not None]
+    logs = [r for r in rows if r.get("train/tokens") is not None]
     if logs:
-        out["tokens"] = int(logs[-1]["tokens"])
+        out["tokens"] = int(logs[-1]["train/tokens"])
     for key in ("tokens_per_sec", "mfu"):
-        values = [r[key] for r in rows if r.get(key) is not None]
+        values = [r[f"train/{key}"] for r in rows if r.get(f"train/{key}") is not None]
         if values:
             out[key] = sum(values) / len(values)
     evals = [r for r in rows if r.get("val/loss") is not None]

@@ -270,11 +270,11 @@ class Trainer:
                         raise UserError(f"training loss became {loss} at step {s.step}; lower optimizer.lr "
                                         f"or set trainer.grad_clip (now {self.grad_clip})")
                     if s.step % self.log_interval == 0 or s.step == self.max_iters:
-                        m = {"train/loss": win_loss / win_steps, "lr": self.scheduler.get_last_lr()[0],
-                             "grad_norm": norm, "tokens_per_sec": tok_s,
-                             "tokens": s.step * tokens}
+                        m = {"train/loss": win_loss / win_steps, "train/lr": self.scheduler.get_last_lr()[0],
+                             "train/grad_norm": norm, "train/tokens_per_sec": tok_s,
+                             "train/tokens": s.step * tokens}
                         if model_flops and self.peak_flops:
-                            m["mfu"] = model_flops * tok_s / self.peak_flops
+                            m["train/mfu"] = model_flops * tok_s / self.peak_flops
                         self.record(m)
                         win_tokens, win_time, win_loss, win_steps = 0, 0.0, 0.0, 0
                     if s.step % self.eval_interval == 0 or s.step == self.max_iters:

@@ -128,7 +128,7 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     rows = read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in rows if "val/loss" in r] == [3, 6]  # written by rank 0 only
     # both ranks' tokens are counted: 2 ranks x batch 4 x block 32 per step
-    assert [r["tokens"] for r in rows if "tokens" in r][0] == 2 * 2 * 4 * 32
+    assert [r["train/tokens"] for r in rows if "train/tokens" in r][0] == 2 * 2 * 4 * 32
 
 
 def test_wandb_offline_run_can_be_read_back(tmp_path):
@@ -141,7 +141,7 @@ def test_wandb_offline_run_can_be_read_back(tmp_path):
     logged = {r["_step"]: r["val/loss"] for r in history if "val/loss" in r}
     ours = {r["step"]: r["val/loss"] for r in read_metrics(run / "metrics.jsonl") if "val/loss" in r}
     assert logged == pytest.approx(ours) and set(logged) == {3, 6}
-    assert any("train/loss" in r and "lr" in r and "tokens_per_sec" in r for r in history)
+    assert any("train/loss" in r and "train/lr" in r and "train/tokens_per_sec" in r for r in history)
     ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["logger"]["run_id"] and ckpt["logger"]["run_id"] in files[0]
 

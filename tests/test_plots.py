@@ -27,8 +27,9 @@ def fake_run(folder: Path, lr: float, overrides: list[str] | None = None) -> Pat
     """A run folder with the metrics.jsonl rows the trainer writes: log rows every 2 steps, evals every 4."""
     metrics = MetricsFile(folder / "metrics.jsonl")
     for step in range(2, 13, 2):
-        metrics.write(step, {"train/loss": 4.0 - 0.2 * step * lr * 1e3, "lr": lr * step / 12, "grad_norm": 1.0,
-                             "tokens_per_sec": 1000.0 * step, "tokens": step * 128, "mfu": 0.01})
+        metrics.write(step, {"train/loss": 4.0 - 0.2 * step * lr * 1e3, "train/lr": lr * step / 12, "train/grad_norm": 1.0,
+                             "train/tokens_per_sec": 1000.0 * step, "train/tokens": step * 128,
+                             "train/mfu": 0.01})
         if step % 4 == 0:
             metrics.write(step, {"val/loss": 4.1 - 0.1 * step, "train/eval_loss": 4.0, "val/best_loss": 4.1})
     if overrides is not None:
@@ -47,8 +48,8 @@ def test_run_plots_are_valid_pngs(tmp_path):
 
 
 def test_val_loss_is_placed_at_its_tokens():
-    rows = [{"step": 2, "train/loss": 3.0, "tokens": 256, "lr": 0.1}, {"step": 4, "val/loss": 2.5},
-            {"step": 4, "train/loss": 2.0, "tokens": 512, "lr": 0.2}]
+    rows = [{"step": 2, "train/loss": 3.0, "train/tokens": 256, "train/lr": 0.1}, {"step": 4, "val/loss": 2.5},
+            {"step": 4, "train/loss": 2.0, "train/tokens": 512, "train/lr": 0.2}]
     c = curves(rows)
     assert c.train_by_tokens == ([256, 512], [3.0, 2.0])
     assert c.val_by_step == ([4], [2.5]) and c.val_by_tokens == ([512.0], [2.5])
