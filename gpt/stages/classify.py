@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from gpt.errors import UserError
 from gpt.heads import Classifier
 from gpt.jsonl import read_labelled
-from gpt.stages.common import LM, batches, model_config, require_kind, split_val, with_head
+from gpt.stages.common import batches, LM, model_config, Objective, require_kind, split_val, validation_means, with_head
 from gpt.stages.reward import score_batch
 from gpt.tokenizer import from_identity
 
@@ -30,7 +30,7 @@ def encode_texts(tok, texts: list[str], block_size: int, where: str) -> list[lis
     return out
 
 
-class Classify:
+class Classify(Objective):
     name = "classify"
 
     def __init__(self, parent: dict, data: str, val_data: str | None = None, val_fraction: float = 0.1,
@@ -79,24 +79,8 @@ class Classify:
 
     @torch.no_grad()
     def evaluate(self, model, iters: int, autocast) -> dict:
-        sums, n = {}, 0
-        for i in range(0, min(len(self.val), iters * self.batch_size), self.batch_size):
-            rows = self.val[i: i + self.batch_size]
-            with autocast():
-                loss, m = self.loss(model, self._batch(rows))
-            for k, v in {"loss": loss, **m}.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * len(rows)
-            n += len(rows)
-        return {f"val/{k}": v / max(n, 1) for k, v in sums.items()}
+        return validation_means(self, model, iters, autocast)
 
-    def samples(self, model, autocast) -> list[dict]:
-        return []
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
 
     def checkpoint_extra(self) -> dict:
         return {"model_config": model_config(self.model), "labels": list(self.labels)}

@@ -138,3 +138,30 @@ def split_val(items: list, val_items: list | None, fraction: float, seed: int, w
     n_val = min(len(items) - 1, max(1, round(len(items) * fraction)))
     return [items[i] for i in perm[n_val:]], [items[i] for i in perm[:n_val]]
 
+
+class Objective:
+    """What every stage objective shares: a per-rank batch generator (`self.generator`) whose state
+    is saved in checkpoints, so a resumed run draws the same batches."""
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+    def samples(self, model, autocast) -> list[dict]:
+        return []
+
+
+def validation_means(objective, model, iters: int, autocast) -> dict:
+    """Item-weighted means of the objective's loss and metrics over its first iters * batch_size
+    validation items (objective.val, objective._batch, objective.loss) -> {"val/<name>": value}."""
+    sums, n = {}, 0
+    for i in range(0, min(len(objective.val), iters * objective.batch_size), objective.batch_size):
+        items = objective.val[i: i + objective.batch_size]
+        with autocast():
+            loss, m = objective.loss(model, objective._batch(items))
+        for k, v in {"loss": loss, **m}.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * len(items)
+        n += len(items)
+    return {f"val/{k}": v / max(n, 1) for k, v in sums.items()}

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from gpt.chat import chat_tokenizer, encode_chat
 from gpt.errors import UserError
 from gpt.jsonl import read_pairs
-from gpt.stages.common import (LM, batches, fit_block, frozen, lm_batch, lm_from_parent, model_config, require_kind,
-                               sequence_logprob, split_val)
+from gpt.stages.common import (batches, fit_block, frozen, LM, lm_batch, lm_from_parent, model_config, Objective,
+                               require_kind, sequence_logprob, split_val, validation_means)
 from gpt.tokenizer import from_identity
 
 log = logging.getLogger("gpt")
@@ -40,7 +40,7 @@ def encode_pair(tok, pair: dict) -> list[tuple[list[int], list[bool]]]:
             for k in ("chosen", "rejected")]
 
 
-class DPO:
+class DPO(Objective):
     """Preference optimisation of a language model (usually an SFT checkpoint) on {"prompt","chosen","rejected"}."""
 
     name = "dpo"
@@ -86,25 +86,8 @@ class DPO:
 
     @torch.no_grad()
     def evaluate(self, model, iters: int, autocast) -> dict:
-        sums, n = {}, 0
-        for i in range(0, min(len(self.val), iters * self.batch_size), self.batch_size):
-            pairs = self.val[i: i + self.batch_size]
-            batch = self._batch(pairs)
-            with autocast():
-                loss, m = self.loss(model, batch)
-            for k, v in {"loss": loss, **m}.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * len(pairs)
-            n += len(pairs)
-        return {f"val/{k}": v / max(n, 1) for k, v in sums.items()}
+        return validation_means(self, model, iters, autocast)
 
-    def samples(self, model, autocast) -> list[dict]:
-        return []
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
 
     def checkpoint_extra(self) -> dict:
         return {"model_config": model_config(self.model)}

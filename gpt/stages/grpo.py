@@ -16,7 +16,7 @@ import torch
 
 from gpt.chat import chat_tokenizer
 from gpt.errors import UserError
-from gpt.stages.common import LM, frozen, lm_from_parent, model_config, require_kind, token_logprobs
+from gpt.stages.common import frozen, LM, lm_from_parent, model_config, Objective, require_kind, token_logprobs
 from gpt.stages.rollout import (PromptSet, RolloutBuffer, answer_text, end_id, masked_mean, sample_answers,
                                 sequences)
 from gpt.tokenizer import from_identity
@@ -41,7 +41,7 @@ def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Ten
     return torch.minimum(s1, s2), (s2 < s1)
 
 
-class GRPO:
+class GRPO(Objective):
     name = "grpo"
 
     def __init__(self, parent: dict, data: str, reward_fn, val_data: str | None = None, val_fraction: float = 0.1,
@@ -130,11 +130,6 @@ class GRPO:
         return [{"prompt": r["prompt"], "text": f"{r['prompt']!r} -> {answer_text(self.tokenizer, a, self.end)!r} "
                                                 f"(reference {r['answer']!r})"} for r, a in zip(rows, answers)]
 
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
 
     def checkpoint_extra(self) -> dict:
         return {"model_config": model_config(self.model)}

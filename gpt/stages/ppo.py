@@ -19,8 +19,8 @@ from gpt.chat import chat_tokenizer
 from gpt.checkpoint import load_checkpoint, model_from_checkpoint
 from gpt.errors import UserError
 from gpt.heads import ValueHeadGPT
-from gpt.stages.common import (LM, frozen, lm_from_parent, model_config, require_kind, require_same_tokenizer,
-                               right_pad, with_head)
+from gpt.stages.common import (frozen, LM, lm_from_parent, model_config, Objective, require_kind,
+                               require_same_tokenizer, right_pad, with_head)
 from gpt.stages.grpo import clipped_surrogate
 from gpt.stages.rollout import PromptSet, RolloutBuffer, answer_text, end_id, masked_mean, sample_answers, sequences
 from gpt.tokenizer import from_identity
@@ -58,7 +58,7 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     return 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
 
 
-class PPO:
+class PPO(Objective):
     name = "ppo"
 
     def __init__(self, parent: dict, data: str, reward_ckpt: str, val_data: str | None = None,
@@ -171,11 +171,6 @@ class PPO:
         return [{"prompt": r["prompt"], "text": f"{r['prompt']!r} -> {answer_text(self.tokenizer, a, self.end)!r}"}
                 for r, a in zip(rows, answers)]
 
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
 
     def checkpoint_extra(self) -> dict:
         return {"model_config": model_config(self.model), "reward_model": self.reward_path}

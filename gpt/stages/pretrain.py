@@ -6,9 +6,10 @@ import torch
 
 from gpt.data import TokenData, get_batch
 from gpt.generate import generate_tokens
+from gpt.stages.common import Objective
 
 
-class Pretrain:
+class Pretrain(Objective):
     """Draws (x, y) windows from `data`; loss is the model's mean next-token cross-entropy.
 
     Each rank samples with its own generator (seed + rank), so ranks read different data. Evaluation
@@ -73,9 +74,3 @@ class Pretrain:
                                        top_k=self.sample["top_k"], eot_id=tok.eot_id, generator=g))
         ids = torch.stack(new, dim=1).tolist() if new else [[] for _ in range(n)]
         return [{"prompt": prompt, "text": prompt + tok.decode([t for t in row if t != tok.eot_id])} for row in ids]
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])

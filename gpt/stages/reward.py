@@ -17,7 +17,8 @@ from gpt.chat import chat_tokenizer
 from gpt.errors import UserError
 from gpt.heads import RewardModel
 from gpt.jsonl import read_pairs
-from gpt.stages.common import LM, batches, fit_block, model_config, require_kind, right_pad, split_val, with_head
+from gpt.stages.common import (batches, fit_block, LM, model_config, Objective, require_kind, right_pad, split_val,
+                               validation_means, with_head)
 from gpt.stages.dpo import encode_pair
 from gpt.tokenizer import from_identity
 
@@ -34,7 +35,7 @@ def score_batch(sequences: list[list[int]], device) -> tuple[torch.Tensor, torch
     return right_pad(sequences, 0, device), torch.tensor([len(s) for s in sequences], device=device)
 
 
-class Reward:
+class Reward(Objective):
     """Train a RewardModel from a language-model parent (pretrained or SFT)."""
 
     name = "reward"
@@ -78,24 +79,8 @@ class Reward:
 
     @torch.no_grad()
     def evaluate(self, model, iters: int, autocast) -> dict:
-        sums, n = {}, 0
-        for i in range(0, min(len(self.val), iters * self.batch_size), self.batch_size):
-            pairs = self.val[i: i + self.batch_size]
-            with autocast():
-                loss, m = self.loss(model, self._batch(pairs))
-            for k, v in {"loss": loss, **m}.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * len(pairs)
-            n += len(pairs)
-        return {f"val/{k}": v / max(n, 1) for k, v in sums.items()}
+        return validation_means(self, model, iters, autocast)
 
-    def samples(self, model, autocast) -> list[dict]:
-        return []
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
 
     def checkpoint_extra(self) -> dict:
         return {"model_config": model_config(self.model)}

@@ -15,7 +15,8 @@ from gpt.chat import END, chat_tokenizer, encode_chat
 from gpt.errors import UserError
 from gpt.generate import generate_batch
 from gpt.jsonl import read_instructions
-from gpt.stages.common import LM, batches, fit_block, lm_batch, lm_from_parent, model_config, require_kind, split_val
+from gpt.stages.common import (batches, fit_block, LM, lm_batch, lm_from_parent, model_config, Objective,
+                               require_kind, split_val)
 from gpt.tokenizer import from_identity
 
 log = logging.getLogger("gpt")
@@ -31,7 +32,7 @@ def exact_match(model, tok, conversations: list[list[dict]], autocast, max_new_t
     return sum(tok.decode(o).strip() == c[-1]["content"].strip() for o, c in zip(outs, conversations)) / len(outs)
 
 
-class SFT:
+class SFT(Objective):
     """Instruction tuning objective. `parent` is a loaded language-model checkpoint."""
 
     name = "sft"
@@ -99,11 +100,6 @@ class SFT:
                                                    f"(reference {c[-1]['content']!r})"})
         return rows
 
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
 
     # ---- what the checkpoint records ----------------------------------------------------------
     def checkpoint_extra(self) -> dict:
