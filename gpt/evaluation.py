@@ -336,6 +336,50 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 
 # ---- evaluate.py ------------------------------------------------------------------------------
 
+def classifier_metrics(model, tokenizer, labels: list[str], path: str, batch_size: int, autocast) -> dict:
+    """Accuracy and confusion matrix (rows: true label, columns: predicted; label order `labels`) of a
+    classifier checkpoint on {"text", "label"} JSONL, encoded and pooled as stage=classify does."""
+    from gpt.jsonl import read_labelled
+    from gpt.stages.classify import encode_texts
+    from gpt.stages.reward import score_batch
+
+    records = read_labelled(path)
+    unknown = sorted({lab for _, lab in records} - set(labels))
+    if unknown:
+        raise UserError(f"{path}: labels {unknown} are not among the classifier's labels {labels}")
+    ids = encode_texts(tokenizer, [t for t, _ in records], model.config.block_size, str(path))
+    truth = [labels.index(lab) for _, lab in records]
+    predicted: list[int] = []
+    device = model.transformer.wte.weight.device
+    with torch.no_grad(), autocast():
+        for i in range(0, len(ids), batch_size):
+            predicted += model.classify(*score_batch(ids[i:i + batch_size], device)).argmax(-1).tolist()
+    confusion = [[0] * len(labels) for _ in labels]
+    for t, p in zip(truth, predicted):
+        confusion[t][p] += 1
+    return {"classify/accuracy": sum(t == p for t, p in zip(truth, predicted)) / len(truth),
+            "classify/examples": len(truth), "classify/labels": list(labels), "classify/confusion": confusion}
+
+
+def reward_metrics(model, tokenizer, path: str, batch_size: int, autocast) -> dict:
+    """Pairwise accuracy (chosen scored above rejected) and mean margin of a reward checkpoint on
+    {"prompt", "chosen", "rejected"} JSONL, encoded with the chat template as stage=reward does."""
+    from gpt.jsonl import read_pairs
+    from gpt.stages.dpo import encode_pair
+    from gpt.stages.reward import score_batch
+
+    pairs = [tuple(ids[-model.config.block_size:] for ids, _ in encode_pair(tokenizer, p)) for p in read_pairs(path)]
+    margins: list[float] = []
+    device = model.transformer.wte.weight.device
+    with torch.no_grad(), autocast():
+        for i in range(0, len(pairs), batch_size):
+            rows = [s for pair in pairs[i:i + batch_size] for s in pair]  # chosen, rejected, chosen, ...
+            r = model.score(*score_batch(rows, device))
+            margins += (r[0::2] - r[1::2]).tolist()
+    return {"reward/pairwise_accuracy": sum(m > 0 for m in margins) / len(margins),
+            "reward/mean_margin": sum(margins) / len(margins), "reward/pairs": len(margins)}
+
+
 def checkpoint_info(ckpt: dict, model) -> dict:
     tok = ckpt["tokenizer"]
     return {"path": ckpt["path"], "step": int(ckpt["step"]), "params": model.num_params(),
@@ -363,6 +407,22 @@ def evaluate(cfg: DictConfig, out=sys.stdout) -> dict:
     report = {"checkpoint": checkpoint_info(ckpt, model), "data": {}, "metrics": {}, "files": {}}
     records = read_instructions(cfg.instructions, tokenizer) if cfg.get("instructions") else None  # fail early
 
+    head = "classifier" if hasattr(model, "classify") else "reward" if hasattr(model, "score") else None
+    if head == "classifier":  # a classification head: accuracy and confusion matrix instead of perplexity
+        if not cfg.get("labelled"):
+            raise UserError("this is a classifier checkpoint; pass labelled=<JSONL of {\"text\", \"label\"}>")
+        report["data"] = {"source": str(cfg.labelled), "split": "labelled"}
+        report["metrics"].update(classifier_metrics(model, tokenizer, list(ckpt["labels"]), cfg.labelled,
+                                                    int(cfg.perplexity.batch_size), precision.autocast))
+        return finish(report, folder, out)
+    if head == "reward":  # a scalar reward head: pairwise accuracy instead of perplexity
+        if not cfg.get("pairs"):
+            raise UserError("this is a reward checkpoint; pass pairs=<JSONL of {\"prompt\", \"chosen\", \"rejected\"}>")
+        report["data"] = {"source": str(cfg.pairs), "split": "pairs"}
+        report["metrics"].update(reward_metrics(model, tokenizer, cfg.pairs, int(cfg.perplexity.batch_size),
+                                                precision.autocast))
+        return finish(report, folder, out)
+
     ppl = cfg.perplexity
     source = eval_source(cfg.get("data"), ckpt)
     tokens = split_tokens(source, tokenizer, ppl.split)
@@ -389,6 +449,11 @@ def evaluate(cfg: DictConfig, out=sys.stdout) -> dict:
         (folder / "samples.txt").write_text(("\n" + "-" * 40 + "\n").join(texts) + "\n", encoding="utf-8")
         report["files"]["samples"] = "samples.txt"
 
+    return finish(report, folder, out)
+
+
+def finish(report: dict, folder: Path, out) -> dict:
+    """Write metrics.json and print the report's table."""
     write_json(folder / "metrics.json", report)
     info = report["checkpoint"]
     out.write(f"\n{info['path']} (step {info['step']}, {info['params']:,} parameters, tokenizer {info['tokenizer']})\n"
