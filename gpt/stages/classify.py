@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from gpt.errors import UserError
 from gpt.heads import Classifier
 from gpt.jsonl import read_labelled
-from gpt.stages.common import batches, LM, model_config, Objective, require_kind, split_val, validation_means, with_head
+from gpt.stages.common import LM, model_config, ExampleObjective, require_kind, split_val, validation_means, with_head
 from gpt.stages.reward import score_batch
 from gpt.tokenizer import from_identity
 
@@ -30,7 +30,7 @@ def encode_texts(tok, texts: list[str], block_size: int, where: str) -> list[lis
     return out
 
 
-class Classify(Objective):
+class Classify(ExampleObjective):
     name = "classify"
 
     def __init__(self, parent: dict, data: str, val_data: str | None = None, val_fraction: float = 0.1,
@@ -61,11 +61,6 @@ class Classify(Objective):
     def _batch(self, rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         idx, lengths = score_batch([ids for ids, _ in rows], self.device)
         return idx, lengths, torch.tensor([lab for _, lab in rows], device=self.device)
-
-    def train_batch(self):
-        if self._order is None:
-            self._order = batches(len(self.train), self.batch_size, self.generator)
-        return self._batch([self.train[i] for i in next(self._order)])
 
     @staticmethod
     def batch_tokens(batch) -> int:

@@ -153,6 +153,36 @@ class Objective:
         return []
 
 
+class ExampleObjective(Objective):
+    """An objective over a list of examples (`self.train`), drawn in shuffled batches of
+    `self.batch_size` and turned into tensors by `self._batch(examples)`."""
+
+    _order = None
+
+    def train_batch(self):
+        if self._order is None:
+            self._order = batches(len(self.train), self.batch_size, self.generator)
+        return self._batch([self.train[i] for i in next(self._order)])
+
+
+class RolloutObjective(Objective):
+    """An RL objective: `self.rollout()` samples a RolloutBuffer, whose minibatches (several epochs)
+    are served one per trainer step before the next rollout. Batches hold targets "y" (-1 = ignored)."""
+
+    buffer = None
+
+    def train_batch(self):
+        batch = self.buffer.next() if self.buffer is not None else None
+        if batch is None:
+            self.buffer = self.rollout()
+            batch = self.buffer.next()
+        return batch
+
+    @staticmethod
+    def batch_tokens(batch) -> int:
+        return int((batch["y"] >= 0).sum())
+
+
 def validation_means(objective, model, iters: int, autocast) -> dict:
     """Item-weighted means of the objective's loss and metrics over its first iters * batch_size
     validation items (objective.val, objective._batch, objective.loss) -> {"val/<name>": value}."""

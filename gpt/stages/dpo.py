@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from gpt.chat import chat_tokenizer, encode_chat
 from gpt.errors import UserError
 from gpt.jsonl import read_pairs
-from gpt.stages.common import (batches, fit_block, frozen, LM, lm_batch, lm_from_parent, model_config, Objective,
+from gpt.stages.common import (fit_block, frozen, LM, lm_batch, lm_from_parent, model_config, ExampleObjective,
                                require_kind, sequence_logprob, split_val, validation_means)
 from gpt.tokenizer import from_identity
 
@@ -40,7 +40,7 @@ def encode_pair(tok, pair: dict) -> list[tuple[list[int], list[bool]]]:
             for k in ("chosen", "rejected")]
 
 
-class DPO(Objective):
+class DPO(ExampleObjective):
     """Preference optimisation of a language model (usually an SFT checkpoint) on {"prompt","chosen","rejected"}."""
 
     name = "dpo"
@@ -67,11 +67,6 @@ class DPO(Objective):
         with torch.no_grad():
             ref = sequence_logprob(self.reference, x, y)
         return {"x": x, "y": y, "ref": ref}
-
-    def train_batch(self):
-        if self._order is None:
-            self._order = batches(len(self.train), self.batch_size, self.generator)
-        return self._batch([self.train[i] for i in next(self._order)])
 
     @staticmethod
     def batch_tokens(batch) -> int:

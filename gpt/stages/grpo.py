@@ -16,7 +16,7 @@ import torch
 
 from gpt.chat import chat_tokenizer
 from gpt.errors import UserError
-from gpt.stages.common import frozen, LM, lm_from_parent, model_config, Objective, require_kind, token_logprobs
+from gpt.stages.common import frozen, LM, lm_from_parent, model_config, RolloutObjective, require_kind, token_logprobs
 from gpt.stages.rollout import (PromptSet, RolloutBuffer, answer_text, end_id, masked_mean, sample_answers,
                                 sequences)
 from gpt.tokenizer import from_identity
@@ -41,7 +41,7 @@ def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Ten
     return torch.minimum(s1, s2), (s2 < s1)
 
 
-class GRPO(Objective):
+class GRPO(RolloutObjective):
     name = "grpo"
 
     def __init__(self, parent: dict, data: str, reward_fn, val_data: str | None = None, val_fraction: float = 0.1,
@@ -88,17 +88,6 @@ class GRPO(Objective):
         adv = group_advantages(rewards, self.group).to(self.device)
         return RolloutBuffer({"x": x, "y": y, "old": old, "ref": ref, "adv": adv}, self.minibatch, self.epochs,
                              self.generator)
-
-    def train_batch(self):
-        batch = self.buffer.next() if self.buffer is not None else None
-        if batch is None:
-            self.buffer = self.rollout()
-            batch = self.buffer.next()
-        return batch
-
-    @staticmethod
-    def batch_tokens(batch) -> int:
-        return int((batch["y"] >= 0).sum())
 
     def loss(self, model, batch):
         logp, _ = token_logprobs(model, batch["x"], batch["y"])

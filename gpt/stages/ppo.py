@@ -19,7 +19,7 @@ from gpt.chat import chat_tokenizer
 from gpt.checkpoint import load_checkpoint, model_from_checkpoint
 from gpt.errors import UserError
 from gpt.heads import ValueHeadGPT
-from gpt.stages.common import (frozen, LM, lm_from_parent, model_config, Objective, require_kind,
+from gpt.stages.common import (frozen, LM, lm_from_parent, model_config, RolloutObjective, require_kind,
                                require_same_tokenizer, right_pad, with_head)
 from gpt.stages.grpo import clipped_surrogate
 from gpt.stages.rollout import PromptSet, RolloutBuffer, answer_text, end_id, masked_mean, sample_answers, sequences
@@ -58,7 +58,7 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     return 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
 
 
-class PPO(Objective):
+class PPO(RolloutObjective):
     name = "ppo"
 
     def __init__(self, parent: dict, data: str, reward_ckpt: str, val_data: str | None = None,
@@ -121,17 +121,6 @@ class PPO(Objective):
         self._note(reward=scores.mean(), kl=kl.sum(1).mean())
         return RolloutBuffer({"x": x, "y": y, "old_logp": logp, "old_values": values, "adv": adv, "returns": returns},
                              self.minibatch, self.epochs, self.generator)
-
-    def train_batch(self):
-        batch = self.buffer.next() if self.buffer is not None else None
-        if batch is None:
-            self.buffer = self.rollout()
-            batch = self.buffer.next()
-        return batch
-
-    @staticmethod
-    def batch_tokens(batch) -> int:
-        return int((batch["y"] >= 0).sum())
 
     def loss(self, model, batch):
         logits, values = model(batch["x"], values=True)

@@ -17,7 +17,7 @@ from gpt.chat import chat_tokenizer
 from gpt.errors import UserError
 from gpt.heads import RewardModel
 from gpt.jsonl import read_pairs
-from gpt.stages.common import (batches, fit_block, LM, model_config, Objective, require_kind, right_pad, split_val,
+from gpt.stages.common import (fit_block, LM, model_config, ExampleObjective, require_kind, right_pad, split_val,
                                validation_means, with_head)
 from gpt.stages.dpo import encode_pair
 from gpt.tokenizer import from_identity
@@ -35,7 +35,7 @@ def score_batch(sequences: list[list[int]], device) -> tuple[torch.Tensor, torch
     return right_pad(sequences, 0, device), torch.tensor([len(s) for s in sequences], device=device)
 
 
-class Reward(Objective):
+class Reward(ExampleObjective):
     """Train a RewardModel from a language-model parent (pretrained or SFT)."""
 
     name = "reward"
@@ -61,11 +61,6 @@ class Reward(Objective):
 
     def _batch(self, pairs) -> tuple[torch.Tensor, torch.Tensor]:
         return score_batch([s for pair in pairs for s in pair], self.device)  # rows: chosen, rejected, ...
-
-    def train_batch(self):
-        if self._order is None:
-            self._order = batches(len(self.train), self.batch_size, self.generator)
-        return self._batch([self.train[i] for i in next(self._order)])
 
     @staticmethod
     def batch_tokens(batch) -> int:
