@@ -1,10 +1,12 @@
 """Fine-tune or align a trained GPT: python finetune.py stage=<sft|...> ckpt=<parent checkpoint or run folder>
-data=<file.jsonl>  (see conf/finetune.yaml)."""
+data=<file.jsonl>  (see conf/finetune.yaml; data=<file> is shorthand for data.path=<file>)."""
+
+import sys
 
 import hydra
 from omegaconf import DictConfig
 
-from gpt.config import entry, register_resolvers
+from gpt.config import entry, file_shorthand, register_resolvers
 
 register_resolvers()
 
@@ -18,4 +20,5 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    sys.argv = file_shorthand(sys.argv)
     main()

@@ -115,6 +115,13 @@ def entry(fn):
     return wrapper
 
 
+def file_shorthand(argv: list[str], key: str = "data", field: str = "path") -> list[str]:
+    """finetune.py's `data=<file>` means `data.path=<file>`: there data is a JSONL file, while Hydra would
+    take `data=<x>` for an option of the conf/data/ group that train.py uses. Sweeps (`data=a,b`) too."""
+    prefix = f"{key}="
+    return [f"{key}.{field}={a[len(prefix):]}" if a.startswith(prefix) else a for a in argv]
+
+
 def write_json(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2))

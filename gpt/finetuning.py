@@ -48,25 +48,29 @@ def stage_config(cfg: DictConfig, name: str, overrides: DictConfig | dict, out_d
 
 
 def rlhf(cfg: DictConfig) -> float:
-    """stage=rlhf: train a reward model from cfg.ckpt on the pairs in data.pairs (stage=reward), then PPO
-    from cfg.ckpt against it on the prompts in data.path (stage=ppo); one command, two sub-runs in
-    <run folder>/reward and <run folder>/ppo. Both data files are read before anything trains."""
+    """stage=rlhf: train a reward model from cfg.ckpt on the preference pairs in cfg.data (stage=reward),
+    then PPO from cfg.ckpt against it (stage=ppo) on the prompts in data.prompts, or on the prompts of the
+    pairs when that is unset; one command, two sub-runs in <run folder>/reward and <run folder>/ppo.
+    Both data files are read before anything trains."""
     from gpt.jsonl import read_pairs, read_prompts
 
     out_dir = Path(cfg.get("run_dir") or run_dir())
-    pairs = cfg.data.get("pairs")
-    if not pairs:
-        raise UserError("stage=rlhf needs data.pairs=<preference pairs JSONL> for the reward model "
-                        "(and data.path=<prompts JSONL> for PPO)")
-    read_pairs(pairs)
-    read_prompts(cfg.data.path)
+    data = cfg.data
+    read_pairs(data.path)
+    if data.get("val_path"):
+        read_pairs(data.val_path)
+    prompts, prompts_val = data.get("prompts"), data.get("prompts_val")
+    if not prompts:  # PPO on the pairs' own prompts (and the held-out pairs' prompts)
+        prompts, prompts_val = data.path, data.get("val_path")
+    read_prompts(prompts)
     rm_cfg = stage_config(cfg, "reward", cfg.stage.reward, out_dir / "reward")
     with open_dict(rm_cfg):
-        rm_cfg.data.path, rm_cfg.data.val_path = pairs, cfg.data.get("pairs_val")
         rm_cfg.trainer = OmegaConf.merge(rm_cfg.trainer, OmegaConf.to_container(cfg.stage.reward_trainer, resolve=True))
     finetune(rm_cfg)
     ppo_cfg = stage_config(cfg, "ppo", {**OmegaConf.to_container(cfg.stage.ppo), "reward_ckpt": str(out_dir / "reward")},
                            out_dir / "ppo")
+    with open_dict(ppo_cfg):
+        ppo_cfg.data.path, ppo_cfg.data.val_path = prompts, prompts_val
     return finetune(ppo_cfg)
 
 

@@ -64,3 +64,12 @@ def test_entry_reraises_other_errors():
 
     with pytest.raises(KeyError):
         job(None)
+
+
+def test_finetune_data_file_shorthand_rewrites_only_data_overrides():
+    from gpt.config import file_shorthand
+
+    argv = ["finetune.py", "stage=sft", "data=task/sft.jsonl", "data.val_path=v.jsonl", "+data=x", "metadata=1"]
+    assert file_shorthand(argv) == ["finetune.py", "stage=sft", "data.path=task/sft.jsonl", "data.val_path=v.jsonl",
+                                    "+data=x", "metadata=1"]
+    assert file_shorthand(["f.py", "-m", "data=a.jsonl,b.jsonl"])[-1] == "data.path=a.jsonl,b.jsonl"

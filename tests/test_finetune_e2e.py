@@ -30,7 +30,7 @@ def chain(tmp_path_factory):
                       f"data.path={files['pretrain']}", cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (pre,) = runs(cwd)
-    proc = run_script("finetune.py", "stage=sft", f"ckpt={pre}", f"data.path={files['sft_train']}",
+    proc = run_script("finetune.py", "stage=sft", f"ckpt={pre}", f"data={files['sft_train']}",
                       f"data.val_path={files['sft_val']}", *FT, cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     sft = [r for r in runs(cwd) if r != pre][0]
@@ -68,11 +68,11 @@ def test_bad_jsonl_names_file_and_line_and_writes_nothing(chain, tmp_path):
     _, _, pre, _, _ = chain
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "1+1=", "completion": "2"}\n{"prompt": "1+2="}\n')
-    proc = run_script("finetune.py", "stage=sft", f"ckpt={pre}", f"data.path={bad}", *FT, cwd=tmp_path)
+    proc = run_script("finetune.py", "stage=sft", f"ckpt={pre}", f"data={bad}", *FT, cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {bad}:2: missing key 'completion' (has ['prompt'])"
     assert runs(tmp_path) == []
-    proc = run_script("finetune.py", "stage=sft", f"ckpt={tmp_path / 'nope.pt'}", f"data.path={bad}", cwd=tmp_path)
+    proc = run_script("finetune.py", "stage=sft", f"ckpt={tmp_path / 'nope.pt'}", f"data={bad}", cwd=tmp_path)
     assert proc.returncode == 2 and "does not exist" in proc.stderr and runs(tmp_path) == []
 
 
@@ -87,7 +87,7 @@ def finetune(cwd: Path, *args: str) -> tuple[Path, object]:
 
 def test_dpo_from_sft_logs_rewards_and_accuracy(chain):
     cwd, files, _, sft, _ = chain
-    run, _ = finetune(cwd, "stage=dpo", f"ckpt={sft}", f"data.path={files['pairs_train']}",
+    run, _ = finetune(cwd, "stage=dpo", f"ckpt={sft}", f"data={files['pairs_train']}",
                       f"data.val_path={files['pairs_val']}", *FT[:-2], "hardware.autocast_dtype=float32")
     ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["stage"] == "dpo" and ckpt["lineage"]["parent_stage"] == "sft"
@@ -100,7 +100,7 @@ def test_dpo_from_sft_logs_rewards_and_accuracy(chain):
 @pytest.fixture(scope="module")
 def reward_run(chain):
     cwd, files, _, sft, _ = chain
-    return finetune(cwd, "stage=reward", f"ckpt={sft}", f"data.path={files['pairs_train']}",
+    return finetune(cwd, "stage=reward", f"ckpt={sft}", f"data={files['pairs_train']}",
                     f"data.val_path={files['pairs_val']}", *FT[:-2], "hardware.autocast_dtype=float32")
 
 
@@ -114,7 +114,7 @@ def test_reward_model_reports_pairwise_accuracy_and_refuses_to_be_a_policy(chain
     assert len(evals) == 2 and "val/accuracy" in proc.stdout
     # a reward model is not a language model to fine-tune: refused, and no run folder is left behind
     before = runs(cwd)
-    proc = run_script("finetune.py", "stage=sft", f"ckpt={run}", f"data.path={files['sft_train']}", *FT, cwd=cwd)
+    proc = run_script("finetune.py", "stage=sft", f"ckpt={run}", f"data={files['sft_train']}", *FT, cwd=cwd)
     assert proc.returncode == 2 and "holds a gpt.heads.RewardModel (stage=reward); stage=sft needs" in proc.stderr
     assert runs(cwd) == before
 
@@ -125,7 +125,7 @@ RL = ["trainer.max_iters=16", "trainer.eval_interval=8", "trainer.log_interval=4
 
 def test_grpo_from_sft_logs_rollout_rewards(chain):
     cwd, files, _, sft, _ = chain
-    run, proc = finetune(cwd, "stage=grpo", f"ckpt={sft}", f"data.path={files['prompts_train']}",
+    run, proc = finetune(cwd, "stage=grpo", f"ckpt={sft}", f"data={files['prompts_train']}",
                          f"data.val_path={files['prompts_val']}", *RL, "stage.prompts_per_rollout=4",
                          "stage.group_size=4", "stage.minibatch_size=8")
     ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
@@ -142,7 +142,7 @@ def test_ppo_from_sft_with_the_reward_model(chain, reward_run):
     cwd, files, _, sft, _ = chain
     rm, _ = reward_run
     run, proc = finetune(cwd, "stage=ppo", f"ckpt={sft}", f"stage.reward_ckpt={rm}",
-                         f"data.path={files['prompts_train']}", f"data.val_path={files['prompts_val']}", *RL,
+                         f"data={files['prompts_train']}", f"data.val_path={files['prompts_val']}", *RL,
                          "stage.prompts_per_rollout=8", "stage.minibatch_size=8", "stage.epochs=2")
     ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["stage"] == "ppo" and ckpt["reward_model"] == str(rm / "checkpoints" / "best.pt")
@@ -155,15 +155,14 @@ def test_ppo_from_sft_with_the_reward_model(chain, reward_run):
     assert proc.returncode == 0, proc.stderr
     # the reward model's place must hold a reward model
     proc = run_script("finetune.py", "stage=ppo", f"ckpt={sft}", f"stage.reward_ckpt={sft}",
-                      f"data.path={files['prompts_train']}", *RL, cwd=cwd)
+                      f"data={files['prompts_train']}", *RL, cwd=cwd)
     assert proc.returncode == 2 and "stage.reward_ckpt=" in proc.stderr and "needs gpt.heads.RewardModel" in proc.stderr
 
 
 def test_rlhf_runs_reward_then_ppo_in_one_command(chain):
     cwd, files, _, sft, _ = chain
-    run, proc = finetune(cwd, "stage=rlhf", f"ckpt={sft}", f"data.pairs={files['pairs_train']}",
-                         f"data.pairs_val={files['pairs_val']}", f"data.path={files['prompts_train']}",
-                         f"data.val_path={files['prompts_val']}", *RL[:-1], "stage.reward_trainer.max_iters=8",
+    run, proc = finetune(cwd, "stage=rlhf", f"ckpt={sft}", f"data={files['pairs_train']}",
+                         f"data.val_path={files['pairs_val']}", *RL[:-1], "stage.reward_trainer.max_iters=8",
                          "+stage.ppo.prompts_per_rollout=8", "+stage.ppo.minibatch_size=8", "+stage.ppo.epochs=1",
                          "+stage.ppo.eval_prompts=16")
     rm = torch.load(run / "reward" / "checkpoints" / "last.pt", weights_only=True)
@@ -172,13 +171,16 @@ def test_rlhf_runs_reward_then_ppo_in_one_command(chain):
     assert ppo["reward_model"] == str(run / "reward" / "checkpoints" / "best.pt")
     assert rm["lineage"]["parent"] == ppo["lineage"]["parent"] == str(sft / "checkpoints" / "best.pt")
     assert "val/accuracy" in proc.stdout and "train/reward" in proc.stdout
-    proc = run_script("finetune.py", "stage=rlhf", f"ckpt={sft}", f"data.path={files['prompts_train']}", cwd=cwd)
-    assert proc.returncode == 2 and "stage=rlhf needs data.pairs=" in proc.stderr
+    # without prompts=, PPO samples answers to the prompts of the preference pairs
+    assert ppo["config"]["data"]["path"] == str(files["pairs_train"])
+    assert ppo["config"]["data"]["val_path"] == str(files["pairs_val"])
+    proc = run_script("finetune.py", "stage=rlhf", f"ckpt={sft}", f"data={files['prompts_train']}", cwd=cwd)
+    assert proc.returncode == 2 and "missing key 'chosen'" in proc.stderr
 
 
 def test_classify_reports_accuracy_and_infer_prints_label_probabilities(chain):
     cwd, files, pre, _, _ = chain
-    run, proc = finetune(cwd, "stage=classify", f"ckpt={pre}", f"data.path={files['classify_train']}",
+    run, proc = finetune(cwd, "stage=classify", f"ckpt={pre}", f"data={files['classify_train']}",
                          f"data.val_path={files['classify_val']}", *FT[:-2], "hardware.autocast_dtype=float32")
     ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["labels"] == ["correct", "wrong"] and ckpt["config"]["model"]["num_labels"] == 2
@@ -190,5 +192,5 @@ def test_classify_reports_accuracy_and_infer_prints_label_probabilities(chain):
     assert abs(sum(float(line.split("\t")[1]) for line in lines) - 1) < 1e-3
     # a classifier is refused as the policy of ppo
     proc = run_script("finetune.py", "stage=ppo", f"ckpt={run}", f"stage.reward_ckpt={run}",
-                      f"data.path={files['prompts_train']}", cwd=cwd)
+                      f"data={files['prompts_train']}", cwd=cwd)
     assert proc.returncode == 2 and "holds a gpt.heads.Classifier (stage=classify); stage=ppo needs" in proc.stderr
