@@ -78,6 +78,20 @@ def read_instructions(path: str | Path) -> list[list[dict]]:
     return [to_messages(rec, f"{path}:{n}") for n, rec in read_jsonl(path)]
 
 
+def read_texts(path: str | Path) -> list[str]:
+    """Plain documents for stage=completion: JSONL {"text"} records, or a .txt file whose documents are
+    separated by blank lines."""
+    p = Path(str(path)).expanduser()
+    if p.suffix == ".txt":
+        if not p.is_file():
+            raise UserError(f"data file {str(path)!r} does not exist; pass data=<a .jsonl or .txt file>")
+        docs = [d.strip("\n") for d in p.read_text(encoding="utf-8").split("\n\n") if d.strip()]
+        if not docs:
+            raise UserError(f"data file {str(p)!r} has no text; documents are separated by blank lines")
+        return docs
+    return [_text(rec, "text", f"{path}:{n}") for n, rec in read_jsonl(path)]
+
+
 def read_pairs(path: str | Path) -> list[dict]:
     """Preference data {"prompt", "chosen", "rejected"} -> list of those dicts."""
     out = []

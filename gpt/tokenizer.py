@@ -19,12 +19,13 @@ from pathlib import Path
 
 from gpt.errors import UserError
 
+EOT = "<|endoftext|>"
+
 
 class CharTokenizer:
     """Character-level vocabulary fitted on a corpus: one id per distinct character (sorted)."""
 
     needs_fit = True
-    eot_id = None  # no end-of-text token: generation runs to max_new_tokens
 
     def __init__(self, chars: str | None = None, special: list[str] | None = None):
         self.chars = ""
@@ -46,6 +47,12 @@ class CharTokenizer:
     @property
     def vocab_size(self) -> int:
         return len(self.chars) + len(self.special)
+
+    @property
+    def eot_id(self) -> int | None:
+        """End-of-text: the special token <|endoftext|> once a stage added it (stage=completion), else None
+        (generation runs to max_new_tokens)."""
+        return self.special_id(EOT) if EOT in self.special else None
 
     def encode(self, text: str) -> list[int]:
         try:
@@ -161,16 +168,25 @@ class TiktokenTokenizer:
 
 
 def _special_id(tok, token: str) -> int:
+    native = getattr(getattr(tok, "enc", None), "special_tokens_set", ())
+    if token in native:  # a tiktoken encoding's own special token, e.g. GPT-2's <|endoftext|>
+        return tok.enc.encode_single_token(token)
     if token not in tok.special:
         raise UserError(f"this tokenizer has no special token {token!r} (it has {tok.special or 'none'}); "
                         f"use a checkpoint fine-tuned with it")
     return tok.base_vocab_size + tok.special.index(token)
 
 
+def has_token(tok, token: str) -> bool:
+    """Whether `token` is one of tok's special tokens (its own, or one a stage added)."""
+    return token in tok.special or token in getattr(getattr(tok, "enc", None), "special_tokens_set", ())
+
+
 def with_special_tokens(tok, tokens: list[str]):
-    """A copy of `tok` whose special tokens include `tokens` (new ones appended after the existing ids)."""
+    """A copy of `tok` whose special tokens include `tokens` (new ones appended after the existing ids;
+    a tiktoken encoding's own special tokens such as <|endoftext|> are not added again)."""
     identity = tok.identity()
-    identity["special"] = list(identity.get("special", [])) + [t for t in tokens if t not in tok.special]
+    identity["special"] = list(identity.get("special", [])) + [t for t in tokens if not has_token(tok, t)]
     return from_identity(identity)
 
 

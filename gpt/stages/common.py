@@ -96,6 +96,19 @@ def lm_batch(examples: list[tuple[list[int], list[bool]]], device) -> tuple[torc
     return right_pad(xs, 0, device), right_pad(ys, -1, device)
 
 
+@torch.no_grad()
+def masked_lm_loss(model: GPT, examples: list, batch_size: int, device, autocast) -> float:
+    """Token-weighted mean cross-entropy over the trained tokens of (ids, train_mask) examples."""
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        x, y = lm_batch(examples[i: i + batch_size], device)
+        with autocast():
+            _, loss = model(x, y, ignore_index=-1)
+        n = int((y >= 0).sum())
+        total, count = total + float(loss) * n, count + n
+    return total / max(count, 1)
+
+
 def token_logprobs(model: GPT, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x, y (B, T) -> (log p(y_t | x_<=t) (B, T) float32, logits (B, T, V)); entries where y == -1 are 0."""
     logits, _ = model(x)

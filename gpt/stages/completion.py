@@ -1,0 +1,112 @@
+"""Plain-text fine-tuning: every document is wrapped as <|bos|> text <|endoftext|> and the loss covers
+all of it (the text and its end token). Data: JSONL {"text"} records, or a .txt file whose documents are
+separated by blank lines.
+
+A document longer than the model's block is cut into windows of block_size + 1 tokens that overlap by
+one token, so every token is a target exactly once; only the first window starts with <|bos|> and only
+the last ends with <|endoftext|>. Short documents are right-padded (padding is masked out of the loss and,
+under causal attention, never seen by a real token), so no document attends to another.
+
+The end token is GPT-2's own <|endoftext|> for the gpt2 encoding (no new row) and a new special token
+for the char vocabulary; infer.py then starts prompts with <|bos|> and stops at <|endoftext|>.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gpt.errors import UserError
+from gpt.generate import generate_batch
+from gpt.jsonl import read_texts
+from gpt.stages.common import (ExampleObjective, LM, lm_batch, lm_from_parent, masked_lm_loss, model_config,
+                               require_kind, split_val)
+from gpt.tokenizer import EOT, from_identity, with_special_tokens
+
+BOS = "<|bos|>"
+
+
+def document_windows(ids: list[int], block_size: int) -> list[list[int]]:
+    """A document's ids (bos + text + eos) -> windows of at most block_size + 1 tokens, consecutive
+    windows overlapping by one token, so each token after the first is predicted exactly once."""
+    step = block_size
+    return [ids[i: i + block_size + 1] for i in range(0, max(len(ids) - 1, 1), step)]
+
+
+def encode_document(tok, text: str, bos: int, eos: int) -> list[int]:
+    return [bos] + tok.encode(text) + [eos]
+
+
+class Completion(ExampleObjective):
+    """Fine-tuning on plain documents wrapped in BOS/EOS. `parent` is a language-model checkpoint."""
+
+    name = "completion"
+
+    def __init__(self, parent: dict, data: str, val_data: str | None = None, val_fraction: float = 0.1,
+                 batch_size: int = 16, device: str = "cpu", seed: int = 0, rank: int = 0, bos_token: str = BOS,
+                 eos_token: str = EOT, num_samples: int = 3, sample_tokens: int = 64, prompt_fraction: float = 0.3):
+        require_kind(parent, (LM,), self.name)
+        if int(batch_size) <= 0:
+            raise UserError(f"trainer.batch_size={batch_size} must be a positive integer")
+        if not 0.0 <= float(prompt_fraction) < 1.0:
+            raise UserError(f"stage.prompt_fraction={prompt_fraction} must be in [0, 1)")
+        self.tokenizer = tok = with_special_tokens(from_identity(parent["tokenizer"]), [bos_token, eos_token])
+        self.bos_token, self.eos_token = bos_token, eos_token
+        self.bos, self.eos = tok.special_id(bos_token), tok.special_id(eos_token)
+        self.model = lm_from_parent(parent, tok.vocab_size, device)
+        block = self.model.config.block_size
+        train = read_texts(data)
+        val = read_texts(val_data) if val_data else None
+        self.train_texts, self.val_texts = split_val(train, val, val_fraction, seed, str(data))
+        self.train = self._examples(self.train_texts, block)
+        self.val = self._examples(self.val_texts, block)
+        self.batch_size, self.device, self.seed = int(batch_size), device, seed
+        self.num_samples, self.sample_tokens, self.prompt_fraction = num_samples, sample_tokens, prompt_fraction
+        self.generator = torch.Generator().manual_seed(seed + 1000 * rank)
+
+    def _examples(self, texts: list[str], block: int) -> list[tuple[list[int], list[bool]]]:
+        out = []
+        for t in texts:
+            for w in document_windows(encode_document(self.tokenizer, t, self.bos, self.eos), block):
+                out.append((w, [True] * len(w)))
+        return out
+
+    # ---- the objective interface (gpt.trainer) ------------------------------------------------
+    def _batch(self, examples):
+        return lm_batch(examples, self.device)
+
+    @staticmethod
+    def batch_tokens(batch) -> int:
+        return int((batch[1] >= 0).sum())
+
+    @staticmethod
+    def loss(model, batch):
+        x, y = batch
+        _, loss = model(x, y, ignore_index=-1)
+        return loss, {}
+
+    @torch.no_grad()
+    def evaluate(self, model, iters: int, autocast) -> dict:
+        loss = masked_lm_loss(model, self.val[: iters * self.batch_size], self.batch_size, self.device, autocast)
+        return {"val/loss": loss}
+
+    def samples(self, model, autocast) -> list[dict]:
+        """Greedy continuations of the first prompt_fraction of a few held-out documents, to the end token."""
+        texts = self.val_texts[: self.num_samples]
+        prompts = []
+        for t in texts:
+            ids = self.tokenizer.encode(t)
+            prompts.append([self.bos] + ids[: int(len(ids) * self.prompt_fraction)])
+        block = self.model.config.block_size
+        prompts = [p[-block:] for p in prompts]
+        with autocast():
+            outs = generate_batch(model, prompts, self.sample_tokens, temperature=0.0, eot_id=self.eos)
+        rows = []
+        for p, o in zip(prompts, outs):
+            prompt = self.tokenizer.decode(p[1:] if p[0] == self.bos else p)
+            rows.append({"prompt": prompt, "text": f"{prompt!r} -> {self.tokenizer.decode(o)!r}"})
+        return rows
+
+    # ---- what the checkpoint records ----------------------------------------------------------
+    def checkpoint_extra(self) -> dict:
+        return {"model_config": model_config(self.model),
+                "document_tokens": {"bos": self.bos_token, "eos": self.eos_token}}
