@@ -100,3 +100,33 @@ def test_completion_refuses_a_headed_parent(tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", [{"text": "ab"}] * 4)
     with pytest.raises(UserError, match="stage=completion needs gpt.model.GPT"):
         Completion(parent, str(data))
+
+
+@pytest.mark.slow
+def test_finetune_completion_then_infer_stops_at_end_of_text(tmp_path):
+    import glob
+
+    from conftest import TINY, run_script
+    from gpt.tracking import read_metrics
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cat sat on the mat. " * 200)
+    proc = run_script("train.py", *TINY, "data=text", f"data.path={corpus}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (pre,) = glob.glob(str(tmp_path / "outputs" / "*" / "*"))
+    docs = write_jsonl(tmp_path / "docs.jsonl", [{"text": "the cat sat."}, {"text": "the mat."}] * 20)
+    proc = run_script("finetune.py", "stage=completion", f"ckpt={pre}", f"data={docs}", "trainer.max_iters=60",
+                      "trainer.eval_interval=30", "trainer.eval_iters=2", "trainer.batch_size=8", "optimizer.lr=3e-3",
+                      "scheduler.schedule.warmup_iters=5", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (run,) = [r for r in glob.glob(str(tmp_path / "outputs" / "*" / "*")) if r != pre]
+    ckpt = torch.load(f"{run}/checkpoints/last.pt", weights_only=True)
+    assert ckpt["stage"] == "completion" and ckpt["document_tokens"] == {"bos": BOS, "eos": EOT}
+    assert ckpt["tokenizer"]["special"] == [BOS, EOT]
+    evals = [r for r in read_metrics(f"{run}/metrics.jsonl") if "val/loss" in r]
+    assert [r["step"] for r in evals] == [30, 60] and evals[-1]["val/loss"] < evals[0]["val/loss"]
+    # the tuned model ends its documents: infer.py stops at <|endoftext|> long before max_new_tokens
+    proc = run_script("infer.py", f"ckpt={run}", 'prompt="the "', "temperature=0", "max_new_tokens=200", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = proc.stdout.rstrip("\n")
+    assert text.startswith("the ") and len(text) < 40 and "<|" not in text, text
