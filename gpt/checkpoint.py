@@ -113,13 +113,21 @@ def build_model(ckpt: dict) -> torch.nn.Module:
 
 
 def model_from_checkpoint(ckpt: dict, device: str = "cpu") -> torch.nn.Module:
-    """Rebuild the model from the checkpoint's embedded config and load its weights (eval mode)."""
+    """Rebuild the model from the checkpoint's embedded config and load its weights (eval mode).
+
+    A LoRA run's checkpoint (lora_A / lora_B weights, the config's `lora` node) is rebuilt with the same
+    adapters and returned merged into a plain model (gpt.lora), so callers never see the adapters."""
+    from gpt.lora import merge_lora, rebuild_for_state
+
     model = build_model(ckpt)
+    lora = rebuild_for_state(model, ckpt)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         raise UserError(f"checkpoint {ckpt.get('path')!r}: weights do not fit its config "
                         f"({str(e).splitlines()[0]})") from None
+    if lora:
+        merge_lora(model)
     return model.to(device).eval()
 
 

@@ -8,10 +8,12 @@ import torch
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices (Linear weights, embeddings); none on biases and LayerNorm gains."""
+    """Weight decay on matrices (Linear weights, embeddings); none on biases and LayerNorm gains, nor on a
+    Parameter marked `no_weight_decay` (LoRA's embedding whose old rows must not move, gpt.lora). Frozen
+    parameters (requires_grad=False) are left out."""
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
+    decay = [p for p in params if p.dim() >= 2 and not getattr(p, "no_weight_decay", False)]
+    no_decay = [p for p in params if p.dim() < 2 or getattr(p, "no_weight_decay", False)]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
