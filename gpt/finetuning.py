@@ -22,6 +22,7 @@ from gpt.checkpoint import file_sha256, load_checkpoint
 from gpt.config import run_dir, to_plain
 from gpt.errors import UserError
 from gpt.experiment import configure_hardware, seed_everything
+from gpt.lora import apply_lora, count_parameters, short_names
 from gpt.optim import param_groups
 from gpt.tracking import read_metrics, run_summary
 from gpt.trainer import Precision, Trainer
@@ -74,6 +75,20 @@ def rlhf(cfg: DictConfig) -> float:
     return finetune(ppo_cfg)
 
 
+def add_lora(cfg: DictConfig, objective, parent: dict) -> dict | None:
+    """lora.r > 0: wrap objective.model's lora.targets layers with adapters in place (the objective keeps
+    the same model object; its frozen reference / reward models are separate and untouched) and freeze
+    the rest except a new head and the rows the stage added to the vocabulary. -> gpt.lora.apply_lora's
+    summary, or None for full fine-tuning."""
+    node = cfg.get("lora")
+    if node is None or not node.get("r"):
+        return None
+    targets = node.get("targets")
+    targets = OmegaConf.to_container(targets) if OmegaConf.is_config(targets) else targets
+    return apply_lora(objective.model, r=node.r, alpha=node.get("alpha", 16), targets=targets,
+                      dropout=node.get("dropout", 0.0), new_rows_from=int(parent["config"]["model"]["vocab_size"]))
+
+
 def finetune(cfg: DictConfig) -> float:
     """Run cfg.stage from cfg.ckpt on cfg.data; return the final validation loss."""
     if cfg.stage.get("composite"):  # a stage made of stages (stage=rlhf): its _target_ runs them
@@ -90,6 +105,7 @@ def finetune(cfg: DictConfig) -> float:
         objective = instantiate(cfg.stage)(parent=parent, data=cfg.data.path, val_data=cfg.data.get("val_path"),
                                            device=info.device, seed=int(cfg.seed), rank=info.rank)
         model = objective.model
+        lora_info = add_lora(cfg, objective, parent)
         extra = objective.checkpoint_extra()
         tok = objective.tokenizer
         with open_dict(cfg):  # the checkpoint's config rebuilds this run's model and tokenizer
@@ -97,9 +113,13 @@ def finetune(cfg: DictConfig) -> float:
             cfg.tokenizer = OmegaConf.create({**parent["config"]["tokenizer"], **{k: v for k, v in tok.identity().items()
                                                                                   if k == "special"},
                                               "vocab_size": tok.vocab_size})
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        log.info("stage %s from %s: %s parameters (%s trainable)", objective.name, parent["path"],
-                 f"{sum(p.numel() for p in model.parameters()):,}", f"{trainable:,}")
+        trainable, total = count_parameters(model)
+        log.info("stage %s from %s: %s parameters (%s trainable)", objective.name, parent["path"], f"{total:,}",
+                 f"{trainable:,}")
+        if lora_info:
+            log.info("LoRA r=%d alpha=%g on %d layers (%s): %s trainable of %s parameters (%.2f%%)", cfg.lora.r,
+                     cfg.lora.alpha, len(lora_info["layers"]), short_names(lora_info["layers"]), f"{trainable:,}",
+                     f"{total:,}", 100.0 * trainable / total)
         optimizer = instantiate(cfg.optimizer)(param_groups(model, cfg.optimizer.get("weight_decay", 0.0)))
         scheduler = instantiate(cfg.scheduler)(optimizer)
         precision = Precision(info.device, cfg.hardware.autocast_dtype)
