@@ -16,25 +16,63 @@ import torch
 from gpt.model import GPT
 
 
+def _top_p_filter(vals: torch.Tensor, top_p: float, lse: torch.Tensor | None = None) -> torch.Tensor:
+    """vals (B, k) sorted descending -> the same with -inf where a token falls outside the nucleus: a token
+    is dropped once the mass of the tokens before it already reaches top_p (the first is always kept).
+    Probabilities are softmax(vals), or exp(vals - lse) when vals are the head of a longer row whose
+    logsumexp is lse."""
+    probs = torch.softmax(vals, dim=-1) if lse is None else (vals - lse).exp()
+    drop = probs.cumsum(dim=-1) - probs >= top_p
+    return vals.masked_fill(drop, float("-inf"))
+
+
+def _nucleus(logits: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float32 logits (B, V) -> (vals, idx, lse): the k largest logits (B, k), descending, for a k whose
+    prefix of every row holds at least top_p of the softmax mass (so every token of the nucleus), and the
+    logsumexp (B, 1) of each full row; found with topk of growing k instead of a full sort of V (the nucleus
+    of a peaked distribution is a few dozen tokens)."""
+    V = logits.size(-1)
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    k = min(64, V)
+    while True:
+        vals, idx = torch.topk(logits, k, dim=-1)
+        if k == V or bool(((vals - lse).exp().sum(dim=-1) >= top_p).all()):
+            return vals, idx, lse
+        k = min(4 * k, V)
+
+
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (B, V) -> next token ids (B,). temperature 0 means greedy (argmax)."""
+    """logits (B, V) -> next token ids (B,). temperature 0 means greedy (argmax).
+
+    The filters and the softmax run in float32 whatever the logits' dtype; top-k and top-p use torch.topk
+    (no full sort of the vocabulary).
+    """
     logits = logits.float()
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    use_p = top_p is not None and top_p < 1.0
     if top_k is not None and 0 < top_k < logits.size(-1):
-        vals, idx = torch.topk(logits, top_k, dim=-1)  # sorted, descending; no full sort of V
+        vals, idx = torch.topk(logits, top_k, dim=-1)  # sorted, descending
+        vals = vals / temperature  # the same values as topk of logits / temperature (temperature > 0)
+    elif use_p:
+        vals, idx, lse = _nucleus(logits / temperature, top_p)
+        vals = _top_p_filter(vals, top_p, lse)  # probabilities over the whole vocabulary
+        use_p = False
     else:
-        vals, idx = torch.sort(logits, dim=-1, descending=True) if top_p is not None and top_p < 1.0 else (logits, None)
-    if top_p is not None and top_p < 1.0:
-        probs = torch.softmax(vals, dim=-1)
-        # drop a token once the mass of the tokens before it already reaches top_p (always keep the first)
-        drop = probs.cumsum(dim=-1) - probs >= top_p
-        vals = vals.masked_fill(drop, float("-inf"))
+        vals, idx = logits / temperature, None
+    if use_p:  # after top-k: probabilities over the top_k tokens
+        vals = _top_p_filter(vals, top_p)
     probs = torch.softmax(vals, dim=-1)
     choice = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
     return choice if idx is None else idx.gather(-1, choice[:, None]).squeeze(-1)
+
+
+def last_logits(model: GPT, idx: torch.Tensor, cache=None, pad: torch.Tensor | None = None) -> torch.Tensor:
+    """idx (B, T) -> logits (B, V) of the last position only: the output layer (the largest matmul of a
+    decode step, and (T, V) for a prompt) runs on one row per sequence."""
+    h = model.hidden_states(idx, cache, pad)
+    return model.lm_head(h[:, -1])
 
 
 @torch.no_grad()
@@ -46,28 +84,34 @@ def generate_tokens(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperat
 
     pad (B,): left-padding count of each row, for prompts of different lengths batched together
     (see `left_pad`); each row then generates what it would generate alone. Rows that already
-    produced eot_id keep yielding eot_id.
+    produced eot_id keep yielding eot_id. The model runs in its own dtype (no autocast needed: load it
+    with gpt.inference.load_for_inference, which casts the weights once); the sampling math is float32.
     """
     model.eval()
     block = model.config.block_size
-    seq = idx
-    cache = model.new_cache(idx.size(0), block) if use_cache else None
-    done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+    B, T0 = idx.shape
+    seq = torch.empty(B, T0 + max_new_tokens, dtype=torch.long, device=idx.device)  # prompt + new ids, no re-allocation
+    seq[:, :T0] = idx
+    n = T0  # columns of seq filled so far
+    cache = model.new_cache(B, block) if use_cache else None
+    done = torch.zeros(B, dtype=torch.bool, device=idx.device)
     for step in range(max_new_tokens):
         # the model sees at most the last block_size columns; padding cut off on the left is gone
-        window_pad = None if pad is None else (pad - max(0, seq.size(1) - block)).clamp(min=0)
+        lo = max(0, n - block)
+        window_pad = None if pad is None else (pad - lo).clamp(min=0)
         if cache is None:
-            logits, _ = model(seq[:, -block:], pad=window_pad)
+            logits = last_logits(model, seq[:, lo:n], pad=window_pad)
         elif step == 0 or cache.pos >= block:  # (re)fill the cache from the last block_size tokens
             cache.reset()
-            logits, _ = model(seq[:, -block:], cache=cache, pad=window_pad)
+            logits = last_logits(model, seq[:, lo:n], cache, window_pad)
         else:
-            logits, _ = model(seq[:, -1:], cache=cache, pad=window_pad)
-        nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
+            logits = last_logits(model, seq[:, n - 1:n], cache, window_pad)
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)
         if eot_id is not None:
-            nxt = torch.where(done, torch.full_like(nxt, eot_id), nxt)
+            nxt = nxt.masked_fill(done, eot_id)
             done |= nxt == eot_id
-        seq = torch.cat([seq, nxt[:, None]], dim=1)
+        seq[:, n] = nxt
+        n += 1
         yield nxt
         if eot_id is not None and bool(done.all()):
             return

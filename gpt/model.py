@@ -109,8 +109,11 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # all keys/values so far: (B, H, start + T, D)
-            k, v = k.to(q.dtype), v.to(q.dtype)  # the cache may be kept in another dtype than autocast's
-        y = self.attend(q, k, v, mask, causal=causal and mask is None)
+            # attention runs in the cache's dtype (float32 on CPU, see GPT.new_cache): the queries are cast,
+            # never the whole cache; the output goes back to the activations' dtype
+            y = self.attend(q.to(k.dtype), k, v, mask, causal=causal and mask is None).to(x.dtype)
+        else:
+            y = self.attend(q, k, v, mask, causal=causal and mask is None)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -324,10 +327,15 @@ class GPT(nn.Module):
         return None, loss
 
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:
+        """A KV cache for decoding. dtype None: float32 on a CPU whatever the weights' dtype (CPU attention
+        over a bf16 cache is 5-10x slower per step than over a float32 one and grows with the position; in
+        float32 a decode step stays nearly flat), the weights' dtype elsewhere."""
         cfg = self.config
         p = self.transformer.wte.weight  # an embedding stays float even in an int8-quantized model
+        if dtype is None:
+            dtype = torch.promote_types(p.dtype, torch.float32) if p.device.type == "cpu" else p.dtype
         return KVCache(cfg.n_layer, batch_size, cfg.n_head, cfg.n_embd // cfg.n_head,
-                       max_len or cfg.block_size, device=p.device, dtype=dtype or p.dtype)
+                       max_len or cfg.block_size, device=p.device, dtype=dtype)
 
     def hparams(self) -> dict:
         return asdict(self.config)
