@@ -34,9 +34,8 @@ from gpt.config import _only_setup_files, run_dir, user_error_in, write_json
 from gpt.data import TextSource
 from gpt.errors import UserError
 from gpt.generate import generate_tokens
-from gpt.inference import encode_prompt, load_for_inference
+from gpt.inference import dtype_option, encode_prompt, load_for_inference
 from gpt.tracking import job_labels, sweep_jobs
-from gpt.trainer import Precision
 
 log = logging.getLogger("gpt")
 
@@ -401,8 +400,8 @@ def evaluate(cfg: DictConfig, out=sys.stdout) -> dict:
     """Evaluate cfg.ckpt (see conf/evaluate.yaml), write metrics.json, generations.jsonl and samples.txt into
     the run folder, print the table; -> the report {"checkpoint", "data", "metrics", "files"}."""
     check_settings(cfg)
-    model, tokenizer, ckpt = load_for_inference(cfg.ckpt, cfg.device)
-    precision = Precision(cfg.device, cfg.get("autocast_dtype"))
+    model, tokenizer, ckpt = load_for_inference(cfg.ckpt, cfg.device, dtype=dtype_option(cfg))
+    autocast = contextlib.nullcontext  # the weights are already in the chosen dtype (cfg.dtype): no autocast
     folder = run_dir()
     report = {"checkpoint": checkpoint_info(ckpt, model), "data": {}, "metrics": {}, "files": {}}
     records = read_instructions(cfg.instructions, tokenizer) if cfg.get("instructions") else None  # fail early
@@ -413,14 +412,14 @@ def evaluate(cfg: DictConfig, out=sys.stdout) -> dict:
             raise UserError("this is a classifier checkpoint; pass labelled=<JSONL of {\"text\", \"label\"}>")
         report["data"] = {"source": str(cfg.labelled), "split": "labelled"}
         report["metrics"].update(classifier_metrics(model, tokenizer, list(ckpt["labels"]), cfg.labelled,
-                                                    int(cfg.perplexity.batch_size), precision.autocast))
+                                                    int(cfg.perplexity.batch_size), autocast))
         return finish(report, folder, out)
     if head == "reward":  # a scalar reward head: pairwise accuracy instead of perplexity
         if not cfg.get("pairs"):
             raise UserError("this is a reward checkpoint; pass pairs=<JSONL of {\"prompt\", \"chosen\", \"rejected\"}>")
         report["data"] = {"source": str(cfg.pairs), "split": "pairs"}
         report["metrics"].update(reward_metrics(model, tokenizer, cfg.pairs, int(cfg.perplexity.batch_size),
-                                                precision.autocast))
+                                                autocast))
         return finish(report, folder, out)
 
     ppl = cfg.perplexity
@@ -431,13 +430,13 @@ def evaluate(cfg: DictConfig, out=sys.stdout) -> dict:
     log.info("scoring %s tokens of the %s split of %s", f"{len(tokens) - 1:,}", ppl.split, source.describe())
     report["data"] = {"source": source.describe(), "split": ppl.split}
     report["metrics"].update(language_model_metrics(model, tokens, tokenizer, int(ppl.batch_size), ppl.get("stride"),
-                                                    precision.autocast, prefix=ppl.split))
+                                                    autocast, prefix=ppl.split))
 
     if records is not None:
         gen = cfg.generation
         log.info("answering the %d prompts of %s", len(records), cfg.instructions)
         report["metrics"].update(instruction_metrics(model, tokenizer, records, int(gen.max_new_tokens),
-                                                     list(gen.stop or []), precision.autocast,
+                                                     list(gen.stop or []), autocast,
                                                      folder / "generations.jsonl"))
         report["files"]["generations"] = "generations.jsonl"
 
@@ -445,7 +444,7 @@ def evaluate(cfg: DictConfig, out=sys.stdout) -> dict:
     if int(s.num) > 0:
         prompt = s.prompt if s.prompt is not None else ckpt["config"].get("stage", {}).get("sample_prompt", "\n")
         texts = sample_texts(model, tokenizer, str(prompt), int(s.num), int(s.max_new_tokens), float(s.temperature),
-                             s.top_k, int(cfg.seed), precision.autocast)
+                             s.top_k, int(cfg.seed), autocast)
         (folder / "samples.txt").write_text(("\n" + "-" * 40 + "\n").join(texts) + "\n", encoding="utf-8")
         report["files"]["samples"] = "samples.txt"
 

@@ -2,21 +2,124 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import torch
+from omegaconf import DictConfig
+
+import torch.nn as nn
+import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from gpt.checkpoint import load_checkpoint, model_from_checkpoint
 from gpt.errors import UserError
 from gpt.generate import generate_tokens
 from gpt.tokenizer import from_identity
-from gpt.trainer import Precision
+from gpt.trainer import cpu_has_fast_bf16
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_for_inference(path: str, device: str = "cpu", quantize: str | None = None):
+def dtype_option(cfg: DictConfig) -> str:
+    """The weights dtype asked for by an inference config: `dtype`, or the deprecated `autocast_dtype`
+    (an alias of dtype since inference casts the weights once instead of autocasting) when that is set."""
+    old = cfg.get("autocast_dtype")
+    return str(old) if old is not None else str(cfg.get("dtype", "auto"))
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str = "cpu", int8: bool = False) -> torch.dtype:
+    """dtype option -> the weights dtype for inference on `device`.
+
+    auto: bfloat16 where the hardware computes it natively (a CUDA GPU with bf16, a CPU with AVX512-BF16 or
+    AMX), else float32. int8 models keep float32 activations (auto or float32 only).
+    """
+    if isinstance(dtype, torch.dtype):
+        dtype = {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype))
+    dtype = "auto" if dtype is None else str(dtype)
+    if dtype not in ("auto", *DTYPES):
+        raise UserError(f"dtype={dtype!r} is not one of auto, float32, bfloat16, float16")
+    if int8:
+        if dtype not in ("auto", "float32"):
+            raise UserError(f"dtype={dtype} does not apply to an int8 model (float32 activations); "
+                            f"use dtype=auto or dtype=float32 with quantize=int8")
+        return torch.float32
+    if dtype != "auto":
+        return DTYPES[dtype]
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if kind == "cpu" and cpu_has_fast_bf16() else torch.float32
+
+
+class PackedLinear(nn.Linear):
+    """An nn.Linear (same parameters, state_dict and weight tying) whose CPU forward without autograd
+    multiplies by a copy of its weight prepacked once in oneDNN's blocked layout. At batch 1 a bf16 matmul
+    with the prepacked weight is 1.5-4x faster than F.linear on the plain one (the (V, C) output layer
+    most), with the same results. Anything else (another dtype or device, autograd, weights changed in
+    place since packing) takes F.linear."""
+
+    _packed: torch.Tensor | None = None
+
+    def pack(self) -> bool:
+        """Prepack the weight; False (and plain F.linear from then on) where oneDNN cannot or disagrees."""
+        self._packed = None
+        w = self.weight.detach()
+        try:
+            packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+            x = torch.randn(2, w.size(1), dtype=w.dtype, device=w.device)
+            got = torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
+        except (RuntimeError, AttributeError, NotImplementedError) as e:
+            log.info("no prepacked weights for %s Linear layers: %s", w.dtype, e)
+            return False
+        want = F.linear(x, self.weight, self.bias)
+        if got.shape != want.shape or not torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2):
+            return False
+        self._packed, self._packed_dtype, self._packed_version = packed, w.dtype, self.weight._version
+        return True
+
+    def __getstate__(self):  # deepcopy / pickle: the opaque oneDNN tensor has no storage; repacked on load
+        state = super().__getstate__().copy()
+        state.pop("_packed", None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.pack()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self._packed
+        if (p is not None and x.dtype == self._packed_dtype and x.device.type == "cpu"
+                and self.weight._version == self._packed_version and self.weight.dtype == self._packed_dtype
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
+            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), p, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
+def pack_linears(model: nn.Module) -> int:
+    """Turn every nn.Linear of a bf16 CPU model into a PackedLinear; -> how many were packed."""
+    if not torch.backends.mkldnn.is_available():
+        return 0
+    n = 0
+    for m in model.modules():
+        if type(m) is nn.Linear and m.weight.device.type == "cpu" and m.weight.dtype == torch.bfloat16:
+            m.__class__ = PackedLinear
+            if m.pack():
+                n += 1
+            else:
+                m.__class__ = nn.Linear
+    return n
+
+
+def load_for_inference(path: str, device: str = "cpu", quantize: str | None = None,
+                       dtype: str | torch.dtype | None = "auto"):
     """-> (model, tokenizer, checkpoint dict) from a checkpoint file or run folder (best.pt preferred).
 
+    The model is ready for inference: eval mode, no gradients, weights cast once to `dtype` (see
+    resolve_dtype; auto: bfloat16 where the hardware has it), run without autocast. On a CPU, bf16 Linear
+    weights are also prepacked for oneDNN (PackedLinear). float32 is the checkpoint's exact float32 model.
     quantize="int8" quantizes the Linear layers at load time (CPU); int8 checkpoints load as int8.
     """
     from gpt.quantize import model_from_quantized, quantize_int8
@@ -25,10 +128,12 @@ def load_for_inference(path: str, device: str = "cpu", quantize: str | None = No
         raise UserError(f"device={device!r} but CUDA is not available here; use device=cpu")
     if quantize not in (None, "none", "int8"):
         raise UserError(f"quantize={quantize!r} is not supported; use quantize=int8 or leave it unset")
+    resolve_dtype(dtype, device)  # a bad value fails before the checkpoint is read
     ckpt = load_checkpoint(path, prefer="best", map_location="cpu" if quantize == "int8" else device)
     int8 = quantize == "int8" or bool(ckpt.get("quantized"))
     if int8 and not device.startswith("cpu"):
         raise UserError(f"int8 models run on the CPU only (torch.ao dynamic quantization); use device=cpu")
+    dt = resolve_dtype(dtype, device, int8)
     tokenizer = from_identity(ckpt["tokenizer"])
     if ckpt.get("quantized"):
         model = model_from_quantized(ckpt)
@@ -36,6 +141,11 @@ def load_for_inference(path: str, device: str = "cpu", quantize: str | None = No
         model = model_from_checkpoint(ckpt, device)
         if quantize == "int8":
             model = quantize_int8(model)
+        elif dt != torch.float32:
+            model = model.to(dt)
+            if torch.device(device).type == "cpu":
+                pack_linears(model)
+    model.eval().requires_grad_(False)
     return model, tokenizer, ckpt
 
 
@@ -61,7 +171,7 @@ def stream_samples(cfg: DictConfig, out=sys.stdout) -> list[str]:
             raise UserError(f"{key}={cfg[key]} must be a positive integer")
     if cfg.top_p is not None and not 0.0 < float(cfg.top_p) <= 1.0:
         raise UserError(f"top_p={cfg.top_p} must be in (0, 1]")
-    model, tok, ckpt = load_for_inference(cfg.ckpt, cfg.device, cfg.get("quantize"))
+    model, tok, ckpt = load_for_inference(cfg.ckpt, cfg.device, cfg.get("quantize"), dtype_option(cfg))
     prompt = str(cfg.prompt)
     if ckpt.get("labels"):  # a classifier (finetune.py stage=classify): label probabilities, most likely first
         from gpt.stages.classify import label_probabilities
@@ -84,16 +194,13 @@ def stream_samples(cfg: DictConfig, out=sys.stdout) -> list[str]:
                   f"the model sees only its last {model.config.block_size} tokens", file=sys.stderr)
     else:
         ids = encode_prompt(tok, prompt, model.config.block_size)
-    # int8 kernels take float32 activations: no autocast for a quantized model
-    precision = Precision(cfg.device, None if is_quantized(model) else cfg.get("autocast_dtype"))
     g = torch.Generator(device=cfg.device).manual_seed(int(cfg.seed))
     n = int(cfg.num_samples)
     sampling = dict(temperature=float(cfg.temperature), top_k=cfg.top_k, top_p=cfg.top_p, eot_id=eot_id,
                     generator=g, use_cache=bool(cfg.use_cache))
     idx = torch.tensor([ids] * n, dtype=torch.long, device=cfg.device)
     if n > 1:  # all samples as one batch; each printed in full when done
-        with precision.autocast():
-            steps = list(generate_tokens(model, idx, int(cfg.max_new_tokens), **sampling))
+        steps = list(generate_tokens(model, idx, int(cfg.max_new_tokens), **sampling))
         rows = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in range(n)]
         texts = []
         for i, row in enumerate(rows):
@@ -106,17 +213,16 @@ def stream_samples(cfg: DictConfig, out=sys.stdout) -> list[str]:
     out.flush()
     new: list[int] = []
     shown = ""
-    with precision.autocast():
-        for nxt in generate_tokens(model, idx, int(cfg.max_new_tokens), **sampling):
-            t = int(nxt[0])
-            if t == eot_id:
-                break
-            new.append(t)
-            text = tok.decode(new)
-            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                out.write(text[len(shown):])
-                out.flush()
-                shown = text
+    for nxt in generate_tokens(model, idx, int(cfg.max_new_tokens), **sampling):
+        t = int(nxt[0])
+        if t == eot_id:
+            break
+        new.append(t)
+        text = tok.decode(new)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            out.write(text[len(shown):])
+            out.flush()
+            shown = text
     text = tok.decode(new)
     out.write(text[len(shown):] + "\n")
     out.flush()

@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field
 
 from gpt.errors import UserError
 from gpt.generate import generate_tokens
+from gpt.inference import dtype_option, load_for_inference
 
 
 @dataclass
@@ -42,7 +43,11 @@ class GenerateRequest(BaseModel):
 
 
 class Engine:
-    """Owns the model and tokenizer; `tokens()` yields decoded text pieces of one request."""
+    """Owns the model and tokenizer; `tokens()` yields decoded text pieces of one request.
+
+    The model runs in its own dtype (load_for_inference casts the weights once, see `engine_from_config`);
+    autocast_dtype (None by default) autocasts a float32 model instead, for callers that pass one.
+    """
 
     def __init__(self, model, tokenizer, device: str = "cpu", autocast_dtype: torch.dtype | None = None,
                  checkpoint: str = ""):
@@ -181,3 +186,17 @@ def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
         return StreamingResponse(events(), media_type="text/event-stream")
 
     return app
+
+
+def engine_from_config(cfg) -> Engine:
+    """conf/serve.yaml -> an Engine over the checkpoint, loaded like infer.py loads it (cfg.dtype, cfg.quantize)."""
+    model, tokenizer, ckpt = load_for_inference(cfg.ckpt, cfg.device, cfg.get("quantize"), dtype_option(cfg))
+    return Engine(model, tokenizer, cfg.device, None, ckpt["path"])
+
+
+def serve(cfg) -> None:
+    """serve.py: run the app for conf/serve.yaml with uvicorn until interrupted."""
+    import uvicorn
+
+    engine = engine_from_config(cfg)
+    uvicorn.run(create_app(engine, Limits(**cfg.limits)), host=cfg.host, port=int(cfg.port), log_level="info")

@@ -24,7 +24,7 @@ def ckpt_path(tmp_path):
 
 
 def test_int8_logits_stay_close_to_float(ckpt_path):
-    model, _, _ = load_for_inference(str(ckpt_path))
+    model, _, _ = load_for_inference(str(ckpt_path), dtype="float32")
     q = quantize_int8(model)
     assert is_quantized(q) and not is_quantized(model)
     idx = torch.randint(0, 97, (2, 32))
@@ -39,7 +39,7 @@ def test_int8_logits_stay_close_to_float(ckpt_path):
 
 def test_quantized_checkpoint_round_trip_is_exact(ckpt_path, tmp_path):
     ckpt = load_checkpoint(ckpt_path)
-    model, _, _ = load_for_inference(str(ckpt_path))
+    model, _, _ = load_for_inference(str(ckpt_path), dtype="float32")
     q = quantize_int8(model)
     path = save_checkpoint(quantized_checkpoint(q, ckpt), tmp_path / "int8.pt")
     assert path.stat().st_size < 0.5 * ckpt_path.stat().st_size  # int8 weights: a smaller file
@@ -53,7 +53,7 @@ def test_quantized_checkpoint_round_trip_is_exact(ckpt_path, tmp_path):
 
 
 def test_kv_cache_equals_uncached_for_int8(ckpt_path):
-    q = quantize_int8(load_for_inference(str(ckpt_path))[0])
+    q = quantize_int8(load_for_inference(str(ckpt_path), dtype="float32")[0])
     idx = torch.randint(0, 97, (1, 5))
     a = generate(q, idx, 20, temperature=0.0)
     b = generate(q, idx, 20, temperature=0.0, use_cache=False)

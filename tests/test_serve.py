@@ -2,6 +2,7 @@
 
 import json
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -127,3 +128,35 @@ def test_chat_request_uses_the_template_and_stops_at_end_of_answer():
     body = r.json()
     assert body["completion"] == tok.decode(expected) and body["new_tokens"] == len(expected)
     assert END not in body["completion"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_engine_from_config_loads_like_infer(tmp_path, dtype):
+    """serve.py builds its engine through load_for_inference with conf/serve.yaml's dtype: weights cast once,
+    no autocast; float32 serves exactly what library generation gives."""
+    from omegaconf import OmegaConf
+
+    from gpt.checkpoint import save_checkpoint
+    from gpt.errors import UserError
+    from gpt.serve import engine_from_config
+
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=len(CHARS), block_size=32, n_layer=2, n_head=2, n_embd=32)
+    model = GPT(**cfg).eval()
+    path = save_checkpoint({"model": model.state_dict(), "config": {"model": {"_target_": "gpt.model.GPT", **cfg}},
+                            "tokenizer": {"type": "char", "chars": CHARS}, "step": 1}, tmp_path / "m.pt")
+    conf = OmegaConf.load(Path(__file__).parents[1] / "conf" / "serve.yaml")
+    conf.ckpt, conf.dtype = str(path), dtype
+    engine = engine_from_config(conf)
+    assert engine.autocast_dtype is None
+    assert engine.model.lm_head.weight.dtype is getattr(torch, dtype)
+    r = TestClient(create_app(engine)).post("/generate", json={"prompt": "ROMEO:", "max_new_tokens": 20,
+                                                                "temperature": 0})
+    assert r.status_code == 200 and r.json()["new_tokens"] == 20, r.text
+    if dtype == "float32":
+        ids = torch.tensor([CharTokenizer(CHARS).encode("ROMEO:")])
+        want = generate(model, ids, 20, temperature=0)[0, ids.size(1):].tolist()
+        assert r.json()["completion"] == CharTokenizer(CHARS).decode(want)
+    conf.dtype = "int4"
+    with pytest.raises(UserError, match="dtype='int4'"):
+        engine_from_config(conf)
