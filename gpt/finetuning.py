@@ -89,8 +89,34 @@ def add_lora(cfg: DictConfig, objective, parent: dict) -> dict | None:
                       dropout=node.get("dropout", 0.0), new_rows_from=int(parent["config"]["model"]["vocab_size"]))
 
 
+def adopt_resumed(cfg: DictConfig, resume: dict) -> None:
+    """resume=<finetune run>: take what must match the saved weights (stage, parent, data, lora, seed) from
+    the checkpoint, so only loop settings (trainer.*) come from the command line."""
+    if "lineage" not in resume or "stage" not in resume:
+        raise UserError(f"resume={resume['path']!r} is not a finetune.py checkpoint (no stage/lineage); "
+                        f"continue a pretraining run with train.py resume=<run>")
+    saved = resume["config"]
+    with open_dict(cfg):
+        for key in ("stage", "data", "lora"):
+            if key in saved:
+                cfg[key] = OmegaConf.create(saved[key])
+        cfg.seed = saved.get("seed", cfg.seed)
+        cfg.ckpt = resume["lineage"]["parent"]
+    log.info("resume: stage %s, parent, data and lora settings taken from %s", resume["stage"], resume["path"])
+
+
+def check_same_parent(resume: dict, parent: dict) -> None:
+    """The resumed run's frozen references (and its lineage) need the very parent it started from."""
+    if file_sha256(parent["path"]) != resume["lineage"]["parent_sha256"]:
+        raise UserError(f"resume={resume['path']!r}: its parent {parent['path']!r} changed since the run started "
+                        f"(sha256 differs from the one recorded in its lineage); resuming needs the same parent file")
+
+
 def finetune(cfg: DictConfig) -> float:
-    """Run cfg.stage from cfg.ckpt on cfg.data; return the final validation loss."""
+    """Run cfg.stage from cfg.ckpt on cfg.data (or continue cfg.resume); return the final validation loss."""
+    resume = load_checkpoint(cfg.resume, prefer="last") if cfg.get("resume") else None
+    if resume is not None:
+        adopt_resumed(cfg, resume)
     if cfg.stage.get("composite"):  # a stage made of stages (stage=rlhf): its _target_ runs them
         return get_object(cfg.stage._target_)(cfg)
     t_start = time.time()
@@ -101,6 +127,8 @@ def finetune(cfg: DictConfig) -> float:
     exit_code = 1
     try:
         parent = load_checkpoint(cfg.ckpt, prefer="best", map_location=info.device)
+        if resume is not None:
+            check_same_parent(resume, parent)
         seed_everything(int(cfg.seed) + info.rank)
         objective = instantiate(cfg.stage)(parent=parent, data=cfg.data.path, val_data=cfg.data.get("val_path"),
                                            device=info.device, seed=int(cfg.seed), rank=info.rank)
@@ -127,12 +155,15 @@ def finetune(cfg: DictConfig) -> float:
         logger = instantiate(cfg.logger) if info.is_main else None
         loop = {k: v for k, v in cfg.trainer.items() if k != "batch_size"}
         meta = {"config": plain, "tokenizer": tok.identity(), "stage": objective.name, "lineage": lineage(parent),
-                "resumed_from": None, **extra}
+                "resumed_from": resume["path"] if resume else None, **extra}
         trainer = Trainer(model, objective, optimizer, scheduler, **loop, precision=precision, dist_info=info,
                           run_dir=out_dir, logger=logger, checkpoint_meta=meta, compile=cfg.hardware.compile,
                           peak_flops=None)
+        if resume is not None:
+            trainer.restore(resume)
+            log.info("resumed from %s at step %d", resume["path"], trainer.state.step)
         if logger is not None:
-            trainer.state.logger_id = logger.start(plain, str(out_dir), None)
+            trainer.state.logger_id = logger.start(plain, str(out_dir), trainer.state.logger_id)
         val = trainer.fit()
         if info.is_main:
             summarise(trainer, time.time() - t_start, out_dir)

@@ -121,14 +121,6 @@ def sequence_logprob(model: GPT, x: torch.Tensor, y: torch.Tensor) -> torch.Tens
     return token_logprobs(model, x, y)[0].sum(-1)
 
 
-def batches(n: int, size: int, generator: torch.Generator):
-    """Endless random minibatches of indices into range(n) (a fresh permutation per epoch)."""
-    while True:
-        perm = torch.randperm(n, generator=generator).tolist()
-        for i in range(0, n - size + 1 if n >= size else 1, size):
-            yield perm[i: i + size]
-
-
 def fit_block(examples: list, block_size: int, where: str, log) -> list:
     """Drop examples longer than block_size + 1 tokens (with a warning); refuse if none are left."""
     kept = [e for e in examples if len(e[0]) <= block_size + 1]
@@ -168,14 +160,39 @@ class Objective:
 
 class ExampleObjective(Objective):
     """An objective over a list of examples (`self.train`), drawn in shuffled batches of
-    `self.batch_size` and turned into tensors by `self._batch(examples)`."""
+    `self.batch_size` (a fresh permutation per epoch) and turned into tensors by `self._batch(examples)`.
+
+    Its state is the generator state at the start of the current epoch and the number of batches taken
+    from that epoch, so a resumed run continues mid-epoch with exactly the batches it would have drawn."""
 
     _order = None
+    _epoch = None  # (generator state before this epoch's permutation, batches taken from it)
+
+    def _batches(self, skip: int = 0):
+        n, size = len(self.train), self.batch_size
+        while True:
+            start = self.generator.get_state()
+            perm = torch.randperm(n, generator=self.generator).tolist()
+            for k, i in enumerate(range(0, n - size + 1 if n >= size else 1, size)):
+                if k < skip:
+                    continue
+                self._epoch = (start, k + 1)
+                yield perm[i: i + size]
+            skip = 0
 
     def train_batch(self):
         if self._order is None:
-            self._order = batches(len(self.train), self.batch_size, self.generator)
+            self._order = self._batches()
         return self._batch([self.train[i] for i in next(self._order)])
+
+    def state_dict(self) -> dict:
+        if self._epoch is None:
+            return super().state_dict()
+        return {"generator": self._epoch[0], "taken": self._epoch[1]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self._order = self._batches(skip=int(state.get("taken", 0)))
 
 
 class RolloutObjective(Objective):

@@ -15,8 +15,8 @@ from gpt.chat import END, chat_tokenizer, encode_chat
 from gpt.errors import UserError
 from gpt.generate import generate_batch
 from gpt.jsonl import read_instructions
-from gpt.stages.common import (batches, fit_block, LM, lm_batch, lm_from_parent, model_config, Objective,
-                               require_kind, split_val)
+from gpt.stages.common import (ExampleObjective, fit_block, LM, lm_batch, lm_from_parent, model_config, require_kind,
+                               split_val)
 from gpt.tokenizer import from_identity
 
 log = logging.getLogger("gpt")
@@ -32,7 +32,7 @@ def exact_match(model, tok, conversations: list[list[dict]], autocast, max_new_t
     return sum(tok.decode(o).strip() == c[-1]["content"].strip() for o, c in zip(outs, conversations)) / len(outs)
 
 
-class SFT(Objective):
+class SFT(ExampleObjective):
     """Instruction tuning objective. `parent` is a loaded language-model checkpoint."""
 
     name = "sft"
@@ -57,13 +57,10 @@ class SFT(Objective):
         self.batch_size, self.device, self.seed = int(batch_size), device, seed
         self.eval_examples, self.max_new_tokens, self.num_samples = eval_examples, max_new_tokens, num_samples
         self.generator = torch.Generator().manual_seed(seed + 1000 * rank)
-        self._order = None
 
     # ---- the objective interface (gpt.trainer) ------------------------------------------------
-    def train_batch(self):
-        if self._order is None:
-            self._order = batches(len(self.train), self.batch_size, self.generator)
-        return lm_batch([self.train[i] for i in next(self._order)], self.device)
+    def _batch(self, examples):
+        return lm_batch(examples, self.device)
 
     @staticmethod
     def batch_tokens(batch) -> int:
