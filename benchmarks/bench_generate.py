@@ -1,7 +1,10 @@
-"""Decoding speed at batch 1: our KV-cache generation (fp32, bf16 weights, int8) against Hugging Face
-transformers' generate(use_cache=True) and against full recomputation without a cache (nanoGPT's
-generate algorithm), all on the same shapes in one process; time per token as the sequence grows; and
-the perplexity cost of int8.
+"""Decoding speed at batch 1, measured on the path infer.py uses: the model loaded by
+gpt.inference.load_for_inference from a checkpoint with infer.py's `dtype` option (weights cast once, no
+autocast; auto = bf16 weights where the CPU has bf16 instructions, prepacked for oneDNN), KV cache, top-k
+sampling, against Hugging Face transformers' generate(use_cache=True) on the same weights and shapes in the
+same process; also fp32, int8, the previous default (fp32 weights under bf16 autocast) and full
+recomputation without a cache (nanoGPT's generate algorithm). Then the time of one decode step (model +
+sampling) when the cache already holds 64, 512 and block_size - 1 tokens, and the perplexity cost of int8.
 
     python benchmarks/bench_generate.py                  # 6 layers, 6 heads, 384 wide, vocab 50304
     python benchmarks/bench_generate.py --ckpt <run>     # also int8 vs float perplexity of a trained model
@@ -13,16 +16,19 @@ round is kept; compare ratios, not absolute numbers, across machines.
 from __future__ import annotations
 
 import argparse
-import copy
+import contextlib
 import math
+import tempfile
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
-from gpt.generate import generate_tokens
+from gpt.checkpoint import save_checkpoint
+from gpt.generate import generate_tokens, last_logits, sample_next
+from gpt.inference import load_for_inference, resolve_dtype
 from gpt.model import GPT
-from gpt.quantize import quantize_int8
 
 
 def hf_model(args):
@@ -36,33 +42,24 @@ def hf_model(args):
         return GPT2LMHeadModel(cfg).eval()
 
 
-def time_generation(fn, n_new: int, rounds: int) -> float:
-    """Best new-tokens/s over `rounds` calls of fn() (one untimed warm-up call first)."""
-    fn()
-    best = 0.0
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        fn()
-        best = max(best, n_new / (time.perf_counter() - t0))
-    return best
-
-
-def per_token_ms(model: GPT, positions: list[int], dtype=None, reps: int = 20) -> dict[int, float]:
-    """Milliseconds for one cached decode step when the cache already holds `pos` tokens."""
+def per_token_ms(model, positions: list[int], top_k: int, autocast=contextlib.nullcontext,
+                 reps: int = 15) -> dict[int, float]:
+    """Milliseconds for one cached decode step (model on one new token + top-k sampling) when the cache
+    already holds `pos` tokens; best of `reps`."""
     out = {}
-    with torch.no_grad():
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad(), autocast():
         for pos in positions:
             cache = model.new_cache(1, model.config.block_size)
-            ctx = torch.randint(0, model.config.vocab_size, (1, pos))
-            model(ctx, cache=cache)
+            last_logits(model, torch.randint(0, model.config.vocab_size, (1, pos)), cache)
             tok = torch.randint(0, model.config.vocab_size, (1, 1))
             times = []
             for _ in range(reps):
                 cache.pos = pos
                 t0 = time.perf_counter()
-                model(tok, cache=cache)
+                sample_next(last_logits(model, tok, cache), 1.0, top_k, None, g)
                 times.append(time.perf_counter() - t0)
-            out[pos] = 1000 * sorted(times)[len(times) // 2]
+            out[pos] = 1000 * min(times)
     return out
 
 
@@ -84,72 +81,102 @@ def main() -> None:
         args.new_tokens, args.rounds = 64, 1
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
-    ours = GPT(vocab_size=args.vocab, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
-               n_embd=args.n_embd, bias=True).eval()
+    cfg = dict(vocab_size=args.vocab, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
+               n_embd=args.n_embd, bias=True)
+    ref = GPT(**cfg).eval()
     hf = hf_model(args)
     from gpt.interop import to_hf_state_dict
 
-    hf.load_state_dict(to_hf_state_dict(ours), strict=False)  # the same weights in both
-    bf16 = copy.deepcopy(ours).to(torch.bfloat16)
-    int8 = quantize_int8(copy.deepcopy(ours))
+    hf.load_state_dict(to_hf_state_dict(ref), strict=False)  # the same weights in both
+    tmp = tempfile.TemporaryDirectory()
+    path = str(save_checkpoint({"model": ref.state_dict(), "config": {"model": {"_target_": "gpt.model.GPT", **cfg}},
+                                "tokenizer": {"type": "tiktoken", "name": "gpt2"}, "step": 0},
+                               Path(tmp.name) / "random.pt"))
+    auto = str(resolve_dtype("auto", "cpu")).replace("torch.", "")
+    models = {  # name -> (model loaded as infer.py loads it, autocast context)
+        f"ours dtype=auto ({auto} weights; infer.py default)": (load_for_inference(path, dtype="auto")[0], None),
+        "ours dtype=float32": (load_for_inference(path, dtype="float32")[0], None),
+        "ours int8 (quantize=int8)": (load_for_inference(path, quantize="int8")[0], None),
+        "previous default: fp32 weights, bf16 autocast": (load_for_inference(path, dtype="float32")[0],
+                                                          lambda: torch.autocast("cpu", dtype=torch.bfloat16)),
+    }
+    names = list(models)
     prompt = torch.randint(0, args.vocab, (1, args.prompt_len))
     n = args.new_tokens
 
-    def ours_gen(model, use_cache=True):
-        g = torch.Generator().manual_seed(0)
-        return lambda: list(generate_tokens(model, prompt, n, temperature=1.0, top_k=args.top_k, generator=g,
-                                            use_cache=use_cache))
+    def ours_gen(model, autocast=None, use_cache=True):
+        def run():
+            g = torch.Generator().manual_seed(0)
+            with autocast() if autocast else contextlib.nullcontext():
+                list(generate_tokens(model, prompt, n, temperature=1.0, top_k=args.top_k, generator=g,
+                                     use_cache=use_cache))
+        return run
 
     def hf_gen():
         with torch.no_grad():
             hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
                         do_sample=True, top_k=args.top_k, use_cache=True, pad_token_id=0)
 
-    runs = {"transformers generate (fp32, cache)": hf_gen, "ours fp32 (KV cache)": ours_gen(ours),
-            "ours bf16 weights (KV cache)": ours_gen(bf16), "ours int8 (KV cache)": ours_gen(int8),
-            "no cache, full recompute (nanoGPT's generate), fp32": ours_gen(ours, use_cache=False)}
+    hf_name = "transformers generate (fp32, cache)"
+    runs = {hf_name: hf_gen, **{name: ours_gen(m, ac) for name, (m, ac) in models.items()},
+            "no cache, full recompute (nanoGPT's generate), fp32": ours_gen(models[names[1]][0], use_cache=False)}
+    for fn in runs.values():  # warm-up
+        fn()
     best = {k: 0.0 for k in runs}
     for _ in range(args.rounds):  # interleaved rounds: background load hits every configuration alike
         for name, fn in runs.items():
-            best[name] = max(best[name], time_generation(fn, n, 1))
-    ref = best["transformers generate (fp32, cache)"]
+            t0 = time.perf_counter()
+            fn()
+            best[name] = max(best[name], n / (time.perf_counter() - t0))
+    base = best[hf_name]
     print(f"\nbatch 1, {args.n_layer} layers / {args.n_head} heads / {args.n_embd} wide, vocab {args.vocab}, "
           f"{args.prompt_len}-token prompt, {n} new tokens, top_k {args.top_k}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads\n")
-    print("| generation | new tokens/s | vs transformers |\n|---|---:|---:|")
+          f"{torch.get_num_threads()} threads; best of {args.rounds} interleaved rounds\n")
+    print("| generation | new tokens/s | ms/token | vs transformers |\n|---|---:|---:|---:|")
     for name, v in best.items():
-        print(f"| {name} | {v:,.1f} | {v / ref:.2f}x |")
-    print(f"\nint8 vs our fp32: {best['ours int8 (KV cache)'] / best['ours fp32 (KV cache)']:.2f}x; "
-          f"int8 vs our bf16: {best['ours int8 (KV cache)'] / best['ours bf16 weights (KV cache)']:.2f}x")
+        print(f"| {name} | {v:,.1f} | {1000 / v:.2f} | {v / base:.2f}x |")
+    i8, a, f = best[names[2]], best[names[0]], best[names[1]]
+    print(f"\nint8 vs our fp32: {i8 / f:.2f}x; int8 vs our dtype=auto: {i8 / a:.2f}x; "
+          f"dtype=auto vs the previous default: {a / best[names[3]]:.2f}x")
 
     positions = [p for p in (64, 512, args.block_size - 1) if p < args.block_size]
-    print("\n| cached decode step, ms/token | " + " | ".join(f"pos {p}" for p in positions) + " |")
-    print("|---|" + "---:|" * len(positions))
-    for name, model in (("fp32", ours), ("bf16 weights", bf16), ("int8", int8)):
-        ms = per_token_ms(model, positions)
-        print(f"| {name} | " + " | ".join(f"{ms[p]:.2f}" for p in positions) + " |")
+    print("\n| decode step (model + top-k sampling), ms | " + " | ".join(f"pos {p}" for p in positions)
+          + f" | pos {positions[-1]} / pos {positions[0]} |")
+    print("|---|" + "---:|" * (len(positions) + 1))
+    ms_all = {name: {} for name in names}
+    for _ in range(2):  # two interleaved passes, best of both
+        for name, (model, ac) in models.items():
+            ms = per_token_ms(model, positions, args.top_k, ac or contextlib.nullcontext)
+            ms_all[name] = {p: min(ms[p], ms_all[name].get(p, math.inf)) for p in positions}
+    for name in names:
+        ms = ms_all[name]
+        print(f"| {name} | " + " | ".join(f"{ms[p]:.2f}" for p in positions)
+              + f" | {ms[positions[-1]] / ms[positions[0]]:.2f} |")
 
-    if args.ckpt:
-        from gpt.checkpoint import load_checkpoint, model_from_checkpoint
-        from gpt.data import get_batch
+    if args.ckpt:  # the perplexity cost of int8 and of dtype=auto, on the checkpoint's val split
         from hydra.utils import instantiate
+
+        from gpt.checkpoint import load_checkpoint
+        from gpt.data import get_batch
         from gpt.tokenizer import from_identity
 
         ckpt = load_checkpoint(args.ckpt)
-        model = model_from_checkpoint(ckpt)
-        q = quantize_int8(copy.deepcopy(model))
-        source = instantiate(ckpt["config"]["data"])
-        data = source.load(from_identity(ckpt["tokenizer"]))
+        variants = {"float32": load_for_inference(args.ckpt, dtype="float32")[0],
+                    f"dtype=auto ({auto})": load_for_inference(args.ckpt, dtype="auto")[0],
+                    "int8": load_for_inference(args.ckpt, quantize="int8")[0]}
+        block = variants["float32"].config.block_size
+        data = instantiate(ckpt["config"]["data"]).load(from_identity(ckpt["tokenizer"]))
         g = torch.Generator().manual_seed(0)
-        losses = {"float": [], "int8": []}
+        losses = {k: [] for k in variants}
         with torch.no_grad():
             for _ in range(20):
-                x, y = get_batch(data.val, 8, model.config.block_size, g)
-                losses["float"].append(model(x, y)[1].item())
-                losses["int8"].append(q(x, y)[1].item())
-        pf, pq = (math.exp(sum(v) / len(v)) for v in losses.values())
-        print(f"\nval perplexity of {ckpt['path']}: float {pf:.4f}, int8 {pq:.4f} ({100 * (pq / pf - 1):+.2f}%)")
-
+                x, y = get_batch(data.val, 8, block, g)
+                for k, m in variants.items():
+                    losses[k].append(m(x, y)[1].item())
+        ppl = {k: math.exp(sum(v) / len(v)) for k, v in losses.items()}
+        pf = ppl["float32"]
+        print(f"\nval perplexity of {ckpt['path']}: " + ", ".join(
+            f"{k} {v:.4f}" + ("" if k == "float32" else f" ({100 * (v / pf - 1):+.2f}%)") for k, v in ppl.items()))
 
 if __name__ == "__main__":
     main()

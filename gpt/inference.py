@@ -6,8 +6,6 @@ import logging
 import sys
 
 import torch
-from omegaconf import DictConfig
-
 import torch.nn as nn
 import torch.nn.functional as F
 from omegaconf import DictConfig
