@@ -16,7 +16,9 @@ machine's speed drifts):
    the peak is measured at the start and again at the end, the better of the two counts).
 3. loss_chunk_size sweep of our bf16 training step at the largest vocab.
 4. generation new-tokens/s at batch 1 (16-token prompt, top_k 50, temperature 1): HF generate with
-   its KV cache vs ours with the KV cache (fp32 and bf16 autocast) and without it.
+   its KV cache vs ours with the KV cache (fp32; bf16 weights cast once and prepacked, what infer.py's
+   dtype=auto does on a bf16 CPU; fp32 weights under bf16 autocast, the previous default) and without it.
+   benchmarks/bench_generate.py measures decoding in more detail (int8, time per token vs position).
 5. a markdown summary (for the README) and optionally JSON (--json PATH).
 
 The HF step computes F.cross_entropy on the returned logits with the same (unshifted) targets as ours,
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 import platform
@@ -280,15 +283,21 @@ def bench_generation(vocab: int, hf_model, ours: GPT, args) -> list[dict]:
                                 use_cache=True, pad_token_id=0)
         assert out.shape[1] == prompt.shape[1] + n, out.shape
 
-    def ours_gen(n, use_cache, bf16):
+    from gpt.inference import pack_linears
+
+    ours_bf16 = copy.deepcopy(ours).to(torch.bfloat16).requires_grad_(False)  # as load_for_inference(dtype=bfloat16)
+    pack_linears(ours_bf16)
+
+    def ours_gen(n, use_cache, bf16, model=ours):
         gen = torch.Generator().manual_seed(args.seed)
         with autocast_ctx(bf16):
-            out = generate(ours, prompt, n, temperature=1.0, top_k=50, generator=gen, use_cache=use_cache)
+            out = generate(model, prompt, n, temperature=1.0, top_k=50, generator=gen, use_cache=use_cache)
         assert out.shape[1] == prompt.shape[1] + n, out.shape
 
     configs = [
         GenConfig("HF GPT2 generate (KV cache)", "fp32", hf_gen),
         GenConfig("ours, KV cache", "fp32", lambda n: ours_gen(n, True, False)),
+        GenConfig("ours, KV cache", "bf16 weights", lambda n: ours_gen(n, True, False, ours_bf16)),
         GenConfig("ours, KV cache", "bf16 autocast", lambda n: ours_gen(n, True, True)),
         GenConfig("ours, no cache", "fp32", lambda n: ours_gen(n, False, False)),
     ]
