@@ -152,10 +152,13 @@ def is_quantized(model) -> bool:
 
 
 def encode_prompt(tokenizer, prompt: str, block_size: int, out=sys.stderr) -> list[int]:
+    """Prompt ids as the model saw its training text; a note on `out` (None: silent) when cropped."""
     ids = tokenizer.encode(prompt)
-    if not ids:  # an empty prompt starts from end-of-text (BPE) or a newline (char)
+    if tokenizer.bos_id is not None:  # a stage=completion model: its documents start with <|bos|>
+        ids = [tokenizer.bos_id] + ids
+    elif not ids:  # an empty prompt starts from end-of-text (BPE) or a newline (char)
         ids = [tokenizer.eot_id] if tokenizer.eot_id is not None else tokenizer.encode("\n")
-    if len(ids) > block_size:
+    if len(ids) > block_size and out is not None:
         print(f"note: prompt has {len(ids)} tokens, more than block_size={block_size}; "
               f"the model sees only its last {block_size} tokens", file=out)
     return ids

@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field
 
 from gpt.errors import UserError
 from gpt.generate import generate_tokens
-from gpt.inference import dtype_option, load_for_inference
+from gpt.inference import dtype_option, encode_prompt, load_for_inference
 
 
 @dataclass
@@ -63,10 +63,8 @@ class Engine:
                 raise UserError("chat=true needs a chat-tuned checkpoint (finetune.py stage=sft); this one has "
                                 "no chat template tokens")
             return prompt_ids(self.tokenizer, req.prompt)[-self.model.config.block_size:]
-        ids = self.tokenizer.encode(req.prompt)
-        if not ids:
-            ids = [self.tokenizer.eot_id] if self.tokenizer.eot_id is not None else self.tokenizer.encode("\n")
-        return ids[-self.model.config.block_size:]
+        return encode_prompt(self.tokenizer, req.prompt, self.model.config.block_size, out=None)[
+            -self.model.config.block_size:]
 
     def stop_id(self, req: GenerateRequest) -> int | None:
         if req.chat:

@@ -20,6 +20,7 @@ from pathlib import Path
 from gpt.errors import UserError
 
 EOT = "<|endoftext|>"
+BOS = "<|bos|>"  # begin-of-text, added by stage=completion; prompts of such models start with it
 
 
 class CharTokenizer:
@@ -53,6 +54,10 @@ class CharTokenizer:
         """End-of-text: the special token <|endoftext|> once a stage added it (stage=completion), else None
         (generation runs to max_new_tokens)."""
         return self.special_id(EOT) if EOT in self.special else None
+
+    @property
+    def bos_id(self) -> int | None:
+        return _bos_id(self)
 
     def encode(self, text: str) -> list[int]:
         try:
@@ -133,6 +138,10 @@ class TiktokenTokenizer:
         self.eot_id = self.enc.eot_token
         self.special = list(special or [])
 
+    @property
+    def bos_id(self) -> int | None:
+        return _bos_id(self)
+
     def fit(self, text: str) -> None:  # fixed vocabulary
         pass
 
@@ -165,6 +174,11 @@ class TiktokenTokenizer:
 
     def cache_key(self) -> str:
         return f"tiktoken-{self.name}"
+
+
+def _bos_id(tok) -> int | None:
+    """Begin-of-text: <|bos|> once stage=completion added it, else None (prompts start as typed)."""
+    return tok.special_id(BOS) if BOS in tok.special else None
 
 
 def _special_id(tok, token: str) -> int:

@@ -130,3 +130,13 @@ def test_finetune_completion_then_infer_stops_at_end_of_text(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     text = proc.stdout.rstrip("\n")
     assert text.startswith("the ") and len(text) < 40 and "<|" not in text, text
+
+
+def test_prompts_of_a_completion_model_start_with_bos():
+    from gpt.inference import encode_prompt
+
+    tok = with_special_tokens(CharTokenizer("ab"), [BOS, EOT])
+    assert tok.bos_id == 2 and CharTokenizer("ab").bos_id is None and TiktokenTokenizer("gpt2").bos_id is None
+    assert encode_prompt(tok, "ba", 8) == [2, 1, 0]
+    assert encode_prompt(tok, "", 8) == [2]
+    assert encode_prompt(CharTokenizer("ab\n"), "", 8) == [0]  # a plain char model starts from a newline ("\n" = 0)

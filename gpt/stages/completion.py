@@ -20,9 +20,7 @@ from gpt.generate import generate_batch
 from gpt.jsonl import read_texts
 from gpt.stages.common import (ExampleObjective, LM, lm_batch, lm_from_parent, masked_lm_loss, model_config,
                                require_kind, split_val)
-from gpt.tokenizer import EOT, from_identity, with_special_tokens
-
-BOS = "<|bos|>"
+from gpt.tokenizer import BOS, EOT, from_identity, with_special_tokens
 
 
 def document_windows(ids: list[int], block_size: int) -> list[list[int]]:
@@ -42,16 +40,15 @@ class Completion(ExampleObjective):
     name = "completion"
 
     def __init__(self, parent: dict, data: str, val_data: str | None = None, val_fraction: float = 0.1,
-                 batch_size: int = 16, device: str = "cpu", seed: int = 0, rank: int = 0, bos_token: str = BOS,
-                 eos_token: str = EOT, num_samples: int = 3, sample_tokens: int = 64, prompt_fraction: float = 0.3):
+                 batch_size: int = 16, device: str = "cpu", seed: int = 0, rank: int = 0, num_samples: int = 3,
+                 sample_tokens: int = 64, prompt_fraction: float = 0.3):
         require_kind(parent, (LM,), self.name)
         if int(batch_size) <= 0:
             raise UserError(f"trainer.batch_size={batch_size} must be a positive integer")
         if not 0.0 <= float(prompt_fraction) < 1.0:
             raise UserError(f"stage.prompt_fraction={prompt_fraction} must be in [0, 1)")
-        self.tokenizer = tok = with_special_tokens(from_identity(parent["tokenizer"]), [bos_token, eos_token])
-        self.bos_token, self.eos_token = bos_token, eos_token
-        self.bos, self.eos = tok.special_id(bos_token), tok.special_id(eos_token)
+        self.tokenizer = tok = with_special_tokens(from_identity(parent["tokenizer"]), [BOS, EOT])
+        self.bos, self.eos = tok.bos_id, tok.eot_id
         self.model = lm_from_parent(parent, tok.vocab_size, device)
         block = self.model.config.block_size
         train = read_texts(data)
@@ -109,4 +106,4 @@ class Completion(ExampleObjective):
     # ---- what the checkpoint records ----------------------------------------------------------
     def checkpoint_extra(self) -> dict:
         return {"model_config": model_config(self.model),
-                "document_tokens": {"bos": self.bos_token, "eos": self.eos_token}}
+                "document_tokens": {"bos": BOS, "eos": EOT}}
