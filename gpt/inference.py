@@ -22,10 +22,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def dtype_option(cfg: DictConfig) -> str:
-    """The weights dtype asked for by an inference config: `dtype`, or the deprecated `autocast_dtype`
-    (an alias of dtype since inference casts the weights once instead of autocasting) when that is set."""
-    old = cfg.get("autocast_dtype")
-    return str(old) if old is not None else str(cfg.get("dtype", "auto"))
+    """The weights dtype asked for by an inference config (infer.yaml, serve.yaml, evaluate.yaml)."""
+    return str(cfg.get("dtype", "auto"))
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: str = "cpu", int8: bool = False) -> torch.dtype:

@@ -56,7 +56,7 @@ def test_checkpoint_embeds_resolved_config(trained):
 
 def test_infer_from_run_folder(trained):
     cwd, run, _ = trained
-    args = [f"ckpt={run}", "prompt=ROMEO:", "max_new_tokens=30", "seed=3", "autocast_dtype=float32"]
+    args = [f"ckpt={run}", "prompt=ROMEO:", "max_new_tokens=30", "seed=3", "dtype=float32"]
     a = run_script("infer.py", *args, cwd=cwd)
     assert a.returncode == 0, a.stderr
     assert a.stdout.startswith("ROMEO:") and len(a.stdout) >= len("ROMEO:") + 30

@@ -146,8 +146,7 @@ def test_infer_dtype_option(ckpt_path, tmp_path):
     common = [f"ckpt={ckpt_path}", "prompt=abc", "max_new_tokens=40", "seed=1"]
     a = run_script("infer.py", *common, "dtype=float32", cwd=tmp_path)
     b = run_script("infer.py", *common, "dtype=float32", "use_cache=false", cwd=tmp_path)
-    c = run_script("infer.py", *common, "autocast_dtype=float32", cwd=tmp_path)  # the deprecated alias
     d = run_script("infer.py", *common, "dtype=bfloat16", cwd=tmp_path)
-    assert all(p.returncode == 0 for p in (a, b, c, d)), a.stderr + b.stderr + c.stderr + d.stderr
-    assert a.stdout == b.stdout == c.stdout and a.stdout.startswith("abc")
+    assert all(p.returncode == 0 for p in (a, b, d)), a.stderr + b.stderr + d.stderr
+    assert a.stdout == b.stdout and a.stdout.startswith("abc")
     assert d.stdout.startswith("abc") and len(d.stdout) > 3
