@@ -32,3 +32,18 @@ def test_splits_are_seeded_and_reward_is_exact_match():
     rng = random.Random(0)
     assert all(wrong_answer(a, rng) != a and int(wrong_answer(a, rng)) >= 0 for a in ("0", "5", "42", "198"))
     assert exact_match_reward(" 42 ", "42") == 1.0 and exact_match_reward("421", "42") == 0.0
+
+
+def test_wrong_answers_mix_near_and_far_misses_and_pretraining_text_repeats(tmp_path):
+    import random
+
+    rng = random.Random(1)
+    gaps = [abs(int(wrong_answer("50", rng, far=0.5, hi=99)) - 50) for _ in range(400)]
+    near, far = [g for g in gaps if g <= 10], [g for g in gaps if g > 10]
+    assert set(near) <= {1, 2, 10} and 150 < len(far) < 250 and max(far) <= 148
+    assert all(abs(int(wrong_answer("7", rng)) - 7) in (1, 2, 10) for _ in range(50))  # far=0: near misses only
+    main([str(tmp_path), "--n", "100", "--max", "20", "--far", "1.0", "--repeat", "2"])
+    pairs = read_pairs(tmp_path / "pairs_train.jsonl")
+    assert all(abs(int(p["chosen"]) - int(p["rejected"])) > 10 for p in pairs)
+    lines = (tmp_path / "pretrain.txt").read_text().splitlines()
+    assert len(lines) == 2 * len(pairs) and sorted(lines[: len(pairs)]) == sorted(lines[len(pairs):])

@@ -55,3 +55,25 @@ def test_grpo_needs_reference_answers(tmp_path):
     data = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "1+1="}, {"prompt": "1+2="}])
     with pytest.raises(UserError, match="needs an 'answer'"):
         GRPO(parent, str(data), reward_fn=None)
+
+
+def test_rollout_logprobs_are_those_of_the_tempered_sampling_distribution(tmp_path):
+    """The stored rollout log-probs are log softmax(logits / T) of the sampled tokens (what the sampler drew
+    from), only answer tokens up to the end token are trained, and the first update's ratio is exactly 1."""
+    parent = make_parent(tmp_path / "p.pt", seed=3)
+    data = write_jsonl(tmp_path / "q.jsonl", [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(4) for b in range(4)])
+    grpo = GRPO(parent, str(data), reward_fn=lambda text, ans: float(text == ans), val_data=str(data),
+                prompts_per_rollout=4, group_size=4, minibatch_size=16, epochs=1, max_new_tokens=5, temperature=0.5)
+    buf = grpo.rollout()
+    x, y, old = buf.data["x"], buf.data["y"], buf.data["old"]
+    with torch.no_grad():
+        logits = grpo.model(x)[0].float()
+    tempered = torch.log_softmax(logits / 0.5, -1).gather(-1, y.clamp(min=0)[..., None]).squeeze(-1) * (y >= 0)
+    plain = torch.log_softmax(logits, -1).gather(-1, y.clamp(min=0)[..., None]).squeeze(-1) * (y >= 0)
+    assert torch.allclose(old, tempered, atol=1e-5) and not torch.allclose(old, plain, atol=1e-3)
+    for row in y.tolist():  # trained targets: a contiguous answer ending at (at most) one end token
+        targets = [t for t in row if t >= 0]
+        assert grpo.end not in targets[:-1]
+    grpo.buffer = buf
+    grpo.loss(grpo.model, grpo.train_batch())
+    assert grpo.stats["clip_fraction"][-1] == 0.0 and grpo.stats["kl"][-1] == pytest.approx(0.0, abs=1e-6)

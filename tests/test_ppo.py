@@ -5,7 +5,7 @@ import torch
 
 from gpt.errors import UserError
 from gpt.heads import RewardModel
-from gpt.stages.ppo import PPO, gae, value_loss, whiten
+from gpt.stages.ppo import PPO, gae, normalized, value_loss, whiten
 from stage_helpers import make_parent, write_jsonl
 
 
@@ -72,3 +72,12 @@ def test_ppo_refuses_wrong_kinds_and_tokenizers(parents, tmp_path):
     other = make_parent(tmp_path / "rm2.pt", chat=False, model_cls=RewardModel)
     with pytest.raises(UserError, match="both must come from the same tokenizer"):
         PPO(sft, str(data), reward_ckpt=other["path"])
+
+
+def test_reward_model_scores_are_standardised_over_the_rollout():
+    """A Bradley-Terry score's offset and scale are arbitrary: PPO trains on (s - mean) / std of the rollout,
+    so scores of a few units cannot swamp the KL penalty or the value loss on the shared backbone."""
+    s = torch.tensor([10.0, 12.0, 14.0])
+    assert torch.allclose(normalized(s), torch.tensor([-1.0, 0.0, 1.0]) * (3 / 8) ** 0.5 * 2, atol=1e-5)
+    assert torch.allclose(normalized(s), normalized(100 * s - 7), atol=1e-5)
+    assert torch.equal(normalized(torch.tensor([3.0])), torch.zeros(1))

@@ -5,7 +5,9 @@ cache. An answer's advantage is its reward normalised within its group, A = (r -
 shared by its tokens. The loss per answer token is the clipped surrogate against the rollout policy
 plus a KL penalty to the frozen reference (the k3 estimator, exp(d) - d - 1 with d = ref - pi):
     L = -mean_t [ min(rho A, clip(rho, 1 - eps, 1 + eps) A) - beta * KL_t ],   rho = pi / pi_rollout
-Each rollout is used for `epochs` passes of minibatches.
+Each rollout is used for `epochs` passes of minibatches. pi, pi_rollout and ref are the tempered distributions
+softmax(logits / temperature) the rollouts are sampled from. Answers are cut after their end token, so no
+token after it is trained.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ import torch
 
 from gpt.chat import chat_tokenizer
 from gpt.errors import UserError
-from gpt.stages.common import frozen, LM, lm_from_parent, model_config, RolloutObjective, require_kind, token_logprobs
-from gpt.stages.rollout import (PromptSet, RolloutBuffer, answer_text, end_id, masked_mean, sample_answers,
-                                sequences)
+from gpt.stages.common import frozen, LM, lm_from_parent, model_config, RolloutObjective, require_kind
+from gpt.stages.rollout import (PromptSet, RolloutBuffer, answer_text, end_id, logprobs_of, masked_mean,
+                                sample_answers, sequences)
 from gpt.tokenizer import from_identity
 
 
@@ -81,8 +83,8 @@ class GRPO(RolloutObjective):
         rewards = torch.tensor([self.reward_fn(answer_text(self.tokenizer, a, self.end), r["answer"])
                                 for a, r in zip(answers, rows)], dtype=torch.float32)
         x, y = sequences(prompts, answers, self.device)
-        old, _ = token_logprobs(self.model, x, y)
-        ref, _ = token_logprobs(self.reference, x, y)
+        old = logprobs_of(self.model(x)[0], y, self.temperature)
+        ref = logprobs_of(self.reference(x)[0], y, self.temperature)
         self.model.train()
         self._note(reward=rewards.mean())
         adv = group_advantages(rewards, self.group).to(self.device)
@@ -90,7 +92,7 @@ class GRPO(RolloutObjective):
                              self.generator)
 
     def loss(self, model, batch):
-        logp, _ = token_logprobs(model, batch["x"], batch["y"])
+        logp = logprobs_of(model(batch["x"])[0], batch["y"], self.temperature)
         mask = (batch["y"] >= 0).float()
         surr, clipped = clipped_surrogate(logp, batch["old"], batch["adv"][:, None], self.clip)
         kl = kl_k3(logp, batch["ref"])

@@ -3,17 +3,20 @@
 Policy: the SFT parent with a value head on the shared backbone (gpt.heads.ValueHeadGPT). Reference:
 the frozen SFT parent. Each rollout samples answers with the KV cache and records, per answer token t,
 the rollout policy's log-prob, the value V_t and the reference log-prob. Rewards per token are
-    r_t = -kl_coef * (log pi_old(a_t) - log ref(a_t))   (+ the reward model's score on the last token),
+    r_t = -kl_coef * (log pi_old(a_t) - log ref(a_t))   (+ the reward model's score s on the last token),
+where, with normalize_scores (the default), s is the score standardised over the rollout, (s - mean) / std:
+a Bradley-Terry reward model's scores have an arbitrary offset and scale, and unscaled scores of a few units
+make the value loss (on the backbone the policy shares) swamp the policy gradient and kl_coef meaningless;
 advantages come from GAE(gamma, lambda) over the answer tokens and are whitened, returns = A + V.
 The loss over `epochs` passes of minibatches is
     -min(rho A, clip(rho, 1 - eps, 1 + eps) A)  +  vf_coef * 0.5 * max((V - R)^2, (V_clip - R)^2)
 with rho = pi / pi_old (the rollout policy, not the reference) and V_clip = V_old + clip(V - V_old, +-cv).
+pi, pi_old and ref are the tempered distributions softmax(logits / temperature) the rollouts are sampled from.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from gpt.chat import chat_tokenizer
 from gpt.checkpoint import load_checkpoint, model_from_checkpoint
@@ -22,7 +25,8 @@ from gpt.heads import ValueHeadGPT
 from gpt.stages.common import (frozen, LM, lm_from_parent, model_config, RolloutObjective, require_kind,
                                require_same_tokenizer, right_pad, with_head)
 from gpt.stages.grpo import clipped_surrogate
-from gpt.stages.rollout import PromptSet, RolloutBuffer, answer_text, end_id, masked_mean, sample_answers, sequences
+from gpt.stages.rollout import (PromptSet, RolloutBuffer, answer_text, end_id, logprobs_of, masked_mean,
+                                sample_answers, sequences)
 from gpt.tokenizer import from_identity
 
 REWARD_MODEL = "gpt.heads.RewardModel"
@@ -46,6 +50,13 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return adv, (adv + values) * mask
 
 
+def normalized(scores: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Scores (N,) standardised over the rollout: (s - mean) / (std + eps); all zero if N < 2."""
+    if scores.numel() < 2:
+        return torch.zeros_like(scores)
+    return (scores - scores.mean()) / (scores.std(unbiased=False) + eps)
+
+
 def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)
@@ -65,8 +76,8 @@ class PPO(RolloutObjective):
                  val_fraction: float = 0.1, prompts_per_rollout: int = 32, minibatch_size: int = 16, epochs: int = 4,
                  max_new_tokens: int = 8, temperature: float = 1.0, top_k: int | None = None, clip: float = 0.2,
                  value_clip: float = 0.2, vf_coef: float = 0.5, kl_coef: float = 0.05, gamma: float = 1.0,
-                 lam: float = 0.95, eval_prompts: int = 64, answer_reward=None, device: str = "cpu", seed: int = 0,
-                 rank: int = 0, batch_size: int | None = None):
+                 lam: float = 0.95, eval_prompts: int = 64, answer_reward=None, normalize_scores: bool = True,
+                 device: str = "cpu", seed: int = 0, rank: int = 0, batch_size: int | None = None):
         require_kind(parent, (LM,), self.name)
         self.tokenizer = tok = chat_tokenizer(from_identity(parent["tokenizer"]))
         reward = load_checkpoint(reward_ckpt, prefer="best", map_location=device)
@@ -82,6 +93,7 @@ class PPO(RolloutObjective):
         self.max_new_tokens, self.temperature, self.top_k = max_new_tokens, temperature, top_k
         self.clip, self.value_clip, self.vf_coef, self.kl_coef = clip, value_clip, vf_coef, kl_coef
         self.gamma, self.lam, self.eval_prompts, self.answer_reward = gamma, lam, eval_prompts, answer_reward
+        self.normalize_scores = bool(normalize_scores)
         self.end = end_id(tok)
         self.generator = torch.Generator().manual_seed(seed + 1000 * rank)
         self.buffer: RolloutBuffer | None = None
@@ -108,13 +120,13 @@ class PPO(RolloutObjective):
         x, y = sequences(prompts, answers, self.device)
         mask = (y >= 0).float()
         logits, values = self.model(x, values=True)
-        logp = F.log_softmax(logits.float(), -1).gather(-1, y.clamp(min=0)[..., None]).squeeze(-1) * mask
-        ref = F.log_softmax(self.reference(x)[0].float(), -1).gather(-1, y.clamp(min=0)[..., None]).squeeze(-1) * mask
+        logp = logprobs_of(logits, y, self.temperature)
+        ref = logprobs_of(self.reference(x)[0], y, self.temperature)
         values = values * mask
         kl = (logp - ref) * mask
         rewards = -self.kl_coef * kl
         last = mask.sum(1).long() + (mask.argmax(1)) - 1  # each row's last answer position
-        rewards[torch.arange(len(answers)), last] += scores
+        rewards[torch.arange(len(answers)), last] += normalized(scores) if self.normalize_scores else scores
         adv, returns = gae(rewards, values, mask, self.gamma, self.lam)
         adv = whiten(adv, mask)
         self.model.train()
@@ -125,8 +137,9 @@ class PPO(RolloutObjective):
     def loss(self, model, batch):
         logits, values = model(batch["x"], values=True)
         mask = (batch["y"] >= 0).float()
-        logprobs = F.log_softmax(logits.float(), -1)
-        logp = logprobs.gather(-1, batch["y"].clamp(min=0)[..., None]).squeeze(-1)
+        logp = logprobs_of(logits, batch["y"], self.temperature)
+        t = self.temperature if self.temperature > 0 else 1.0
+        logprobs = torch.log_softmax(logits.float() / t, -1)
         surr, clipped = clipped_surrogate(logp, batch["old_logp"], batch["adv"], self.clip)
         vf = value_loss(values, batch["old_values"], batch["returns"], self.value_clip)
         policy_loss, v_loss = -masked_mean(surr, mask), masked_mean(vf, mask)

@@ -5,6 +5,7 @@ loop (gpt.trainer.Trainer) runs the optimisation unchanged."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from gpt.chat import END, prompt_ids
 from gpt.errors import UserError
@@ -31,6 +32,19 @@ def answer_text(tok, ids: list[int], end_id: int) -> str:
 def sequences(prompts: list[list[int]], answers: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
     """prompt + answer per row -> x, y (B, T) with y = -1 outside the answer (right-padded)."""
     return lm_batch([(p + a, [False] * len(p) + [True] * len(a)) for p, a in zip(prompts, answers)], device)
+
+
+def logprobs_of(logits: torch.Tensor, y: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """logits (B, T, V), targets y (B, T) -> log p(y_t) (B, T) float32 under the sampling distribution
+    softmax(logits / temperature) (temperature <= 0 or 1: the plain softmax); 0 where y == -1.
+
+    The RL stages sample rollouts at `temperature`, so the ratio pi / pi_rollout and the KL must use the
+    same tempered distribution: scoring samples drawn at T != 1 with the untempered policy makes the
+    ratio's denominator a distribution the samples never came from."""
+    logits = logits.float()
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
+    return F.log_softmax(logits, dim=-1).gather(-1, y.clamp(min=0)[..., None]).squeeze(-1) * (y >= 0)
 
 
 def masked_mean(v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
