@@ -121,30 +121,26 @@ def train(cfg: DictConfig) -> float:
         distributed.teardown()
 
 
-def summarise(trainer: Trainer, baseline: float, seconds: float, out_dir) -> None:
-    """Print the run's samples and summary, write its loss and learning-rate plots, record the summary.
-
-    Summary: final and best val loss (vs the unigram baseline), tokens seen, wall time, training
-    throughput and MFU (means over the logged windows), peak memory, checkpoint and plot paths.
-    """
-    s = trainer.state
+def print_samples(trainer: Trainer) -> None:
     rows = trainer.objective.samples(trainer.raw_model, trainer.precision.autocast)
     print("\n" + "-" * 72)
     for r in rows:
         print(r["text"])
     print("-" * 72)
-    history = read_metrics(trainer.metrics.path) if trainer.metrics is not None else []
-    stats = run_summary(history)
+
+
+def finish_run(trainer: Trainer, seconds: float, out_dir, summary: dict) -> None:
+    """What every run (train.py, finetune.py) ends with: loss / lr plots, the speed line, where the run
+    folder, checkpoints and plots are, and `summary` plus the common summary/* metrics recorded in
+    metrics.jsonl and the logger."""
+    s = trainer.state
+    stats = run_summary(read_metrics(trainer.metrics.path) if trainer.metrics is not None else [])
     peak, measured = peak_memory(next(trainer.raw_model.parameters()).device)
     plots = []
     try:
         plots = plot_folder(out_dir)
     except Exception as e:  # the run itself succeeded: a plotting failure must not fail it
         log.warning("could not write plots: %s: %s", type(e).__name__, e)
-
-    best_at = f" at step {stats['best_val_step']}" if stats.get("best_val_loss") == s.best_val_loss else ""
-    print(f"val loss {s.last_val_loss:.4f} (best {s.best_val_loss:.4f}{best_at}) vs unigram baseline "
-          f"{baseline:.4f} nats/token")
     speed = f"{stats['tokens_per_sec']:,.0f} tokens/s" if "tokens_per_sec" in stats else "n/a"
     mfu = f"{100 * stats['mfu']:.2f}%" if "mfu" in stats else "n/a"
     print(f"steps {s.step}  tokens seen {stats.get('tokens', 0):,}  wall time {seconds:.0f}s  "
@@ -153,12 +149,26 @@ def summarise(trainer: Trainer, baseline: float, seconds: float, out_dir) -> Non
     print(f"checkpoints: {out_dir / 'checkpoints' / 'last.pt'}  {out_dir / 'checkpoints' / 'best.pt'}")
     if plots:
         print("plots: " + "  ".join(str(p) for p in plots))
-    summary = {"summary/val_loss": s.last_val_loss, "summary/best_val_loss": s.best_val_loss,
-               "summary/unigram_loss": baseline, "summary/wall_seconds": seconds,
-               "summary/peak_memory_bytes": peak,
+    summary = {"summary/val_loss": s.last_val_loss, "summary/best_val_loss": s.best_val_loss, **summary,
+               "summary/wall_seconds": seconds, "summary/peak_memory_bytes": peak,
                **{f"summary/{k}": stats[k] for k in ("tokens", "tokens_per_sec", "mfu") if k in stats}}
     if trainer.metrics is not None:
         trainer.metrics.write(s.step, summary)
     trainer.logger.log(summary, s.step)
     if not math.isfinite(s.last_val_loss):
         log.warning("no evaluation ran; raise trainer.max_iters or lower trainer.eval_interval")
+
+
+def summarise(trainer: Trainer, baseline: float, seconds: float, out_dir) -> None:
+    """Print the run's samples and summary, write its loss and learning-rate plots, record the summary.
+
+    Summary: final and best val loss (vs the unigram baseline), tokens seen, wall time, training
+    throughput and MFU (means over the logged windows), peak memory, checkpoint and plot paths.
+    """
+    s = trainer.state
+    print_samples(trainer)
+    stats = run_summary(read_metrics(trainer.metrics.path) if trainer.metrics is not None else [])
+    best_at = f" at step {stats['best_val_step']}" if stats.get("best_val_loss") == s.best_val_loss else ""
+    print(f"val loss {s.last_val_loss:.4f} (best {s.best_val_loss:.4f}{best_at}) vs unigram baseline "
+          f"{baseline:.4f} nats/token")
+    finish_run(trainer, seconds, out_dir, {"summary/unigram_loss": baseline})

@@ -10,7 +10,6 @@ validated (data read, parent kinds and tokenizers checked) before the run folder
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -21,10 +20,10 @@ from gpt import distributed
 from gpt.checkpoint import file_sha256, load_checkpoint
 from gpt.config import run_dir, to_plain
 from gpt.errors import UserError
-from gpt.experiment import configure_hardware, seed_everything
+from gpt.experiment import configure_hardware, finish_run, print_samples, seed_everything
 from gpt.lora import apply_lora, count_parameters, short_names
 from gpt.optim import param_groups
-from gpt.tracking import read_metrics, run_summary
+from gpt.tracking import read_metrics
 from gpt.trainer import Precision, Trainer
 
 log = logging.getLogger("gpt")
@@ -176,27 +175,14 @@ def finetune(cfg: DictConfig) -> float:
 
 
 def summarise(trainer: Trainer, seconds: float, out_dir) -> None:
-    """Print samples, the first and last evaluation's metrics, and where the checkpoints are."""
-    rows = trainer.objective.samples(trainer.raw_model, trainer.precision.autocast)
-    print("\n" + "-" * 72)
-    for r in rows:
-        print(r["text"])
-    print("-" * 72)
-    history = read_metrics(trainer.metrics.path)
-    evals = [r for r in history if "val/loss" in r]
+    """Print samples, the first and last evaluation's metrics, plots, speed and where the checkpoints are."""
+    print_samples(trainer)
+    evals = [r for r in read_metrics(trainer.metrics.path) if "val/loss" in r]
     if evals:
         keys = [k for k in evals[-1] if k.startswith(("val/", "train/")) and k != "val/best_loss"]
         for k in keys:
             first, last = evals[0].get(k), evals[-1].get(k)
             print(f"{k}: {first if first is None else round(first, 4)} (step {evals[0]['step']}) -> "
                   f"{last if last is None else round(last, 4)} (step {evals[-1]['step']})")
-    stats = run_summary(history)
-    print(f"stage {trainer.objective.name}  steps {trainer.state.step}  wall time {seconds:.0f}s")
-    print(f"run folder {out_dir}")
-    print(f"checkpoints: {out_dir / 'checkpoints' / 'last.pt'}  {out_dir / 'checkpoints' / 'best.pt'}")
-    summary = {"summary/val_loss": trainer.state.last_val_loss, "summary/wall_seconds": seconds,
-               **{f"summary/{k}": stats[k] for k in ("tokens", "tokens_per_sec") if k in stats}}
-    trainer.metrics.write(trainer.state.step, summary)
-    trainer.logger.log(summary, trainer.state.step)
-    if not math.isfinite(trainer.state.last_val_loss):
-        log.warning("no evaluation ran; raise trainer.max_iters or lower trainer.eval_interval")
+    print(f"stage {trainer.objective.name}")
+    finish_run(trainer, seconds, out_dir, {})
