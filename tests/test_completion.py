@@ -1,5 +1,7 @@
 """stage=completion: documents wrapped in BOS/EOS, windows of long documents, the loss by hand, readers."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -123,6 +125,7 @@ def test_finetune_completion_then_infer_stops_at_end_of_text(tmp_path):
     ckpt = torch.load(f"{run}/checkpoints/last.pt", weights_only=True)
     assert ckpt["stage"] == "completion" and ckpt["document_tokens"] == {"bos": BOS, "eos": EOT}
     assert ckpt["tokenizer"]["special"] == [BOS, EOT]
+    assert Path(run, "loss.png").is_file() and Path(run, "lr.png").is_file() and "peak memory" in proc.stdout
     evals = [r for r in read_metrics(f"{run}/metrics.jsonl") if "val/loss" in r]
     assert [r["step"] for r in evals] == [30, 60] and evals[-1]["val/loss"] < evals[0]["val/loss"]
     # the tuned model ends its documents: infer.py stops at <|endoftext|> long before max_new_tokens
