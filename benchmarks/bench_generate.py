@@ -2,8 +2,8 @@
 gpt.inference.load_for_inference from a checkpoint with infer.py's `dtype` option (weights cast once, no
 autocast; auto = bf16 weights where the CPU has bf16 instructions, prepacked for oneDNN), KV cache, top-k
 sampling, against Hugging Face transformers' generate(use_cache=True) on the same weights and shapes in the
-same process; also fp32, int8, the previous default (fp32 weights under bf16 autocast) and full
-recomputation without a cache (nanoGPT's generate algorithm). Then the time of one decode step (model +
+same process; also fp32, int8, the previous default (fp32 weights under bf16 autocast), the previous int8
+(torch.ao quantize_dynamic modules) and full recomputation without a cache (nanoGPT's generate algorithm). Then the time of one decode step (model +
 sampling) when the cache already holds 64, 512 and block_size - 1 tokens, and the perplexity cost of int8.
 
     python benchmarks/bench_generate.py                  # 6 layers, 6 heads, 384 wide, vocab 50304
@@ -40,6 +40,13 @@ def hf_model(args):
         return GPT2LMHeadModel(cfg, attn_implementation="sdpa").eval()
     except (TypeError, ValueError):
         return GPT2LMHeadModel(cfg).eval()
+
+
+def ao_int8(model):
+    """The previous int8 path: torch.ao dynamic quantization of every nn.Linear (its module wrappers)."""
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8).eval()
 
 
 def per_token_ms(model, positions: list[int], top_k: int, autocast=contextlib.nullcontext,
@@ -99,6 +106,8 @@ def main() -> None:
         "ours int8 (quantize=int8)": (load_for_inference(path, quantize="int8")[0], None),
         "previous default: fp32 weights, bf16 autocast": (load_for_inference(path, dtype="float32")[0],
                                                           lambda: torch.autocast("cpu", dtype=torch.bfloat16)),
+        "previous int8: torch.ao quantize_dynamic modules": (ao_int8(load_for_inference(path, dtype="float32")[0]),
+                                                              None),
     }
     names = list(models)
     prompt = torch.randint(0, args.vocab, (1, args.prompt_len))
@@ -137,7 +146,8 @@ def main() -> None:
         print(f"| {name} | {v:,.1f} | {1000 / v:.2f} | {v / base:.2f}x |")
     i8, a, f = best[names[2]], best[names[0]], best[names[1]]
     print(f"\nint8 vs our fp32: {i8 / f:.2f}x; int8 vs our dtype=auto: {i8 / a:.2f}x; "
-          f"dtype=auto vs the previous default: {a / best[names[3]]:.2f}x")
+          f"dtype=auto vs the previous default: {a / best[names[3]]:.2f}x; "
+          f"int8 vs the previous int8: {i8 / best[names[4]]:.2f}x")
 
     positions = [p for p in (64, 512, args.block_size - 1) if p < args.block_size]
     print("\n| decode step (model + top-k sampling), ms | " + " | ".join(f"pos {p}" for p in positions)

@@ -128,7 +128,7 @@ def load_for_inference(path: str, device: str = "cpu", quantize: str | None = No
     ckpt = load_checkpoint(path, prefer="best", map_location="cpu" if quantize == "int8" else device)
     int8 = quantize == "int8" or bool(ckpt.get("quantized"))
     if int8 and not device.startswith("cpu"):
-        raise UserError(f"int8 models run on the CPU only (torch.ao dynamic quantization); use device=cpu")
+        raise UserError(f"int8 models run on the CPU only (int8 CPU kernels); use device=cpu")
     dt = resolve_dtype(dtype, device, int8)
     tokenizer = from_identity(ckpt["tokenizer"])
     if ckpt.get("quantized"):

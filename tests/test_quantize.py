@@ -1,4 +1,5 @@
-"""INT8 dynamic quantization: bounded logit error, identical save/load round trip, infer.py support."""
+"""INT8 Linear layers: bounded logit error, small perplexity cost, every kernel, identical save/load round trip,
+old-format checkpoints, infer.py support."""
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from gpt.errors import UserError
 from gpt.generate import generate
 from gpt.inference import is_quantized, load_for_inference
 from gpt.model import GPT
-from gpt.quantize import model_from_quantized, quantize_int8, quantized_checkpoint
+from gpt.quantize import Int8Linear, model_from_quantized, quantize_int8, quantized_checkpoint, quantize_weight
 
 CFG = dict(vocab_size=97, block_size=32, n_layer=2, n_head=2, n_embd=64, dropout=0.0, bias=True)
 
@@ -43,6 +44,8 @@ def test_quantized_checkpoint_round_trip_is_exact(ckpt_path, tmp_path):
     q = quantize_int8(model)
     path = save_checkpoint(quantized_checkpoint(q, ckpt), tmp_path / "int8.pt")
     assert path.stat().st_size < 0.5 * ckpt_path.stat().st_size  # int8 weights: a smaller file
+    stored = torch.load(path, weights_only=True)["quantized"]["linears"]["lm_head"]
+    assert stored["int8"].dtype is torch.int8 and stored["scales"].dtype is torch.float32  # compact, plain tensors
     back = model_from_quantized(load_checkpoint(path))
     idx = torch.randint(0, 97, (2, 32))
     with torch.no_grad():
@@ -58,6 +61,75 @@ def test_kv_cache_equals_uncached_for_int8(ckpt_path):
     a = generate(q, idx, 20, temperature=0.0)
     b = generate(q, idx, 20, temperature=0.0, use_cache=False)
     assert torch.equal(a, b)
+
+
+def test_every_linear_is_int8_and_the_embedding_stays_float(ckpt_path):
+    model, _, _ = load_for_inference(str(ckpt_path), dtype="float32")
+    q = quantize_int8(model)
+    assert not any(isinstance(m, torch.nn.Linear) for m in q.modules())
+    linears = [m for m in q.modules() if isinstance(m, Int8Linear)]
+    assert len(linears) == 4 * CFG["n_layer"] + 1 and all(m.weight.dtype is torch.int8 for m in linears)
+    assert torch.equal(q.transformer.wte.weight, model.transformer.wte.weight)  # the input lookup stays exact
+    assert q.transformer.wte.weight.dtype is torch.float32
+
+
+@pytest.mark.parametrize("kernel", Int8Linear.KERNELS)
+def test_each_kernel_matches_the_dequantized_weight(kernel):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 97)
+    m = Int8Linear.from_linear(lin, (kernel,))
+    if m.kernel != kernel:
+        pytest.skip(f"no {kernel} kernel here")
+    x = torch.randn(2, 3, 64)
+    ref = torch.nn.functional.linear(x, m.dequantized(), m.bias)
+    with torch.no_grad():
+        got = m(x)
+    assert got.shape == (2, 3, 97) and got.dtype is torch.float32
+    assert (got - ref).abs().max() < 0.03 * ref.abs().max()
+    q, s = quantize_weight(lin.weight)  # symmetric per output channel: |w - q * s| <= s / 2
+    assert q.dtype is torch.int8 and int(q.abs().max()) <= 127
+    assert ((q.float() * s[:, None] - lin.weight).abs() <= s[:, None] / 2 + 1e-7).all()
+
+
+def test_int8_perplexity_of_a_trained_model_stays_close(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(**{**CFG, "n_embd": 64})
+    text = torch.tensor([(i * 7 + i // 5) % 23 for i in range(4000)])  # a learnable sequence
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        ix = torch.randint(0, len(text) - 33, (16,), generator=g)
+        x = torch.stack([text[i:i + 32] for i in ix])
+        y = torch.stack([text[i + 1:i + 33] for i in ix])
+        opt.zero_grad()
+        model(x, y)[1].backward()
+        opt.step()
+    model.eval()
+    q = quantize_int8(model)
+    with torch.no_grad():
+        x = torch.stack([text[i:i + 32] for i in range(0, 3000, 97)])
+        y = torch.stack([text[i + 1:i + 33] for i in range(0, 3000, 97)])
+        lf, lq = model(x, y)[1].item(), q(x, y)[1].item()
+    assert lf < 1.5  # it learned something, so int8 has a real distribution to preserve
+    assert abs(torch.tensor(lq - lf).exp().item() - 1) < 0.03, (lf, lq)  # perplexity within 3%
+
+
+def test_old_and_unknown_int8_formats(ckpt_path, tmp_path):
+    ckpt = load_checkpoint(ckpt_path)
+    q = quantize_int8(load_for_inference(str(ckpt_path), dtype="float32")[0])
+    new = quantized_checkpoint(q, ckpt)
+    # the previous format (torch.ao per-channel tensors with explicit zero points) still loads
+    old = {**new, "quantized": {"format": "int8-dynamic-per-channel", "linears": {
+        n: {"int8": p["int8"], "scales": p["scales"], "zero_points": torch.zeros(len(p["scales"]), dtype=torch.long),
+            "axis": 0, "bias": p["bias"]} for n, p in new["quantized"]["linears"].items()}}}
+    back = model_from_quantized(load_checkpoint(save_checkpoint(old, tmp_path / "old.pt")))
+    idx = torch.randint(0, 97, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(back(idx)[0], q(idx)[0], atol=0, rtol=0)
+    bad = {**new, "quantized": {**new["quantized"], "format": "int4-something"}}
+    with pytest.raises(UserError) as e:
+        model_from_quantized(bad)
+    assert "\n" not in str(e.value) and "python -m gpt.quantize" in str(e.value)
 
 
 def test_bad_quantize_option(ckpt_path):
