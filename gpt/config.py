@@ -93,6 +93,16 @@ def user_error_in(exc: BaseException) -> UserError | None:
     return None
 
 
+def _remove_empty_parents(folder: Path, levels: int = 2) -> None:
+    """Remove the date folder (and outputs/ itself) that only held the removed run, up to `levels` deep,
+    never the working directory."""
+    for _ in range(levels):
+        if folder == Path.cwd() or not folder.is_dir() or any(folder.iterdir()):
+            return
+        folder.rmdir()
+        folder = folder.parent
+
+
 def entry(fn):
     """Wrap an entry point: a UserError becomes one line on stderr and exit code 2, and the run folder
     Hydra created for it is removed when nothing but its set-up files were written."""
@@ -109,6 +119,7 @@ def entry(fn):
             logging.shutdown()
             if folder != Path.cwd() and folder.is_dir() and _only_setup_files(folder):
                 shutil.rmtree(folder, ignore_errors=True)
+                _remove_empty_parents(folder.parent)
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
 

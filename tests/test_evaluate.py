@@ -303,4 +303,4 @@ def test_bad_evaluation_input_is_one_clear_line(trained, tmp_path, args, message
     proc = run_script("evaluate.py", *args, cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and message in proc.stderr, proc.stderr
-    assert not list(tmp_path.glob("evaluations/*/*"))  # no half-written run folder
+    assert not (tmp_path / "evaluations").exists()  # no half-written run folder, no empty date folder

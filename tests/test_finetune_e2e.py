@@ -97,7 +97,7 @@ def test_bad_jsonl_names_file_and_line_and_writes_nothing(chain, tmp_path):
     proc = run_script("finetune.py", "stage=sft", f"ckpt={pre}", f"data={bad}", *FT, cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {bad}:2: missing key 'completion' (has ['prompt'])"
-    assert runs(tmp_path) == []
+    assert not (tmp_path / "outputs").exists()  # no run folder, no empty date folder
     proc = run_script("finetune.py", "stage=sft", f"ckpt={tmp_path / 'nope.pt'}", f"data={bad}", cwd=tmp_path)
     assert proc.returncode == 2 and "does not exist" in proc.stderr and runs(tmp_path) == []
 
