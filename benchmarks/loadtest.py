@@ -3,7 +3,8 @@
     python serve.py ckpt=<run> port=8000 &
     python benchmarks/loadtest.py --url http://127.0.0.1:8000 --concurrency 4 --requests 40 --max-new-tokens 32
 
-Or let it start and stop a server itself: `python benchmarks/loadtest.py --ckpt <run>`.
+Or let it start and stop a server itself: `python benchmarks/loadtest.py --ckpt <run>`; extra serve.py
+overrides go through --server-arg, e.g. `--server-arg limits.max_batch=1` (one generation at a time).
 """
 
 from __future__ import annotations
@@ -75,6 +76,8 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--prompt", default="ROMEO:")
     ap.add_argument("--timeout", type=float, default=120)
+    ap.add_argument("--server-arg", action="append", default=[], help="serve.py override for the server it "
+                    "starts, e.g. limits.max_batch=1 (repeatable)")
     args = ap.parse_args()
     server = None
     url = args.url
@@ -83,12 +86,14 @@ def main() -> None:
             raise SystemExit("give --url of a running server or --ckpt to start one")
         url = f"http://127.0.0.1:{args.port}"
         root = Path(__file__).resolve().parents[1]
-        server = subprocess.Popen([sys.executable, str(root / "serve.py"), f"ckpt={args.ckpt}", f"port={args.port}"],
+        server = subprocess.Popen([sys.executable, str(root / "serve.py"), f"ckpt={args.ckpt}", f"port={args.port}",
+                                   *args.server_arg],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
     try:
         wait_healthy(url)
         body = {"prompt": args.prompt, "max_new_tokens": args.max_new_tokens, "temperature": 0.8, "top_k": 50}
         res = asyncio.run(run(url, args.concurrency, args.requests, body, args.timeout))
+        batching = httpx.get(f"{url}/health", timeout=5).json().get("batching")
     finally:
         if server is not None:
             server.terminate()
@@ -96,6 +101,8 @@ def main() -> None:
     print(f"{res['requests']} requests, concurrency {args.concurrency}, {args.max_new_tokens} new tokens each: "
           f"{res['req_per_s']:.2f} req/s, {res['new_tokens_per_s']:.0f} new tokens/s, latency p50 "
           f"{res['p50_ms']:.0f} ms, p90 {res['p90_ms']:.0f} ms, p99 {res['p99_ms']:.0f} ms, statuses {res['statuses']}")
+    if batching:
+        print(f"server batches: {batching['batches']}, sizes {batching['batch_sizes']}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import json
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -160,3 +161,131 @@ def test_engine_from_config_loads_like_infer(tmp_path, dtype):
     conf.dtype = "int4"
     with pytest.raises(UserError, match="dtype='int4'"):
         engine_from_config(conf)
+
+
+def _submit_together(c, engine, bodies, path="/generate"):
+    """Send the bodies from threads while the test holds the model (engine.lock): the worker cannot start
+    a batch until every request waits, so they form one batch. Returns the responses in order."""
+    out = [None] * len(bodies)
+
+    def call(i):
+        out[i] = c.post(path, json=bodies[i])
+
+    with engine.lock:
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(len(bodies))]
+        for t in threads:
+            t.start()
+        deadline = time.time() + 10
+        while c.get("/health").json()["in_flight"] < len(bodies) and time.time() < deadline:
+            time.sleep(0.005)
+    for t in threads:
+        t.join()
+    return out
+
+
+def test_greedy_batch_of_different_prompt_lengths_equals_each_alone(engine):
+    app = create_app(engine, Limits(max_new_tokens=50, max_queue=8, max_batch=8))
+    # different lengths and max_new_tokens; 40 new tokens run past block_size 32
+    bodies = [{"prompt": p, "max_new_tokens": m, "temperature": 0}
+              for p, m in [("ROMEO:", 20), ("To be or not", 40), ("A", 7), ("What light through yonder", 30)]]
+    with TestClient(app) as c:
+        alone = [c.post("/generate", json=b).json() for b in bodies]
+        assert c.get("/health").json()["batching"]["max_batch_seen"] == 1
+        together = [r.json() for r in _submit_together(c, engine, bodies)]
+        stats = c.get("/health").json()["batching"]
+    assert stats["max_batch_seen"] == 4 and stats["batch_sizes"] == {"1": 4, "4": 1}
+    for a, t, b in zip(alone, together, bodies):
+        assert t["completion"] == a["completion"] and t["new_tokens"] == b["max_new_tokens"] == a["new_tokens"]
+    idx = torch.tensor([engine.tokenizer.encode("ROMEO:")])  # and alone is the library's generation
+    assert alone[0]["completion"] == engine.tokenizer.decode(generate(engine.model, idx, 20, temperature=0)[0, 6:].tolist())
+
+
+def test_seeded_sampled_requests_give_the_same_text_in_a_batch_as_alone(engine):
+    app = create_app(engine, Limits(max_new_tokens=50, max_queue=8))
+    bodies = [{"prompt": p, "max_new_tokens": 25, "temperature": t, "top_k": k, "top_p": tp, "seed": s}
+              for p, t, k, tp, s in [("ROMEO:", 0.8, 10, None, 1), ("To be", 0.8, 10, None, 2),
+                                     ("ROMEO:", 0.8, 10, None, 3), ("Hark", 1.2, None, 0.9, 4),
+                                     ("ROMEO:", 0, None, None, None)]]
+    with TestClient(app) as c:
+        alone = [c.post("/generate", json=b).json()["completion"] for b in bodies]
+        together = [r.json()["completion"] for r in _submit_together(c, engine, bodies)]
+        assert c.get("/health").json()["batching"]["max_batch_seen"] == 5
+    assert together == alone
+    assert alone[0] != alone[2]  # the seeds matter: each row samples with its own generator
+
+
+def test_finished_rows_leave_the_batch_and_stop_at_their_stop_token():
+    """Chat rows stop at <|end|> at different steps; the others go on and still match their lone text."""
+    from gpt.chat import END, chat_tokenizer
+
+    tok = chat_tokenizer(CharTokenizer(CHARS))
+    torch.manual_seed(0)
+    model = GPT(vocab_size=tok.vocab_size, block_size=32, n_layer=2, n_head=2, n_embd=32).eval()
+    with torch.no_grad():  # <|end|> outscores "N", this untrained model's favourite after some prompts
+        model.lm_head.weight[tok.special_id(END)] = 1.5 * model.lm_head.weight[tok.encode("N")[0]]
+    eng = Engine(model, tok, "cpu", None, "chat.pt")
+    bodies = [{"prompt": p, "max_new_tokens": 30, "temperature": 0, "chat": True} for p in ("Hi", "Hello there", "Yo")]
+    bodies.append({"prompt": "ROMEO:", "max_new_tokens": 30, "temperature": 0.8, "top_k": 20, "seed": 9})
+    with TestClient(create_app(eng, Limits(max_new_tokens=50))) as c:
+        alone = [c.post("/generate", json=b).json() for b in bodies]
+        together = [r.json() for r in _submit_together(c, eng, bodies)]
+        assert c.get("/health").json()["batching"]["max_batch_seen"] == 4
+    assert {a["finish_reason"] for a in alone} == {"stop", "length"}  # rows finish at different steps
+    assert [(t["completion"], t["new_tokens"], t["finish_reason"]) for t in together] == \
+        [(a["completion"], a["new_tokens"], a["finish_reason"]) for a in alone]
+
+
+def test_streams_in_one_batch_send_the_same_text_as_generate(engine):
+    app = create_app(engine, Limits(max_new_tokens=50, max_queue=8))
+    bodies = [{"prompt": p, "max_new_tokens": 15, "temperature": 0.8, "top_k": 10, "seed": i}
+              for i, p in enumerate(["ROMEO:", "To be or", "A"])]
+    with TestClient(app) as c:
+        full = [c.post("/generate", json=b).json()["completion"] for b in bodies]
+        out = [None] * len(bodies)
+
+        def stream(i):
+            with c.stream("POST", "/generate/stream", json=bodies[i]) as r:
+                out[i] = [json.loads(ln[len("data: "):]) for ln in r.iter_lines() if ln.startswith("data: ")]
+
+        with engine.lock:
+            threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(bodies))]
+            for t in threads:
+                t.start()
+            deadline = time.time() + 10
+            while c.get("/health").json()["in_flight"] < len(bodies) and time.time() < deadline:
+                time.sleep(0.005)
+        for t in threads:
+            t.join()
+        assert c.get("/health").json()["batching"]["max_batch_seen"] == 3
+    for events, text in zip(out, full):
+        assert "".join(e.get("text", "") for e in events) == text
+        assert events[-1] == {"done": True, "new_tokens": 15}
+
+
+def test_more_than_max_queue_waiting_beyond_a_full_batch_get_503(engine):
+    app = create_app(engine, Limits(max_new_tokens=50, max_queue=1, max_batch=2))
+    body = {"prompt": "ROMEO:", "max_new_tokens": 5, "temperature": 0}
+    with TestClient(app) as c:
+        out = []
+        with engine.lock:  # the model is busy: 2 (a batch) + 1 (max_queue) are admitted, the 4th is not
+            threads = [threading.Thread(target=lambda: out.append(c.post("/generate", json=body))) for _ in range(3)]
+            for t in threads:
+                t.start()
+            deadline = time.time() + 10
+            while c.get("/health").json()["in_flight"] < 3 and time.time() < deadline:
+                time.sleep(0.005)
+            r = c.post("/generate", json=body)
+            assert r.status_code == 503 and "busy" in r.json()["detail"]
+        for t in threads:
+            t.join()
+        assert [x.status_code for x in out] == [200] * 3
+        assert c.get("/health").json()["batching"]["batch_sizes"] == {"2": 1, "1": 1}
+
+
+def test_max_batch_1_serves_one_request_at_a_time(engine):
+    app = create_app(engine, Limits(max_new_tokens=50, max_queue=8, max_batch=1))
+    bodies = [{"prompt": "ROMEO:", "max_new_tokens": 10, "temperature": 0}] * 3
+    with TestClient(app) as c:
+        texts = {r.json()["completion"] for r in _submit_together(c, engine, bodies)}
+        assert c.get("/health").json()["batching"]["batch_sizes"] == {"1": 3}
+    assert len(texts) == 1
