@@ -25,7 +25,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from gpt.errors import UserError
-from gpt.generate import generate_tokens, last_logits, left_pad, sample_next
+from gpt.generate import last_logits, left_pad, sample_next
 from gpt.inference import dtype_option, encode_prompt, load_for_inference
 
 
@@ -80,31 +80,6 @@ class Engine:
 
             return self.tokenizer.special_id(END)
         return self.tokenizer.eot_id
-
-    def pieces(self, ids: list[int], req: GenerateRequest):
-        """Yield (text piece, token id) for each new token; decoding waits for whole UTF-8 characters."""
-        g = torch.Generator(device=self.device)
-        g.manual_seed(req.seed if req.seed is not None else int(time.time_ns() % 2**31))
-        idx = torch.tensor([ids], dtype=torch.long, device=self.device)
-        new, shown = [], ""
-        ctx = (torch.autocast(torch.device(self.device).type, dtype=self.autocast_dtype) if self.autocast_dtype
-               else torch.autocast(torch.device(self.device).type, enabled=False))
-        stop = self.stop_id(req)
-        with self.lock, ctx:
-            for nxt in generate_tokens(self.model, idx, req.max_new_tokens, temperature=req.temperature,
-                                       top_k=req.top_k, top_p=req.top_p, eot_id=stop, generator=g):
-                t = int(nxt[0])
-                if t == stop:
-                    return
-                new.append(t)
-                text = self.tokenizer.decode(new)
-                if not text.endswith("\ufffd"):
-                    yield text[len(shown):], t
-                    shown = text
-        text = self.tokenizer.decode(new)
-        if text != shown:
-            yield text[len(shown):], None
-
 
 class Job:
     """One request in the batcher: its prompt ids, sampling settings, generator and output queue.
