@@ -88,8 +88,11 @@ class Job:
     and `finish()` once; the request's coroutine reads ("piece", text, token), then ("done", new_tokens,
     seconds) or ("error", message, None) from `queue` (an asyncio.Queue on `loop`)."""
 
-    def __init__(self, engine: Engine, ids: list[int], req: GenerateRequest, loop: asyncio.AbstractEventLoop):
-        self.ids, self.req, self.loop, self.tokenizer = ids, req, loop, engine.tokenizer
+    def __init__(self, engine: Engine, ids: list[int], req: GenerateRequest, loop: asyncio.AbstractEventLoop,
+                 stream: bool = True):
+        # stream=False (/generate): the text goes out once, at the end; waking the request's event loop for
+        # every token costs the worker thread more time (GIL hand-offs) than decoding the token itself
+        self.ids, self.req, self.loop, self.tokenizer, self.stream = ids, req, loop, engine.tokenizer, stream
         self.queue: asyncio.Queue = asyncio.Queue()
         self.stop = engine.stop_id(req)
         self.gen = torch.Generator(device=engine.device)
@@ -110,10 +113,11 @@ class Job:
         if t == self.stop:
             return True
         self.new.append(t)
-        text = self.tokenizer.decode(self.new)
-        if not text.endswith("\ufffd"):
-            self.emit("piece", text[len(self.shown):], t)
-            self.shown = text
+        if self.stream:
+            text = self.tokenizer.decode(self.new)
+            if not text.endswith("\ufffd"):
+                self.emit("piece", text[len(self.shown):], t)
+                self.shown = text
         return len(self.new) >= self.req.max_new_tokens or self.cancelled
 
     def finish(self) -> None:
@@ -263,7 +267,7 @@ def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
     async def generate(req: GenerateRequest) -> dict:
         ids = check(req)
         await admitted()
-        job = Job(engine, ids, req, asyncio.get_running_loop())
+        job = Job(engine, ids, req, asyncio.get_running_loop(), stream=False)
         try:
             batcher.submit(job)
             text = []
