@@ -195,6 +195,27 @@ class ExampleObjective(Objective):
         self._order = self._batches(skip=int(state.get("taken", 0)))
 
 
+class MaskedLMObjective(ExampleObjective):
+    """Language-model examples (ids, train_mask) -> next-token loss on the trained tokens only (sft,
+    completion); evaluation is the token-weighted loss over the first iters batches of `self.val`."""
+
+    def _batch(self, examples):
+        return lm_batch(examples, self.device)
+
+    @staticmethod
+    def batch_tokens(batch) -> int:
+        return int((batch[1] >= 0).sum())
+
+    @staticmethod
+    def loss(model, batch):
+        x, y = batch
+        _, loss = model(x, y, ignore_index=-1)
+        return loss, {}
+
+    def val_loss(self, model, iters: int, autocast) -> float:
+        return masked_lm_loss(model, self.val[: iters * self.batch_size], self.batch_size, self.device, autocast)
+
+
 class RolloutObjective(Objective):
     """An RL objective: `self.rollout()` samples a RolloutBuffer, whose minibatches (several epochs)
     are served one per trainer step before the next rollout. Batches hold targets "y" (-1 = ignored)."""
@@ -211,6 +232,19 @@ class RolloutObjective(Objective):
     @staticmethod
     def batch_tokens(batch) -> int:
         return int((batch["y"] >= 0).sum())
+
+    def _note(self, **values) -> None:
+        """Record training statistics (rollout reward, KL, ...) until the next evaluation reports them."""
+        if not hasattr(self, "stats"):
+            self.stats: dict[str, list[float]] = {}
+        for k, v in values.items():
+            self.stats.setdefault(k, []).append(float(v.detach()) if torch.is_tensor(v) else float(v))
+
+    def _train_means(self) -> dict:
+        """{"train/<name>": mean since the last call} of what _note recorded; starts a new window."""
+        out = {f"train/{k}": sum(v) / len(v) for k, v in getattr(self, "stats", {}).items() if v}
+        self.stats = {}
+        return out
 
 
 def validation_means(objective, model, iters: int, autocast) -> dict:

@@ -18,8 +18,7 @@ import torch
 from gpt.errors import UserError
 from gpt.generate import generate_batch
 from gpt.jsonl import read_texts
-from gpt.stages.common import (ExampleObjective, LM, lm_batch, lm_from_parent, masked_lm_loss, model_config,
-                               require_kind, split_val)
+from gpt.stages.common import LM, lm_from_parent, MaskedLMObjective, model_config, require_kind, split_val
 from gpt.tokenizer import BOS, EOT, from_identity, with_special_tokens
 
 
@@ -34,7 +33,7 @@ def encode_document(tok, text: str, bos: int, eos: int) -> list[int]:
     return [bos] + tok.encode(text) + [eos]
 
 
-class Completion(ExampleObjective):
+class Completion(MaskedLMObjective):
     """Fine-tuning on plain documents wrapped in BOS/EOS. `parent` is a language-model checkpoint."""
 
     name = "completion"
@@ -67,24 +66,10 @@ class Completion(ExampleObjective):
                 out.append((w, [True] * len(w)))
         return out
 
-    # ---- the objective interface (gpt.trainer) ------------------------------------------------
-    def _batch(self, examples):
-        return lm_batch(examples, self.device)
-
-    @staticmethod
-    def batch_tokens(batch) -> int:
-        return int((batch[1] >= 0).sum())
-
-    @staticmethod
-    def loss(model, batch):
-        x, y = batch
-        _, loss = model(x, y, ignore_index=-1)
-        return loss, {}
-
+    # ---- the objective interface (gpt.trainer; batches and loss from MaskedLMObjective) --------
     @torch.no_grad()
     def evaluate(self, model, iters: int, autocast) -> dict:
-        loss = masked_lm_loss(model, self.val[: iters * self.batch_size], self.batch_size, self.device, autocast)
-        return {"val/loss": loss}
+        return {"val/loss": self.val_loss(model, iters, autocast)}
 
     def samples(self, model, autocast) -> list[dict]:
         """Greedy continuations of the first prompt_fraction of a few held-out documents, to the end token."""

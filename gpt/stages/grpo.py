@@ -66,11 +66,6 @@ class GRPO(RolloutObjective):
         self.end = end_id(tok)
         self.generator = torch.Generator().manual_seed(seed + 1000 * rank)
         self.buffer: RolloutBuffer | None = None
-        self.stats: dict[str, list[float]] = {}
-
-    def _note(self, **values) -> None:
-        for k, v in values.items():
-            self.stats.setdefault(k, []).append(float(v.detach()) if torch.is_tensor(v) else float(v))
 
     @torch.no_grad()
     def rollout(self) -> RolloutBuffer:
@@ -110,8 +105,7 @@ class GRPO(RolloutObjective):
         reward = sum(self.reward_fn(answer_text(self.tokenizer, a, self.end), r["answer"])
                      for a, r in zip(answers, rows)) / len(rows)
         out = {"val/loss": 1.0 - reward, "val/reward": reward}
-        out.update({f"train/{k}": sum(v) / len(v) for k, v in self.stats.items() if v})
-        self.stats = {}
+        out.update(self._train_means())
         return out
 
     def samples(self, model, autocast) -> list[dict]:

@@ -97,11 +97,6 @@ class PPO(RolloutObjective):
         self.end = end_id(tok)
         self.generator = torch.Generator().manual_seed(seed + 1000 * rank)
         self.buffer: RolloutBuffer | None = None
-        self.stats: dict[str, list[float]] = {}
-
-    def _note(self, **values) -> None:
-        for k, v in values.items():
-            self.stats.setdefault(k, []).append(float(v.detach()) if torch.is_tensor(v) else float(v))
 
     @torch.no_grad()
     def score(self, prompts: list[list[int]], answers: list[list[int]]) -> torch.Tensor:
@@ -162,8 +157,7 @@ class PPO(RolloutObjective):
         if self.answer_reward is not None and all(r["answer"] is not None for r in rows):
             out["val/exact_match"] = sum(self.answer_reward(answer_text(self.tokenizer, a, self.end), r["answer"])
                                          for a, r in zip(answers, rows)) / len(rows)
-        out.update({f"train/{k}": sum(v) / len(v) for k, v in self.stats.items() if v})
-        self.stats = {}
+        out.update(self._train_means())
         return out
 
     def samples(self, model, autocast) -> list[dict]:

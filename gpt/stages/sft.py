@@ -15,7 +15,7 @@ from gpt.chat import END, chat_tokenizer, encode_chat
 from gpt.errors import UserError
 from gpt.generate import generate_batch
 from gpt.jsonl import read_instructions
-from gpt.stages.common import (ExampleObjective, fit_block, LM, lm_batch, lm_from_parent, model_config, require_kind,
+from gpt.stages.common import (fit_block, LM, lm_from_parent, MaskedLMObjective, model_config, require_kind,
                                split_val)
 from gpt.tokenizer import from_identity
 
@@ -32,7 +32,7 @@ def exact_match(model, tok, conversations: list[list[dict]], autocast, max_new_t
     return sum(tok.decode(o).strip() == c[-1]["content"].strip() for o, c in zip(outs, conversations)) / len(outs)
 
 
-class SFT(ExampleObjective):
+class SFT(MaskedLMObjective):
     """Instruction tuning objective. `parent` is a loaded language-model checkpoint."""
 
     name = "sft"
@@ -58,31 +58,11 @@ class SFT(ExampleObjective):
         self.eval_examples, self.max_new_tokens, self.num_samples = eval_examples, max_new_tokens, num_samples
         self.generator = torch.Generator().manual_seed(seed + 1000 * rank)
 
-    # ---- the objective interface (gpt.trainer) ------------------------------------------------
-    def _batch(self, examples):
-        return lm_batch(examples, self.device)
-
-    @staticmethod
-    def batch_tokens(batch) -> int:
-        return int((batch[1] >= 0).sum())
-
-    @staticmethod
-    def loss(model, batch):
-        x, y = batch
-        _, loss = model(x, y, ignore_index=-1)
-        return loss, {}
-
+    # ---- the objective interface (gpt.trainer; batches and loss from MaskedLMObjective) --------
     @torch.no_grad()
     def evaluate(self, model, iters: int, autocast) -> dict:
-        total, count = 0.0, 0
-        for i in range(0, min(len(self.val), iters * self.batch_size), self.batch_size):
-            x, y = lm_batch(self.val[i: i + self.batch_size], self.device)
-            with autocast():
-                _, loss = model(x, y, ignore_index=-1)
-            n = int((y >= 0).sum())
-            total, count = total + float(loss) * n, count + n
         em = exact_match(model, self.tokenizer, self.val_convs[: self.eval_examples], autocast, self.max_new_tokens)
-        return {"val/loss": total / max(count, 1), "val/exact_match": em}
+        return {"val/loss": self.val_loss(model, iters, autocast), "val/exact_match": em}
 
     def samples(self, model, autocast) -> list[dict]:
         convs = self.val_convs[: self.num_samples]
