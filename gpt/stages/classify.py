@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from gpt.errors import UserError
 from gpt.heads import Classifier
 from gpt.jsonl import read_labelled
-from gpt.stages.common import LM, model_config, ExampleObjective, require_kind, split_val, validation_means, with_head
+from gpt.stages.common import (ExampleObjective, LM, model_config, positive_batch_size, require_kind, split_val,
+                               validation_means, with_head)
 from gpt.stages.reward import score_batch
 from gpt.tokenizer import from_identity
 
@@ -36,8 +37,7 @@ class Classify(ExampleObjective):
     def __init__(self, parent: dict, data: str, val_data: str | None = None, val_fraction: float = 0.1,
                  batch_size: int = 16, device: str = "cpu", seed: int = 0, rank: int = 0):
         require_kind(parent, (LM,), self.name)
-        if int(batch_size) <= 0:
-            raise UserError(f"trainer.batch_size={batch_size} must be a positive integer")
+        batch_size = positive_batch_size(batch_size)
         self.tokenizer = tok = from_identity(parent["tokenizer"])
         train, val = split_val(read_labelled(data), read_labelled(val_data) if val_data else None, val_fraction,
                                seed, str(data))
@@ -54,7 +54,7 @@ class Classify(ExampleObjective):
         self.train = list(zip(encode_texts(tok, [t for t, _ in train], block, str(data)), [index[lab] for _, lab in train]))
         self.val = list(zip(encode_texts(tok, [t for t, _ in val], block, str(val_data or data)),
                             [index[lab] for _, lab in val]))
-        self.batch_size, self.device = int(batch_size), device
+        self.batch_size, self.device = batch_size, device
         self.generator = torch.Generator().manual_seed(seed + 1000 * rank)
         self._order = None
 

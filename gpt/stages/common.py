@@ -13,6 +13,12 @@ from gpt.model import GPT
 LM = "gpt.model.GPT"
 
 
+def positive_batch_size(batch_size) -> int:
+    if int(batch_size) <= 0:
+        raise UserError(f"trainer.batch_size={batch_size} must be a positive integer")
+    return int(batch_size)
+
+
 def kind_of(ckpt: dict) -> str:
     """The model class a checkpoint holds (its config's model._target_)."""
     return str(ckpt["config"]["model"].get("_target_", ""))

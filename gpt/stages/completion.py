@@ -18,7 +18,8 @@ import torch
 from gpt.errors import UserError
 from gpt.generate import generate_batch
 from gpt.jsonl import read_texts
-from gpt.stages.common import LM, lm_from_parent, MaskedLMObjective, model_config, require_kind, split_val
+from gpt.stages.common import (LM, lm_from_parent, MaskedLMObjective, model_config, positive_batch_size, require_kind,
+                               split_val)
 from gpt.tokenizer import BOS, EOT, from_identity, with_special_tokens
 
 
@@ -42,8 +43,7 @@ class Completion(MaskedLMObjective):
                  batch_size: int = 16, device: str = "cpu", seed: int = 0, rank: int = 0, num_samples: int = 3,
                  sample_tokens: int = 64, prompt_fraction: float = 0.3):
         require_kind(parent, (LM,), self.name)
-        if int(batch_size) <= 0:
-            raise UserError(f"trainer.batch_size={batch_size} must be a positive integer")
+        batch_size = positive_batch_size(batch_size)
         if not 0.0 <= float(prompt_fraction) < 1.0:
             raise UserError(f"stage.prompt_fraction={prompt_fraction} must be in [0, 1)")
         self.tokenizer = tok = with_special_tokens(from_identity(parent["tokenizer"]), [BOS, EOT])
@@ -55,7 +55,7 @@ class Completion(MaskedLMObjective):
         self.train_texts, self.val_texts = split_val(train, val, val_fraction, seed, str(data))
         self.train = self._examples(self.train_texts, block)
         self.val = self._examples(self.val_texts, block)
-        self.batch_size, self.device, self.seed = int(batch_size), device, seed
+        self.batch_size, self.device, self.seed = batch_size, device, seed
         self.num_samples, self.sample_tokens, self.prompt_fraction = num_samples, sample_tokens, prompt_fraction
         self.generator = torch.Generator().manual_seed(seed + 1000 * rank)
 

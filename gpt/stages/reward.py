@@ -14,11 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from gpt.chat import chat_tokenizer
-from gpt.errors import UserError
 from gpt.heads import RewardModel
 from gpt.jsonl import read_pairs
-from gpt.stages.common import (fit_block, LM, model_config, ExampleObjective, require_kind, right_pad, split_val,
-                               validation_means, with_head)
+from gpt.stages.common import (ExampleObjective, fit_block, LM, model_config, positive_batch_size, require_kind, right_pad,
+                               split_val, validation_means, with_head)
 from gpt.stages.dpo import encode_pair
 from gpt.tokenizer import from_identity
 
@@ -43,8 +42,7 @@ class Reward(ExampleObjective):
     def __init__(self, parent: dict, data: str, val_data: str | None = None, val_fraction: float = 0.1,
                  batch_size: int = 16, device: str = "cpu", seed: int = 0, rank: int = 0):
         require_kind(parent, (LM,), self.name)
-        if int(batch_size) <= 0:
-            raise UserError(f"trainer.batch_size={batch_size} must be a positive integer")
+        batch_size = positive_batch_size(batch_size)
         self.tokenizer = tok = chat_tokenizer(from_identity(parent["tokenizer"]))
         self.model = with_head(RewardModel, parent, tok.vocab_size, device)
         block = self.model.config.block_size
@@ -55,7 +53,7 @@ class Reward(ExampleObjective):
             [encode_pair(tok, p) for p in train], block, str(data), log)]
         self.val = [tuple(ids for ids, _ in p) for p in fit_block(
             [encode_pair(tok, p) for p in val], block, str(val_data or data), log)]
-        self.batch_size, self.device = int(batch_size), device
+        self.batch_size, self.device = batch_size, device
         self.generator = torch.Generator().manual_seed(seed + 1000 * rank)
         self._order = None
 

@@ -15,8 +15,8 @@ from gpt.chat import END, chat_tokenizer, encode_chat
 from gpt.errors import UserError
 from gpt.generate import generate_batch
 from gpt.jsonl import read_instructions
-from gpt.stages.common import (fit_block, LM, lm_from_parent, MaskedLMObjective, model_config, require_kind,
-                               split_val)
+from gpt.stages.common import (fit_block, LM, lm_from_parent, MaskedLMObjective, model_config, positive_batch_size,
+                               require_kind, split_val)
 from gpt.tokenizer import from_identity
 
 log = logging.getLogger("gpt")
@@ -41,8 +41,7 @@ class SFT(MaskedLMObjective):
                  batch_size: int = 16, device: str = "cpu", seed: int = 0, rank: int = 0, eval_examples: int = 64,
                  max_new_tokens: int = 32, num_samples: int = 3):
         require_kind(parent, (LM,), self.name)
-        if int(batch_size) <= 0:
-            raise UserError(f"trainer.batch_size={batch_size} must be a positive integer")
+        batch_size = positive_batch_size(batch_size)
         self.tokenizer = tok = chat_tokenizer(from_identity(parent["tokenizer"]))
         self.model = lm_from_parent(parent, tok.vocab_size, device)
         block = self.model.config.block_size
@@ -54,7 +53,7 @@ class SFT(MaskedLMObjective):
         self.val_convs = [c for c in self.val_convs if len(encode_chat(tok, c)[0]) <= block + 1]
         if not any(any(m) for _, m in self.train):
             raise UserError(f"{data}: no answer tokens to learn from")
-        self.batch_size, self.device, self.seed = int(batch_size), device, seed
+        self.batch_size, self.device, self.seed = batch_size, device, seed
         self.eval_examples, self.max_new_tokens, self.num_samples = eval_examples, max_new_tokens, num_samples
         self.generator = torch.Generator().manual_seed(seed + 1000 * rank)
 
