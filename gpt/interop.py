@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from gpt.checkpoint import clean_state_dict, load_checkpoint, model_from_checkpoint, save_checkpoint
-from gpt.errors import UserError
+from gpt.errors import cli_result, UserError
 from gpt.model import GPT
 
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -137,13 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("folder")
     i.add_argument("out")
     args = parser.parse_args(argv)
-    try:
-        path = export_hf(args.ckpt, args.out) if args.cmd == "export" else import_hf(args.folder, args.out)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(path)
-    return 0
+    return cli_result(lambda: export_hf(args.ckpt, args.out) if args.cmd == "export" else import_hf(args.folder, args.out))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gpt.errors import UserError
+from gpt.errors import cli_result, UserError
 
 # never wrapped: lm_head is tied to the token embedding; a stage's `head` trains in full
 EXCLUDED = ("lm_head", "head")
@@ -252,13 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     mp.add_argument("ckpt", help="LoRA checkpoint file or run folder (best.pt preferred)")
     mp.add_argument("out", help="output .pt path")
     args = ap.parse_args(argv)
-    try:
-        path = save_checkpoint(merged_checkpoint(load_checkpoint(args.ckpt, prefer="best")), args.out)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(path)
-    return 0
+    return cli_result(lambda: save_checkpoint(merged_checkpoint(load_checkpoint(args.ckpt, prefer="best")), args.out))
 
 
 if __name__ == "__main__":

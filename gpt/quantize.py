@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt.checkpoint import build_model, load_checkpoint, model_from_checkpoint, save_checkpoint
-from gpt.errors import UserError
+from gpt.errors import cli_result, UserError
 
 log = logging.getLogger(__name__)
 
@@ -228,16 +228,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("ckpt", help="checkpoint file or run folder (best.pt preferred)")
     ap.add_argument("out", help="output .pt path")
     args = ap.parse_args(argv)
-    try:
+
+    def write():
         ckpt = load_checkpoint(args.ckpt, prefer="best")
         if ckpt.get("quantized"):
             raise UserError(f"{ckpt['path']!r} is already quantized")
-        path = save_checkpoint(quantized_checkpoint(quantize_int8(model_from_checkpoint(ckpt)), ckpt), args.out)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(path)
-    return 0
+        return save_checkpoint(quantized_checkpoint(quantize_int8(model_from_checkpoint(ckpt)), ckpt), args.out)
+
+    return cli_result(write)
 
 
 if __name__ == "__main__":
