@@ -100,11 +100,7 @@ def train(cfg: DictConfig) -> float:
                           checkpoint_meta={"config": plain, "tokenizer": tokenizer.identity(),
                                            "resumed_from": resume["path"] if resume else None},
                           compile=cfg.hardware.compile, peak_flops=peak)
-        if resume is not None:
-            trainer.restore(resume)
-            log.info("resumed from %s at step %d", resume["path"], trainer.state.step)
-        if logger is not None:
-            trainer.state.logger_id = logger.start(plain, str(out_dir), trainer.state.logger_id)
+        trainer.begin(resume, plain)
 
         baseline = unigram_loss(data.train, data.val, tokenizer.vocab_size)
         log.info("training on %s with %s: %d iters x %d tokens/iter", info.device, precision, cfg.trainer.max_iters,

@@ -158,11 +158,7 @@ def finetune(cfg: DictConfig) -> float:
         trainer = Trainer(model, objective, optimizer, scheduler, **loop, precision=precision, dist_info=info,
                           run_dir=out_dir, logger=logger, checkpoint_meta=meta, compile=cfg.hardware.compile,
                           peak_flops=None)
-        if resume is not None:
-            trainer.restore(resume)
-            log.info("resumed from %s at step %d", resume["path"], trainer.state.step)
-        if logger is not None:
-            trainer.state.logger_id = logger.start(plain, str(out_dir), trainer.state.logger_id)
+        trainer.begin(resume, plain)
         val = trainer.fit()
         if info.is_main:
             summarise(trainer, time.time() - t_start, out_dir)

@@ -187,6 +187,15 @@ class Trainer:
         self.state.logger_id = (ckpt.get("logger") or {}).get("run_id")
         set_rng_state(ckpt["rng"], self.objective)
 
+    def begin(self, resume: dict | None, config: dict) -> None:
+        """Before fit(): continue from `resume` (a checkpoint) if given, then start the logger's run with
+        the resolved config (a resumed run continues its W&B run)."""
+        if resume is not None:
+            self.restore(resume)
+            log.info("resumed from %s at step %d", resume["path"], self.state.step)
+        if self.dist.is_main:
+            self.state.logger_id = self.logger.start(config, str(self.run_dir), self.state.logger_id)
+
     # ---- the loop ----------------------------------------------------------------------------
     def record(self, metrics: dict) -> None:
         if self.dist.is_main:
