@@ -163,23 +163,28 @@ def test_engine_from_config_loads_like_infer(tmp_path, dtype):
         engine_from_config(conf)
 
 
+def _run_together(c, engine, n, call):
+    """Run call(0) ... call(n - 1) (each sends one request) from threads while the test holds the model
+    (engine.lock): the worker cannot start a batch until every request waits, so they form one batch."""
+    with engine.lock:
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        deadline = time.time() + 10
+        while c.get("/health").json()["in_flight"] < n and time.time() < deadline:
+            time.sleep(0.005)
+    for t in threads:
+        t.join()
+
+
 def _submit_together(c, engine, bodies, path="/generate"):
-    """Send the bodies from threads while the test holds the model (engine.lock): the worker cannot start
-    a batch until every request waits, so they form one batch. Returns the responses in order."""
+    """POST the bodies as one batch (see _run_together); returns the responses in order."""
     out = [None] * len(bodies)
 
     def call(i):
         out[i] = c.post(path, json=bodies[i])
 
-    with engine.lock:
-        threads = [threading.Thread(target=call, args=(i,)) for i in range(len(bodies))]
-        for t in threads:
-            t.start()
-        deadline = time.time() + 10
-        while c.get("/health").json()["in_flight"] < len(bodies) and time.time() < deadline:
-            time.sleep(0.005)
-    for t in threads:
-        t.join()
+    _run_together(c, engine, len(bodies), call)
     return out
 
 
@@ -247,15 +252,7 @@ def test_streams_in_one_batch_send_the_same_text_as_generate(engine):
             with c.stream("POST", "/generate/stream", json=bodies[i]) as r:
                 out[i] = [json.loads(ln[len("data: "):]) for ln in r.iter_lines() if ln.startswith("data: ")]
 
-        with engine.lock:
-            threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(bodies))]
-            for t in threads:
-                t.start()
-            deadline = time.time() + 10
-            while c.get("/health").json()["in_flight"] < len(bodies) and time.time() < deadline:
-                time.sleep(0.005)
-        for t in threads:
-            t.join()
+        _run_together(c, engine, len(bodies), stream)
         assert c.get("/health").json()["batching"]["max_batch_seen"] == 3
     for events, text in zip(out, full):
         assert "".join(e.get("text", "") for e in events) == text
