@@ -400,7 +400,7 @@ def evaluate(cfg: DictConfig, out=sys.stdout) -> dict:
     """Evaluate cfg.ckpt (see conf/evaluate.yaml), write metrics.json, generations.jsonl and samples.txt into
     the run folder, print the table; -> the report {"checkpoint", "data", "metrics", "files"}."""
     check_settings(cfg)
-    model, tokenizer, ckpt = load_for_inference(cfg.ckpt, cfg.device, dtype=dtype_option(cfg))
+    model, tokenizer, ckpt = load_for_inference(cfg.ckpt, cfg.device, cfg.get("quantize"), dtype_option(cfg))
     autocast = contextlib.nullcontext  # the weights are already in the chosen dtype (cfg.dtype): no autocast
     folder = run_dir()
     report = {"checkpoint": checkpoint_info(ckpt, model), "data": {}, "metrics": {}, "files": {}}

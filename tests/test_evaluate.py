@@ -270,6 +270,21 @@ def test_evaluate_a_trained_run(trained):
 
 
 @pytest.mark.slow
+def test_evaluate_int8_perplexity_is_close_to_float(trained, tmp_path):
+    cwd, run, _ = trained
+    ppl = {}
+    for q in ("null", "int8"):
+        out = tmp_path / q
+        proc = run_script("evaluate.py", f"ckpt={run}", f"quantize={q}", "perplexity.max_tokens=1000", "samples.num=0",
+                          f"hydra.run.dir={out}", cwd=cwd)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        ppl[q] = json.loads((out / "metrics.json").read_text())["metrics"]["val/perplexity"]
+    assert ppl["int8"] != ppl["null"] and abs(ppl["int8"] / ppl["null"] - 1) < 0.02, ppl
+    bad = run_script("evaluate.py", f"ckpt={run}", "quantize=int4", cwd=tmp_path)
+    assert bad.returncode == 2 and "quantize='int4'" in bad.stderr
+
+
+@pytest.mark.slow
 def test_evaluate_sweep_writes_one_comparison_table(trained):
     cwd, run, _ = trained
     proc = run_script("evaluate.py", "-m", f"ckpt={run},{run}/checkpoints/last.pt", "perplexity.max_tokens=500",
