@@ -1,32 +1,45 @@
 """HTTP inference service (FastAPI): GET /health, POST /generate, POST /generate/stream (server-sent events).
 
-Requests are validated (prompt length, max_new_tokens, sampling ranges) and answered with a clear
-4xx on bad input. One background worker thread owns the model (`Batcher`): requests that arrive while it
+Requests are validated (types, ranges, prompt length, max_new_tokens) and answered with a clear 4xx on bad
+input. One background worker thread owns the model (`Batcher`): requests that arrive while it
 is busy, or within `batch_wait_ms` of the first, are decoded together as one batch of up to `max_batch`
 rows (left padding, one KV cache of that batch's own), each row sampled from its own logits with its own
 temperature/top-k/top-p, seeded generator, stop token and max_new_tokens, so a request gets the text it
 would get alone. A finished row is dropped from the batch. Each request receives its pieces through its own
 queue. Beyond a full batch, up to `max_queue` requests wait; more get 503. max_batch=1 is the previous
 one-generation-at-a-time server.
+
+In front of the routes one ASGI layer (`Guard`) checks the optional API key, bounds the body size and holds
+each request's admission `Ticket` in a single try/finally, so no failure inside a request can keep its slot.
+A client that goes away cancels its row: the worker drops it at the next decode step.
 """
 
-from __future__ import annotations
-
 import asyncio
+import hmac
 import json
+import os
+import sys
 import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
 
 import torch
-from fastapi import FastAPI, HTTPException
-from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, Field
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gpt.errors import UserError
 from gpt.generate import last_logits, left_pad, sample_next
 from gpt.inference import dtype_option, encode_prompt, load_for_inference
+
+SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit value; larger ones raise inside the request
+# The sampler works in float32: a positive temperature below ~1e-37 or a top_p below ~1e-45 becomes 0 there
+# and turns every probability into NaN. Below 1e-5 sampling is argmax in practice, so that is the floor.
+SAMPLING_EPS = 1e-5
+API_KEY_ENV = "GPT_API_KEY"  # read by serve() when api_key is not set in the config
 
 
 @dataclass
@@ -36,18 +49,40 @@ class Limits:
     max_queue: int = 16  # requests waiting for the model beyond a full running batch
     max_batch: int = 8  # concurrent requests decoded together (1: one generation at a time)
     batch_wait_ms: float = 5.0  # how long the worker waits for more requests to join a batch
+    max_body_bytes: int = 1 << 20  # larger request bodies get 413 before they are parsed
 
 
 class GenerateRequest(BaseModel):
+    """A /generate body. Strict types (no "5" for 5, no true for 1), finite numbers only; `request_model`
+    adds the server's limits (prompt length, max_new_tokens) as field bounds."""
+
     prompt: str = Field(..., description="text to continue")
     max_new_tokens: int | None = Field(None, ge=1, description="default: min(128, the server's limit)")
-    temperature: float = Field(0.8, ge=0.0, le=5.0, description="0 = greedy")
+    temperature: float = Field(0.8, ge=0.0, le=5.0, description=f"0 = greedy, else at least {SAMPLING_EPS}")
     top_k: int | None = Field(200, ge=1)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = None
+    top_p: float | None = Field(None, ge=SAMPLING_EPS, le=1.0)
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
     chat: bool = False
 
-    model_config = {"extra": "forbid"}
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    @field_validator("temperature")
+    @classmethod
+    def _greedy_or_sampled(cls, t: float) -> float:
+        if 0 < t < SAMPLING_EPS:
+            raise ValueError(f"temperature={t} is too small to sample with: use 0 for greedy decoding or a value "
+                             f"from {SAMPLING_EPS} to 5")
+        return t
+
+
+def request_model(limits: Limits) -> type[GenerateRequest]:
+    """GenerateRequest with this server's limits as bounds, so they are checked (422) with the other fields
+    and shown in the OpenAPI schema."""
+    return create_model(
+        "GenerateRequest", __base__=GenerateRequest,
+        prompt=(str, Field(..., max_length=limits.max_prompt_chars, description="text to continue")),
+        max_new_tokens=(int | None, Field(None, ge=1, le=limits.max_new_tokens,
+                                          description=f"default: {min(128, limits.max_new_tokens)}")))
 
 
 class Engine:
@@ -85,8 +120,9 @@ class Job:
     """One request in the batcher: its prompt ids, sampling settings, generator and output queue.
 
     The worker calls `push(token)` for each sampled token (text pieces go out as whole UTF-8 characters)
-    and `finish()` once; the request's coroutine reads ("piece", text, token), then ("done", new_tokens,
-    seconds) or ("error", message, None) from `queue` (an asyncio.Queue on `loop`)."""
+    and `finish()` or `fail()` once; the request's coroutine reads ("piece", text, token), then ("done",
+    new_tokens, seconds), ("error", message, None) or, after its own `cancel()`, ("cancelled", None, None)
+    from `queue` (an asyncio.Queue on `loop`)."""
 
     def __init__(self, engine: Engine, ids: list[int], req: GenerateRequest, loop: asyncio.AbstractEventLoop,
                  stream: bool = True):
@@ -99,8 +135,14 @@ class Job:
         self.gen.manual_seed(req.seed if req.seed is not None else int(time.time_ns() % 2**31))
         self.new: list[int] = []
         self.shown = ""
-        self.cancelled = False  # the client went away: the worker drops the row
+        self.cancelled = False  # the client went away: the worker drops the row at its next step
         self.t0 = 0.0
+
+    def cancel(self) -> None:
+        """The client went away (call on the request's event loop): the worker drops the row before its next
+        step, and whoever waits on `queue` wakes up now instead of after the batch."""
+        self.cancelled = True
+        self.queue.put_nowait(("cancelled", None, None))
 
     def emit(self, *item) -> None:
         try:
@@ -126,11 +168,15 @@ class Job:
             self.emit("piece", text[len(self.shown):], None)
         self.emit("done", len(self.new), time.perf_counter() - self.t0)
 
+    def fail(self, e: Exception) -> None:
+        self.emit("error", f"{type(e).__name__}: {e}", None)
+
 
 def run_batch(engine: Engine, jobs: list[Job]) -> None:
     """Decode the jobs together: left-padded prompts, one KV cache for this batch only, each row sampled
     from its own logits with its own settings and generator (the decoding of generate_tokens, whose pad
-    handling makes every row generate what it would alone). Finished rows leave the batch."""
+    handling makes every row generate what it would alone). Finished and cancelled rows leave the batch; a
+    row whose sampling fails gets the error and leaves alone, the others go on."""
     model, block = engine.model, engine.model.config.block_size
     idx, pad = left_pad([j.ids for j in jobs], device=engine.device)
     B, T0 = idx.shape
@@ -154,8 +200,14 @@ def run_batch(engine: Engine, jobs: list[Job]) -> None:
                 logits = last_logits(model, seq[:, n - 1:n], cache, wpad)
             keep = []
             for i, job in enumerate(active):
+                if job.cancelled:  # nobody reads this row any more
+                    continue
                 r = job.req
-                t = int(sample_next(logits[i:i + 1], r.temperature, r.top_k, r.top_p, job.gen)[0])
+                try:
+                    t = int(sample_next(logits[i:i + 1], r.temperature, r.top_k, r.top_p, job.gen)[0])
+                except Exception as e:  # one row's settings must not fail its batch-mates
+                    job.fail(e)
+                    continue
                 seq[i, n] = t
                 if job.push(t):
                     job.finish()
@@ -229,73 +281,204 @@ class Batcher:
                     run_batch(self.engine, jobs)
                 except Exception as e:  # every request of the batch gets the error
                     for j in jobs:
-                        j.emit("error", f"{type(e).__name__}: {e}", None)
+                        j.fail(e)
 
 
-def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
+class SafeJSONResponse(JSONResponse):
+    """JSON that always renders: non-ASCII escaped (a lone surrogate cannot break the UTF-8 encoding) and
+    NaN/Infinity refused rather than written as invalid JSON."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+def _clip(x, n: int = 200):
+    return x if isinstance(x, int) else str(x)[:n]
+
+
+def validation_errors(errors) -> list[dict]:
+    """pydantic/FastAPI errors -> what a 422 body shows: where, what, which kind. The offending input and
+    ctx are left out: they may be 1 MB long, NaN or an exception object, and the client sent them anyway."""
+    return [{"loc": [_clip(x) for x in e.get("loc", ())], "msg": _clip(e.get("msg", ""), 500),
+             "type": _clip(e.get("type", ""))} for e in list(errors)[:20]]
+
+
+class Admission:
+    """The count of generation requests in flight, capped at max_queue + max_batch (more get 503)."""
+
+    def __init__(self, cap: int):
+        self.cap, self.in_flight = cap, 0
+
+
+class Ticket:
+    """One request's claim on an Admission slot: `take()` once the request is valid (503 when full),
+    `release()` any number of times (Guard calls it in its finally; only a taken ticket gives a slot back)."""
+
+    def __init__(self, admission: Admission):
+        self.admission, self.held = admission, False
+
+    def take(self) -> None:
+        a = self.admission
+        if a.in_flight >= a.cap:
+            raise HTTPException(503, f"server busy: {a.in_flight} requests in flight; retry later")
+        a.in_flight += 1
+        self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.admission.in_flight -= 1
+
+
+async def _answer(send, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
+    body = SafeJSONResponse({"detail": detail}).body
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+class Guard:
+    """The ASGI layer in front of every route: API key (all paths but /health when one is set), body size
+    (read up to max_body_bytes, 413 beyond, before anything parses it), and the request's admission Ticket,
+    put in scope["gpt.ticket"] for the route to take and released here in one finally, whatever happens
+    inside (a validation error, an exception, a cancelled task, a client gone mid-stream)."""
+
+    def __init__(self, app, admission: Admission, max_body_bytes: int, api_key: str | None = None):
+        self.app, self.admission, self.max_body = app, admission, max_body_bytes
+        self.key = api_key.encode() if api_key else None
+
+    def _authorized(self, scope) -> bool:
+        value = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = value.partition(b" ")
+        ok = hmac.compare_digest(token.strip(), self.key)  # constant time: no timing oracle on the key
+        return scheme.lower() == b"bearer" and ok
+
+    async def _body(self, scope, receive, send) -> bytes | None:
+        """The whole body, or None when it was refused (413 sent) or the client left while sending it."""
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            await _answer(send, 413, f"request body of {length.decode('latin-1')[:20]} bytes; the limit is "
+                                     f"{self.max_body} (limits.max_body_bytes)")
+            return None
+        chunks, size = [], 0
+        while True:  # also bounds chunked bodies, which carry no content-length
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body:
+                await _answer(send, 413, f"request body over {self.max_body} bytes (limits.max_body_bytes)")
+                return None
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.key is not None and scope["path"] != "/health" and not self._authorized(scope):
+            return await _answer(send, 401, "missing or wrong API key: send the header 'Authorization: Bearer "
+                                            "<key>'", {"www-authenticate": "Bearer"})
+        body = await self._body(scope, receive, send)
+        if body is None:
+            return
+        replayed = False
+
+        async def replay():  # the body once, then the client's own messages (http.disconnect)
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        ticket = scope["gpt.ticket"] = Ticket(self.admission)
+        try:
+            await self.app(scope, replay, send)
+        finally:
+            ticket.release()
+
+
+async def _cancel_on_disconnect(receive, job: Job) -> None:
+    """Wait for the client to go away (its body is already read, so the next message is http.disconnect)
+    and cancel its row."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    job.cancel()
+
+
+def create_app(engine: Engine, limits: Limits | None = None, api_key: str | None = None) -> FastAPI:
+    """The service around `engine`; api_key (None: open) is then required on every path but /health."""
     limits = limits or Limits()
-    app = FastAPI(title="gpt-pipeline inference", version="0.1.0")
-    state = {"waiting": 0}
+    app = FastAPI(title="gpt-pipeline inference", version="0.1.0", default_response_class=SafeJSONResponse)
+    admission = Admission(limits.max_queue + limits.max_batch)
     batcher = Batcher(engine, limits.max_batch, limits.batch_wait_ms)
-    app.state.batcher = batcher
+    app.state.batcher, app.state.admission = batcher, admission
+    Body = request_model(limits)
 
-    def check(req: GenerateRequest) -> list[int]:
-        if len(req.prompt) > limits.max_prompt_chars:
-            raise HTTPException(413, f"prompt has {len(req.prompt)} characters; the limit is {limits.max_prompt_chars}")
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> SafeJSONResponse:
+        return SafeJSONResponse({"detail": validation_errors(exc.errors())}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> SafeJSONResponse:
+        return SafeJSONResponse({"detail": _clip(exc.detail, 1000)}, status_code=exc.status_code,
+                                headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def crashed(request: Request, exc: Exception) -> SafeJSONResponse:  # a bug, still answered in JSON
+        return SafeJSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
+
+    def admit(request: Request, req: GenerateRequest, stream: bool) -> Job:
+        """Encode a valid request, take its ticket (503 when full) and queue its job."""
         if req.max_new_tokens is None:
             req.max_new_tokens = min(128, limits.max_new_tokens)
-        if req.max_new_tokens > limits.max_new_tokens:
-            raise HTTPException(422, f"max_new_tokens={req.max_new_tokens} exceeds the limit {limits.max_new_tokens}")
         try:
-            return engine.encode(req)
+            ids = engine.encode(req)
         except UserError as e:
             raise HTTPException(400, str(e)) from None
-
-    async def admitted():
-        if state["waiting"] >= limits.max_queue + limits.max_batch:
-            raise HTTPException(503, f"server busy: {state['waiting']} requests in flight; retry later")
-        state["waiting"] += 1
+        request.scope["gpt.ticket"].take()
+        job = Job(engine, ids, req, asyncio.get_running_loop(), stream)
+        batcher.submit(job)
+        return job
 
     @app.get("/health")
     def health() -> dict:
         cfg = engine.model.config
         return {"status": "ok", "model_loaded": True, "device": engine.device, "checkpoint": engine.checkpoint,
                 "parameters": engine.model.num_params(), "block_size": cfg.block_size, "vocab_size": cfg.vocab_size,
-                "in_flight": state["waiting"], "batching": batcher.stats()}
+                "in_flight": admission.in_flight, "batching": batcher.stats()}
 
     @app.post("/generate")
-    async def generate(req: GenerateRequest) -> dict:
-        ids = check(req)
-        await admitted()
-        job = Job(engine, ids, req, asyncio.get_running_loop(), stream=False)
+    async def generate(req: Body, request: Request):
+        job = admit(request, req, stream=False)
+        watch = asyncio.create_task(_cancel_on_disconnect(request.receive, job))
         try:
-            batcher.submit(job)
             text = []
             while True:
                 kind, a, b = await job.queue.get()
                 if kind == "piece":
                     text.append(a)
                 elif kind == "error":
-                    raise RuntimeError(a)
+                    raise HTTPException(500, f"generation failed: {a}")
+                elif kind == "cancelled":  # the client is gone; nobody reads this answer
+                    return SafeJSONResponse({"detail": "client closed the connection"}, status_code=499)
                 else:
                     n, dt = a, b  # new tokens, seconds since the request's batch started
                     break
         finally:
-            job.cancelled = True  # a no-op once done; drops the row if this request was abandoned
-            state["waiting"] -= 1
+            watch.cancel()
+            job.cancelled = True  # a no-op once done; drops the row if the request ended any other way
         return {"prompt": req.prompt, "completion": "".join(text), "new_tokens": n,
                 "finish_reason": "length" if n >= req.max_new_tokens else "stop", "seconds": round(dt, 4),
                 "tokens_per_second": round(n / dt, 2) if dt > 0 else None}
 
     @app.post("/generate/stream")
-    async def generate_stream(req: GenerateRequest) -> StreamingResponse:
-        ids = check(req)
-        await admitted()
+    async def generate_stream(req: Body, request: Request) -> StreamingResponse:
+        job = admit(request, req, stream=True)
 
         async def events():
-            job = Job(engine, ids, req, asyncio.get_running_loop())
             try:
-                batcher.submit(job)
                 while True:
                     kind, a, _ = await job.queue.get()
                     if kind == "piece":
@@ -306,12 +489,12 @@ def create_app(engine: Engine, limits: Limits | None = None) -> FastAPI:
                     else:
                         yield f"data: {json.dumps({'done': True, 'new_tokens': a})}\n\n"
                         break
-            finally:
-                job.cancelled = True  # the client went away: the worker drops the row
-                state["waiting"] -= 1
+            finally:  # the stream ended, or the client went away (Starlette cancels the stream then)
+                job.cancelled = True
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
+    app.add_middleware(Guard, admission=admission, max_body_bytes=limits.max_body_bytes, api_key=api_key)
     return app
 
 
@@ -326,4 +509,9 @@ def serve(cfg) -> None:
     import uvicorn
 
     engine = engine_from_config(cfg)
-    uvicorn.run(create_app(engine, Limits(**cfg.limits)), host=cfg.host, port=int(cfg.port), log_level="info")
+    api_key = cfg.get("api_key") or os.environ.get(API_KEY_ENV) or None
+    if api_key is None and cfg.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {cfg.host} without an API key: anyone who can reach port {cfg.port} can "
+              f"generate; set api_key= or {API_KEY_ENV}", file=sys.stderr)
+    app = create_app(engine, Limits(**cfg.limits), api_key=str(api_key) if api_key else None)
+    uvicorn.run(app, host=cfg.host, port=int(cfg.port), log_level="info")

@@ -73,7 +73,7 @@ def test_stream_sends_the_same_text_as_events(client):
     ({"prompt": "a", "top_p": 1.5}, 422),
     ({"prompt": "a", "top_k": 0}, 422),
     ({"prompt": "a", "unknown_field": 1}, 422),
-    ({"prompt": "x" * 101}, 413),                                # prompt over the limit
+    ({"prompt": "x" * 101}, 422),                                # prompt over the limit
     ({"prompt": "€uro"}, 400),                                   # not in the char vocabulary
     ({"prompt": "a", "chat": True}, 400),                        # no chat template in this checkpoint
 ])
