@@ -8,8 +8,10 @@ A checkpoint holds `model` (state dict without torch.compile/DDP prefixes), `opt
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -34,18 +36,80 @@ def clean_state_dict(state: dict) -> dict:
     return out
 
 
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written (full disk, quota, permissions); the file it would replace is intact."""
+
+
+def _write_failure(path: Path, error: BaseException, free_bytes: int | None) -> str:
+    """One line for a failed write. torch's own file writer reports a full disk only as an `enforce fail at
+    inline_container.cc` RuntimeError, so that case is told apart by the free space left at the time."""
+    kept = "the previous checkpoint is intact" if path.exists() else "no partial file was left"
+    full = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+    if full or (isinstance(error, RuntimeError) and free_bytes is not None and free_bytes < 1 << 20):
+        return f"no space left on device while writing {path}; {kept}"
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
+    return f"could not write {path} ({reason}); {kept}"
+
+
 def save_checkpoint(obj: dict, path: str | Path) -> Path:
-    """torch.save to a temp file in the same folder, then rename over `path` (atomic on POSIX)."""
+    """torch.save to a temp file in the same folder, flushed to disk, then renamed over `path` (atomic on
+    POSIX): a kill, a crash or a full disk leaves the previous file or the new one, never a mix. A failed
+    write removes its temp file and raises CheckpointWriteError (one line); a kill -9 can leave the temp
+    file (`.<name>.tmp-<pid>`), which remove_stale_temps clears when the next run starts."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as f:  # a Python file, so a full disk surfaces as OSError(ENOSPC)
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not any(m in str(e) for m in ("inline_container", "write failed")):
+            raise  # not an I/O failure
+        free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else None
+        raise CheckpointWriteError(_write_failure(path, e, free)) from None
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
     return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable across a power loss (a kill alone needs nothing: the page cache survives it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on a directory
+        pass
+    finally:
+        os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Delete the `.<name>.tmp-<pid>` files a killed save left in `folder` (those of a process still running
+    on this machine are kept) -> the paths removed."""
+    removed = []
+    for p in Path(folder).glob(".*.tmp*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if p.is_file() and not (pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid))):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def resolve_checkpoint(path: str | Path, prefer: str = "best") -> Path:

