@@ -54,12 +54,11 @@ def test_save_is_atomic_when_torch_save_fails(tmp_path, monkeypatch):
     before = path.read_bytes()
 
     def broken_save(obj, f, *a, **k):
-        with open(f, "wb") as fh:
-            fh.write(b"PK\x03\x04 partial bytes")
+        f.write(b"PK\x03\x04 partial bytes")
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(UserError, match="could not write .*disk full.*the previous checkpoint is intact"):
         save_checkpoint({"version": torch.tensor([2])}, path)
     monkeypatch.undo()
     assert path.read_bytes() == before  # the old checkpoint is untouched
@@ -69,7 +68,7 @@ def test_save_is_atomic_when_torch_save_fails(tmp_path, monkeypatch):
 
 def test_save_new_file_failure_leaves_nothing(tmp_path, monkeypatch):
     def broken_save(obj, f, *a, **k):
-        open(f, "wb").write(b"partial")
+        f.write(b"partial")
         raise RuntimeError("boom")
 
     monkeypatch.setattr(torch, "save", broken_save)
