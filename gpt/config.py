@@ -13,7 +13,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from gpt.errors import UserError
+from gpt.errors import Interrupted, UserError
 
 log = logging.getLogger("gpt")
 _claimed: dict[str, str] = {}
@@ -111,6 +111,11 @@ def entry(fn):
     def wrapper(cfg: DictConfig):
         try:
             return fn(cfg)
+        except Interrupted as e:  # a signal stopped training after saving: its line, exit 128 + signal
+            logging.shutdown()
+            if str(e):
+                print(e, file=sys.stderr)
+            sys.exit(e.exit_code)
         except Exception as exc:
             e = user_error_in(exc)  # hydra.utils.instantiate wraps errors raised by constructors
             if e is None:

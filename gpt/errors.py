@@ -7,6 +7,16 @@ class UserError(Exception):
     """Bad input that the user can fix: the message names the value and the fix."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by SIGINT or SIGTERM. The message (one line; empty on ranks other than 0) says what
+    was saved and how to resume; exit_code is 128 + the signal number (130 for SIGINT, 143 for SIGTERM).
+    A KeyboardInterrupt, so that no `except Exception` on the way out can swallow it."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def cli_result(action) -> int:
     """Run a command-line tool's `action` (returns the path it wrote): print the path and return 0, or print
     a UserError as one `error: ...` line on stderr and return 2 (the exit code the entry scripts use)."""
