@@ -181,6 +181,17 @@ def _int8_linears(model: nn.Module) -> dict[str, Int8Linear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, Int8Linear)}
 
 
+def num_params(model: nn.Module, non_embedding: bool = True) -> int:
+    """model.num_params() with an int8 model's Linear weights counted too (buffers of Int8Linear, not
+    parameters): the count of the float model it was made from. The int8 output layer is a copy of the tied
+    embedding, which the float count already holds once."""
+    n = model.num_params(non_embedding)
+    for name, m in _int8_linears(model).items():
+        if name != "lm_head":
+            n += m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
+    return n
+
+
 def quantized_checkpoint(qmodel: nn.Module, ckpt: dict) -> dict:
     """The parent checkpoint's metadata with int8 weights and scales in place of the float Linear weights."""
     qlinears = _int8_linears(qmodel)

@@ -147,3 +147,19 @@ def test_quantize_cli_and_infer(ckpt_path, tmp_path):
                    cwd=tmp_path)
     assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
     assert a.stdout == b.stdout and a.stdout.startswith("abc")
+
+
+@pytest.mark.parametrize("model_cls", ["GPT", "RewardModel"])
+def test_int8_model_counts_the_parameters_of_its_float_model(model_cls, tmp_path):
+    """evaluate.py prints num_params: an int8 model's Linear weights are buffers, and still count."""
+    from gpt.heads import RewardModel
+    from gpt.quantize import num_params
+
+    torch.manual_seed(0)
+    model = (GPT if model_cls == "GPT" else RewardModel)(**CFG).eval()
+    q = quantize_int8(model)
+    assert num_params(q) == num_params(model) == model.num_params()
+    assert num_params(q, non_embedding=False) == model.num_params(non_embedding=False)
+    # 2 blocks of (c_attn 64x192 + c_proj 64x64 + c_fc 64x256 + mlp c_proj 256x64, with biases) plus the rest
+    linear = 2 * (64 * 192 + 192 + 64 * 64 + 64 + 64 * 256 + 256 + 256 * 64 + 64)
+    assert num_params(q) - q.num_params() == linear + (65 if model_cls == "RewardModel" else 0)  # head: 64 + 1
