@@ -44,7 +44,9 @@ async def run(url: str, concurrency: int, total: int, body: dict, timeout: float
             if r.status_code == 200:
                 tokens += r.json()["new_tokens"]
 
-    async with httpx.AsyncClient(timeout=timeout) as client:
+    key = os.environ.get("GPT_API_KEY")  # the server's api_key, when it requires one
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    async with httpx.AsyncClient(timeout=timeout, headers=headers) as client:
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         wall = time.perf_counter() - t0

@@ -311,11 +311,13 @@ class Admission:
 
 
 class Ticket:
-    """One request's claim on an Admission slot: `take()` once the request is valid (503 when full),
-    `release()` any number of times (Guard calls it in its finally; only a taken ticket gives a slot back)."""
+    """One request's claim on an Admission slot and on the model: `take()` once the request is valid (503
+    when full), then `job` is its row. Guard calls `release()` in its finally when the request ends, however
+    it ends: the slot goes back and the row, if still decoding, is dropped at the worker's next step."""
 
     def __init__(self, admission: Admission):
         self.admission, self.held = admission, False
+        self.job: Job | None = None
 
     def take(self) -> None:
         a = self.admission
@@ -325,6 +327,8 @@ class Ticket:
         self.held = True
 
     def release(self) -> None:
+        if self.job is not None:
+            self.job.cancelled = True  # a no-op for a finished row
         if self.held:
             self.held = False
             self.admission.in_flight -= 1
@@ -437,8 +441,9 @@ def create_app(engine: Engine, limits: Limits | None = None, api_key: str | None
             ids = engine.encode(req)
         except UserError as e:
             raise HTTPException(400, str(e)) from None
-        request.scope["gpt.ticket"].take()
-        job = Job(engine, ids, req, asyncio.get_running_loop(), stream)
+        ticket = request.scope["gpt.ticket"]
+        ticket.take()
+        job = ticket.job = Job(engine, ids, req, asyncio.get_running_loop(), stream)
         batcher.submit(job)
         return job
 
@@ -468,29 +473,27 @@ def create_app(engine: Engine, limits: Limits | None = None, api_key: str | None
                     break
         finally:
             watch.cancel()
-            job.cancelled = True  # a no-op once done; drops the row if the request ended any other way
         return {"prompt": req.prompt, "completion": "".join(text), "new_tokens": n,
                 "finish_reason": "length" if n >= req.max_new_tokens else "stop", "seconds": round(dt, 4),
                 "tokens_per_second": round(n / dt, 2) if dt > 0 else None}
 
     @app.post("/generate/stream")
     async def generate_stream(req: Body, request: Request) -> StreamingResponse:
+        # a client that goes away ends the response (Starlette listens for the disconnect), and with it the
+        # request: Guard's finally then drops the row
         job = admit(request, req, stream=True)
 
         async def events():
-            try:
-                while True:
-                    kind, a, _ = await job.queue.get()
-                    if kind == "piece":
-                        yield f"data: {json.dumps({'text': a})}\n\n"
-                    elif kind == "error":
-                        yield f"event: error\ndata: {json.dumps({'error': a})}\n\n"
-                        break
-                    else:
-                        yield f"data: {json.dumps({'done': True, 'new_tokens': a})}\n\n"
-                        break
-            finally:  # the stream ended, or the client went away (Starlette cancels the stream then)
-                job.cancelled = True
+            while True:
+                kind, a, _ = await job.queue.get()
+                if kind == "piece":
+                    yield f"data: {json.dumps({'text': a})}\n\n"
+                elif kind == "error":
+                    yield f"event: error\ndata: {json.dumps({'error': a})}\n\n"
+                    break
+                else:
+                    yield f"data: {json.dumps({'done': True, 'new_tokens': a})}\n\n"
+                    break
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -504,14 +507,22 @@ def engine_from_config(cfg) -> Engine:
     return Engine(model, tokenizer, cfg.device, None, ckpt["path"])
 
 
+def api_key_of(cfg) -> str | None:
+    """The config's api_key, else the GPT_API_KEY environment variable; None (an open server) when neither
+    is set or the value is empty."""
+    key = cfg.get("api_key")
+    key = os.environ.get(API_KEY_ENV) if key is None else key
+    return str(key) if key not in (None, "") else None
+
+
 def serve(cfg) -> None:
     """serve.py: run the app for conf/serve.yaml with uvicorn until interrupted."""
     import uvicorn
 
     engine = engine_from_config(cfg)
-    api_key = cfg.get("api_key") or os.environ.get(API_KEY_ENV) or None
+    api_key = api_key_of(cfg)
     if api_key is None and cfg.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {cfg.host} without an API key: anyone who can reach port {cfg.port} can "
               f"generate; set api_key= or {API_KEY_ENV}", file=sys.stderr)
-    app = create_app(engine, Limits(**cfg.limits), api_key=str(api_key) if api_key else None)
+    app = create_app(engine, Limits(**cfg.limits), api_key=api_key)
     uvicorn.run(app, host=cfg.host, port=int(cfg.port), log_level="info")

@@ -1,0 +1,387 @@
+"""The HTTP service under hostile or unlucky clients: no request can keep its slot, every answer is JSON,
+bodies are bounded, an API key guards every path but /health, and a client that goes away stops its row."""
+
+import json
+import random
+import socket
+import threading
+import time
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+import gpt.serve as serve_mod  # noqa: E402
+from gpt.model import GPT  # noqa: E402
+from gpt.serve import SEED_MAX, Engine, Limits, create_app  # noqa: E402
+from gpt.tokenizer import CharTokenizer  # noqa: E402
+
+CHARS = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+SMALL = dict(max_prompt_chars=100, max_new_tokens=8, max_queue=2, max_batch=2)  # 4 slots in all
+
+
+def tiny_engine() -> Engine:
+    torch.manual_seed(0)
+    model = GPT(vocab_size=len(CHARS), block_size=32, n_layer=2, n_head=2, n_embd=32).eval()
+    return Engine(model, CharTokenizer(CHARS), "cpu", None, "tiny.pt")
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return tiny_engine()
+
+
+def strict_json(text: str):
+    """json.loads that refuses NaN/Infinity, as a browser's JSON.parse does."""
+    def bad(name):
+        raise ValueError(f"{name} is not JSON")
+    return json.loads(text, parse_constant=bad)
+
+
+def in_flight(c) -> int:
+    return c.get("/health").json()["in_flight"]
+
+
+def post_raw(c, body: bytes, path: str = "/generate", **headers):
+    return c.post(path, content=body, headers={"content-type": "application/json", **headers})
+
+
+# --- validation: every field's range, answered 422 in JSON, the slot never taken -------------------------
+
+@pytest.mark.parametrize("field, value", [
+    ("seed", 2**64), ("seed", SEED_MAX + 1), ("seed", -1), ("seed", "5"), ("seed", 1.5),
+    ("temperature", -0.1), ("temperature", 5.5), ("temperature", 1e-300), ("temperature", "hot"),
+    ("temperature", True), ("top_k", 0), ("top_k", -5), ("top_k", 2.0), ("top_p", 0), ("top_p", 1e-300),
+    ("top_p", 1.01), ("max_new_tokens", 0), ("max_new_tokens", 9), ("max_new_tokens", 10**30),
+    ("max_new_tokens", "8"), ("chat", "yes"), ("chat", 1), ("prompt", None), ("prompt", ["a"]),
+    ("prompt", "x" * 101), ("prompt", "\ud800"), ("extra", 1),
+])
+def test_out_of_range_fields_get_422_and_hold_no_slot(engine, field, value):
+    c = TestClient(create_app(engine, Limits(**SMALL)))
+    r = post_raw(c, json.dumps({"prompt": "ROMEO:", field: value}).encode())  # \ud800 escaped, as JSON allows
+    assert r.status_code == 422, r.text
+    detail = strict_json(r.text)["detail"]
+    assert any(field in e["loc"] for e in detail), detail
+    assert in_flight(c) == 0
+
+
+def test_the_largest_seed_is_served(engine):
+    c = TestClient(create_app(engine, Limits(**SMALL)))
+    r = c.post("/generate", json={"prompt": "ROMEO:", "seed": SEED_MAX, "temperature": 1.0, "max_new_tokens": 4})
+    assert r.status_code == 200 and r.json()["new_tokens"] == 4, r.text
+
+
+@pytest.mark.parametrize("token", ["NaN", "Infinity", "-Infinity", "1e400"])
+@pytest.mark.parametrize("field", ["temperature", "top_p"])
+def test_nan_and_infinity_get_a_clean_422_in_json(engine, field, token):
+    c = TestClient(create_app(engine, Limits(**SMALL)))
+    r = post_raw(c, f'{{"prompt": "ROMEO:", "{field}": {token}}}'.encode())
+    assert r.status_code == 422 and r.headers["content-type"] == "application/json", r.text
+    detail = strict_json(r.text)["detail"]
+    assert detail[0]["loc"] == ["body", field] and "finite" in detail[0]["msg"]
+    assert in_flight(c) == 0
+
+
+# --- slots: released whatever fails inside a request ------------------------------------------------------
+
+def test_many_bad_requests_then_a_good_one_is_served(engine):
+    """The seed that used to leak a slot, 6 times the server's 4 slots, among other bad bodies."""
+    c = TestClient(create_app(engine, Limits(**SMALL)))
+    bad = [b'{"prompt": "a", "seed": 18446744073709551616}', b'{"prompt": "a", "temperature": NaN}',
+           b'{"prompt": "a", "max_new_tokens": 1e999}', b'{"prompt": "\xff\xfe"}', b"{not json"]
+    for i in range(24):
+        assert post_raw(c, bad[i % len(bad)]).status_code in (400, 422)
+    assert in_flight(c) == 0
+    r = c.post("/generate", json={"prompt": "ROMEO:", "max_new_tokens": 4, "temperature": 0})
+    assert r.status_code == 200 and r.json()["new_tokens"] == 4
+
+
+def test_a_request_that_fails_after_taking_its_slot_gives_it_back(engine, monkeypatch):
+    """Whatever raises once the ticket is taken (here: building the job, where a bad seed used to raise),
+    the Guard's finally releases the slot: 3x the slots of failing requests, then a good one."""
+    real = serve_mod.Job.__init__
+
+    def job_init(self, engine, ids, req, *a, **k):
+        if req.seed == 13:
+            raise RuntimeError("seed 13 breaks the job")
+        real(self, engine, ids, req, *a, **k)
+
+    monkeypatch.setattr(serve_mod.Job, "__init__", job_init)
+    c = TestClient(create_app(engine, Limits(**SMALL)), raise_server_exceptions=False)
+    for path in ["/generate", "/generate/stream"] * 6:
+        r = c.post(path, json={"prompt": "ROMEO:", "seed": 13})
+        assert r.status_code == 500 and strict_json(r.text)["detail"] == "internal error: RuntimeError"
+    assert in_flight(c) == 0
+    assert c.post("/generate", json={"prompt": "ROMEO:", "max_new_tokens": 3}).status_code == 200
+
+
+def test_a_row_whose_sampling_fails_fails_alone_and_frees_its_slot(engine, monkeypatch):
+    """One row's sampling error answers that request with a JSON 500; its batch-mate gets its text."""
+    real = serve_mod.sample_next
+
+    def sample(logits, temperature, *a):
+        if temperature == 0.5:
+            raise RuntimeError("probability tensor contains nan")
+        return real(logits, temperature, *a)
+
+    monkeypatch.setattr(serve_mod, "sample_next", sample)
+    good = {"prompt": "ROMEO:", "max_new_tokens": 6, "temperature": 0}
+    bad = {"prompt": "To be", "max_new_tokens": 6, "temperature": 0.5}
+    with TestClient(create_app(engine, Limits(**SMALL))) as c:
+        alone = c.post("/generate", json=good).json()["completion"]
+        out = {}
+
+        def call(name, body):
+            out[name] = c.post("/generate", json=body)
+
+        with engine.lock:  # both wait for the model, so the worker takes them as one batch
+            threads = [threading.Thread(target=call, args=a) for a in (("good", good), ("bad", bad))]
+            for t in threads:
+                t.start()
+            deadline = time.time() + 10
+            while in_flight(c) < 2 and time.time() < deadline:
+                time.sleep(0.005)
+        for t in threads:
+            t.join()
+        assert c.get("/health").json()["batching"]["max_batch_seen"] == 2
+        assert in_flight(c) == 0
+    assert out["good"].status_code == 200 and out["good"].json()["completion"] == alone
+    assert out["bad"].status_code == 500 and "generation failed" in strict_json(out["bad"].text)["detail"]
+
+
+# --- body size --------------------------------------------------------------------------------------------
+
+def test_bodies_over_max_body_bytes_get_413_before_parsing(engine):
+    c = TestClient(create_app(engine, Limits(**SMALL, max_body_bytes=1000)))
+    big = json.dumps({"prompt": "a" * 2000}).encode()
+    r = post_raw(c, big)  # with a content-length
+    assert r.status_code == 413 and "max_body_bytes" in strict_json(r.text)["detail"]
+    r = post_raw(c, b"{" * 5000)  # not even JSON: refused for its size, never parsed
+    assert r.status_code == 413
+    r = post_raw(c, json.dumps({"prompt": "a" * 101}).encode())  # under the limit: parsed and validated
+    assert r.status_code == 422
+    assert in_flight(c) == 0
+
+
+def test_a_chunked_body_over_the_limit_is_refused(engine):
+    c = TestClient(create_app(engine, Limits(**SMALL, max_body_bytes=1000)))
+    chunks = [b'{"prompt": "', b"a" * 900, b"a" * 900, b'"}']
+    r = c.post("/generate", content=iter(chunks), headers={"content-type": "application/json"})
+    assert r.request.headers.get("transfer-encoding") == "chunked" and "content-length" not in r.request.headers
+    assert r.status_code == 413
+    ok = c.post("/generate", content=iter([b'{"prompt": "ROMEO:",', b' "max_new_tokens": 2}']),
+                headers={"content-type": "application/json"})
+    assert ok.status_code == 200 and ok.json()["new_tokens"] == 2
+
+
+# --- API key ----------------------------------------------------------------------------------------------
+
+def test_api_key_is_required_everywhere_but_health(engine):
+    c = TestClient(create_app(engine, Limits(**SMALL), api_key="s3cret-key"))
+    body = {"prompt": "ROMEO:", "max_new_tokens": 2}
+    assert c.get("/health").status_code == 200
+    for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "s3cret-key"},
+                    {"authorization": "Basic s3cret-key"}, {"authorization": "Bearer s3cret-key-and-more"}):
+        for method, path in [("POST", "/generate"), ("POST", "/generate/stream"), ("GET", "/docs"),
+                             ("GET", "/openapi.json"), ("GET", "/nowhere")]:
+            r = c.request(method, path, json=body if method == "POST" else None, headers=headers)
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", (path, headers)
+            assert "Authorization: Bearer" in strict_json(r.text)["detail"]
+    for scheme in ("Bearer", "bearer"):
+        r = c.post("/generate", json=body, headers={"authorization": f"{scheme} s3cret-key"})
+        assert r.status_code == 200 and r.json()["new_tokens"] == 2
+    assert c.get("/openapi.json", headers={"authorization": "Bearer s3cret-key"}).status_code == 200
+    assert in_flight(c) == 0
+
+
+def test_no_api_key_leaves_the_server_open(engine):
+    c = TestClient(create_app(engine, Limits(**SMALL)))
+    assert c.post("/generate", json={"prompt": "ROMEO:", "max_new_tokens": 2}).status_code == 200
+
+
+def test_serve_reads_the_api_key_from_config_or_environment(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from gpt.serve import API_KEY_ENV, api_key_of
+
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    assert api_key_of(OmegaConf.create({"api_key": None})) is None
+    monkeypatch.setenv(API_KEY_ENV, "from-env")
+    assert api_key_of(OmegaConf.create({"api_key": None})) == "from-env"
+    assert api_key_of(OmegaConf.create({"api_key": 12345})) == "12345"  # the config wins; numbers are text
+    monkeypatch.setenv(API_KEY_ENV, "")
+    assert api_key_of(OmegaConf.create({})) is None  # an empty variable is no key
+
+
+# --- clients that go away: a real server, a real socket closed mid-request --------------------------------
+
+@contextmanager
+def running(app):
+    """Serve `app` with uvicorn on a free loopback port in a thread; yields the port."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="error", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 10
+    while not server.started and time.time() < deadline:
+        time.sleep(0.01)
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def slow_engine(step_s: float = 0.02):
+    """A tiny engine whose every decode step takes step_s; returns it and the list of steps run."""
+    eng = tiny_engine()
+    steps = []
+
+    def hook(*_):
+        steps.append(1)
+        time.sleep(step_s)
+
+    eng.model.lm_head.register_forward_hook(hook)
+    return eng, steps
+
+
+def _health(port: int) -> dict:
+    import httpx
+
+    return httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()
+
+
+@pytest.mark.parametrize("path", ["/generate", "/generate/stream"])
+def test_a_client_that_disconnects_frees_its_slot_and_stops_its_row(path):
+    """200 steps of 20 ms would hold the row 4 s; the client leaves after a few steps: its slot comes back and
+    the worker runs at most a step or two more (without cancellation both wait for all 200 steps)."""
+    n_new = 200
+    eng, steps = slow_engine()
+    app = create_app(eng, Limits(max_new_tokens=n_new, max_queue=0, max_batch=1))
+    body = json.dumps({"prompt": "ROMEO:", "max_new_tokens": n_new, "temperature": 0}).encode()
+    with running(app) as port:
+        client = socket.create_connection(("127.0.0.1", port))
+        client.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        deadline = time.time() + 10
+        while len(steps) < 5 and time.time() < deadline:
+            time.sleep(0.01)
+        assert _health(port)["in_flight"] == 1 and 5 <= len(steps) < n_new
+        client.close()  # the client goes away mid-decode
+        deadline = time.time() + 2
+        while _health(port)["in_flight"] and time.time() < deadline:
+            time.sleep(0.01)
+        assert _health(port)["in_flight"] == 0
+        at_release = len(steps)
+        time.sleep(0.3)  # 15 steps' time: a row still decoding would show here
+        assert len(steps) - at_release <= 2 and len(steps) < n_new // 2
+        # the one slot is free: the next request is served
+        import httpx
+
+        r = httpx.post(f"http://127.0.0.1:{port}/generate", timeout=10,
+                       json={"prompt": "ROMEO:", "max_new_tokens": 3, "temperature": 0})
+        assert r.status_code == 200 and r.json()["new_tokens"] == 3
+
+
+def test_a_cancelled_waiting_job_is_never_decoded(engine):
+    """The worker skips a job cancelled while it waited for the model (the row never takes a step)."""
+    import asyncio
+
+    from gpt.serve import Batcher, GenerateRequest, Job
+
+    batcher = Batcher(engine, max_batch=2, wait_ms=0)
+    loop = asyncio.new_event_loop()
+    try:
+        req = GenerateRequest(prompt="ROMEO:", max_new_tokens=5, temperature=0)
+        ids = engine.encode(req)
+        with engine.lock:
+            cancelled, kept = Job(engine, ids, req, loop, stream=False), Job(engine, ids, req, loop, stream=False)
+            batcher.submit(cancelled)
+            batcher.submit(kept)
+            cancelled.cancelled = True
+        deadline = time.time() + 10
+        while len(kept.new) < 5 and time.time() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)
+        assert len(kept.new) == 5 and cancelled.new == []
+        assert batcher.stats()["batch_sizes"] == {"1": 1}
+    finally:
+        loop.close()
+
+
+# --- fuzz -------------------------------------------------------------------------------------------------
+
+def _deep(rng: random.Random) -> bytes:
+    d = rng.choice([10, 500, 5000, 100_000])
+    inner = "[" * d + "]" * d if rng.random() < 0.5 else '{"a":' * d + "1" + "}" * d
+    return ('{"prompt": ' + inner + "}").encode() if rng.random() < 0.5 else inner.encode()
+
+
+def _odd_value(rng: random.Random):
+    return rng.choice([
+        None, True, False, 0, -1, 1, 2**31, 2**63, 2**64, -(2**70), 10**40, 0.5, -0.0, 1e-320, 1e308,
+        float("nan"), float("inf"), float("-inf"), "", "5", "ROMEO:", "\u202eevil", "😀" * 10, "\x00",
+        "a" * rng.choice([50, 101, 1_000_000]), [], [1, "a"], {}, {"a": {"b": [None]}},
+        "".join(chr(rng.randrange(0x20, 0x2FFFF)) for _ in range(20)),
+    ])
+
+
+def _fuzz_body(rng: random.Random, kind: int) -> tuple[bytes, dict]:
+    """One generated request body and extra headers; `kind` cycles through the families."""
+    fields = ["prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "chat"]
+    if kind == 0:  # a valid body with one field replaced by an odd value (or an unknown field added)
+        body = {"prompt": rng.choice(["ROMEO:", "", "To be"]), "max_new_tokens": rng.randint(1, 4),
+                "temperature": rng.choice([0, 0.7, 1.3]), "seed": rng.randrange(0, 1000)}
+        body[rng.choice(fields + ["bogus"])] = _odd_value(rng)
+        return json.dumps(body, allow_nan=True).encode(), {}
+    if kind == 1:  # every field random
+        body = {f: _odd_value(rng) for f in fields if rng.random() < 0.7}
+        return json.dumps(body, allow_nan=True).encode(), {}
+    if kind == 2:  # deep nesting
+        return _deep(rng), {}
+    if kind == 3:  # not JSON, or JSON of the wrong shape
+        return rng.choice([
+            b"", b"{", b"null", b"[]", b'"prompt"', b"123", b"\xff\xfe\x00",
+            bytes(rng.randrange(256) for _ in range(64)), '{"prompt": "ROMEO:"}'.encode("utf-16"),
+            b'\xef\xbb\xbf{"prompt": "ROMEO:"}', b'{"prompt": "a", "prompt": 1}',
+            b'{"prompt": "\\ud800"}', b'{"prompt": "a", "seed": ' + b"9" * 5000 + b"}",
+        ]), {}
+    if kind == 4:  # a valid body sent with an odd content type
+        ctype = rng.choice(["text/plain", "application/x-www-form-urlencoded", "application/json; charset=latin-1",
+                            "multipart/form-data; boundary=x", ""])
+        return json.dumps({"prompt": "ROMEO:", "max_new_tokens": 2}).encode(), {"content-type": ctype}
+    return b'{"prompt": "' + b"a" * rng.choice([1 << 20, 2 << 20]) + b'"}', {}  # around the body limit
+
+
+def test_fuzz_every_answer_is_json_and_no_slot_leaks(engine):
+    """300 generated bodies against both generation endpoints: every answer is 2xx/4xx/503 with a strict
+    JSON body (SSE events each JSON for a 200 stream), never a 500 or an exception out of the app; /health
+    answers afterwards with nothing in flight."""
+    rng = random.Random(1234)
+    statuses = set()
+    with TestClient(create_app(engine, Limits(max_prompt_chars=100, max_new_tokens=4, max_queue=2,
+                                              max_batch=2))) as c:
+        for i in range(300):
+            body, headers = _fuzz_body(rng, i % 6)
+            path = "/generate/stream" if i % 5 == 4 else "/generate"
+            h = {"content-type": "application/json", **headers}
+            r = c.post(path, content=body, headers=h)
+            statuses.add(r.status_code)
+            assert 200 <= r.status_code < 500 and r.status_code != 500, (i, body[:200], r.status_code, r.text[:300])
+            if r.status_code == 200 and path.endswith("stream"):
+                events = [strict_json(ln[6:]) for ln in r.text.splitlines() if ln.startswith("data: ")]
+                assert events and events[-1].get("done") is True and "event: error" not in r.text
+            else:
+                assert r.headers["content-type"] == "application/json", (i, r.headers)
+                out = strict_json(r.text)
+                assert ("completion" in out) if r.status_code == 200 else ("detail" in out), (i, out)
+        health = c.get("/health")
+        assert health.status_code == 200 and health.json()["in_flight"] == 0
+    assert {200, 400, 413, 422} <= statuses  # each family of body was answered as its kind
