@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from gpt.errors import UserError
+from gpt.trust import checked_config
 
 REQUIRED_KEYS = ("model", "config", "tokenizer", "step")
 _PREFIXES = ("_orig_mod.", "module.")
@@ -141,9 +142,32 @@ def load_checkpoint(path: str | Path, prefer: str = "best", map_location="cpu") 
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS):
         raise UserError(f"{str(p)!r} is not a checkpoint of this project (expected a dict with keys "
                         f"{list(REQUIRED_KEYS)})")
+    check_shape(ckpt, repr(str(p)))
     ckpt["model"] = clean_state_dict(ckpt["model"])
+    ckpt["config"] = checked_config(ckpt["config"], f"checkpoint {str(p)!r}")
     ckpt["path"] = str(p)
     return ckpt
+
+
+def check_shape(ckpt: dict, origin: str) -> None:
+    """Refuse a checkpoint-shaped dict whose fields have the wrong types, before anything uses them."""
+    state = ckpt["model"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise UserError(f"checkpoint {origin}: 'model' is not a state dict of named tensors")
+    if not isinstance(ckpt["step"], int) or isinstance(ckpt["step"], bool) or ckpt["step"] < 0:
+        raise UserError(f"checkpoint {origin}: 'step'={ckpt['step']!r} is not a non-negative integer")
+    if not isinstance(ckpt["tokenizer"], dict):
+        raise UserError(f"checkpoint {origin}: 'tokenizer' is a {type(ckpt['tokenizer']).__name__}, not a dict")
+    for key in ("best_val_loss", "val_loss"):
+        if key in ckpt and not isinstance(ckpt[key], (int, float)):
+            raise UserError(f"checkpoint {origin}: {key!r}={ckpt[key]!r} is not a number")
+    for key in ("optimizer", "scheduler", "rng", "quantized", "lineage"):
+        if ckpt.get(key) is not None and not isinstance(ckpt[key], dict):
+            raise UserError(f"checkpoint {origin}: {key!r} is a {type(ckpt[key]).__name__}, not a dict")
+    for key in ("stage", "resumed_from"):
+        if ckpt.get(key) is not None and not isinstance(ckpt[key], str):
+            raise UserError(f"checkpoint {origin}: {key!r} is a {type(ckpt[key]).__name__}, not a string")
 
 
 def file_sha256(path: str | Path) -> str:
@@ -172,8 +196,11 @@ def build_model(ckpt: dict) -> torch.nn.Module:
             raise UserError(f"checkpoint {ckpt.get('path')!r}: model argument {key!r} is not a plain value")
     try:
         return cls(**node)
-    except TypeError as e:
-        raise UserError(f"checkpoint {ckpt.get('path')!r}: model config does not fit {target} ({e})") from None
+    except UserError as e:
+        raise UserError(f"checkpoint {ckpt.get('path')!r}: {e}") from None
+    except (TypeError, ValueError, RuntimeError) as e:  # e.g. an unknown argument, a negative size
+        raise UserError(f"checkpoint {ckpt.get('path')!r}: model config does not fit {target} "
+                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
 def model_from_checkpoint(ckpt: dict, device: str = "cpu") -> torch.nn.Module:

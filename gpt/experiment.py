@@ -23,6 +23,7 @@ from gpt.data import unigram_loss
 from gpt.errors import UserError
 from gpt.optim import param_groups
 from gpt.plots import plot_folder
+from gpt.trust import as_config
 from gpt.tracking import peak_memory, read_metrics, run_summary
 from gpt.trainer import Precision, Trainer, measure_peak_flops
 
@@ -50,6 +51,78 @@ def build_model(cfg: DictConfig, vocab_size: int) -> torch.nn.Module:
     return instantiate(cfg.model)
 
 
+def command_line_overrides() -> list[str]:
+    """The key=value overrides the user typed (Hydra's task overrides); [] outside a Hydra run."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
+
+
+def adopt(cfg: DictConfig, resume: dict, keys: tuple[str, ...], script: str) -> None:
+    """resume=: set cfg's `keys` (config groups or values the saved weights and state depend on) to the
+    checkpoint's. An override of one of them on the command line that differs from the checkpoint's value
+    cannot be honoured, so it is refused with one line instead of being dropped silently."""
+    saved = resume["config"]
+    for override in command_line_overrides():
+        key = override.split("=", 1)[0].lstrip("+~")
+        top = key.split(".", 1)[0]
+        if top not in keys or top not in saved:
+            continue
+        mine = OmegaConf.select(cfg, key, default=None)
+        mine = to_plain(mine) if OmegaConf.is_config(mine) else mine
+        theirs = OmegaConf.select(as_config({top: saved[top]}), key, default=None)
+        theirs = OmegaConf.to_container(theirs) if OmegaConf.is_config(theirs) else theirs
+        if key == top and isinstance(mine, dict) and isinstance(theirs, dict):  # a group choice: data=text
+            differs = any(mine.get(k) != v for k, v in theirs.items() if k != "vocab_size")
+        else:
+            differs = mine != theirs
+        if differs:
+            raise UserError(f"{override} cannot apply on resume: the checkpoint {resume['path']!r} fixes {top} "
+                            f"({key}={theirs!r}); drop it to continue the run, or start a new run with "
+                            f"{script} without resume=")
+    with open_dict(cfg):
+        for key in keys:
+            if key not in saved:
+                continue
+            if isinstance(saved[key], dict):
+                cfg[key] = as_config(saved[key])
+            elif key == "seed":
+                if not isinstance(saved[key], int) or isinstance(saved[key], bool):
+                    raise UserError(f"checkpoint {resume['path']!r}: seed={saved[key]!r} is not an integer")
+                cfg[key] = saved[key]
+
+
+def apply_hyperparameters(optimizer, scheduler, cfg: DictConfig) -> None:
+    """After a resume restored the optimizer and scheduler state: the composed config's optimizer
+    hyperparameters (lr, weight_decay, betas, ...) and schedule (warmup, total_iters, ...) replace the
+    saved ones, so `optimizer.lr=` or `scheduler.schedule.total_iters=` on a resume command line take effect.
+    With the run's own config this writes back the values already there (a resumed run stays bit-exact)."""
+    device = next((p.device for g in optimizer.param_groups for p in g["params"]), torch.device("cpu"))
+    fresh = instantiate(cfg.optimizer)([torch.zeros(1, device=device, requires_grad=True)]).defaults
+    for i, group in enumerate(optimizer.param_groups):
+        for key, value in fresh.items():
+            if key in ("lr", "params") or key not in group:
+                continue
+            if key == "weight_decay" and i > 0:  # gpt.optim.param_groups: group 0 decays, the rest never do
+                continue
+            group[key] = value
+        group["initial_lr"] = fresh["lr"]
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if lambdas is None:  # not a LambdaLR (every conf/scheduler option is one): nothing more to re-apply
+        return
+    schedule = instantiate(cfg.scheduler)(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0))
+    for mine, new in zip(lambdas, schedule.lr_lambdas):
+        if type(mine) is type(new) and hasattr(new, "__dict__"):  # WarmupCosine / WarmupConstant settings
+            mine.__dict__.update(new.__dict__)
+    scheduler.base_lrs = [fresh["lr"]] * len(optimizer.param_groups)
+    scheduler._last_lr = [base * lam(scheduler.last_epoch) for base, lam in zip(scheduler.base_lrs, lambdas)]
+    for group, lr in zip(optimizer.param_groups, scheduler._last_lr):
+        group["lr"] = lr
+
+
 def train(cfg: DictConfig) -> float:
     """Run the configured stage; return the final validation loss (the metric sweepers optimise)."""
     t_start = time.time()
@@ -63,10 +136,8 @@ def train(cfg: DictConfig) -> float:
             logging.getLogger().setLevel(logging.WARNING)
         resume = load_checkpoint(cfg.resume, prefer="last") if cfg.get("resume") else None
         if resume is not None:  # what must match the saved weights comes from the checkpoint itself
-            with open_dict(cfg):
-                for key in ("model", "tokenizer", "data"):
-                    cfg[key] = OmegaConf.create(resume["config"][key])
-            log.info("resume: model, tokenizer and data settings taken from %s", resume["path"])
+            adopt(cfg, resume, ("model", "tokenizer", "data", "seed"), "train.py")
+            log.info("resume: model, tokenizer, data and seed taken from %s", resume["path"])
         seed_everything(int(cfg.seed) + info.rank)
 
         tok_node = OmegaConf.masked_copy(cfg.tokenizer, [k for k in cfg.tokenizer if k != "vocab_size"])
@@ -101,6 +172,8 @@ def train(cfg: DictConfig) -> float:
                                            "resumed_from": resume["path"] if resume else None},
                           compile=cfg.hardware.compile, peak_flops=peak)
         trainer.begin(resume, plain)
+        if resume is not None:
+            apply_hyperparameters(optimizer, scheduler, cfg)
 
         baseline = unigram_loss(data.train, data.val, tokenizer.vocab_size)
         log.info("training on %s with %s: %d iters x %d tokens/iter", info.device, precision, cfg.trainer.max_iters,

@@ -20,10 +20,11 @@ from gpt import distributed
 from gpt.checkpoint import file_sha256, load_checkpoint
 from gpt.config import run_dir, to_plain
 from gpt.errors import UserError
-from gpt.experiment import configure_hardware, finish_run, print_samples, seed_everything
+from gpt.experiment import adopt, configure_hardware, finish_run, print_samples, seed_everything
 from gpt.lora import apply_lora, count_parameters, short_names
 from gpt.optim import param_groups
 from gpt.tracking import read_metrics
+from gpt.trust import as_config
 from gpt.trainer import Precision, Trainer
 
 log = logging.getLogger("gpt")
@@ -94,13 +95,13 @@ def adopt_resumed(cfg: DictConfig, resume: dict) -> None:
     if "lineage" not in resume or "stage" not in resume:
         raise UserError(f"resume={resume['path']!r} is not a finetune.py checkpoint (no stage/lineage); "
                         f"continue a pretraining run with train.py resume=<run>")
-    saved = resume["config"]
+    parent = resume["lineage"].get("parent")
+    if not isinstance(parent, str) or not isinstance(resume["lineage"].get("parent_sha256"), str):
+        raise UserError(f"resume={resume['path']!r}: its lineage has no parent path and sha256; the checkpoint "
+                        f"is damaged")
+    adopt(cfg, resume, ("stage", "data", "lora", "seed", "ckpt"), "finetune.py")
     with open_dict(cfg):
-        for key in ("stage", "data", "lora"):
-            if key in saved:
-                cfg[key] = OmegaConf.create(saved[key])
-        cfg.seed = saved.get("seed", cfg.seed)
-        cfg.ckpt = resume["lineage"]["parent"]
+        cfg.ckpt = parent
     log.info("resume: stage %s, parent, data and lora settings taken from %s", resume["stage"], resume["path"])
 
 
@@ -136,8 +137,8 @@ def finetune(cfg: DictConfig) -> float:
         extra = objective.checkpoint_extra()
         tok = objective.tokenizer
         with open_dict(cfg):  # the checkpoint's config rebuilds this run's model and tokenizer
-            cfg.model = OmegaConf.create(extra.pop("model_config"))
-            cfg.tokenizer = OmegaConf.create({**parent["config"]["tokenizer"], **{k: v for k, v in tok.identity().items()
+            cfg.model = as_config(extra.pop("model_config"))
+            cfg.tokenizer = as_config({**parent["config"]["tokenizer"], **{k: v for k, v in tok.identity().items()
                                                                                   if k == "special"},
                                               "vocab_size": tok.vocab_size})
         trainable, total = count_parameters(model)

@@ -205,10 +205,29 @@ def with_special_tokens(tok, tokens: list[str]):
 
 
 def from_identity(identity: dict):
-    """Rebuild a tokenizer from the dict stored in a checkpoint or token cache."""
+    """Rebuild a tokenizer from the dict stored in a checkpoint or token cache.
+
+    The dict only describes the tokenizer (its characters, or which of the encodings shipped offline,
+    its added special tokens); this code picks the class, and every value is checked first."""
+    if not isinstance(identity, dict):
+        raise UserError(f"tokenizer identity {str(identity)[:80]!r} in checkpoint is not a dict")
     kind = identity.get("type")
+    special = identity.get("special") or []
+    if not isinstance(special, list) or not all(isinstance(t, str) and t for t in special) \
+            or len(set(special)) != len(special):
+        raise UserError(f"tokenizer identity in checkpoint: special={str(special)[:80]!r} is not a list of "
+                        f"distinct non-empty strings")
     if kind == "char":
-        return CharTokenizer(identity["chars"], identity.get("special"))
+        chars = identity.get("chars")
+        if not isinstance(chars, str) or not chars:
+            raise UserError(f"tokenizer identity in checkpoint: a char tokenizer with chars={str(chars)[:40]!r}; "
+                            f"it needs a non-empty string of characters (the checkpoint is damaged)")
+        return CharTokenizer(chars, special)
     if kind == "tiktoken":
-        return TiktokenTokenizer(identity["name"], identity.get("special"))
-    raise UserError(f"unknown tokenizer identity {identity!r} in checkpoint; expected type 'char' or 'tiktoken'")
+        name = identity.get("name")
+        if name not in _OFFLINE_FILES:  # never a name lookup beyond the encodings this package ships
+            raise UserError(f"tokenizer identity in checkpoint: tiktoken encoding {str(name)[:40]!r} is not one of "
+                            f"{sorted(_OFFLINE_FILES)}")
+        return TiktokenTokenizer(name, special)
+    raise UserError(f"unknown tokenizer identity {str(identity)[:80]!r} in checkpoint; expected type 'char' or "
+                    f"'tiktoken'")

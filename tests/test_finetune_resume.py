@@ -50,7 +50,7 @@ def test_finetune_resume_continues_exactly(tmp_path):
 
     full = finetune("stage=sft", f"ckpt={pre}", "trainer.max_iters=12")
     half = finetune("stage=sft", f"ckpt={pre}", "trainer.max_iters=6")
-    resumed = finetune(f"resume={half}", "trainer.max_iters=12", "data=/ignored/on/resume.jsonl")
+    resumed = finetune(f"resume={half}", "trainer.max_iters=12")
     a = torch.load(f"{full}/checkpoints/last.pt", weights_only=True)
     b = torch.load(f"{resumed}/checkpoints/last.pt", weights_only=True)
     assert b["step"] == 12 and b["resumed_from"] == f"{half}/checkpoints/last.pt"
@@ -60,6 +60,10 @@ def test_finetune_resume_continues_exactly(tmp_path):
         assert torch.equal(a["model"][k], b["model"][k]), k
     loss = lambda run: {r["step"]: r["train/loss"] for r in read_metrics(f"{run}/metrics.jsonl") if "train/loss" in r}
     assert {s: v for s, v in loss(full).items() if s > 6} == loss(resumed)
+    # what the checkpoint fixes (stage, data, lora, seed) cannot change on resume: refused, never dropped
+    for bad in ("data=/other/file.jsonl", "lora.r=4", "seed=7"):
+        proc = run_script("finetune.py", f"resume={half}", "trainer.max_iters=12", bad, cwd=tmp_path)
+        assert proc.returncode == 2 and "cannot apply on resume" in proc.stderr, (bad, proc.stderr[-800:])
     # a pretraining run is not a finetune.py run
     proc = run_script("finetune.py", f"resume={pre}", cwd=tmp_path)
     assert proc.returncode == 2 and "is not a finetune.py checkpoint" in proc.stderr

@@ -1,0 +1,130 @@
+"""The trust boundary for values read from files a user was handed (checkpoints, exports).
+
+Such a file may describe *what* to rebuild (a model's shape, a tokenizer's characters, a data source's
+settings) but never *which code* runs: every `_target_` it holds, at any depth, must name one of the
+classes or functions this package's own config groups (conf/<group>/*.yaml) name for that group, and
+nothing else in it may be a Hydra special key (`_args_`, `_recursive_`, ...). Values must be plain (str,
+int, float, bool, None, lists and dicts of them). `checked()` enforces that and returns a plain copy.
+Such a copy enters OmegaConf only through `as_config()`, which escapes every `${` so that text read from a
+file stays text: an interpolation would run a resolver (`oc.env` reads the environment, `unique_dir`
+creates folders).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from pathlib import Path
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from gpt.errors import UserError
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+PACKAGE_PREFIX = "gpt."          # only this package's own code may be named by a file
+ALLOWED_KEYS = ("_target_", "_partial_")
+MAX_DEPTH = 32                   # deeper nesting is an attack (RecursionError), not a config
+
+
+def _targets_in(node) -> set[str]:
+    if isinstance(node, dict):
+        out = {str(node["_target_"])} if "_target_" in node else set()
+        for v in node.values():
+            out |= _targets_in(v)
+        return out
+    if isinstance(node, list):
+        return set().union(*map(_targets_in, node)) if node else set()
+    return set()
+
+
+@functools.cache
+def allowed_targets(group: str) -> frozenset[str]:
+    """The `_target_`s a file may name in config group `group`: those this package's conf/<group>/*.yaml
+    name, at any depth, that are this package's own code (`gpt.` ...). An empty set for any other group."""
+    folder = CONF / group
+    found: set[str] = set()
+    if folder.is_dir():
+        for f in sorted(folder.glob("*.yaml")):
+            found |= _targets_in(yaml.safe_load(f.read_text()) or {})
+    if group == "model":  # the model registry decides which model classes a checkpoint may name
+        from gpt.checkpoint import model_classes
+
+        found |= set(model_classes())
+    return frozenset(t for t in found if t.startswith(PACKAGE_PREFIX))
+
+
+def checked(node, group: str, origin: str, path: str | None = None, depth: int = 0):
+    """A plain copy of `node` (a config node read from `origin`, e.g. a checkpoint file) in which every
+    `_target_` is one of allowed_targets(group); refuse anything else with one line naming the key."""
+    where = path or group
+    if depth > MAX_DEPTH:
+        raise UserError(f"{origin}: {where} is nested more than {MAX_DEPTH} levels deep; refusing it")
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            if not isinstance(key, str):
+                raise UserError(f"{origin}: {where} has a non-string key {key!r}; refusing it")
+            sub = f"{where}.{key}"
+            if key == "_target_":
+                if not isinstance(value, str) or value not in allowed_targets(group):
+                    raise UserError(f"{origin}: {sub}={str(value)[:80]!r} is not one of this package's "
+                                    f"{group} classes {sorted(allowed_targets(group))}; refusing to build it "
+                                    f"(a file may describe a model, never choose the code that runs)")
+                out[key] = value
+            elif key.startswith("_") and key.endswith("_"):
+                if key not in ALLOWED_KEYS or not isinstance(value, bool):
+                    raise UserError(f"{origin}: {sub} is a Hydra instantiation key a file may not set; refusing it")
+                out[key] = value
+            else:
+                out[key] = checked(value, group, origin, sub, depth + 1)
+        return out
+    if isinstance(node, (list, tuple)):
+        return [checked(v, group, origin, f"{where}[{i}]", depth + 1) for i, v in enumerate(node)]
+    if isinstance(node, str):
+        return node
+    if isinstance(node, float) and not math.isfinite(node):
+        raise UserError(f"{origin}: {where}={node!r} is not a finite number; refusing it")
+    if node is None or isinstance(node, (bool, int, float)):
+        return node
+    raise UserError(f"{origin}: {where} is a {type(node).__name__}, not a plain config value; refusing it")
+
+
+# The config groups a checkpoint's config is rebuilt from (train.py / finetune.py resume=, the stages and
+# evaluate.py): each is checked when the checkpoint is loaded, so every entry point refuses the same files.
+REBUILT_GROUPS = ("model", "tokenizer", "data", "stage", "lora")
+
+
+def checked_config(config, origin: str) -> dict:
+    """The checkpoint's config with its rebuilt groups checked (see `checked`); other groups (optimizer,
+    trainer, hardware, logger, ...) are kept as records only: nothing builds them from a file."""
+    if not isinstance(config, dict):
+        raise UserError(f"{origin}: its config is a {type(config).__name__}, not a dict; "
+                        f"pass a .pt file written by train.py or finetune.py")
+    out = dict(config)
+    for group in REBUILT_GROUPS:
+        if group in config and config[group] is not None:
+            if not isinstance(config[group], dict):
+                raise UserError(f"{origin}: config.{group} is a {type(config[group]).__name__}, not a dict; "
+                                f"refusing it")
+            out[group] = checked(config[group], group, origin, f"config.{group}")
+    if not isinstance(config.get("model"), dict):
+        raise UserError(f"{origin}: its config has no model node; pass a .pt file written by train.py or finetune.py")
+    return out
+
+
+def _escaped(node):
+    if isinstance(node, dict):
+        return {k: _escaped(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_escaped(v) for v in node]
+    if isinstance(node, str):  # n backslashes before ${ -> 2n + 1: the backslashes and the ${ stay literal
+        return re.sub(r"(\\*)\$\{", lambda m: "\\" * (2 * len(m.group(1)) + 1) + "${", node)
+    return node
+
+
+def as_config(node: dict) -> DictConfig:
+    """An OmegaConf node of a (checked) plain dict read from a file, in which no string is an interpolation:
+    resolving it gives back exactly the strings of the file."""
+    return OmegaConf.create(_escaped(node))
