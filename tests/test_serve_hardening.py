@@ -216,6 +216,39 @@ def test_serve_reads_the_api_key_from_config_or_environment(monkeypatch):
     assert api_key_of(OmegaConf.create({})) is None  # an empty variable is no key
 
 
+def test_serve_passes_the_config_to_the_app_and_warns_when_exposed_without_a_key(engine, monkeypatch, capsys):
+    """conf/serve.yaml as shipped (limits.max_body_bytes, api_key) through serve(), uvicorn.run replaced."""
+    from pathlib import Path
+
+    import uvicorn
+    from omegaconf import OmegaConf
+
+    from gpt.serve import API_KEY_ENV
+
+    ran = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.update(app=app, **kw))
+    monkeypatch.setattr(serve_mod, "engine_from_config", lambda cfg: engine)
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    cfg = OmegaConf.load(Path(__file__).parents[1] / "conf" / "serve.yaml")
+    assert cfg.host == "127.0.0.1" and cfg.api_key is None and cfg.limits.max_body_bytes == 1 << 20
+    cfg.limits.max_body_bytes = 100
+    serve_mod.serve(cfg)
+    assert capsys.readouterr().err == "" and ran["host"] == "127.0.0.1"
+    c = TestClient(ran["app"])
+    assert c.post("/generate", json={"prompt": "ROMEO:", "max_new_tokens": 2}).status_code == 200
+    assert c.post("/generate", json={"prompt": "R" * 100}).status_code == 413
+    cfg.host = "0.0.0.0"
+    serve_mod.serve(cfg)
+    assert "warning: serving on 0.0.0.0 without an API key" in capsys.readouterr().err
+    monkeypatch.setenv(API_KEY_ENV, "k")
+    serve_mod.serve(cfg)
+    assert capsys.readouterr().err == ""
+    c = TestClient(ran["app"])
+    assert c.post("/generate", json={"prompt": "ROMEO:", "max_new_tokens": 2}).status_code == 401
+    assert c.post("/generate", json={"prompt": "ROMEO:", "max_new_tokens": 2},
+                  headers={"authorization": "Bearer k"}).status_code == 200
+
+
 # --- clients that go away: a real server, a real socket closed mid-request --------------------------------
 
 @contextmanager
