@@ -2,10 +2,12 @@
 python evaluate.py -m ckpt=<a>,<b> (comparison table); python evaluate.py plot=<run or sweep folder>
 (see conf/evaluate.yaml)."""
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-from gpt.config import entry, register_resolvers
+from gpt.config import entry, literal_overrides, register_resolvers
 
 register_resolvers()
 
@@ -19,4 +21,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = literal_overrides(sys.argv)  # prompts and paths as typed (gpt.config.FREE_TEXT, PATH_KEYS)
     main()

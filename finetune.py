@@ -6,7 +6,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from gpt.config import entry, file_shorthand, register_resolvers
+from gpt.config import entry, file_shorthand, literal_overrides, register_resolvers
 
 register_resolvers()
 
@@ -20,5 +20,5 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    sys.argv = file_shorthand(sys.argv)
+    sys.argv = literal_overrides(file_shorthand(sys.argv))  # data=<file>; prompts and paths as typed
     main()

@@ -1,9 +1,11 @@
 """Serve a checkpoint over HTTP: python serve.py ckpt=<checkpoint or run folder> port=8000 (see conf/serve.yaml)."""
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-from gpt.config import entry, register_resolvers
+from gpt.config import entry, literal_overrides, register_resolvers
 
 register_resolvers()
 
@@ -17,4 +19,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = literal_overrides(sys.argv)  # prompts and paths as typed (gpt.config.FREE_TEXT, PATH_KEYS)
     main()

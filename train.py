@@ -1,9 +1,11 @@
 """Train a GPT: python train.py [group=option ...] [key=value ...]  (see conf/train.yaml)."""
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-from gpt.config import entry, register_resolvers
+from gpt.config import entry, literal_overrides, register_resolvers
 
 register_resolvers()
 
@@ -17,4 +19,5 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    sys.argv = literal_overrides(sys.argv)  # prompts and paths as typed (gpt.config.FREE_TEXT, PATH_KEYS)
     main()

@@ -6,14 +6,17 @@ import functools
 import json
 import logging
 import os
+import re
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
-from gpt.errors import Interrupted, UserError
+from gpt.errors import UserError
 
 log = logging.getLogger("gpt")
 _claimed: dict[str, str] = {}
@@ -30,28 +33,47 @@ def _claim(base: str) -> str:
             path, i = f"{base}-{i}", i + 1
 
 
+def _note_path() -> Path:
+    """The file through which local rank 0 tells the other local ranks of one torchrun job its run folder."""
+    job = f"{os.environ['TORCHELASTIC_RUN_ID']}-{os.getppid()}-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    return Path(tempfile.gettempdir()) / f"gpt-rundir-{job}"
+
+
+def _read_note(note: Path) -> str:
+    """Wait for local rank 0's note, read it, and acknowledge; the last local rank to read removes the note
+    and the acknowledgements (each rank reads it once, so nothing is left in the temp folder)."""
+    deadline = time.time() + 120
+    while not note.exists():
+        if time.time() > deadline:
+            raise RuntimeError(f"rank {os.environ.get('RANK')}: no run folder published by local rank 0")
+        time.sleep(0.05)
+    path = note.read_text()
+    Path(f"{note}.read-{os.environ['LOCAL_RANK']}").touch()
+    readers = [Path(f"{note}.read-{r}") for r in range(1, int(os.environ["LOCAL_WORLD_SIZE"]))]
+    if all(p.exists() for p in readers):  # every other local rank has read it (more than one may see this)
+        for p in (note, *readers):
+            p.unlink(missing_ok=True)
+    return path
+
+
 def unique_dir(base: str) -> str:
     """Resolver for hydra.run.dir / hydra.sweep.dir: a run folder no other run shares.
 
     Under torchrun every local rank must use the same folder: local rank 0 claims it and publishes
-    the name in a small file keyed by the torchrun run id and agent pid; the other ranks read it.
+    the name in a small temp file keyed by the torchrun run id, agent pid and restart count; the other
+    ranks read it, and the last of them to read removes it.
     """
     if base in _claimed:
         return _claimed[base]
     if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1 and "TORCHELASTIC_RUN_ID" in os.environ:
-        note = Path("/tmp") / f"gpt-rundir-{os.environ['TORCHELASTIC_RUN_ID']}-{os.getppid()}"
+        note = _note_path()
         if os.environ.get("LOCAL_RANK", "0") == "0":
             path = _claim(base)
             tmp = note.with_suffix(".tmp")
             tmp.write_text(path)
             os.replace(tmp, note)
         else:
-            deadline = time.time() + 120
-            while not note.exists():
-                if time.time() > deadline:
-                    raise RuntimeError(f"rank {os.environ.get('RANK')}: no run folder published by local rank 0")
-                time.sleep(0.05)
-            path = note.read_text()
+            path = _read_note(note)
     else:
         path = _claim(base)
     _claimed[base] = path
@@ -93,6 +115,32 @@ def user_error_in(exc: BaseException) -> UserError | None:
     return None
 
 
+def _missing_value_in(exc: BaseException) -> UserError | None:
+    """A value left at `???` that was read before validation saw it (omegaconf's MissingMandatoryValue), as
+    the one-line error validation gives."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, MissingMandatoryValue) and exc.full_key:
+            from gpt.schema import how_to_set
+
+            return UserError(f"{exc.full_key} is not set; pass {how_to_set(exc.full_key, None)}")
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def validate_job(cfg: DictConfig | None) -> None:
+    """Check the composed config of the Hydra job being run (gpt.schema.validate) before it does anything."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if cfg is None or not HydraConfig.initialized():  # called outside @hydra.main (tests call wrapped functions)
+        return
+    from gpt.schema import validate
+
+    hydra_cfg = HydraConfig.get()
+    validate(cfg, hydra_cfg.job.config_name, hydra_cfg.runtime.choices)
+
+
 def _remove_empty_parents(folder: Path, levels: int = 2) -> None:
     """Remove the date folder (and outputs/ itself) that only held the removed run, up to `levels` deep,
     never the working directory."""
@@ -104,20 +152,17 @@ def _remove_empty_parents(folder: Path, levels: int = 2) -> None:
 
 
 def entry(fn):
-    """Wrap an entry point: a UserError becomes one line on stderr and exit code 2, and the run folder
-    Hydra created for it is removed when nothing but its set-up files were written."""
+    """Wrap an entry point: the composed config is validated first (gpt.schema); a UserError (or a value
+    left unset) becomes one line on stderr and exit code 2, and the run folder Hydra created for it is
+    removed when nothing but its set-up files were written."""
 
     @functools.wraps(fn)
     def wrapper(cfg: DictConfig):
         try:
+            validate_job(cfg)
             return fn(cfg)
-        except Interrupted as e:  # a signal stopped training after saving: its line, exit 128 + signal
-            logging.shutdown()
-            if str(e):
-                print(e, file=sys.stderr)
-            sys.exit(e.exit_code)
         except Exception as exc:
-            e = user_error_in(exc)  # hydra.utils.instantiate wraps errors raised by constructors
+            e = user_error_in(exc) or _missing_value_in(exc)  # instantiate wraps errors raised by constructors
             if e is None:
                 raise
             folder = run_dir()
@@ -136,6 +181,83 @@ def file_shorthand(argv: list[str], key: str = "data", field: str = "path") -> l
     take `data=<x>` for an option of the conf/data/ group that train.py uses. Sweeps (`data=a,b`) too."""
     prefix = f"{key}="
     return [f"{key}.{field}={a[len(prefix):]}" if a.startswith(prefix) else a for a in argv]
+
+
+# Values taken literally from the command line, whatever characters they hold (Hydra's grammar would read
+# `今天`, `~`, `=`, `[`, quotes, ... as syntax): free text, where `${...}` stays text too and a comma is text
+# (no sweep), and paths, where a comma separates the values of a sweep (`-m ckpt=a,b`), `null` means unset
+# and `${...}` interpolates (`data.path=${oc.env:DATA}/x.txt`).
+FREE_TEXT = ("prompt", "system", "stage.sample_prompt", "samples.prompt")
+PATH_KEYS = ("ckpt", "resume", "data.path", "data.val_path", "data.prompts", "data.prompts_val", "data.name",
+             "instructions", "pairs", "labelled", "plot", "stage.reward_ckpt")
+
+
+def hydra_quote(text: str, interpolate: bool = False) -> str:
+    """`text` as a Hydra quoted value that composes back to exactly `text`. Backslashes are doubled where
+    the grammar would read them as escapes (before a quote, at the end); `${` is escaped for OmegaConf
+    unless `interpolate`."""
+    if not interpolate:  # OmegaConf: \${ is a literal ${; backslashes before it double to stay literal
+        text = re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", text)
+    text = re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), text)
+    return f"'{text}'"
+
+
+@functools.lru_cache(maxsize=1)
+def _override_parser():
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create()
+
+
+def _parses(override: str):
+    """Hydra's reading of one `key=value` override, or None where its grammar refuses it."""
+    try:
+        return _override_parser().parse_override(override)
+    except Exception:
+        return None
+
+
+def _unquoted(value: str) -> str | None:
+    """The text of a value quoted whole the way Hydra quotes (`"ROMEO:"`, `'it\\'s'`), else None: such a
+    value keeps meaning its text, as it did when Hydra read it."""
+    if len(value) < 2 or value[0] not in "'\"" or value[-1] != value[0]:
+        return None
+    parsed = _parses(f"k={value}")
+    return parsed.value() if parsed is not None and isinstance(parsed.value(), str) else None
+
+
+def _literal_path(value: str) -> str:
+    whole = _unquoted(value)
+    if whole is not None:
+        return hydra_quote(whole, interpolate=True)
+    if value == "":
+        return value
+    parts = value.split(",")  # a sweep over paths: each value quoted, null kept
+    return ",".join(p if p == "null" else hydra_quote(p if _unquoted(p) is None else _unquoted(p), interpolate=True)
+                    for p in parts)
+
+
+def literal_overrides(argv: list[str]) -> list[str]:
+    """sys.argv with the values of free-text keys (FREE_TEXT) and paths (PATH_KEYS) quoted for Hydra, so that
+    `prompt=今天 天气`, `data.path=~/corpus/` or `prompt=a=b, [c]` reach the program as typed; other values
+    Hydra's grammar refuses (`max_new_tokens=10**12`) are quoted too, so that validation names their key.
+    Entry scripts apply it before Hydra reads the command line; flags and hydra.* overrides pass unchanged."""
+    out = list(argv[:1])
+    for arg in argv[1:]:
+        key, eq, value = arg.partition("=")
+        name = key.lstrip("+")
+        if arg.startswith("-") or not eq or name.startswith(("hydra.", "~")) or not name:
+            out.append(arg)
+        elif name in FREE_TEXT:
+            whole = _unquoted(value)
+            out.append(f"{key}={hydra_quote(value if whole is None else whole)}")
+        elif name in PATH_KEYS:
+            out.append(f"{key}={_literal_path(value)}")
+        elif _parses(arg) is None:
+            out.append(f"{key}={hydra_quote(value)}")
+        else:
+            out.append(arg)
+    return out
 
 
 def write_json(path: Path, obj) -> None:
