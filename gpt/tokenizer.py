@@ -225,7 +225,7 @@ def from_identity(identity: dict):
         return CharTokenizer(chars, special)
     if kind == "tiktoken":
         name = identity.get("name")
-        if name not in _OFFLINE_FILES:  # never a name lookup beyond the encodings this package ships
+        if not isinstance(name, str) or name not in _OFFLINE_FILES:  # never a name lookup beyond the encodings this package ships
             raise UserError(f"tokenizer identity in checkpoint: tiktoken encoding {str(name)[:40]!r} is not one of "
                             f"{sorted(_OFFLINE_FILES)}")
         return TiktokenTokenizer(name, special)

@@ -28,27 +28,35 @@ ALLOWED_KEYS = ("_target_", "_partial_")
 MAX_DEPTH = 32                   # deeper nesting is an attack (RecursionError), not a config
 
 
-def _targets_in(node) -> set[str]:
+def _targets_in(node, nested: bool, depth: int = 0) -> set[str]:
+    """The `_target_` values in a YAML node: at its top (nested=False) or below it (nested=True)."""
+    out = set()
     if isinstance(node, dict):
-        out = {str(node["_target_"])} if "_target_" in node else set()
+        if "_target_" in node and (depth > 0) == nested:
+            out.add(str(node["_target_"]))
         for v in node.values():
-            out |= _targets_in(v)
-        return out
-    if isinstance(node, list):
-        return set().union(*map(_targets_in, node)) if node else set()
-    return set()
+            out |= _targets_in(v, nested, depth + 1)
+    elif isinstance(node, list):
+        for v in node:
+            out |= _targets_in(v, nested, depth + 1)
+    return out
 
 
 @functools.cache
-def allowed_targets(group: str) -> frozenset[str]:
-    """The `_target_`s a file may name in config group `group`: those this package's conf/<group>/*.yaml
-    name, at any depth, that are this package's own code (`gpt.` ...). An empty set for any other group."""
+def allowed_targets(group: str, nested: bool = False) -> frozenset[str]:
+    """The `_target_`s a file may name in config group `group`, at the group node's top or (nested=True)
+    below it: those this package's conf/<group>/*.yaml name there that are this package's own code
+    (`gpt.` ...). An empty set for any other group."""
     folder = CONF / group
     found: set[str] = set()
     if folder.is_dir():
         for f in sorted(folder.glob("*.yaml")):
-            found |= _targets_in(yaml.safe_load(f.read_text()) or {})
-    if group == "model":  # the model registry decides which model classes a checkpoint may name
+            text = f.read_text()
+            node = yaml.safe_load(text) or {}
+            if "@package _global_" in text.split("\n_", 1)[0]:  # the group's node sits under its own name
+                node = node.get(group) or {}
+            found |= _targets_in(node, nested)
+    if group == "model" and not nested:  # the model registry decides which model classes a file may name
         from gpt.checkpoint import model_classes
 
         found |= set(model_classes())
@@ -68,9 +76,10 @@ def checked(node, group: str, origin: str, path: str | None = None, depth: int =
                 raise UserError(f"{origin}: {where} has a non-string key {key!r}; refusing it")
             sub = f"{where}.{key}"
             if key == "_target_":
-                if not isinstance(value, str) or value not in allowed_targets(group):
+                allowed = allowed_targets(group, nested=depth > 0)
+                if not isinstance(value, str) or value not in allowed:
                     raise UserError(f"{origin}: {sub}={str(value)[:80]!r} is not one of this package's "
-                                    f"{group} classes {sorted(allowed_targets(group))}; refusing to build it "
+                                    f"{group} classes allowed there {sorted(allowed)}; refusing to build it "
                                     f"(a file may describe a model, never choose the code that runs)")
                 out[key] = value
             elif key.startswith("_") and key.endswith("_"):
