@@ -31,9 +31,10 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from gpt.config import _only_setup_files, run_dir, user_error_in, write_json
-from gpt.data import TextSource
+from gpt.data import Shakespeare, TextSource
 from gpt.errors import UserError
-from gpt.generate import generate_tokens
+from gpt.chat import END, SPECIAL, prompt_ids
+from gpt.generate import generate_batch, generate_tokens
 from gpt.inference import dtype_option, encode_prompt, load_for_inference
 from gpt.tracking import job_labels, sweep_jobs
 
@@ -42,41 +43,83 @@ log = logging.getLogger("gpt")
 
 # ---- language modelling: perplexity and bits per byte -----------------------------------------
 
-def eval_source(data: DictConfig | None, ckpt: dict) -> TextSource:
-    """The data source to score: `data` when given (a conf/data option), else the checkpoint's own.
+SPLITS = ("all", "val", "train")
 
-    A checkpoint's config is only trusted to name a TextSource class of gpt.data, built without
-    instantiating anything nested in it.
+
+def user_source(data: DictConfig) -> tuple[TextSource, float]:
+    """data= from evaluate.py's command line (a conf/data option, the user's own config) -> (source, val_fraction).
+
+    val_fraction is evaluation's own setting, checked here: 1.0 is allowed (the whole file is the val split).
+    It is left out when the source is built, whose own check is for training (which needs both splits).
     """
-    from hydra.utils import get_object, instantiate
+    from hydra.utils import instantiate
 
-    origin = "data"
-    if data is None:
-        node = (ckpt["config"] or {}).get("data") or {}
-        target = str(node.get("_target_", ""))
-        origin = f"the checkpoint's data ({target or 'none'})"
-        cls = get_object(target) if target.startswith("gpt.data.") else None
-        if not (isinstance(cls, type) and issubclass(cls, TextSource)):
-            raise UserError(f"{origin} is not a data source of gpt.data; pass data=text data.path=<file> "
-                            f"(or data=shakespeare, data=hf data.name=...)")
-        data = OmegaConf.create(node)
+    node = OmegaConf.to_container(data, resolve=True)
+    fraction = node.pop("val_fraction", 0.1)
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
+        raise UserError(f"data.val_fraction={fraction} must be a number in (0, 1] (1.0: the whole file is the val split)")
     try:
-        return instantiate(data, _recursive_=False)
+        return instantiate(node, _recursive_=False), float(fraction)
     except Exception as e:
         err = user_error_in(e)
         if err is None:
             raise
-        raise UserError(f"{origin}: {err}; pass data=... to evaluate on other data") from None
+        raise UserError(f"data: {err}") from None
 
 
-def split_tokens(source: TextSource, tokenizer, split: str) -> np.ndarray:
-    """The token ids of `split` ("train" or "val") of `source`, encoded with the checkpoint's tokenizer.
+_PLAY = re.compile(r"[a-z0-9-]+/[a-z0-9-]+")  # a bundled play's name, e.g. tragedies/hamlet
+
+
+def _shown(value, limit: int = 120) -> str:
+    """A value read from a checkpoint, safe to print in one line (quoted, escaped, cut short)."""
+    text = repr(value) if isinstance(value, (str, int, float, bool, type(None))) else f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def checkpoint_source(ckpt: dict) -> tuple[TextSource | None, str]:
+    """The checkpoint's own training corpus, when evaluate.py may re-read it -> (source or None, what it was).
+
+    Only the bundled corpus is rebuilt, from plain values checked here (plays: names of bundled plays;
+    val_fraction: a number in (0, 1)), by our own code: nothing in the checkpoint names the class, and no
+    node of it is instantiated. A text file or Hugging Face dataset the checkpoint names is never read (a
+    shared checkpoint must not make evaluate.py open a path or fetch a dataset): None, and a line saying
+    what it was and how to pass it with data=.
+    """
+    config = ckpt.get("config")
+    node = config.get("data") if isinstance(config, dict) else None
+    node = node if isinstance(node, dict) else {}
+    target, fraction = node.get("_target_"), node.get("val_fraction", 0.1)
+    plain_fraction = not isinstance(fraction, bool) and isinstance(fraction, (int, float)) and 0.0 < fraction < 1.0
+    if target == "gpt.data.Shakespeare":
+        plays = node.get("plays")
+        if not (isinstance(plays, list) and plays and all(isinstance(p, str) and _PLAY.fullmatch(p) for p in plays)
+                and plain_fraction and set(node) <= {"_target_", "plays", "val_fraction", "cache_dir"}):
+            return None, (f"the checkpoint's data (bundled Shakespeare) has values evaluate.py does not accept "
+                          f"(plays={_shown(plays)}, val_fraction={_shown(fraction)}); pass data=shakespeare")
+        return Shakespeare(plays=plays, val_fraction=float(fraction)), "the bundled Shakespeare plays"
+    if target == "gpt.data.TextFiles":
+        path = node.get("path")
+        shown = _shown(path) if isinstance(path, str) else "<file>"
+        return None, (f"the checkpoint was trained on text data.path={shown}, which evaluate.py does not re-read "
+                      f"from a checkpoint; pass data=text data.path={shown} to evaluate on it")
+    if target == "gpt.data.HFDataset":
+        name = node.get("name")
+        shown = _shown(name) if isinstance(name, str) else "<dataset>"
+        return None, (f"the checkpoint was trained on dataset data.name={shown}, which evaluate.py does not "
+                      f"fetch from a checkpoint; pass data=hf data.name={shown} to evaluate on it")
+    return None, (f"the checkpoint names no text corpus to score (its data: {_shown(target) if target else 'none'}); "
+                  f"pass data=text data.path=<file> (or data=shakespeare, data=hf data.name=...) for perplexity")
+
+
+def split_tokens(source: TextSource, tokenizer, split: str, val_fraction: float | None = None) -> np.ndarray:
+    """The token ids of `split` of `source`, encoded with the checkpoint's tokenizer: "all" (every token),
+    "val" (the last val_fraction of them, default the source's own) or "train" (the rest).
 
     Documents are joined and split exactly as training's token cache does (gpt.data.TextSource), so the
     checkpoint's own data gives back the val tokens it was validated on; the tokenizer is never refitted.
     """
-    if split not in ("train", "val"):
-        raise UserError(f"perplexity.split={split!r} must be train or val")
+    if split not in SPLITS:
+        raise UserError(f"perplexity.split={split!r} must be one of {', '.join(SPLITS)}")
     sep = [tokenizer.eot_id] if tokenizer.eot_id is not None else None
     ids: list[int] = []
     for i, doc in enumerate(d for d in source.documents() if d):
@@ -86,8 +129,8 @@ def split_tokens(source: TextSource, tokenizer, split: str) -> np.ndarray:
             ids.extend(tokenizer.encode(doc))
         except UserError as e:
             raise UserError(f"evaluating {source.describe()}: {e}") from None
-    n_val = int(len(ids) * source.val_fraction)
-    tokens = ids[len(ids) - n_val:] if split == "val" else ids[:len(ids) - n_val]
+    n_val = int(len(ids) * (source.val_fraction if val_fraction is None else val_fraction))
+    tokens = {"all": ids, "val": ids[len(ids) - n_val:], "train": ids[:len(ids) - n_val]}[split]
     if len(tokens) < 2:
         raise UserError(f"{source.describe()} gives {len(tokens)} {split} tokens; at least 2 are needed")
     return np.asarray(tokens, dtype=np.int64)
@@ -132,7 +175,7 @@ def language_model_metrics(model, tokens: np.ndarray, tokenizer, batch_size: int
         bits_per_byte = total NLL / ln 2 / UTF-8 bytes of the targets' text  (comparable across tokenizers).
     """
     block = model.config.block_size
-    stride = int(stride or block)
+    stride = block if stride is None else int(stride)
     if not 1 <= stride <= block:
         raise UserError(f"perplexity.stride={stride} must be between 1 and model.block_size={block}")
     device = model.transformer.wte.weight.device
@@ -206,22 +249,32 @@ def cut_at_stop(text: str, stop: list[str]) -> str:
     return text[:cut]
 
 
+def is_chat(tokenizer) -> bool:
+    """Whether a tokenizer carries the chat template's tokens (a finetune.py stage=sft model and its children)."""
+    return all(t in tokenizer.special for t in SPECIAL)
+
+
 @torch.no_grad()
-def greedy_answer(model, tokenizer, prompt: str, max_new_tokens: int, stop: list[str], autocast) -> str:
-    """The greedy (temperature 0) continuation of `prompt`, ended by end-of-text, a stop string or the budget."""
-    device = model.transformer.wte.weight.device
-    ids = encode_prompt(tokenizer, prompt, model.config.block_size)
-    idx = torch.tensor([ids], dtype=torch.long, device=device)
-    new: list[int] = []
-    with autocast():
-        for nxt in generate_tokens(model, idx, max_new_tokens, temperature=0.0, eot_id=tokenizer.eot_id):
-            if int(nxt[0]) == tokenizer.eot_id:
-                break
-            new.append(int(nxt[0]))
-            text = tokenizer.decode(new)
-            if stop and len(cut_at_stop(text, stop)) < len(text):
-                break
-    return cut_at_stop(tokenizer.decode(new), stop)
+def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, stop: list[str] | None = None,
+                   batch_size: int = 64) -> list[str]:
+    """The greedy (temperature 0) answer to each prompt, batched as the SFT stage's evaluation batches them.
+
+    A chat model (is_chat) gets each prompt in the chat template, as infer.py chat=true and stage=sft build
+    it (gpt.chat.prompt_ids), and its answer ends at <|end|>; any other model continues the prompt as it
+    saw text in training (gpt.inference.encode_prompt) up to end-of-text. Either way the answer is cut at
+    the first of `stop` (None: a blank line for a plain language model, nothing more for a chat model).
+    batch_size prompts are answered together (SFT's evaluation: its eval_examples, 64 by default, in one batch).
+    """
+    if is_chat(tokenizer):
+        ids, end = [prompt_ids(tokenizer, p) for p in prompts], tokenizer.special_id(END)
+        stop = [] if stop is None else stop
+    else:
+        ids = [encode_prompt(tokenizer, p, model.config.block_size, out=None) for p in prompts]
+        end, stop = tokenizer.eot_id, ["\n\n"] if stop is None else stop
+    outs: list[list[int]] = []
+    for i in range(0, len(ids), batch_size):
+        outs += generate_batch(model, ids[i:i + batch_size], max_new_tokens, temperature=0.0, eot_id=end)
+    return [cut_at_stop(tokenizer.decode(o), stop) for o in outs]
 
 
 # Scripts written without spaces between words: scored one character per token.
@@ -284,11 +337,11 @@ def text_metrics(hypotheses: list[str], references: list[str], prefix: str = "in
     return metrics, [dict(i, bleu_tokenize=tokenize) for i in items]
 
 
-def instruction_metrics(model, tokenizer, records: list[dict], max_new_tokens: int, stop: list[str], autocast,
-                        out_file: Path | None = None) -> dict:
-    """Answer every prompt of `records` (read_instructions) greedily and score the answers against their
-    references; each prompt, reference, answer and its scores go to out_file (JSONL)."""
-    answers = [greedy_answer(model, tokenizer, rec["prompt"], max_new_tokens, stop, autocast) for rec in records]
+def instruction_metrics(model, tokenizer, records: list[dict], max_new_tokens: int, stop: list[str] | None,
+                        out_file: Path | None = None, batch_size: int = 64) -> dict:
+    """Answer every prompt of `records` (read_instructions) greedily (greedy_answers) and score the answers
+    against their references; each prompt, reference, answer and its scores go to out_file (JSONL)."""
+    answers = greedy_answers(model, tokenizer, [r["prompt"] for r in records], max_new_tokens, stop, batch_size)
     metrics, items = text_metrics([a.strip() for a in answers], [r["reference"] for r in records])
     if out_file is not None:
         with open(out_file, "w", encoding="utf-8") as f:
@@ -380,20 +433,46 @@ def reward_metrics(model, tokenizer, path: str, batch_size: int, autocast) -> di
 
 
 def checkpoint_info(ckpt: dict, model) -> dict:
+    from gpt.quantize import num_params
+
     tok = ckpt["tokenizer"]
-    return {"path": ckpt["path"], "step": int(ckpt["step"]), "params": model.num_params(),
+    return {"path": ckpt["path"], "step": int(ckpt["step"]), "params": num_params(model),
             "tokenizer": tok.get("name", tok.get("type")), "train_val_loss": ckpt.get("val_loss")}
 
 
 def check_settings(cfg: DictConfig) -> None:
     """Counts in conf/evaluate.yaml must be positive (samples.num may be 0: no samples)."""
     for key, value, least in (("perplexity.batch_size", cfg.perplexity.batch_size, 1),
-                              ("perplexity.max_tokens", cfg.perplexity.get("max_tokens") or 1, 1),
+                              ("perplexity.max_tokens", cfg.perplexity.get("max_tokens"), 1),
+                              ("perplexity.stride", cfg.perplexity.get("stride"), 1),
                               ("generation.max_new_tokens", cfg.generation.max_new_tokens, 1),
                               ("samples.num", cfg.samples.num, 0),
                               ("samples.max_new_tokens", cfg.samples.max_new_tokens, 1)):
-        if not isinstance(value, int) or value < least:
+        if key in ("perplexity.max_tokens", "perplexity.stride") and value is None:
+            continue  # null: every token / disjoint windows
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise UserError(f"{key}={value} must be an integer >= {least}")
+    split = cfg.perplexity.get("split")
+    if split is not None and split not in SPLITS:
+        raise UserError(f"perplexity.split={split!r} must be one of {', '.join(SPLITS)} (or null)")
+    stop = cfg.generation.get("stop")
+    if stop is not None and not (OmegaConf.is_list(stop) and all(isinstance(x, str) for x in stop)):
+        raise UserError(f"generation.stop={stop} must be a list of strings (or null)")
+
+
+def lm_data(cfg: DictConfig, ckpt: dict) -> tuple[TextSource | None, str, float | None, str]:
+    """What language-model metrics score -> (source or None, split, val_fraction, a note when None).
+
+    data= on the command line: that source, by default all of it (perplexity.split=val|train cut it at
+    data.val_fraction). Without data=: the checkpoint's own corpus where evaluate.py may re-read it
+    (checkpoint_source), by default its val split as training cut it.
+    """
+    split = cfg.perplexity.get("split")
+    if cfg.get("data") is not None:
+        source, fraction = user_source(cfg.data)
+        return source, split or "all", fraction, ""
+    source, note = checkpoint_source(ckpt)
+    return source, split or "val", None, note
 
 
 def evaluate(cfg: DictConfig, out=sys.stdout) -> dict:
@@ -421,28 +500,40 @@ def evaluate(cfg: DictConfig, out=sys.stdout) -> dict:
         report["metrics"].update(reward_metrics(model, tokenizer, cfg.pairs, int(cfg.perplexity.batch_size),
                                                 autocast))
         return finish(report, folder, out)
+    for key, needs in (("labelled", "a classifier (finetune.py stage=classify)"),
+                       ("pairs", "a reward model (finetune.py stage=reward)")):
+        if cfg.get(key):
+            raise UserError(f"{key}= applies to {needs}; {ckpt['path']!r} is a language model (use instructions= "
+                            f"or data= for it)")
 
     ppl = cfg.perplexity
-    source = eval_source(cfg.get("data"), ckpt)
-    tokens = split_tokens(source, tokenizer, ppl.split)
-    if ppl.get("max_tokens"):
-        tokens = tokens[:int(ppl.max_tokens) + 1]
-    log.info("scoring %s tokens of the %s split of %s", f"{len(tokens) - 1:,}", ppl.split, source.describe())
-    report["data"] = {"source": source.describe(), "split": ppl.split}
-    report["metrics"].update(language_model_metrics(model, tokens, tokenizer, int(ppl.batch_size), ppl.get("stride"),
-                                                    autocast, prefix=ppl.split))
+    source, split, fraction, note = lm_data(cfg, ckpt)
+    if source is None and records is None:
+        raise UserError(note)
+    if source is None:  # instructions only: no corpus to score, which a chat or imported model needs not have
+        print(f"note: {note}; language-model metrics skipped", file=sys.stderr)
+        report["data"] = {"source": None, "split": None, "note": note}
+    else:
+        tokens = split_tokens(source, tokenizer, split, fraction)
+        if ppl.get("max_tokens") is not None:
+            tokens = tokens[:int(ppl.max_tokens) + 1]
+        log.info("scoring %s tokens of the %s split of %s", f"{len(tokens) - 1:,}", split, source.describe())
+        report["data"] = {"source": source.describe(), "split": split}
+        report["metrics"].update(language_model_metrics(model, tokens, tokenizer, int(ppl.batch_size),
+                                                        ppl.get("stride"), autocast, prefix=split))
 
     if records is not None:
         gen = cfg.generation
-        log.info("answering the %d prompts of %s", len(records), cfg.instructions)
-        report["metrics"].update(instruction_metrics(model, tokenizer, records, int(gen.max_new_tokens),
-                                                     list(gen.stop or []), autocast,
+        log.info("answering the %d prompts of %s%s", len(records), cfg.instructions,
+                 " in the chat template" if is_chat(tokenizer) else "")
+        stop = None if gen.get("stop") is None else list(gen.stop)
+        report["metrics"].update(instruction_metrics(model, tokenizer, records, int(gen.max_new_tokens), stop,
                                                      folder / "generations.jsonl"))
         report["files"]["generations"] = "generations.jsonl"
 
     s = cfg.samples
     if int(s.num) > 0:
-        prompt = s.prompt if s.prompt is not None else ckpt["config"].get("stage", {}).get("sample_prompt", "\n")
+        prompt = s.prompt if s.prompt is not None else checkpoint_sample_prompt(ckpt)
         texts = sample_texts(model, tokenizer, str(prompt), int(s.num), int(s.max_new_tokens), float(s.temperature),
                              s.top_k, int(cfg.seed), autocast)
         (folder / "samples.txt").write_text(("\n" + "-" * 40 + "\n").join(texts) + "\n", encoding="utf-8")
@@ -451,12 +542,24 @@ def evaluate(cfg: DictConfig, out=sys.stdout) -> dict:
     return finish(report, folder, out)
 
 
+def checkpoint_sample_prompt(ckpt: dict) -> str:
+    """The checkpoint's stage.sample_prompt when it is a string, else a newline."""
+    config = ckpt.get("config")
+    stage = config.get("stage") if isinstance(config, dict) else None
+    prompt = stage.get("sample_prompt") if isinstance(stage, dict) else None
+    return prompt if isinstance(prompt, str) else "\n"
+
+
 def finish(report: dict, folder: Path, out) -> dict:
     """Write metrics.json and print the report's table."""
     write_json(folder / "metrics.json", report)
-    info = report["checkpoint"]
+    info, data = report["checkpoint"], report["data"]
+    if data.get("source") is None:
+        scored = f"no corpus scored ({data.get('note')})"
+    else:
+        scored = f"{'all' if data['split'] == 'all' else data['split'] + ' split'} of {data['source']}"
     out.write(f"\n{info['path']} (step {info['step']}, {info['params']:,} parameters, tokenizer {info['tokenizer']})\n"
-              f"data: {report['data']['split']} split of {report['data']['source']}\n\n")
+              f"data: {scored}\n\n")
     out.write(markdown_table(["metric", "value"], [[k, v] for k, v in report["metrics"].items()]))
     out.write(f"\nrun folder {folder}: metrics.json {' '.join(report['files'].values())}\n")
     out.flush()

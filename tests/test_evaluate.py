@@ -4,8 +4,10 @@ the comparison table of a sweep; metric values checked against hand-computed cas
 import contextlib
 import csv
 import glob
+import io
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,7 @@ from conftest import TINY, run_script
 from gpt.data import TextFiles
 from gpt.errors import UserError
 from gpt.evaluation import (MixedScriptTokenizer, bleu_tokenize, check_settings, compare, cut_at_stop,
-                            greedy_answer, language_model_metrics, read_instructions, split_tokens, text_metrics,
+                            greedy_answers, language_model_metrics, read_instructions, split_tokens, text_metrics,
                             windows)
 from gpt.model import GPT
 from gpt.tokenizer import CharTokenizer, TiktokenTokenizer
@@ -194,8 +196,9 @@ def test_greedy_answer_ends_at_stop_string():
     model = tiny_model(tok.vocab_size)
     with torch.no_grad():
         model.lm_head.weight.zero_()
-    assert greedy_answer(model, tok, "abc", 5, [], contextlib.nullcontext) == "\n" * 5
-    assert greedy_answer(model, tok, "abc", 5, ["\n\n"], contextlib.nullcontext) == ""
+    assert greedy_answers(model, tok, ["abc", "a"], 5, []) == ["\n" * 5] * 2
+    assert greedy_answers(model, tok, ["abc"], 5, ["\n\n"]) == [""]
+    assert greedy_answers(model, tok, ["abc"], 5) == [""]  # a plain model's default stop: a blank line
     assert cut_at_stop("yes\n\nno\nmaybe", ["\nmaybe", "\n\n"]) == "yes"
 
 
@@ -272,14 +275,17 @@ def test_evaluate_a_trained_run(trained):
 @pytest.mark.slow
 def test_evaluate_int8_perplexity_is_close_to_float(trained, tmp_path):
     cwd, run, _ = trained
-    ppl = {}
+    ppl, params = {}, {}
     for q in ("null", "int8"):
         out = tmp_path / q
         proc = run_script("evaluate.py", f"ckpt={run}", f"quantize={q}", "perplexity.max_tokens=1000", "samples.num=0",
                           f"hydra.run.dir={out}", cwd=cwd)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        ppl[q] = json.loads((out / "metrics.json").read_text())["metrics"]["val/perplexity"]
+        report = json.loads((out / "metrics.json").read_text())
+        ppl[q], params[q] = report["metrics"]["val/perplexity"], report["checkpoint"]["params"]
+        assert f"{params[q]:,} parameters" in proc.stdout
     assert ppl["int8"] != ppl["null"] and abs(ppl["int8"] / ppl["null"] - 1) < 0.02, ppl
+    assert params["int8"] == params["null"] > 20_000  # the int8 Linear weights count too
     bad = run_script("evaluate.py", f"ckpt={run}", "quantize=int4", cwd=tmp_path)
     assert bad.returncode == 2 and "quantize='int4'" in bad.stderr
 
@@ -319,3 +325,224 @@ def test_bad_evaluation_input_is_one_clear_line(trained, tmp_path, args, message
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and message in proc.stderr, proc.stderr
     assert not (tmp_path / "evaluations").exists()  # no half-written run folder, no empty date folder
+
+
+# ---- chat models: the chat template and its end token ----------------------------------------
+
+def end_token_model(tok) -> GPT:
+    """A model whose every greedy step is <|end|>: ln_f outputs a constant vector e, and only <|end|>'s output
+    row is e (all logits 0 but <|end|>'s, |e|^2)."""
+    from gpt.chat import END
+
+    torch.manual_seed(0)
+    model = GPT(tok.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16, bias=True).eval()
+    with torch.no_grad():
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.fill_(1.0)
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[tok.special_id(END)] = 1.0
+    return model
+
+
+def test_chat_model_answers_in_its_template_and_stops_at_end(monkeypatch):
+    import gpt.evaluation as evaluation
+    from gpt.chat import chat_tokenizer, encode_chat, prompt_ids
+    from gpt.stages.sft import exact_match
+
+    tok = chat_tokenizer(CharTokenizer(ALPHABET))
+    model = end_token_model(tok)
+    seen = []
+    real = evaluation.generate_batch
+    monkeypatch.setattr(evaluation, "generate_batch", lambda m, ids, *a, **k: seen.append(ids) or real(m, ids, *a, **k))
+    assert greedy_answers(model, tok, ["ab", "c"], 10) == ["", ""]  # <|end|> ends the answer, and is not in it
+    assert seen == [[prompt_ids(tok, "ab"), prompt_ids(tok, "c")]]  # <|user|> ab <|end|> <|assistant|>
+    assert prompt_ids(tok, "ab") == encode_chat(tok, [{"role": "user", "content": "ab"}], generation_prompt=True)[0]
+    # the same exact match as the SFT stage's own evaluation on the same records
+    records = [{"prompt": "ab", "reference": ""}, {"prompt": "c", "reference": "a"}, {"prompt": "", "reference": ""}]
+    convs = [[{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["reference"]}]
+             for r in records]
+    ours = evaluation.instruction_metrics(model, tok, records, 10, None)["instruct/exact_match"]
+    assert ours == pytest.approx(100 * exact_match(model, tok, convs, contextlib.nullcontext, 10)) == pytest.approx(200 / 3)
+
+
+# ---- what evaluate.py reads: data= on the command line, or only the bundled corpus of a checkpoint ----
+
+def lm_checkpoint(tmp_path, data, chars=ALPHABET, name="lm.pt"):
+    from gpt.checkpoint import save_checkpoint
+
+    model = tiny_model(len(chars), block_size=8)
+    cfg = {"_target_": "gpt.model.GPT", **{k: getattr(model.config, k) for k in (
+        "vocab_size", "block_size", "n_layer", "n_head", "n_embd")}}
+    return save_checkpoint({"model": model.state_dict(), "config": {"model": cfg, "data": data}, "step": 1,
+                            "tokenizer": {"type": "char", "chars": chars}}, tmp_path / name)
+
+
+def compose_evaluate(*overrides):
+    from hydra import compose, initialize_config_dir
+
+    from gpt.config import register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        return compose("evaluate", overrides=["samples.num=0", *overrides])
+
+
+@pytest.fixture
+def no_reading(monkeypatch, tmp_path):
+    """Fail the test if evaluate.py builds a data source, reads a corpus, loads a dataset or turns a config
+    node into code; run in tmp_path (the evaluation's folder)."""
+    import datasets
+    import hydra.utils
+
+    from gpt import data
+
+    def refuse(*a, **k):
+        raise AssertionError("evaluate.py built, read or instantiated something a checkpoint named")
+
+    for owner, name in ((data.TextSource, "__init__"), (data.TextFiles, "documents"), (datasets, "load_dataset"),
+                        (datasets, "load_from_disk"), (hydra.utils, "instantiate"), (hydra.utils, "get_object")):
+        monkeypatch.setattr(owner, name, refuse)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+MARKER = "/tmp/gpt-evaluate-marker-must-not-exist"
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"_target_": "gpt.data.TextFiles", "path": "/etc/secret.txt", "val_fraction": 0.1},
+     "the checkpoint was trained on text data.path='/etc/secret.txt', which evaluate.py does not re-read from a "
+     "checkpoint; pass data=text data.path='/etc/secret.txt' to evaluate on it"),
+    ({"_target_": "gpt.data.HFDataset", "name": "someone/dataset", "text_column": "text"},
+     "pass data=hf data.name='someone/dataset' to evaluate on it"),
+    ({"_target_": "gpt.data.Shakespeare", "plays": ["../../../../etc/passwd"]},
+     "has values evaluate.py does not accept (plays=<list>, val_fraction=0.1); pass data=shakespeare"),
+    ({"_target_": "gpt.data.Shakespeare", "plays": ["tragedies/hamlet"], "val_fraction": "0.1"}, "does not accept"),
+    ({"_target_": "gpt.data.Shakespeare", "plays": ["tragedies/hamlet"], "val_fraction": 1.0}, "does not accept"),
+    ({"_target_": "gpt.data.Shakespeare", "plays": ["tragedies/hamlet"], "name": "x"}, "does not accept"),
+    ({"path": "sft_train.jsonl", "val_path": None}, "names no text corpus to score (its data: none)"),
+    (None, "names no text corpus to score (its data: none)"),
+])
+def test_a_checkpoints_data_is_named_not_read(no_reading, data, message):
+    from gpt.evaluation import evaluate
+
+    cfg = compose_evaluate(f"ckpt={lm_checkpoint(no_reading, data)}")
+    with pytest.raises(UserError) as err:
+        evaluate(cfg, out=io.StringIO())
+    assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("data", [
+    {"_target_": "gpt.data.TextFiles", "path": {"_target_": "os.system", "_args_": [f"touch {MARKER}"]}},
+    {"_target_": "gpt.data.Shakespeare", "plays": [{"_target_": "os.system", "_args_": [f"touch {MARKER}"]}]},
+    {"_target_": "gpt.data.Shakespeare", "plays": ["tragedies/hamlet"],
+     "val_fraction": {"_target_": "builtins.eval", "_args_": [f"open('{MARKER}', 'w')"]}},
+    {"_target_": "gpt.data.Shakespeare", "plays": ["tragedies/hamlet"], "_recursive_": True},
+    {"_target_": "os.system", "_args_": [f"touch {MARKER}"]},
+    {"_target_": "gpt.data.os.system", "_args_": [f"touch {MARKER}"]},
+])
+def test_a_checkpoint_whose_data_names_code_is_refused(no_reading, data):
+    """Whichever layer refuses it first (loading the checkpoint, or evaluate.py's own check): one line, nothing
+    run, nothing read."""
+    from gpt.evaluation import checkpoint_source, evaluate
+
+    source, note = checkpoint_source({"config": {"data": data}})  # evaluate.py's own check, on its own
+    assert source is None and "\n" not in note and "pass data=" in note
+    cfg = compose_evaluate(f"ckpt={lm_checkpoint(no_reading, data)}")
+    with pytest.raises(UserError) as err:
+        evaluate(cfg, out=io.StringIO())
+    assert "\n" not in str(err.value) and "data" in str(err.value), str(err.value)
+    assert not Path(MARKER).exists()
+
+
+def test_instructions_need_no_corpus(no_reading, capsys):
+    """A chat or imported checkpoint without a corpus evaluate.py may read: instructions are scored, perplexity
+    is skipped with one note naming what the checkpoint was trained on."""
+    from gpt.evaluation import evaluate
+
+    data = {"_target_": "gpt.data.TextFiles", "path": "/etc/secret.txt"}
+    (no_reading / "qa.jsonl").write_text('{"prompt": "ab", "completion": "c"}\n')
+    cfg = compose_evaluate(f"ckpt={lm_checkpoint(no_reading, data)}", "instructions=qa.jsonl",
+                           "generation.max_new_tokens=3")
+    report = evaluate(cfg, out=io.StringIO())
+    assert report["metrics"]["instruct/n"] == 1 and not any(k.startswith(("val/", "all/")) for k in report["metrics"])
+    assert report["data"]["source"] is None and "pass data=text data.path='/etc/secret.txt'" in report["data"]["note"]
+    err = capsys.readouterr().err
+    assert err.count("note: ") == 1 and "language-model metrics skipped" in err
+
+
+def test_the_bundled_corpus_is_rebuilt_from_checked_values(monkeypatch, tmp_path):
+    """Without data=, the bundled corpus a checkpoint names is scored (its val split, as training cut it),
+    rebuilt by evaluate.py's own code: nothing is instantiated."""
+    import hydra.utils
+
+    from gpt.data import Shakespeare
+    from gpt.evaluation import checkpoint_source, evaluate
+
+    monkeypatch.setattr(hydra.utils, "instantiate", lambda *a, **k: pytest.fail("instantiate called"))
+    monkeypatch.chdir(tmp_path)
+    source, _ = checkpoint_source({"config": {"data": {"_target_": "gpt.data.Shakespeare",
+                                                       "plays": ["tragedies/macbeth"], "val_fraction": 0.2}}})
+    assert type(source) is Shakespeare and source.plays == ["tragedies/macbeth"] and source.val_fraction == 0.2
+    chars = "".join(sorted(set("".join(source.documents()))))
+    data = {"_target_": "gpt.data.Shakespeare", "plays": ["tragedies/macbeth"], "val_fraction": 0.2,
+            "cache_dir": "/anything"}
+    cfg = compose_evaluate(f"ckpt={lm_checkpoint(tmp_path, data, chars)}", "perplexity.max_tokens=50")
+    report = evaluate(cfg, out=io.StringIO())
+    assert report["data"] == {"source": "Shakespeare plays ['tragedies/macbeth']", "split": "val"}
+    assert report["metrics"]["val/tokens"] == 50
+
+
+def test_a_file_given_with_data_is_scored_whole(tmp_path, monkeypatch):
+    """data= on the command line: every token by default; perplexity.split=val cuts at data.val_fraction,
+    and val_fraction=1.0 is the whole file again."""
+    from gpt.evaluation import evaluate
+
+    monkeypatch.chdir(tmp_path)
+    text = "abcde\n" * 40  # 240 characters
+    (tmp_path / "other.txt").write_text(text)
+    ckpt = lm_checkpoint(tmp_path, {"_target_": "gpt.data.Shakespeare", "plays": ["tragedies/hamlet"]})
+    base = [f"ckpt={ckpt}", "data=text", "data.path=other.txt"]
+    whole = evaluate(compose_evaluate(*base), out=io.StringIO())
+    assert whole["data"]["split"] == "all" and whole["metrics"]["all/tokens"] == len(text) - 1
+    val = evaluate(compose_evaluate(*base, "perplexity.split=val"), out=io.StringIO())["metrics"]
+    assert val["val/tokens"] == int(len(text) * 0.1) - 1  # the conf/data/text.yaml cut
+    one = evaluate(compose_evaluate(*base, "perplexity.split=val", "data.val_fraction=1.0"), out=io.StringIO())
+    assert one["metrics"]["val/tokens"] == len(text) - 1 and one["metrics"]["val/loss"] == whole["metrics"]["all/loss"]
+    for bad, message in (("data.val_fraction=0", "data.val_fraction=0 must be a number in (0, 1]"),
+                         ("data.val_fraction=1.5", "data.val_fraction=1.5 must be a number in (0, 1]")):
+        with pytest.raises(UserError, match=re.escape(message)):
+            evaluate(compose_evaluate(*base, bad), out=io.StringIO())
+    with pytest.raises(UserError, match="gives 0 train tokens"):
+        evaluate(compose_evaluate(*base, "perplexity.split=train", "data.val_fraction=1.0"), out=io.StringIO())
+
+
+@pytest.mark.parametrize("override, message", [
+    ("perplexity.stride=0", "perplexity.stride=0 must be an integer >= 1"),
+    ("perplexity.max_tokens=0", "perplexity.max_tokens=0 must be an integer >= 1"),
+    ("perplexity.split=test", "perplexity.split='test' must be one of all, val, train"),
+    ("labelled=x.jsonl", "labelled= applies to a classifier"),
+    ("pairs=x.jsonl", "pairs= applies to a reward model"),
+])
+def test_settings_that_do_not_apply_are_refused(tmp_path, monkeypatch, override, message):
+    from gpt.evaluation import evaluate
+
+    monkeypatch.chdir(tmp_path)
+    ckpt = lm_checkpoint(tmp_path, None)
+    with pytest.raises(UserError, match=re.escape(message)):
+        evaluate(compose_evaluate(f"ckpt={ckpt}", override), out=io.StringIO())
+
+
+@pytest.mark.slow
+def test_evaluate_scores_a_whole_file_from_the_command_line(trained, tmp_path):
+    cwd, run, _ = trained
+    (tmp_path / "other.txt").write_text("ROMEO: What say you?\n" * 20)  # 420 characters
+    counts = {}
+    for extra in ([], ["perplexity.split=val", "data.val_fraction=1.0"], ["perplexity.split=val"]):
+        out = tmp_path / str(len(counts))
+        proc = run_script("evaluate.py", f"ckpt={run}", "data=text", f"data.path={tmp_path / 'other.txt'}",
+                          "samples.num=0", f"hydra.run.dir={out}", *extra, cwd=cwd)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        report = json.loads((out / "metrics.json").read_text())
+        counts[" ".join(extra)] = next(v for k, v in report["metrics"].items() if k.endswith("/tokens"))
+    assert counts == {"": 419, "perplexity.split=val data.val_fraction=1.0": 419, "perplexity.split=val": 41}
