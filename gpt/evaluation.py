@@ -1,10 +1,13 @@
 """evaluate.py's logic: score a checkpoint and write the scores into its own run folder.
 
-A checkpoint is evaluated from the file alone (model, tokenizer and, unless `data=` says otherwise, the
-data it was trained on). Each evaluation that applies adds flat, prefixed metrics to one report:
+A checkpoint is evaluated from the file alone: model, tokenizer and, when it was trained on the bundled
+corpus, that corpus (rebuilt from checked plain values; a text file or dataset a checkpoint names is never
+read: pass it with `data=`, whose file is scored whole by default). Each evaluation that applies adds flat,
+prefixed metrics to one report:
 
     language modelling  every token of a data split: `<split>/loss`, `perplexity`, `bits_per_byte`
-    instructions        greedy answers to a JSONL of prompts: `instruct/exact_match`, `bleu`, `rouge1/2/L`
+    instructions        greedy answers to a JSONL of prompts (a chat model's in its chat template, ending at
+                        <|end|>): `instruct/exact_match`, `bleu`, `rouge1/2/L`; needs no corpus
     samples             a few sampled continuations, saved to samples.txt
 
 The report goes to metrics.json (plus generations.jsonl and samples.txt) and is printed as a table;
@@ -30,10 +33,10 @@ import torch
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from gpt.chat import END, SPECIAL, prompt_ids
 from gpt.config import _only_setup_files, run_dir, user_error_in, write_json
 from gpt.data import Shakespeare, TextSource
 from gpt.errors import UserError
-from gpt.chat import END, SPECIAL, prompt_ids
 from gpt.generate import generate_batch, generate_tokens
 from gpt.inference import dtype_option, encode_prompt, load_for_inference
 from gpt.tracking import job_labels, sweep_jobs
