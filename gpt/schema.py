@@ -175,7 +175,7 @@ RULES: dict[str, Rule] = {
     "device": Device(),  # infer.py, serve.py, evaluate.py load onto this device
     "dtype": DTYPE,
     "quantize": Choice(("int8", "none"), null=True),
-    "stage_script": PATH,  # set by conf/stage/pretrain.yaml: the script that runs the stage
+    "stage_script": Choice(("train.py", "finetune.py")),  # set by conf/stage/pretrain.yaml: the stage's script
     # train.py / finetune.py
     "resume": OPTIONAL_PATH,
     "trainer.max_iters": Int(1),
@@ -382,6 +382,8 @@ def check_stage_script(cfg: DictConfig, script: str | None, choices: Mapping[str
     if script not in ("train", "finetune") or "stage" not in cfg:
         return
     runs_in = cfg.get("stage_script") or "finetune.py"
+    if runs_in not in STAGE_SCRIPTS:
+        raise UserError(f"{_show('stage_script', runs_in)} must be {RULES['stage_script'].what()}")
     if runs_in != f"{script}.py":
         name = choices.get("stage") or "<stage>"
         kind = "fine-tuning stages run" if runs_in == "finetune.py" else "it runs"
