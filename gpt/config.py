@@ -217,6 +217,14 @@ def _parses(override: str):
         return None
 
 
+def _reads_as_itself(value: str) -> bool:
+    """Hydra would read `value` unquoted as exactly this string: then it is passed on unchanged, so that what
+    Hydra records of the command line (the job's overrides, sweep labels) stays as typed."""
+    parsed = _parses(f"k={value}")
+    return (parsed is not None and not parsed.is_sweep_override() and isinstance(parsed.value(), str)
+            and parsed.value() == value)
+
+
 def _unquoted(value: str) -> str | None:
     """The text of a value quoted whole the way Hydra quotes (`"ROMEO:"`, `'it\\'s'`), else None: such a
     value keeps meaning its text, as it did when Hydra read it."""
@@ -226,22 +234,32 @@ def _unquoted(value: str) -> str | None:
     return parsed.value() if parsed is not None and isinstance(parsed.value(), str) else None
 
 
-def _literal_path(value: str) -> str:
+def _literal_text(value: str) -> str:
     whole = _unquoted(value)
     if whole is not None:
-        return hydra_quote(whole, interpolate=True)
-    if value == "":
-        return value
-    parts = value.split(",")  # a sweep over paths: each value quoted, null kept
-    return ",".join(p if p == "null" else hydra_quote(p if _unquoted(p) is None else _unquoted(p), interpolate=True)
-                    for p in parts)
+        value = whole
+    return value if _reads_as_itself(value) and "${" not in value else hydra_quote(value)
+
+
+def _literal_path(value: str) -> str:
+    """One path, or several separated by commas (a sweep); null stays unset; `${...}` interpolates."""
+    whole = _unquoted(value)
+    parts = [whole] if whole is not None else value.split(",")
+    out = []
+    for p in parts:
+        if whole is None and _unquoted(p) is not None:
+            p = _unquoted(p)
+        plain = (p == "null" and whole is None) or _reads_as_itself(p)
+        out.append(p if plain else hydra_quote(p, interpolate=True))
+    return ",".join(out)
 
 
 def literal_overrides(argv: list[str]) -> list[str]:
-    """sys.argv with the values of free-text keys (FREE_TEXT) and paths (PATH_KEYS) quoted for Hydra, so that
-    `prompt=今天 天气`, `data.path=~/corpus/` or `prompt=a=b, [c]` reach the program as typed; other values
-    Hydra's grammar refuses (`max_new_tokens=10**12`) are quoted too, so that validation names their key.
-    Entry scripts apply it before Hydra reads the command line; flags and hydra.* overrides pass unchanged."""
+    """sys.argv with the values of free-text keys (FREE_TEXT) and paths (PATH_KEYS) quoted for Hydra where its
+    grammar would read them otherwise, so that `prompt=今天 天气`, `data.path=~/corpus/` or `prompt=a=b, [c]`
+    reach the program as typed; other values Hydra's grammar refuses (`temperature=1=2`) are quoted too, so
+    that validation names their key. Entry scripts apply it before Hydra reads the command line; flags and
+    hydra.* overrides pass unchanged."""
     out = list(argv[:1])
     for arg in argv[1:]:
         key, eq, value = arg.partition("=")
@@ -249,8 +267,7 @@ def literal_overrides(argv: list[str]) -> list[str]:
         if arg.startswith("-") or not eq or name.startswith(("hydra.", "~")) or not name:
             out.append(arg)
         elif name in FREE_TEXT:
-            whole = _unquoted(value)
-            out.append(f"{key}={hydra_quote(value if whole is None else whole)}")
+            out.append(f"{key}={_literal_text(value)}")
         elif name in PATH_KEYS:
             out.append(f"{key}={_literal_path(value)}")
         elif _parses(arg) is None:

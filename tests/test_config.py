@@ -125,6 +125,9 @@ def test_paths_are_literal_but_sweep_on_commas_and_interpolate(monkeypatch):
     monkeypatch.setenv("GPT_TEST_DATA", "/data")
     assert _compose("train", ["data=text", "data.path=${oc.env:GPT_TEST_DATA}/x.txt"]).data.path == "/data/x.txt"
     assert _compose("finetune", ["ckpt=~/runs/p", "data.path=~/f.jsonl"]).ckpt == "~/runs/p"
+    # values Hydra reads as typed pass unchanged (the job's recorded overrides and sweep labels stay as typed)
+    plain = ["evaluate.py", "-m", "ckpt=/r/run,/r/run/checkpoints/last.pt", "prompt=ROMEO:", "instructions=qa.jsonl"]
+    assert config.literal_overrides(plain) == plain
     # evaluate.py -m ckpt=<a>,<b>: still a sweep with one job per path
     (sweep,) = config.literal_overrides(["evaluate.py", "-m", "ckpt=~/a,runs/b c"])[2:]
     parser = OverridesParser.create()
