@@ -50,7 +50,7 @@ class TextSource:
         if not 0.0 < val_fraction < 1.0:
             raise UserError(f"data.val_fraction={val_fraction} must be between 0 and 1 (exclusive), e.g. 0.1")
         self.val_fraction = val_fraction
-        self.cache_dir = Path(cache_dir)
+        self.cache_dir = Path(str(cache_dir)).expanduser()
 
     def fingerprint(self) -> dict:
         raise NotImplementedError

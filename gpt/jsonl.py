@@ -14,23 +14,36 @@ from gpt.errors import UserError
 ROLES = ("system", "user", "assistant")
 
 
+def json_lines(p: Path, where=lambda p, n: f"{p}:{n}"):
+    """Yield (line number, parsed value) of each non-blank line of the JSONL file `p`. A line that is not
+    UTF-8, not JSON, or nested too deeply for the parser is a UserError naming `where(p, line)`."""
+    with open(p, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{where(p, n)}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                                f"save the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{where(p, n)}: not valid JSON ({e.msg} at column {e.colno})") from None
+            except RecursionError:
+                raise UserError(f"{where(p, n)}: JSON nested too deeply to read; a record is a flat object") from None
+
+
 def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
     """-> [(line number, record)] of a JSONL file (blank lines skipped); each record must be an object."""
     p = Path(str(path)).expanduser()
     if not p.is_file():
         raise UserError(f"data file {str(path)!r} does not exist; pass data=<a .jsonl file>")
     rows = []
-    with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{p}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(rec, dict):
-                raise UserError(f"{p}:{n}: expected a JSON object, got {type(rec).__name__}")
-            rows.append((n, rec))
+    for n, rec in json_lines(p):
+        if not isinstance(rec, dict):
+            raise UserError(f"{p}:{n}: expected a JSON object, got {type(rec).__name__}")
+        rows.append((n, rec))
     if not rows:
         raise UserError(f"data file {str(p)!r} has no records; expected one JSON object per line")
     return rows
@@ -85,7 +98,12 @@ def read_texts(path: str | Path) -> list[str]:
     if p.suffix == ".txt":
         if not p.is_file():
             raise UserError(f"data file {str(path)!r} does not exist; pass data=<a .jsonl or .txt file>")
-        docs = [d.strip("\n") for d in p.read_text(encoding="utf-8").split("\n\n") if d.strip()]
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"data file {str(p)!r} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                            f"{e.start}); save it as UTF-8") from None
+        docs = [d.strip("\n") for d in text.split("\n\n") if d.strip()]
         if not docs:
             raise UserError(f"data file {str(p)!r} has no text; documents are separated by blank lines")
         return docs

@@ -256,14 +256,11 @@ def files(tmp_path_factory):
 
 LOOP = ("trainer.max_iters=2", "trainer.eval_interval=1", "trainer.eval_iters=1", "trainer.batch_size=2")
 FILE_PROBES = [
-    pytest.param("finetune", ("stage=sft", "ckpt={d}/parent.pt", "data={d}/latin1.jsonl", *LOOP), "latin1.jsonl",
-                 marks=pytest.mark.xfail(strict=True, reason="gpt/jsonl.py read_jsonl: UnicodeDecodeError traceback")),
-    pytest.param("finetune", ("stage=sft", "ckpt={d}/parent.pt", "data={d}/deep.jsonl", *LOOP), "deep.jsonl",
-                 marks=pytest.mark.xfail(strict=True, reason="gpt/jsonl.py read_jsonl: RecursionError traceback")),
+    pytest.param("finetune", ("stage=sft", "ckpt={d}/parent.pt", "data={d}/latin1.jsonl", *LOOP), "latin1.jsonl"),
+    pytest.param("finetune", ("stage=sft", "ckpt={d}/parent.pt", "data={d}/deep.jsonl", *LOOP), "deep.jsonl"),
     pytest.param("evaluate", ("ckpt={d}/parent.pt", "instructions={d}/latin1.jsonl"), "latin1.jsonl",
                  marks=pytest.mark.xfail(strict=True, reason="gpt/evaluation.py read_instructions: UnicodeDecodeError")),
-    pytest.param("evaluate", ("ckpt={d}/reward.pt", "pairs={d}/latin1.jsonl"), "latin1.jsonl",
-                 marks=pytest.mark.xfail(strict=True, reason="gpt/jsonl.py read_jsonl: UnicodeDecodeError traceback")),
+    pytest.param("evaluate", ("ckpt={d}/reward.pt", "pairs={d}/latin1.jsonl"), "latin1.jsonl"),
     pytest.param("evaluate", ("ckpt={d}/parent.pt", "labelled={d}/labelled.jsonl"), "labelled="),
     pytest.param("infer", ("ckpt={d}/wrong_types.pt",), "wrong_types.pt"),
     pytest.param("infer", ("ckpt={d}/empty_vocab.pt",), "chars=''"),
