@@ -472,6 +472,8 @@ class Trainer:
                     if signum:  # between steps: the update and any save of this step are complete
                         if self._saved is None or self._saved[0] != s.step:
                             self.save(best=False)
+                        if self.dist.enabled:  # no rank exits (and makes torchrun stop the others) mid-save
+                            dist.barrier()
                         raise self._interrupted(signum)
         finally:
             bar.close()

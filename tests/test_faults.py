@@ -435,3 +435,172 @@ def test_non_finite_weights_are_never_written(tmp_path):
 def test_skip_nonfinite_must_be_a_count(tmp_path, value):
     with pytest.raises(UserError, match=re.escape(f"trainer.skip_nonfinite={value!r} must be a non-negative")):
         make_trainer(tmp_path, skip_nonfinite=value)
+
+
+# ---- the real entry scripts --------------------------------------------------------------------------
+SMALL = [*TINY, "hardware.threads=1", "hardware.autocast_dtype=float32", "hardware.peak_flops=1e12"]
+
+
+def start_script(script: str, *args: str, cwd: Path, prefix: list[str] | None = None) -> subprocess.Popen:
+    """Like conftest.run_script, but returns the running process (to signal it)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen((prefix or [sys.executable]) + [str(ROOT / script), *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_step(proc: subprocess.Popen, metrics: Path, step: int, timeout: float = 240) -> bool:
+    """Wait until metrics.jsonl has a row at `step` or later (True) or the process has ended (False)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        lines = metrics.read_text().split("\n")[:-1] if metrics.is_file() else []  # complete lines only
+        if any(json.loads(line)["step"] >= step for line in lines if line.strip()):
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.005)
+    raise AssertionError(f"no row at step {step} in {metrics} after {timeout}s")
+
+
+def last_line(stderr: str) -> str:
+    return stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_signals_at_random_moments_resume_bit_identical(tmp_path):
+    """SIGINT / SIGTERM at seeded random moments (anywhere in a step: forward, backward, the optimizer update,
+    an evaluation, a save), each run resumed from the folder its line names, to the same max_iters: the
+    val and train losses of every step and the final weights and optimizer state equal an uninterrupted run."""
+    iters = 30
+    common = [*SMALL, "model.dropout=0.1", f"trainer.max_iters={iters}", "trainer.eval_interval=7",
+              "trainer.log_interval=2", "scheduler.schedule.warmup_iters=4", "stage.sample_tokens=4"]
+    full = run_script("train.py", *common, f"hydra.run.dir={tmp_path / 'full'}", cwd=tmp_path,
+                      env={"OMP_NUM_THREADS": "1"})
+    assert full.returncode == 0, full.stderr[-2000:]
+    rows = read_metrics(tmp_path / "full" / "metrics.jsonl")
+    times = [r["time"] for r in rows if "train/loss" in r]
+    step_seconds = (times[-1] - times[0]) / (iters - 2)
+
+    rng = random.Random(9)
+    targets = sorted(rng.sample(range(3, iters - 8), 4))  # room for the sleep below before the run ends
+    parts, resume, interrupts = [], [], []
+    for i, target in enumerate(targets + [None]):
+        run = tmp_path / f"part{i}"
+        proc = start_script("train.py", *common, f"hydra.run.dir={run}", *resume, cwd=tmp_path)
+        if target is not None and wait_for_step(proc, run / "metrics.jsonl", target):
+            time.sleep(rng.uniform(0, 3 * step_seconds))  # a random point of a later step
+            sig = rng.choice([signal.SIGINT, signal.SIGTERM])
+            proc.send_signal(sig)
+        _, err = proc.communicate(timeout=300)
+        parts.append(run / "metrics.jsonl")
+        if proc.returncode == 0:
+            assert "Traceback" not in err
+            break
+        assert proc.returncode == 128 + sig, err[-2000:]
+        m = re.fullmatch(rf"interrupted at step (\d+) \({sig.name}\); saved {re.escape(str(run))}/checkpoints/last.pt; "
+                         rf"resume with: python train.py resume=(.+)", last_line(err))
+        assert m and m.group(2) == str(run), err[-2000:]
+        assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == int(m.group(1))
+        assert not list((run / "checkpoints").glob(".*tmp*"))
+        interrupts.append(int(m.group(1)))
+        resume = [f"resume={m.group(2)}"]
+    assert len(interrupts) >= 3, interrupts  # the signals did land mid-run
+    for key in ("val/loss", "train/loss", "train/eval_loss"):
+        assert rows_by_step(*parts, key=key) == rows_by_step(tmp_path / "full" / "metrics.jsonl", key=key), key
+    a = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(parts[-1].parent / "checkpoints" / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == iters
+    assert_same_state(a["model"], b["model"])
+    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert_same_state(pa, pb)
+
+
+@pytest.mark.slow
+def test_ddp_ranks_agree_to_stop_when_one_rank_gets_the_signal(tmp_path):
+    """SIGTERM to rank 1 alone: both ranks finish the same step (one all_reduce), rank 0 saves and says so,
+    nobody hangs in a collective."""
+    run = tmp_path / "run"
+    proc = start_script("train.py", *SMALL, "hardware=ddp", "hardware.autocast_dtype=float32", "trainer.max_iters=2000",
+                        "trainer.eval_interval=1000", f"hydra.run.dir={run}", cwd=tmp_path,
+                        prefix=["torchrun", "--standalone", "--nproc_per_node=2"])
+    try:
+        assert wait_for_step(proc, run / "metrics.jsonl", 4), proc.communicate()[1][-3000:]
+        workers = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and
+                   f"PPid:\t{proc.pid}\n" in (p / "status").read_text() and
+                   b"RANK=1\x00" in (p / "environ").read_bytes().replace(b"LOCAL_RANK", b"")]
+        assert len(workers) == 1
+        os.kill(workers[0], signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    m = re.search(r"interrupted at step (\d+) \(SIGTERM\); saved \S+/last.pt; resume with: python train.py resume=",
+                  err)
+    assert m, err[-3000:]
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == int(m.group(1))
+    assert "Traceback" not in err.split("interrupted at step")[0][-2000:]
+
+
+@pytest.mark.slow
+def test_non_finite_run_ends_in_one_line_without_a_checkpoint(tmp_path):
+    """eval_interval=1 with a learning rate that breaks the weights at the first update: before, sampling
+    from the broken model crashed with a traceback; now one line, exit 2, and no last.pt is written."""
+    proc = run_script("train.py", *SMALL, "trainer.eval_interval=1", "optimizer.lr=1e12", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert last_line(proc.stderr).startswith("error: validation loss became nan at step 1: the weights no longer")
+    assert not list(tmp_path.glob("outputs/*/*/checkpoints/*.pt"))
+
+
+@pytest.mark.slow
+def test_skip_nonfinite_from_the_command_line(tmp_path):
+    proc = run_script("train.py", *SMALL, "trainer.eval_interval=100", "trainer.max_iters=20", "optimizer.lr=1e12",
+                      "trainer.grad_clip=0", "optimizer.weight_decay=0", "trainer.skip_nonfinite=3", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    line = last_line(proc.stderr)
+    assert re.match(r"error: training loss became nan at step \d+ \(non-finite step 4; trainer.skip_nonfinite=3 "
+                    r"allows 3\)", line), line
+    assert (proc.stdout + proc.stderr).count("skipped the update (") == 3
+
+
+@pytest.mark.slow
+def test_classify_with_a_diverging_lr_writes_no_nan_checkpoint(tmp_path):
+    from stage_helpers import make_parent, write_jsonl
+
+    make_parent(tmp_path / "parent.pt")
+    rows = [{"text": f"{w} {i}", "label": w} for i in range(20) for w in ("yes", "no")]
+    write_jsonl(tmp_path / "labels.jsonl", rows)
+    proc = run_script("finetune.py", "stage=classify", f"ckpt={tmp_path / 'parent.pt'}",
+                      f"data={tmp_path / 'labels.jsonl'}", "trainer.max_iters=4", "trainer.eval_interval=1",
+                      "trainer.eval_iters=1", "trainer.batch_size=4", "optimizer.lr=1e12", "hardware.threads=1",
+                      "hardware.autocast_dtype=float32", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert re.match(r"error: (validation|training) loss became nan at step 1", last_line(proc.stderr))
+    for f in tmp_path.glob("outputs/*/*/checkpoints/*.pt"):
+        assert math.isfinite(torch.load(f, weights_only=True)["val_loss"]), f
+
+
+FULL_DISK = """
+import errno, runpy, sys, torch
+real, calls = torch.save, []
+def full_disk(obj, f, *args, **kwargs):  # the first {n} saves succeed, then the disk is full
+    calls.append(1)
+    if len(calls) > {n}:
+        f.write(b"PK partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return real(obj, f, *args, **kwargs)
+torch.save = full_disk
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_full_disk_in_a_real_run_is_one_line(tmp_path):
+    wrapper = tmp_path / "full_disk.py"
+    wrapper.write_text(FULL_DISK.replace("{n}", "2"))
+    run = tmp_path / "run"
+    proc = run_script("train.py", *SMALL, f"hydra.run.dir={run}", cwd=tmp_path, prefix=[sys.executable, str(wrapper)])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert re.fullmatch(rf"error: no space left on device while writing {re.escape(str(run))}/checkpoints/"
+                        rf"(best|last).pt; the previous checkpoint is intact", last_line(proc.stderr))
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 3
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
