@@ -39,6 +39,7 @@ from gpt.data import Shakespeare, TextSource
 from gpt.errors import UserError
 from gpt.generate import generate_batch, generate_tokens
 from gpt.inference import dtype_option, encode_prompt, load_for_inference
+from gpt.jsonl import json_lines
 from gpt.tracking import job_labels, sweep_jobs
 
 log = logging.getLogger("gpt")
@@ -218,29 +219,22 @@ def read_instructions(path: str | Path, tokenizer=None) -> list[dict]:
     if not p.is_file():
         raise UserError(f"instructions={str(path)!r} does not exist; pass a JSONL file")
     records = []
-    with open(p, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"instructions file {p} line {lineno}"
+    for lineno, obj in json_lines(p, lambda p, n: f"instructions file {p} line {n}"):  # UTF-8, JSON, depth
+        where = f"instructions file {p} line {lineno}"
+        keys = next((k for k in _INSTRUCTION_KEYS if isinstance(obj, dict) and all(x in obj for x in k)), None)
+        if keys is None:
+            found = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+            raise UserError(f"{where}: expected an object with \"prompt\" and \"completion\" (or \"instruction\" "
+                            f"and \"response\"), found {found}")
+        prompt, reference = obj[keys[0]], obj[keys[1]]
+        if not isinstance(prompt, str) or not isinstance(reference, str):
+            raise UserError(f"{where}: \"{keys[0]}\" and \"{keys[1]}\" must be strings")
+        if tokenizer is not None:
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            keys = next((k for k in _INSTRUCTION_KEYS if isinstance(obj, dict) and all(x in obj for x in k)), None)
-            if keys is None:
-                found = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-                raise UserError(f"{where}: expected an object with \"prompt\" and \"completion\" (or \"instruction\" "
-                                f"and \"response\"), found {found}")
-            prompt, reference = obj[keys[0]], obj[keys[1]]
-            if not isinstance(prompt, str) or not isinstance(reference, str):
-                raise UserError(f"{where}: \"{keys[0]}\" and \"{keys[1]}\" must be strings")
-            if tokenizer is not None:
-                try:
-                    tokenizer.encode(prompt)
-                except UserError as e:
-                    raise UserError(f"{where}: {e}") from None
-            records.append({"prompt": prompt, "reference": reference, "line": lineno})
+                tokenizer.encode(prompt)
+            except UserError as e:
+                raise UserError(f"{where}: {e}") from None
+        records.append({"prompt": prompt, "reference": reference, "line": lineno})
     if not records:
         raise UserError(f"instructions file {p} holds no records")
     return records

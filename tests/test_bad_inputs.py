@@ -258,8 +258,7 @@ LOOP = ("trainer.max_iters=2", "trainer.eval_interval=1", "trainer.eval_iters=1"
 FILE_PROBES = [
     pytest.param("finetune", ("stage=sft", "ckpt={d}/parent.pt", "data={d}/latin1.jsonl", *LOOP), "latin1.jsonl"),
     pytest.param("finetune", ("stage=sft", "ckpt={d}/parent.pt", "data={d}/deep.jsonl", *LOOP), "deep.jsonl"),
-    pytest.param("evaluate", ("ckpt={d}/parent.pt", "instructions={d}/latin1.jsonl"), "latin1.jsonl",
-                 marks=pytest.mark.xfail(strict=True, reason="gpt/evaluation.py read_instructions: UnicodeDecodeError")),
+    pytest.param("evaluate", ("ckpt={d}/parent.pt", "instructions={d}/latin1.jsonl"), "latin1.jsonl"),
     pytest.param("evaluate", ("ckpt={d}/reward.pt", "pairs={d}/latin1.jsonl"), "latin1.jsonl"),
     pytest.param("evaluate", ("ckpt={d}/parent.pt", "labelled={d}/labelled.jsonl"), "labelled="),
     pytest.param("infer", ("ckpt={d}/wrong_types.pt",), "wrong_types.pt"),

@@ -191,6 +191,18 @@ def test_malformed_instructions_name_file_and_line(tmp_path, content, message):
     assert str(path) in str(err.value)
 
 
+@pytest.mark.parametrize("content, message", [
+    ('{"prompt": "a", "completion": "b"}\n{"prompt": "caf\xe9", "completion": "b"}\n'.encode("latin-1"),
+     "line 2: not UTF-8 text (byte 0xe9 at column 16)"),
+    (b"[" * 100_000 + b"\n", "line 1: JSON nested too deeply to read"),
+])
+def test_unreadable_instruction_lines_name_file_and_line(tmp_path, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=re.escape(f"instructions file {path} {message}")):
+        read_instructions(path)
+
+
 def test_greedy_answer_ends_at_stop_string():
     tok = CharTokenizer(ALPHABET)  # "\n" is id 0, the argmax of all-equal logits
     model = tiny_model(tok.vocab_size)
