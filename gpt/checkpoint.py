@@ -102,10 +102,11 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale_temps(folder: str | Path) -> list[Path]:
-    """Delete the `.<name>.tmp-<pid>` files a killed save left in `folder` (those of a process still running
-    on this machine are kept) -> the paths removed."""
+    """Delete the `.<name>.pt.tmp-<pid>` files a killed save_checkpoint left in `folder` (only that naming, so
+    other programs' temp files are safe; those of a process still running on this machine are kept)
+    -> the paths removed."""
     removed = []
-    for p in Path(folder).glob(".*.tmp*"):
+    for p in Path(folder).glob(".*.pt.tmp-*"):
         pid = p.name.rsplit("-", 1)[-1]
         if p.is_file() and not (pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid))):
             p.unlink(missing_ok=True)

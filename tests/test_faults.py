@@ -278,12 +278,13 @@ def test_stale_temp_files_are_removed_on_start(tmp_path):
     try:
         dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                               text=True).stdout.strip()
-        stale = [source / f".last.pt.tmp-{dead}", run / f".best.pt.tmp-{dead}", run / ".last.pt.tmp"]
-        kept = source / f".last.pt.tmp-{live.pid}"  # a save still in progress in another process
-        for p in [*stale, kept]:
+        stale = [source / f".last.pt.tmp-{dead}", run / f".best.pt.tmp-{dead}"]
+        kept = [source / f".last.pt.tmp-{live.pid}",  # a save still in progress in another process
+                source / ".notes.txt.tmp-1"]  # not a name save_checkpoint writes
+        for p in [*stale, *kept]:
             p.write_bytes(b"partial")
         resumed(tmp_path / "b", source / "last.pt")
-        assert not any(p.exists() for p in stale) and kept.exists()
+        assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
         assert remove_stale_temps(source) == []
     finally:
         live.kill()
