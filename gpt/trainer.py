@@ -273,9 +273,10 @@ class Trainer:
         self.state.best_val_loss = float(ckpt.get("best_val_loss", math.inf))
         self.state.last_val_loss = float(ckpt.get("val_loss", math.nan))
         self.state.logger_id = (ckpt.get("logger") or {}).get("run_id")
-        self.state.skipped = int(ckpt.get("skipped_steps") or 0)
-        window = ckpt.get("log_window")
-        self.state.window = {**_new_window(), **window} if isinstance(window, dict) else _new_window()
+        skipped, window = ckpt.get("skipped_steps"), ckpt.get("log_window")
+        self.state.skipped = skipped if type(skipped) is int and skipped >= 0 else 0  # absent in older files
+        self.state.window = {k: (window[k] if isinstance(window, dict) and type(window.get(k)) is type(v) else v)
+                             for k, v in _new_window().items()}
         set_rng_state(ckpt["rng"], self.objective)
 
     def begin(self, resume: dict | None, config: dict) -> None:
