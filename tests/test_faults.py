@@ -605,3 +605,50 @@ def test_full_disk_in_a_real_run_is_one_line(tmp_path):
                         rf"(best|last).pt; the previous checkpoint is intact", last_line(proc.stderr))
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 3
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_loses_nothing_saved(tmp_path):
+    """SIGKILL (no handler runs) at seeded random moments, some inside a save: last.pt and best.pt always load,
+    best.pt holds the best that last.pt records (or a newer one), the next start removes the temp files a
+    killed save left, and resuming from last.pt each time ends bit-identical to an uninterrupted run."""
+    iters = 24
+    common = [*SMALL, "model.dropout=0.1", f"trainer.max_iters={iters}", "trainer.eval_interval=3",
+              "trainer.log_interval=3", "stage.sample_tokens=4"]
+    full = run_script("train.py", *common, f"hydra.run.dir={tmp_path / 'full'}", cwd=tmp_path,
+                      env={"OMP_NUM_THREADS": "1"})
+    assert full.returncode == 0, full.stderr[-2000:]
+    rows = read_metrics(tmp_path / "full" / "metrics.jsonl")
+    times = [r["time"] for r in rows if "train/loss" in r]
+    step_seconds = (times[-1] - times[0]) / (iters - 3)
+
+    rng = random.Random(3)
+    sources, killed, run = [], 0, None
+    for i, target in enumerate(sorted(rng.sample(range(4, iters - 6), 3)) + [None]):
+        run = tmp_path / f"part{i}"
+        proc = start_script("train.py", *common, f"hydra.run.dir={run}", *[f"resume={p}" for p in sources[-1:]],
+                            cwd=tmp_path)
+        if target is not None and wait_for_step(proc, run / "metrics.jsonl", target):
+            time.sleep(rng.uniform(0, 3 * step_seconds))
+            proc.kill()
+        _, err = proc.communicate(timeout=300)
+        if proc.returncode == 0:
+            break
+        assert proc.returncode == -signal.SIGKILL, err[-2000:]
+        killed += 1
+        ck = run / "checkpoints"
+        if (ck / "last.pt").exists():  # else killed before its first save: resume from the previous run again
+            last = torch.load(ck / "last.pt", weights_only=True)
+            # best.pt is written by the run that found the best: this one or one it continues
+            best = next(f for f in (p / "checkpoints" / "best.pt" for p in [run, *sources[::-1]]) if f.exists())
+            assert torch.load(best, weights_only=True)["val_loss"] <= last["best_val_loss"]  # (or a newer best)
+            sources.append(run)
+    assert killed == 3 and sources
+    for source in sources:  # each was resumed from by a later start
+        assert not list((source / "checkpoints").glob(".*tmp*"))
+    a = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == iters
+    assert_same_state(a["model"], b["model"])
+    assert rows_by_step(*(tmp_path.glob("part*/metrics.jsonl")), key="val/loss") == \
+        rows_by_step(tmp_path / "full" / "metrics.jsonl", key="val/loss")
