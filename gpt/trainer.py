@@ -250,7 +250,8 @@ class Trainer:
                    None)
         if bad is not None:
             raise UserError(f"the weights are not finite at step {self.state.step} ({bad}); not writing them over "
-                            f"{folder}; lower optimizer.lr or set trainer.grad_clip (now {self.grad_clip}){self._kept()}")
+                            f"{folder}; lower optimizer.lr or set trainer.grad_clip (now {self.grad_clip})"
+                            f"{self._kept()}")
         if best:
             save_checkpoint(ckpt, folder / "best.pt")
         save_checkpoint(ckpt, folder / "last.pt")
@@ -419,7 +420,8 @@ class Trainer:
         if "val/loss" in out and not math.isfinite(val):  # before sampling from, or saving, broken weights
             self.record({**out, "eval_seconds": time.perf_counter() - t0})
             raise UserError(f"validation loss became {val} at step {s.step}: the weights no longer give finite "
-                            f"outputs; lower optimizer.lr or set trainer.grad_clip (now {self.grad_clip}){self._kept()}")
+                            f"outputs; lower optimizer.lr or set trainer.grad_clip (now {self.grad_clip})"
+                            f"{self._kept()}")
         s.last_val_loss = val
         improved = val < s.best_val_loss
         if improved:

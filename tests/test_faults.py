@@ -370,9 +370,9 @@ def test_non_finite_loss_stops_without_an_update_or_a_save(tmp_path):
     with pytest.raises(UserError) as e:
         trainer.fit()
     last = tmp_path / "checkpoints" / "last.pt"
-    assert str(e.value) == ("training loss became nan at step 6; lower optimizer.lr or set trainer.grad_clip (now 1.0), "
-                            f"or skip up to n such steps with trainer.skip_nonfinite=n; {last} (step 4) is the "
-                            f"newest checkpoint")
+    assert str(e.value) == ("training loss became nan at step 6; lower optimizer.lr or set trainer.grad_clip "
+                            "(now 1.0), or skip up to n such steps with trainer.skip_nonfinite=n; "
+                            f"{last} (step 4) is the newest checkpoint")
     assert load(last)["step"] == 4
     assert all(bool(p.isfinite().all()) for p in trainer.raw_model.parameters())
 
@@ -652,3 +652,46 @@ def test_kill_9_at_random_moments_loses_nothing_saved(tmp_path):
     assert_same_state(a["model"], b["model"])
     assert rows_by_step(*(tmp_path.glob("part*/metrics.jsonl")), key="val/loss") == \
         rows_by_step(tmp_path / "full" / "metrics.jsonl", key="val/loss")
+
+
+STALLED_SAVE = """
+import runpy, sys, time, torch
+real, calls = torch.save, []
+def stalled(obj, f, *args, **kwargs):  # the first {n} saves succeed; the next one stalls half-written
+    calls.append(1)
+    if len(calls) > {n}:
+        f.write(b"PK partial")
+        f.flush()
+        time.sleep(120)
+    return real(obj, f, *args, **kwargs)
+torch.save = stalled
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_inside_a_save(tmp_path):
+    """SIGKILL while last.pt or best.pt is half-written: the files keep the previous save, the temp file is
+    left, and the resumed run removes it and trains to the end."""
+    wrapper = tmp_path / "stalled_save.py"
+    wrapper.write_text(STALLED_SAVE.replace("{n}", "2"))
+    first, second = tmp_path / "first", tmp_path / "second"
+    proc = start_script("train.py", *SMALL, f"hydra.run.dir={first}", cwd=tmp_path,
+                        prefix=[sys.executable, str(wrapper)])
+    try:
+        deadline = time.time() + 240
+        ck = first / "checkpoints"
+        while not ((ck / "last.pt").exists() and list(ck.glob(".*.pt.tmp-*"))):  # the third save has begun
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+            time.sleep(0.01)
+        proc.kill()
+        proc.wait()
+    finally:
+        proc.kill()
+    assert [torch.load(ck / n, weights_only=True)["step"] for n in ("best.pt", "last.pt")] == [3, 3]
+    assert len(list(ck.glob(".*.pt.tmp-*"))) == 1
+    proc = run_script("train.py", *SMALL, f"hydra.run.dir={second}", f"resume={first}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not list(ck.glob(".*tmp*"))
+    assert torch.load(second / "checkpoints" / "last.pt", weights_only=True)["step"] == 6
