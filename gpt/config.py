@@ -16,7 +16,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from gpt.errors import UserError
+from gpt.errors import Interrupted, UserError
 
 log = logging.getLogger("gpt")
 _claimed: dict[str, str] = {}
@@ -161,6 +161,11 @@ def entry(fn):
         try:
             validate_job(cfg)
             return fn(cfg)
+        except Interrupted as e:  # a signal stopped training after saving: its line, exit 128 + signal
+            logging.shutdown()
+            if str(e):
+                print(e, file=sys.stderr)
+            sys.exit(e.exit_code)
         except Exception as exc:
             e = user_error_in(exc) or _missing_value_in(exc)  # instantiate wraps errors raised by constructors
             if e is None:

@@ -264,12 +264,24 @@ class Trainer:
         return f"; {self._saved[1]} (step {self._saved[0]}) is the newest checkpoint"
 
     def restore(self, ckpt: dict) -> None:
-        """Continue from a checkpoint written by `save` (model, optimizer, scheduler, step, RNG)."""
-        self.raw_model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        if ckpt.get("scaler"):
-            self.precision.scaler.load_state_dict(ckpt["scaler"])
+        """Continue from a checkpoint written by `save` (model, optimizer, scheduler, step, RNG). A part that
+        is missing or does not fit this run (weights of another shape, another optimizer) is one UserError."""
+        part = "model weights"
+        try:
+            self.raw_model.load_state_dict(ckpt["model"])
+            part = "optimizer state"
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            part = "scheduler state"
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            part = "grad scaler state"
+            if ckpt.get("scaler"):
+                self.precision.scaler.load_state_dict(ckpt["scaler"])
+            part = "random number generator state"
+            set_rng_state(ckpt["rng"], self.objective)
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"resume={ckpt.get('path')!r}: its {part} does not fit this run ({detail[:200]}); "
+                            f"resume only from last.pt of a run of the same script, stage and optimizer") from None
         self.state.step = int(ckpt["step"])
         self.state.best_val_loss = float(ckpt.get("best_val_loss", math.inf))
         self.state.last_val_loss = float(ckpt.get("val_loss", math.nan))
@@ -278,7 +290,6 @@ class Trainer:
         self.state.skipped = skipped if type(skipped) is int and skipped >= 0 else 0  # absent in older files
         self.state.window = {k: (window[k] if isinstance(window, dict) and type(window.get(k)) is type(v) else v)
                              for k, v in _new_window().items()}
-        set_rng_state(ckpt["rng"], self.objective)
 
     def begin(self, resume: dict | None, config: dict) -> None:
         """Before fit(): continue from `resume` (a checkpoint) if given, then start the logger's run with

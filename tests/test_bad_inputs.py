@@ -278,8 +278,6 @@ def test_bad_file_is_one_line(script, args, names, files, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="gpt/trainer.py Trainer.restore: load_state_dict of weights that do not fit "
-                                       "the config: traceback")
 def test_resume_of_weights_that_do_not_fit_their_config_is_one_line(tmp_path):
     from gpt.checkpoint import save_checkpoint
 
