@@ -23,7 +23,7 @@ from gpt.data import unigram_loss
 from gpt.errors import UserError
 from gpt.optim import param_groups
 from gpt.plots import plot_folder
-from gpt.trust import as_config
+from gpt.trust import as_config, checked
 from gpt.tracking import peak_memory, read_metrics, run_summary
 from gpt.trainer import Precision, Trainer, measure_peak_flops
 
@@ -95,6 +95,23 @@ def adopt(cfg: DictConfig, resume: dict, keys: tuple[str, ...], script: str) -> 
                 cfg[key] = saved[key]
 
 
+def continue_settings(cfg: DictConfig, resume: dict, groups: tuple[str, ...] = ("optimizer", "scheduler")) -> None:
+    """resume=: the run continues with the checkpoint's optimizer and schedule settings, and the command line's
+    `optimizer.*` / `scheduler.*` overrides on top (a lower lr, a longer total_iters). A new choice of the group
+    itself (`optimizer=sgd`) starts from that option as composed. The saved node may only name the classes
+    this package's conf/<group>/ ships (gpt.trust.checked), so the file still chooses no code."""
+    typed = {o.split("=", 1)[0].lstrip("+~") for o in command_line_overrides()}
+    for group in groups:
+        saved = resume["config"].get(group)
+        if group in typed or not isinstance(saved, dict):
+            continue
+        node = as_config(checked(saved, group, f"checkpoint {resume['path']!r}", f"config.{group}"))
+        for key in sorted(k for k in typed if k.startswith(f"{group}.")):  # what the user typed wins
+            OmegaConf.update(node, key[len(group) + 1:], OmegaConf.select(cfg, key), force_add=True)
+        with open_dict(cfg):
+            cfg[group] = node
+
+
 def apply_hyperparameters(optimizer, scheduler, cfg: DictConfig) -> None:
     """After a resume restored the optimizer and scheduler state: the composed config's optimizer
     hyperparameters (lr, weight_decay, betas, ...) and schedule (warmup, total_iters, ...) replace the
@@ -137,6 +154,7 @@ def train(cfg: DictConfig) -> float:
         resume = load_checkpoint(cfg.resume, prefer="last") if cfg.get("resume") else None
         if resume is not None:  # what must match the saved weights comes from the checkpoint itself
             adopt(cfg, resume, ("model", "tokenizer", "data", "seed"), "train.py")
+            continue_settings(cfg, resume)
             log.info("resume: model, tokenizer, data and seed taken from %s", resume["path"])
         seed_everything(int(cfg.seed) + info.rank)
 

@@ -20,7 +20,8 @@ from gpt import distributed
 from gpt.checkpoint import file_sha256, load_checkpoint
 from gpt.config import run_dir, to_plain
 from gpt.errors import UserError
-from gpt.experiment import adopt, configure_hardware, finish_run, print_samples, seed_everything
+from gpt.experiment import (adopt, apply_hyperparameters, configure_hardware, continue_settings, finish_run,
+                            print_samples, seed_everything)
 from gpt.lora import apply_lora, count_parameters, short_names
 from gpt.optim import param_groups
 from gpt.tracking import read_metrics
@@ -100,6 +101,7 @@ def adopt_resumed(cfg: DictConfig, resume: dict) -> None:
         raise UserError(f"resume={resume['path']!r}: its lineage has no parent path and sha256; the checkpoint "
                         f"is damaged")
     adopt(cfg, resume, ("stage", "data", "lora", "seed", "ckpt"), "finetune.py")
+    continue_settings(cfg, resume)
     with open_dict(cfg):
         cfg.ckpt = parent
     log.info("resume: stage %s, parent, data and lora settings taken from %s", resume["stage"], resume["path"])
@@ -160,6 +162,8 @@ def finetune(cfg: DictConfig) -> float:
                           run_dir=out_dir, logger=logger, checkpoint_meta=meta, compile=cfg.hardware.compile,
                           peak_flops=None)
         trainer.begin(resume, plain)
+        if resume is not None:
+            apply_hyperparameters(optimizer, scheduler, cfg)
         val = trainer.fit()
         if info.is_main:
             summarise(trainer, time.time() - t_start, out_dir)

@@ -23,7 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 from gpt.errors import UserError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-PACKAGE_PREFIX = "gpt."          # only this package's own code may be named by a file
+# Only this package's own code may be named by a file, and the torch optimizers its conf/optimizer/ ships.
+PACKAGE_PREFIXES = ("gpt.", "torch.optim.")
 ALLOWED_KEYS = ("_target_", "_partial_")
 MAX_DEPTH = 32                   # deeper nesting is an attack (RecursionError), not a config
 
@@ -46,7 +47,7 @@ def _targets_in(node, nested: bool, depth: int = 0) -> set[str]:
 def allowed_targets(group: str, nested: bool = False) -> frozenset[str]:
     """The `_target_`s a file may name in config group `group`, at the group node's top or (nested=True)
     below it: those this package's conf/<group>/*.yaml name there that are this package's own code
-    (`gpt.` ...). An empty set for any other group."""
+    (`gpt.` ...) or the torch optimizers it ships. An empty set for any other group."""
     folder = CONF / group
     found: set[str] = set()
     if folder.is_dir():
@@ -60,7 +61,7 @@ def allowed_targets(group: str, nested: bool = False) -> frozenset[str]:
         from gpt.checkpoint import model_classes
 
         found |= set(model_classes())
-    return frozenset(t for t in found if t.startswith(PACKAGE_PREFIX))
+    return frozenset(t for t in found if t.startswith(PACKAGE_PREFIXES))
 
 
 def checked(node, group: str, origin: str, path: str | None = None, depth: int = 0):

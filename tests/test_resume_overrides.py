@@ -63,7 +63,7 @@ def test_new_lr_and_schedule_take_effect():
 def test_train_py_resume_applies_lr_and_refuses_model_changes(tmp_path):
     common = [*TINY, "trainer.max_iters=4", "trainer.eval_interval=4", "trainer.log_interval=1",
               "scheduler=constant", "scheduler.schedule.warmup_iters=0"]
-    first = run_script("train.py", *common, cwd=tmp_path)
+    first = run_script("train.py", *common, "optimizer.lr=2e-3", cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-1500:]
     (run,) = [p.parent.parent for p in tmp_path.glob("outputs/*/*/checkpoints/last.pt")]
     for bad, key in (("model.n_layer=3", "model"), ("data=text", "data"), ("seed=5", "seed"),
@@ -72,9 +72,11 @@ def test_train_py_resume_applies_lr_and_refuses_model_changes(tmp_path):
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert proc.returncode == 2 and len(lines) == 1 and "cannot apply on resume" in lines[0], proc.stderr[-800:]
         assert f"fixes {key}" in lines[0]
-    resumed = run_script("train.py", *common, "trainer.max_iters=6", f"resume={run}", "optimizer.lr=1e-4",
-                         cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-1500:]
-    (new,) = {p.parent.parent for p in tmp_path.glob("outputs/*/*/checkpoints/last.pt")} - {run}
-    lrs = {r["step"]: r["train/lr"] for r in read_metrics(new / "metrics.jsonl") if "train/lr" in r}
-    assert lrs and all(v == pytest.approx(1e-4) for v in lrs.values()), lrs
+    runs = {run}
+    for extra, lr in (([], 2e-3), (["optimizer.lr=1e-4"], 1e-4)):  # the run's own lr unless one is typed
+        resumed = run_script("train.py", *common, "trainer.max_iters=6", f"resume={run}", *extra, cwd=tmp_path)
+        assert resumed.returncode == 0, resumed.stderr[-1500:]
+        (new,) = {p.parent.parent for p in tmp_path.glob("outputs/*/*/checkpoints/last.pt")} - runs
+        runs.add(new)
+        lrs = {r["step"]: r["train/lr"] for r in read_metrics(new / "metrics.jsonl") if "train/lr" in r}
+        assert set(lrs) == {5, 6} and all(v == pytest.approx(lr) for v in lrs.values()), (extra, lrs)
