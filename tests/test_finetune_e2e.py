@@ -1,10 +1,16 @@
 """End-to-end: pretrain a tiny model on the arithmetic task, fine-tune it with finetune.py, chat with infer.py.
 
-The chain's runs are small but long enough, and seeded, for the directions the stages promise to show:
-SFT exact match on held-out questions above the pretrained model's, reward model pairwise accuracy above
-chance, DPO preference accuracy rising, PPO and GRPO mean reward rising."""
+What these tests claim must hold on any CPU: which kernels run (AVX2, AVX-512, AMX) changes the last bits
+of every step and so which of a few dozen held-out answers a tiny model gets right. So no threshold is read
+off one machine's run. Each claim is an equivalence (evaluate.py's exact match equals the stage's own), a
+value fixed by construction (before DPO or reward training the loss is exactly ln 2), or a one-sided exact
+binomial test at a stated level, computed here from the number of questions or pairs: it fails when
+fine-tuning is broken (SFT no better than the pretrained model, a reward model at chance) and passes,
+whatever the kernels, while the effect is many standard errors wide."""
 
 import glob
+import json
+import math
 from pathlib import Path
 
 import pytest
@@ -27,6 +33,27 @@ COMMON = ["scheduler.schedule.warmup_iters=5", "trainer.eval_iters=4", "trainer.
 FT = ["trainer.max_iters=60", "trainer.eval_interval=30", "optimizer.lr=3e-3", *COMMON]
 SFT = ["trainer.max_iters=600", "trainer.eval_interval=300", "optimizer.lr=3e-3", "stage.eval_examples=44",
        *COMMON[:3], "trainer.batch_size=32", *COMMON[4:]]
+
+
+LEVEL = 1e-3  # the one-sided level of every statistical claim below: a broken stage passes 1 time in 1000
+
+
+def binomial_tail(k: int, n: int, p: float = 0.5) -> float:
+    """P(X >= k) for X ~ Binomial(n, p)."""
+    return sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k, n + 1))
+
+
+def above_chance(accuracy: float, n: int) -> float:
+    """p-value of `accuracy` on n pairs against a model at chance (each pair right with probability 1/2)."""
+    return binomial_tail(round(accuracy * n), n)
+
+
+def sign_test(a: list[bool], b: list[bool]) -> tuple[int, int, float]:
+    """Exact one-sided sign (McNemar) test that model a answers more of the same questions than model b:
+    -> (a right where b is wrong, b right where a is wrong, p-value of the first count if each such question
+    were a coin toss between the two)."""
+    wins, losses = sum(x and not y for x, y in zip(a, b)), sum(y and not x for x, y in zip(a, b))
+    return wins, losses, binomial_tail(wins, wins + losses)
 
 
 def runs(base: Path) -> list[Path]:
@@ -63,20 +90,54 @@ def test_sft_run_writes_checkpoint_with_lineage_and_chat_tokens(chain):
     assert ckpt["config"]["model"]["vocab_size"] == ckpt["model"]["lm_head.weight"].shape[0] \
         == len(ckpt["tokenizer"]["chars"]) + len(ckpt["tokenizer"]["special"])
     rows = evals(sft, "val/exact_match")
-    assert [r["step"] for r in rows] == [300, 600] and rows[-1]["val/loss"] < rows[0]["val/loss"]
+    assert [r["step"] for r in rows] == [300, 600]
+    # best.pt is the evaluation with the lowest val loss (which of the two it is depends on the CPU's kernels)
+    best = torch.load(sft / "checkpoints" / "best.pt", weights_only=True)
+    assert best["val_loss"] == pytest.approx(min(r["val/loss"] for r in rows)) and best["step"] in (300, 600)
     assert "val/exact_match" in proc.stdout
 
 
-def test_sft_exact_match_on_held_out_questions_beats_the_pretrained_model(chain):
-    """The issue's first claim: greedy exact match on the 44 held-out questions, the pretrained model scored
-    both with the chat template (SFT's evaluation) and with the plain "a+b=" prompt it was trained on."""
+def evaluate_answers(cwd: Path, ckpt: Path, questions: Path, out: Path, max_new_tokens: int) -> tuple[dict, list]:
+    """evaluate.py ckpt=<ckpt> instructions=<questions> -> (its metrics, its generations.jsonl rows)."""
+    proc = run_script("evaluate.py", f"ckpt={ckpt}", f"instructions={questions}", "samples.num=0",
+                      f"generation.max_new_tokens={max_new_tokens}", f"hydra.run.dir={out}", cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    return json.loads((out / "metrics.json").read_text())["metrics"], rows
+
+
+def test_evaluate_scores_an_sft_checkpoint_as_the_sft_stage_does(chain, tmp_path):
+    """evaluate.py instructions= on a chat model: its chat template, answers ending at <|end|>, no pretraining
+    data needed; the same exact match, question for question, as the stage's evaluation of the checkpoint."""
     cwd, files, pre, sft, _ = chain
-    questions = [{"prompt": c["prompt"], "completion": c["completion"]}
-                 for c in map(__import__("json").loads, files["sft_val"].read_text().splitlines())]
-    pretrained = max(exact_match(pre, questions, chat=True), exact_match(pre, questions, chat=False))
-    tuned = exact_match(sft, questions, chat=True)
-    assert tuned == pytest.approx(evals(sft, "val/exact_match")[-1]["val/exact_match"])  # the same measurement
-    assert tuned >= pretrained + 0.1, (pretrained, tuned)
+    metrics, rows = evaluate_answers(cwd, sft, files["sft_val"], tmp_path / "eval", 32)  # the stage's 32 tokens
+    step = torch.load(sft / "checkpoints" / "best.pt", weights_only=True)["step"]
+    (logged,) = [r["val/exact_match"] for r in evals(sft, "val/exact_match") if r["step"] == step]
+    assert metrics["instruct/exact_match"] == pytest.approx(100 * logged) and metrics["instruct/n"] == 44
+    assert not any(k.startswith(("val/", "all/")) for k in metrics)  # no corpus scored: the SFT data is no corpus
+    assert not any("<|" in r["generation"] for r in rows)  # stopped at <|end|>, which is not part of the answer
+    questions = [json.loads(line) for line in files["sft_val"].read_text().splitlines()]
+    assert metrics["instruct/exact_match"] == pytest.approx(100 * exact_match(sft, questions, chat=True))
+
+
+def test_sft_answers_more_questions_than_the_pretrained_model(chain, tmp_path):
+    """The model at the end of SFT (last.pt) against the pretrained model prompted as it was trained ("a+b=",
+    its answer read up to the newline), question for question on all 441 questions, with an exact one-sided
+    sign test at LEVEL. Not on the 44 held-out questions alone, nor with best.pt: there the two differ by a
+    few answers, as much as two CPUs' runs differ (held-out exact match 0.14 natively on an AMX Xeon, 0.09
+    at step 300 (best.pt) and 0.25 at step 600 with ATEN_CPU_CAPABILITY=avx2), too few to test."""
+    cwd, files, pre, sft, _ = chain
+    every = tmp_path / "all.jsonl"
+    every.write_text(files["sft_train"].read_text() + files["sft_val"].read_text())
+    _, tuned = evaluate_answers(cwd, sft / "checkpoints" / "last.pt", every, tmp_path / "sft", 8)
+    _, plain = evaluate_answers(cwd, pre, every, tmp_path / "pre", 8)
+    tuned_right = [r["exact_match"] for r in tuned]
+    pre_right = [r["generation"].split("\n")[0].strip() == r["reference"] for r in plain]
+    assert len(tuned_right) == len(pre_right) == 441
+    questions = [json.loads(line) for line in files["sft_val"].read_text().splitlines()]
+    assert sum(pre_right[-44:]) / 44 == pytest.approx(exact_match(pre, questions, chat=False))  # demo's reading
+    wins, losses, p = sign_test(tuned_right, pre_right)
+    assert p < LEVEL, (wins, losses, p, sum(tuned_right), sum(pre_right))
 
 
 def test_infer_chat_applies_template_and_stops_at_end_of_answer(chain):
@@ -111,7 +172,7 @@ def finetune(cwd: Path, *args: str) -> tuple[Path, object]:
     return new, proc
 
 
-def test_dpo_from_sft_raises_preference_accuracy(chain):
+def test_dpo_from_sft_prefers_the_chosen_answers(chain):
     cwd, files, _, sft, _ = chain
     run, _ = finetune(cwd, "stage=dpo", f"ckpt={sft}", f"data={files['pairs_train']}",
                       f"data.val_path={files['pairs_val']}", "trainer.max_iters=80", "trainer.eval_interval=10",
@@ -121,11 +182,10 @@ def test_dpo_from_sft_raises_preference_accuracy(chain):
     assert ckpt["lineage"]["parent_lineage"]["parent_stage"] == "pretrain"
     rows = evals(run, "val/accuracy")
     assert {"val/chosen_reward", "val/rejected_reward", "val/loss"} <= set(rows[-1])
-    # implicit-reward accuracy on the 44 held-out pairs rises (seeded run: 0.59 at step 10 -> 0.77 at step 80)
-    first, last = rows[0], rows[-1]
-    assert last["val/accuracy"] >= first["val/accuracy"] + 0.05 and last["val/accuracy"] > 0.6
-    assert last["val/loss"] < first["val/loss"]
-    assert last["val/chosen_reward"] - last["val/rejected_reward"] > first["val/chosen_reward"] - first["val/rejected_reward"]
+    # at step 0 the policy is its reference: every implicit reward is 0, the loss exactly ln 2 (tests/test_dpo.py).
+    # After 80 steps the held-out pairs' loss is below that and the chosen answers' reward above the rejected's
+    last = rows[-1]
+    assert last["val/loss"] < math.log(2) and last["val/chosen_reward"] > last["val/rejected_reward"], last
 
 
 @pytest.fixture(scope="module")
@@ -144,8 +204,21 @@ def test_reward_model_reports_pairwise_accuracy_and_refuses_to_be_a_policy(chain
     assert "head.weight" in ckpt["model"]
     rows = evals(run, "val/accuracy")
     assert len(rows) == 2 and "val/accuracy" in proc.stdout
-    # pairwise accuracy on the 44 held-out pairs: well above chance, not falling
-    assert rows[-1]["val/accuracy"] >= 0.65 and rows[-1]["val/accuracy"] >= rows[0]["val/accuracy"], rows
+    # the zero-initialised head scores every answer alike: loss ln 2 before training (tests/test_reward.py);
+    # at each evaluation the held-out loss is below that
+    assert all(row["val/loss"] < math.log(2) for row in rows), rows
+    # pairwise accuracy (evaluate.py pairs=) on all 441 pairs is above chance: exact binomial test at LEVEL.
+    # Not on the 44 held-out pairs alone: 38, 36 of 44 natively on an AMX Xeon, 32, 30 with
+    # ATEN_CPU_CAPABILITY=avx2 (the 33 that level needs is within that spread)
+    every = tmp_path / "pairs.jsonl"
+    every.write_text(files["pairs_train"].read_text() + files["pairs_val"].read_text())
+    out = tmp_path / "eval"
+    proc = run_script("evaluate.py", f"ckpt={run / 'checkpoints' / 'last.pt'}", f"pairs={every}",
+                      f"hydra.run.dir={out}", cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert metrics["reward/pairs"] == 441
+    assert above_chance(metrics["reward/pairwise_accuracy"], 441) < LEVEL, metrics
     # a reward model is not a language model to fine-tune: refused, and no run folder is left behind
     before = runs(cwd)
     proc = run_script("finetune.py", "stage=sft", f"ckpt={run}", f"data={files['sft_train']}", *FT, cwd=cwd)
@@ -181,12 +254,17 @@ def test_grpo_from_sft_raises_the_exact_match_reward(chain):
     rows = evals(run, "val/reward")
     assert [r["step"] for r in rows] == [24, 48, 72, 96]
     assert {"train/reward", "train/kl", "train/clip_fraction"} <= set(rows[-1])
-    # the mean exact-match reward of the sampled answers (temperature 1), over the 12 rollouts (1536 answers)
-    # of each window, rises from the first window to the last. Measured (seed 0, 1, 2): 0.415 -> 0.551,
-    # 0.421 -> 0.583, 0.391 -> 0.524. The greedy held-out reward (val/reward, SFT's 0.27) does not rise
-    # with it (0.18-0.23 at the end): what this policy learns on 32 prompts does not carry over
+    # the mean exact-match reward (0 or 1) of the sampled answers (temperature 1) over the 12 rollouts of each
+    # window rises from the first window to the last: a one-sided two-proportion z test at level 0.05 whose
+    # units are the window's 12 * 16 = 192 prompts, not its 1536 answers. A prompt's 8 answers are correlated,
+    # and the variance of their mean is at most p(1 - p): this overstates the noise, so the true level is
+    # lower. Measured (seed 0, 1, 2): 0.415 -> 0.551, 0.421 -> 0.583, 0.391 -> 0.524 (z 2.6 to 3.2). The greedy
+    # held-out reward (val/reward) does not rise with it: what this policy learns on 32 prompts does not
+    # carry over
     reward = window_means(run, "train/reward")
-    assert reward[-1] >= reward[0] + 0.06, reward
+    pooled = (reward[0] + reward[-1]) / 2
+    z = (reward[-1] - reward[0]) / math.sqrt(pooled * (1 - pooled) * 2 / 192)
+    assert z > 1.645, (reward, z)  # the 95th percentile of the standard normal
     # a GRPO checkpoint is a plain language model: infer.py chats with it
     proc = run_script("infer.py", f"ckpt={run}", 'prompt="3+4="', "chat=true", "max_new_tokens=5", cwd=cwd)
     assert proc.returncode == 0, proc.stderr
