@@ -82,6 +82,15 @@ def hf_config(model: GPT, tok=None) -> dict:
     }
 
 
+def _safetensors():
+    """safetensors.torch (a declared dependency; an environment without it gets one line, not a traceback)."""
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise UserError("the safetensors package is missing; run `pip install -e .` (or `pip install safetensors`)") from None
+    return safetensors.torch
+
+
 def _umask_mode(path: Path) -> None:
     """Give `path` the mode a newly created file gets (0666 less the umask, typically 0644): safetensors writes
     through a private temp file (0600), which would leave an export unreadable to anyone else."""
@@ -95,8 +104,7 @@ def _umask_mode(path: Path) -> None:
 
 def export_hf(ckpt_path: str, out_dir: str) -> Path:
     """Write config.json + model.safetensors (+ GPT-2 tokenizer files when the model uses GPT-2 BPE)."""
-    from safetensors.torch import save_file
-
+    save_file = _safetensors().save_file
     ckpt = load_checkpoint(ckpt_path, prefer="best")
     if ckpt.get("quantized"):
         raise UserError(f"{ckpt['path']!r} is an int8 checkpoint; export the float checkpoint it was made from")
@@ -196,10 +204,10 @@ def checked_tokenizer(src: Path, folder: str, vocab_size: int) -> dict:
 
 
 def _read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
+    if (folder / "model.safetensors").is_file():
+        load_file = _safetensors().load_file
     try:
         if (folder / "model.safetensors").is_file():
-            from safetensors.torch import load_file
-
             return load_file(str(folder / "model.safetensors"))
         if (folder / "pytorch_model.bin").is_file():
             sd = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)

@@ -201,3 +201,12 @@ def test_char_model_round_trips_with_its_tokenizer(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model_from_checkpoint(back)(idx)[0],
                                    model_from_checkpoint(load_checkpoint(path))(idx)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_a_missing_safetensors_is_one_line(tmp_path, monkeypatch):
+    import sys
+
+    path, _ = char_checkpoint(tmp_path)
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # import fails as if not installed
+    with pytest.raises(UserError, match=r"safetensors package is missing; run `pip install -e \.`"):
+        export_hf(str(path), str(tmp_path / "hf"))
