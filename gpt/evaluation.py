@@ -61,7 +61,8 @@ def user_source(data: DictConfig) -> tuple[TextSource, float]:
     node = OmegaConf.to_container(data, resolve=True)
     fraction = node.pop("val_fraction", 0.1)
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
-        raise UserError(f"data.val_fraction={fraction} must be a number in (0, 1] (1.0: the whole file is the val split)")
+        raise UserError(f"data.val_fraction={fraction} must be a number in (0, 1] "
+                        f"(1.0: the whole file is the val split)")
     try:
         return instantiate(node, _recursive_=False), float(fraction)
     except Exception as e:

@@ -87,7 +87,8 @@ def _safetensors():
     try:
         import safetensors.torch
     except ImportError:
-        raise UserError("the safetensors package is missing; run `pip install -e .` (or `pip install safetensors`)") from None
+        raise UserError("the safetensors package is missing; run `pip install -e .` "
+                        "(or `pip install safetensors`)") from None
     return safetensors.torch
 
 

@@ -374,7 +374,8 @@ def test_chat_model_answers_in_its_template_and_stops_at_end(monkeypatch):
     convs = [[{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["reference"]}]
              for r in records]
     ours = evaluation.instruction_metrics(model, tok, records, 10, None)["instruct/exact_match"]
-    assert ours == pytest.approx(100 * exact_match(model, tok, convs, contextlib.nullcontext, 10)) == pytest.approx(200 / 3)
+    stage = 100 * exact_match(model, tok, convs, contextlib.nullcontext, 10)
+    assert ours == pytest.approx(stage) == pytest.approx(200 / 3)
 
 
 # ---- what evaluate.py reads: data= on the command line, or only the bundled corpus of a checkpoint ----
