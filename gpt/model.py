@@ -310,9 +310,11 @@ class GPT(nn.Module):
                 ignore_index: int = -1, pad: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx (B, T) -> (logits (B, T, V), None) without targets.
 
-        With targets (B, T) returns (None, mean cross-entropy over targets != ignore_index); the
-        output layer and loss are then computed in chunks without materialising all logits
-        (config.loss_chunk_size rows at a time; 0 computes full logits and F.cross_entropy).
+        With targets (B, T) -> (logits or None, mean cross-entropy over targets != ignore_index). The
+        output layer and loss are computed in chunks of config.loss_chunk_size rows without materialising
+        all logits, and the logits are then None; with loss_chunk_size 0, or an output layer that is not
+        an nn.Linear (a quantized lm_head), the full logits are computed, used by F.cross_entropy and
+        returned: (logits (B, T, V), loss).
         """
         h = self.hidden_states(idx, cache, pad)
         if targets is None:
