@@ -13,12 +13,10 @@ from omegaconf import DictConfig
 from gpt.checkpoint import load_checkpoint, model_from_checkpoint
 from gpt.errors import UserError
 from gpt.generate import generate_tokens
+from gpt.precision import DTYPES, cpu_has_fast_bf16
 from gpt.tokenizer import from_identity
-from gpt.trainer import cpu_has_fast_bf16
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def dtype_option(cfg: DictConfig) -> str:

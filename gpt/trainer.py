@@ -39,23 +39,10 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from gpt.checkpoint import clean_state_dict, remove_stale_temps, save_checkpoint
 from gpt.distributed import DistInfo, all_reduce_mean
 from gpt.errors import Interrupted, UserError
+from gpt.precision import ALIASES, DTYPES, cpu_has_fast_bf16
 from gpt.tracking import MetricsFile, NullLogger
 
 log = logging.getLogger("gpt")
-
-_DTYPES = {"float32": None, "fp32": None, None: None, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True where the CPU has bf16 matmul instructions (AVX512-BF16 or AMX), which make bf16 autocast
-    2-3x faster than fp32; elsewhere bf16 is emulated and slower."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
 
 class Precision:
     """Autocast dtype (None = fp32) for a device type, with a GradScaler when the dtype is float16.
@@ -68,9 +55,10 @@ class Precision:
         self.device_type = torch.device(device).type
         if dtype == "auto":
             dtype = "bfloat16" if self.device_type != "cpu" or cpu_has_fast_bf16() else "float32"
-        if dtype not in _DTYPES:
+        name = "float32" if dtype is None else ALIASES.get(dtype, dtype)
+        if name not in DTYPES:
             raise UserError(f"hardware.autocast_dtype={dtype!r} is not one of auto, bfloat16, float16, float32")
-        self.dtype = _DTYPES[dtype]
+        self.dtype = None if DTYPES[name] is torch.float32 else DTYPES[name]  # None: no autocast
         if self.dtype is torch.bfloat16 and self.device_type == "cuda" and not torch.cuda.is_bf16_supported():
             log.info("this GPU has no bf16 support: using float16 autocast with a GradScaler")
             self.dtype = torch.float16
