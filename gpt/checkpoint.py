@@ -4,6 +4,9 @@ A checkpoint holds `model` (state dict without torch.compile/DDP prefixes), `opt
 `scheduler`, `step`, `best_val_loss`, `config` (the fully resolved run config as plain containers),
 `tokenizer` (its identity dict), `rng` (torch/python/numpy/batch-sampler states) and `logger`
 (e.g. the W&B run id), so infer.py and a resumed run rebuild everything from the file alone.
+
+A LoRA run's checkpoint is the plain state dict plus `<layer>.lora_A` / `<layer>.lora_B` keys; the
+functions that read and merge such checkpoints live here, over the adapters of gpt.lora.
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 from gpt.errors import UserError
+from gpt.lora import LoRALinear, merge_lora
 from gpt.trust import checked_config
 
 REQUIRED_KEYS = ("model", "config", "tokenizer", "step")
@@ -209,8 +214,6 @@ def model_from_checkpoint(ckpt: dict, device: str = "cpu") -> torch.nn.Module:
 
     A LoRA run's checkpoint (lora_A / lora_B weights, the config's `lora` node) is rebuilt with the same
     adapters and returned merged into a plain model (gpt.lora), so callers never see the adapters."""
-    from gpt.lora import merge_lora, rebuild_for_state
-
     model = build_model(ckpt)
     lora = rebuild_for_state(model, ckpt)
     try:
@@ -230,3 +233,45 @@ def model_classes() -> dict:
 
     return {"gpt.model.GPT": GPT, "gpt.heads.RewardModel": RewardModel, "gpt.heads.ValueHeadGPT": ValueHeadGPT,
             "gpt.heads.Classifier": Classifier}
+
+
+# ---- LoRA checkpoints -----------------------------------------------------------------------------
+def adapter_ranks(state: dict) -> dict[str, int]:
+    """{layer name: r} of the LoRA adapters in a state dict (empty for a plain one)."""
+    return {k[: -len(".lora_A")]: int(v.shape[0]) for k, v in state.items() if k.endswith(".lora_A")}
+
+
+def rebuild_for_state(model: nn.Module, ckpt: dict) -> bool:
+    """Give a freshly built model the adapters its checkpoint's state dict holds (layers and ranks from
+    the keys, alpha from the config's `lora` node). -> whether there were any."""
+    ranks = adapter_ranks(ckpt["model"])
+    if not ranks:
+        return False
+    node = (ckpt.get("config") or {}).get("lora") or {}
+    if "alpha" not in node:
+        raise UserError(f"checkpoint {ckpt.get('path')!r} holds LoRA adapters but its config has no lora.alpha")
+    for name, r in ranks.items():
+        try:
+            base = model.get_submodule(name)
+        except AttributeError:
+            base = None
+        if not isinstance(base, nn.Linear):
+            raise UserError(f"checkpoint {ckpt.get('path')!r}: LoRA adapter on {name!r}, which is not a Linear "
+                            f"layer of its model")
+        model.set_submodule(name, LoRALinear(base, r, float(node["alpha"]), 0.0))
+    return True
+
+
+def merged_checkpoint(ckpt: dict) -> dict:
+    """A plain checkpoint from a LoRA one: merged weights, no optimizer state (it was the adapters'), the
+    config's `lora` node moved to `lora_merged` (with the source file)."""
+    if not adapter_ranks(ckpt["model"]):
+        raise UserError(f"{ckpt['path']!r} holds no LoRA adapters (no lora_A/lora_B weights): nothing to merge")
+    model = model_from_checkpoint(ckpt)
+    out = {k: v for k, v in ckpt.items() if k not in ("path", "optimizer", "scheduler", "scaler")}
+    config = dict(ckpt["config"])
+    config["lora_merged"] = {**(config.pop("lora", None) or {}), "source": ckpt["path"],
+                             "source_sha256": file_sha256(ckpt["path"])}
+    out["config"] = config
+    out["model"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return out

@@ -1,5 +1,6 @@
-"""LoRA (gpt/lora.py): exact start, only adapters (and new token rows / heads) train, merge, checkpoints,
-the merge CLI, stages with lora.r > 0, and an end-to-end finetune.py -> infer.py -> merge run."""
+"""LoRA (adapters in gpt/lora/, LoRA checkpoints in gpt/checkpoint.py): exact start, only adapters (and new
+token rows / heads) train, merge, checkpoints, the merge CLI, stages with lora.r > 0, and an end-to-end
+finetune.py -> infer.py -> merge run."""
 
 import glob
 import os
@@ -16,10 +17,11 @@ from gpt.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoi
 from gpt.errors import UserError
 from gpt.finetuning import add_lora
 from gpt.heads import Classifier, RewardModel
-from gpt.lora import LoRALinear, apply_lora, count_parameters, main as lora_main, merge_lora
+from gpt.lora import LoRALinear, apply_lora, count_parameters, merge_lora
+from gpt.lora.__main__ import main as lora_main
 from gpt.model import GPT
 from gpt.optim import param_groups
-from gpt.stages.common import model_config
+from gpt.parent import model_config
 from stage_helpers import make_parent, write_jsonl
 
 HP = dict(vocab_size=20, block_size=16, n_layer=2, n_head=2, n_embd=16, bias=True, loss_chunk_size=8)

@@ -13,22 +13,22 @@ so every consumer of checkpoints loads LoRA runs unchanged;
 
     python -m gpt.lora merge <run folder or .pt> <out.pt>
 
-writes the merged plain checkpoint once (config node `lora` recorded as `lora_merged`).
+(gpt/lora/__main__.py, over gpt.checkpoint.merged_checkpoint) writes the merged plain checkpoint once
+(config node `lora` recorded as `lora_merged`). This package holds the adapters only and imports nothing
+of the checkpoint layer, which builds on it.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
-import sys
 from fnmatch import fnmatchcase
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gpt.errors import cli_result, UserError
+from gpt.errors import UserError
 
 # never wrapped: lm_head is tied to the token embedding; a stage's `head` trains in full
 EXCLUDED = ("lm_head", "head")
@@ -197,63 +197,3 @@ def merge_lora(model: nn.Module) -> nn.Module:
                 delattr(p, attr)
         p.requires_grad_(True)
     return model
-
-
-# ---- checkpoints ----------------------------------------------------------------------------------
-def adapter_ranks(state: dict) -> dict[str, int]:
-    """{layer name: r} of the adapters in a state dict (empty for a plain one)."""
-    return {k[: -len(".lora_A")]: int(v.shape[0]) for k, v in state.items() if k.endswith(".lora_A")}
-
-
-def rebuild_for_state(model: nn.Module, ckpt: dict) -> bool:
-    """Give a freshly built model the adapters its checkpoint's state dict holds (layers and ranks from
-    the keys, alpha from the config's `lora` node). -> whether there were any."""
-    ranks = adapter_ranks(ckpt["model"])
-    if not ranks:
-        return False
-    node = (ckpt.get("config") or {}).get("lora") or {}
-    if "alpha" not in node:
-        raise UserError(f"checkpoint {ckpt.get('path')!r} holds LoRA adapters but its config has no lora.alpha")
-    for name, r in ranks.items():
-        try:
-            base = model.get_submodule(name)
-        except AttributeError:
-            base = None
-        if not isinstance(base, nn.Linear):
-            raise UserError(f"checkpoint {ckpt.get('path')!r}: LoRA adapter on {name!r}, which is not a Linear "
-                            f"layer of its model")
-        _wrap(model, [name], r, float(node["alpha"]), 0.0)
-    return True
-
-
-def merged_checkpoint(ckpt: dict) -> dict:
-    """A plain checkpoint from a LoRA one: merged weights, no optimizer state (it was the adapters'), the
-    config's `lora` node moved to `lora_merged` (with the source file)."""
-    from gpt.checkpoint import file_sha256, model_from_checkpoint
-
-    if not adapter_ranks(ckpt["model"]):
-        raise UserError(f"{ckpt['path']!r} holds no LoRA adapters (no lora_A/lora_B weights): nothing to merge")
-    model = model_from_checkpoint(ckpt)
-    out = {k: v for k, v in ckpt.items() if k not in ("path", "optimizer", "scheduler", "scaler")}
-    config = dict(ckpt["config"])
-    config["lora_merged"] = {**(config.pop("lora", None) or {}), "source": ckpt["path"],
-                             "source_sha256": file_sha256(ckpt["path"])}
-    out["config"] = config
-    out["model"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    from gpt.checkpoint import load_checkpoint, save_checkpoint
-
-    ap = argparse.ArgumentParser(prog="python -m gpt.lora", description="LoRA checkpoints")
-    sub = ap.add_subparsers(dest="command", required=True)
-    mp = sub.add_parser("merge", help="fold a LoRA checkpoint's adapters into plain weights")
-    mp.add_argument("ckpt", help="LoRA checkpoint file or run folder (best.pt preferred)")
-    mp.add_argument("out", help="output .pt path")
-    args = ap.parse_args(argv)
-    return cli_result(lambda: save_checkpoint(merged_checkpoint(load_checkpoint(args.ckpt, prefer="best")), args.out))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
