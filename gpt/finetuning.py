@@ -37,7 +37,7 @@ def lineage(parent: dict) -> dict:
             "parent_stage": parent.get("stage", "pretrain"), "parent_lineage": parent.get("lineage")}
 
 
-STAGE_CONF = Path(__file__).resolve().parents[1] / "conf" / "stage"
+STAGE_CONF = Path(__file__).resolve().parent / "conf" / "stage"
 
 
 def stage_config(cfg: DictConfig, name: str, overrides: DictConfig | dict, out_dir: Path) -> DictConfig:

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gpt.errors import UserError
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parent / "conf"
 # Only this package's own code may be named by a file, and the torch optimizers its conf/optimizer/ ships.
 PACKAGE_PREFIXES = ("gpt.", "torch.optim.")
 ALLOWED_KEYS = ("_target_", "_partial_")

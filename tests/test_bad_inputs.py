@@ -23,7 +23,7 @@ from gpt.config import entry, file_shorthand, literal_overrides, register_resolv
 from gpt.errors import UserError
 from gpt.schema import MISSING, Choice, Device, Flag, Int, Node, Number, Numbers, Text, Texts, leaves, rule_for, validate
 
-CONF = ROOT / "conf"
+CONF = ROOT / "gpt" / "conf"
 SCRIPTS = ("train", "finetune", "infer", "evaluate", "serve")
 
 

@@ -93,7 +93,7 @@ def _compose_many(name: str, argvs: list[list[str]]) -> list:
     from hydra import compose, initialize_config_dir
 
     config.register_resolvers()
-    conf = Path(__file__).resolve().parents[1] / "conf"
+    conf = Path(__file__).resolve().parents[1] / "gpt" / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         return [compose(name, overrides=config.literal_overrides([f"{name}.py", *argv])[1:]) for argv in argvs]
 

@@ -215,7 +215,7 @@ def test_config_composes_every_option():
     from gpt.config import register_resolvers
 
     register_resolvers()
-    root = Path(__file__).resolve().parents[1] / "conf"
+    root = Path(__file__).resolve().parents[1] / "gpt" / "conf"
     with initialize_config_dir(config_dir=str(root), version_base="1.3"):
         for group in ("model", "tokenizer", "data", "optimizer", "scheduler", "stage", "logger"):
             for option in sorted(p.stem for p in (root / group).glob("*.yaml")):

@@ -238,7 +238,7 @@ def test_evaluate_config_composes_with_or_without_data():
     from gpt.config import register_resolvers
 
     register_resolvers()
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "gpt" / "conf"), version_base="1.3"):
         assert compose("evaluate", overrides=["ckpt=x"]).get("data") is None  # the checkpoint's own data
         cfg = compose("evaluate", overrides=["data=text", "data.path=corpus.txt"])
         assert cfg.data._target_ == "gpt.data.TextFiles" and cfg.data.path == "corpus.txt"
@@ -359,7 +359,7 @@ def end_token_model(tok) -> GPT:
 def test_chat_model_answers_in_its_template_and_stops_at_end(monkeypatch):
     import gpt.evaluation as evaluation
     from gpt.chat import chat_tokenizer, encode_chat, prompt_ids
-    from gpt.stages.sft import exact_match
+    from gpt.scoring import chat_exact_match
 
     tok = chat_tokenizer(CharTokenizer(ALPHABET))
     model = end_token_model(tok)
@@ -374,7 +374,7 @@ def test_chat_model_answers_in_its_template_and_stops_at_end(monkeypatch):
     convs = [[{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["reference"]}]
              for r in records]
     ours = evaluation.instruction_metrics(model, tok, records, 10, None)["instruct/exact_match"]
-    stage = 100 * exact_match(model, tok, convs, contextlib.nullcontext, 10)
+    stage = 100 * chat_exact_match(model, tok, convs, contextlib.nullcontext, 10)
     assert ours == pytest.approx(stage) == pytest.approx(200 / 3)
 
 
@@ -396,7 +396,7 @@ def compose_evaluate(*overrides):
     from gpt.config import register_resolvers
 
     register_resolvers()
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "gpt" / "conf"), version_base="1.3"):
         return compose("evaluate", overrides=["samples.num=0", *overrides])
 
 

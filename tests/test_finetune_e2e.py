@@ -342,7 +342,7 @@ def test_demo_quick_runs_the_whole_chain_and_prints_the_table(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for stage in ("pretrain", "sft", "reward", "ppo", "dpo", "grpo", "classify"):
         assert f"hydra.run.dir=runs/{stage}" in proc.stdout and f"| {stage} | " in proc.stdout
-    assert "python " + str(Path(__file__).resolve().parents[1] / "finetune.py") + " stage=sft" in proc.stdout
+    assert "python -m gpt.cli finetune stage=sft" in proc.stdout
     assert (tmp_path / "demo" / "results.md").read_text().startswith("| stage |")
     proc = run_script("gpt/tasks/demo.py", str(tmp_path / "demo"), "--quick", cwd=tmp_path)  # never overwrites
     assert proc.returncode != 0 and "pass a new folder" in proc.stderr

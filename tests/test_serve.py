@@ -146,7 +146,7 @@ def test_engine_from_config_loads_like_infer(tmp_path, dtype):
     model = GPT(**cfg).eval()
     path = save_checkpoint({"model": model.state_dict(), "config": {"model": {"_target_": "gpt.model.GPT", **cfg}},
                             "tokenizer": {"type": "char", "chars": CHARS}, "step": 1}, tmp_path / "m.pt")
-    conf = OmegaConf.load(Path(__file__).parents[1] / "conf" / "serve.yaml")
+    conf = OmegaConf.load(Path(__file__).parents[1] / "gpt" / "conf" / "serve.yaml")
     conf.ckpt, conf.dtype = str(path), dtype
     engine = engine_from_config(conf)
     assert engine.autocast_dtype is None

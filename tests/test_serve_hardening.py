@@ -229,7 +229,7 @@ def test_serve_passes_the_config_to_the_app_and_warns_when_exposed_without_a_key
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.update(app=app, **kw))
     monkeypatch.setattr(serve_mod, "engine_from_config", lambda cfg: engine)
     monkeypatch.delenv(API_KEY_ENV, raising=False)
-    cfg = OmegaConf.load(Path(__file__).parents[1] / "conf" / "serve.yaml")
+    cfg = OmegaConf.load(Path(__file__).parents[1] / "gpt" / "conf" / "serve.yaml")
     assert cfg.host == "127.0.0.1" and cfg.api_key is None and cfg.limits.max_body_bytes == 1 << 20
     cfg.limits.max_body_bytes = 100
     serve_mod.serve(cfg)

@@ -5,11 +5,14 @@
 writes the task files into <work>/task, then runs each stage as the command it prints (from inside <work>,
 run folders in <work>/runs/<stage>):
 
-    train.py (a small char model on the training equations)
-      -> finetune.py stage=sft -> stage=reward -> stage=ppo against that reward model
-                               -> stage=dpo
-                               -> stage=grpo (exact-match reward)
-      -> finetune.py stage=classify (from the pretrained model)
+    train (a small char model on the training equations)
+      -> finetune stage=sft -> stage=reward -> stage=ppo against that reward model
+                            -> stage=dpo
+                            -> stage=grpo (exact-match reward)
+      -> finetune stage=classify (from the pretrained model)
+
+(each as `python -m gpt.cli <train|finetune> ...`: the gpt-train / gpt-finetune console scripts, or train.py
+/ finetune.py in a clone)
 
 and prints a markdown table (also written to <work>/results.md): each run's key metrics at its first and
 last evaluation, greedy exact match of every policy on the same held-out questions, and wall time per stage.
@@ -28,10 +31,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-
 # The demo's settings: the model and each stage's steps, learning rate and stage options. Values that are
-# good defaults in general live in conf/stage/*.yaml; these are tuned for this task on a 2-core CPU.
+# good defaults in general live in gpt/conf/stage/*.yaml; these are tuned for this task on a 2-core CPU.
 FULL = {
     "task": {"n": 6000, "hi": 99, "far": 0.5, "repeat": 4},
     "eval_questions": 256,
@@ -65,12 +66,14 @@ COMMON = ["scheduler.schedule.warmup_iters=10", "trainer.eval_iters=8", "trainer
 
 
 def run(script: str, args: list[str], cwd: Path, log: Path) -> float:
-    """Run `python <repo>/<script> args` in cwd (printing the command), output to log; -> wall seconds."""
-    cmd = [sys.executable, str(ROOT / script), *args]
-    print("$ " + shlex.join(["python", str(ROOT / script), *args]), flush=True)
+    """Run entry point `script` (train.py -> `python -m gpt.cli train`, the gpt-train console script) with
+    `args` in cwd (printing the command), output to log; -> wall seconds. Through the package, not the
+    scripts of a clone: the demo runs from an installed wheel too."""
+    command = ["-m", "gpt.cli", script.removesuffix(".py"), *args]
+    print("$ " + shlex.join(["python", *command]), flush=True)
     t0 = time.time()
     with open(log, "w") as f:
-        proc = subprocess.run(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.run([sys.executable, *command], cwd=cwd, stdout=f, stderr=subprocess.STDOUT)
     seconds = time.time() - t0
     if proc.returncode != 0:
         sys.exit(f"{script} failed (exit {proc.returncode}); its output: {log}\n" + log.read_text()[-3000:])
@@ -96,15 +99,15 @@ def first_last(rows: list[dict], key: str, digits: int = 2) -> str:
 
 def exact_match(ckpt_path: Path, questions: list[dict], chat: bool) -> float:
     """Greedy exact match on `questions` ({"prompt", "completion"}): with the chat template (SFT's
-    evaluation, gpt.stages.sft.exact_match) or, chat=False, with the plain prompt, reading the answer
+    evaluation, gpt.scoring.chat_exact_match) or, chat=False, with the plain prompt, reading the answer
     up to the first newline (how the pretraining text writes equations)."""
     import torch
 
     from gpt.chat import chat_tokenizer
     from gpt.checkpoint import load_checkpoint, model_from_checkpoint
     from gpt.generate import generate_batch
-    from gpt.stages.common import lm_from_parent
-    from gpt.stages.sft import exact_match as chat_exact_match
+    from gpt.parent import lm_from_parent
+    from gpt.scoring import chat_exact_match
     from gpt.tokenizer import from_identity
 
     ckpt = load_checkpoint(ckpt_path, prefer="best")
@@ -128,8 +131,7 @@ def reward_accuracy(ckpt_path: Path, pairs_file: Path) -> tuple[float, float]:
     import torch
 
     from gpt.checkpoint import load_checkpoint, model_from_checkpoint
-    from gpt.stages.dpo import encode_pair
-    from gpt.stages.reward import score_batch
+    from gpt.encoding import encode_pair, score_batch
     from gpt.tokenizer import from_identity
 
     ckpt = load_checkpoint(ckpt_path, prefer="best")
