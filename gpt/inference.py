@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from gpt.checkpoint import load_checkpoint, model_from_checkpoint
 from gpt.errors import UserError
 from gpt.generate import generate_tokens
+from gpt.heads import Classifier
 from gpt.precision import DTYPES, cpu_has_fast_bf16
 from gpt.tokenizer import from_identity
 
@@ -170,8 +171,8 @@ def stream_samples(cfg: DictConfig, out=sys.stdout) -> list[str]:
         raise UserError(f"top_p={cfg.top_p} must be in (0, 1]")
     model, tok, ckpt = load_for_inference(cfg.ckpt, cfg.device, cfg.get("quantize"), dtype_option(cfg))
     prompt = str(cfg.prompt)
-    if ckpt.get("labels"):  # a classifier (finetune.py stage=classify): label probabilities, most likely first
-        from gpt.stages.classify import label_probabilities
+    if isinstance(model, Classifier):  # finetune.py stage=classify: label probabilities, most likely first
+        from gpt.scoring import label_probabilities
 
         probs = label_probabilities(model, tok, prompt).tolist()
         lines = [f"{name}\t{p:.4f}" for p, name in sorted(zip(probs, ckpt["labels"]), reverse=True)]

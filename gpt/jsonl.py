@@ -1,4 +1,5 @@
-"""JSONL readers for fine-tuning data: instruction / chat, preference pairs, classification, prompts.
+"""JSONL readers for fine-tuning and evaluation data: instruction / chat, preference pairs, classification,
+prompts, prompts with reference answers; and the seeded train / val split of what they read.
 
 Every record is checked as it is read; a bad line is reported as `file:line: what is wrong`, and
 nothing is trained on until the whole file has been read.
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
+import torch
 
 from gpt.errors import UserError
 
@@ -34,18 +37,19 @@ def json_lines(p: Path, where=lambda p, n: f"{p}:{n}"):
                 raise UserError(f"{where(p, n)}: JSON nested too deeply to read; a record is a flat object") from None
 
 
-def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
-    """-> [(line number, record)] of a JSONL file (blank lines skipped); each record must be an object."""
+def read_jsonl(path: str | Path, key: str = "data") -> list[tuple[int, dict]]:
+    """-> [(line number, record)] of a JSONL file (blank lines skipped); each record must be an object.
+    `key` is the option the file was passed as, named when it is missing or empty."""
     p = Path(str(path)).expanduser()
     if not p.is_file():
-        raise UserError(f"data file {str(path)!r} does not exist; pass data=<a .jsonl file>")
+        raise UserError(f"{key} file {str(path)!r} does not exist; pass {key}=<a .jsonl file>")
     rows = []
     for n, rec in json_lines(p):
         if not isinstance(rec, dict):
             raise UserError(f"{p}:{n}: expected a JSON object, got {type(rec).__name__}")
         rows.append((n, rec))
     if not rows:
-        raise UserError(f"data file {str(p)!r} has no records; expected one JSON object per line")
+        raise UserError(f"{key} file {str(p)!r} has no records; expected one JSON object per line")
     return rows
 
 
@@ -89,6 +93,27 @@ def to_messages(rec: dict, where: str) -> list[dict]:
 def read_instructions(path: str | Path) -> list[list[dict]]:
     """SFT data -> one message list per record."""
     return [to_messages(rec, f"{path}:{n}") for n, rec in read_jsonl(path)]
+
+
+_REFERENCE_KEYS = (("prompt", "completion"), ("instruction", "response"))
+
+
+def read_references(path: str | Path, key: str = "instructions") -> list[dict]:
+    """Prompts with reference answers for evaluate.py, one {"prompt", "completion"} or {"instruction",
+    "response"} object per line -> [{"prompt", "reference", "line"}] (unlike read_instructions, the texts
+    are kept as they are: no "input" field, no chat messages). Blank lines are skipped."""
+    out = []
+    for n, rec in read_jsonl(path, key):
+        where = f"{Path(str(path)).expanduser()}:{n}"
+        keys = next((k for k in _REFERENCE_KEYS if all(x in rec for x in k)), None)
+        if keys is None:
+            raise UserError(f"{where}: expected an object with \"prompt\" and \"completion\" (or \"instruction\" "
+                            f"and \"response\"), found {sorted(rec)}")
+        prompt, reference = rec[keys[0]], rec[keys[1]]
+        if not isinstance(prompt, str) or not isinstance(reference, str):
+            raise UserError(f"{where}: \"{keys[0]}\" and \"{keys[1]}\" must be strings")
+        out.append({"prompt": prompt, "reference": reference, "line": n})
+    return out
 
 
 def read_texts(path: str | Path) -> list[str]:
@@ -144,3 +169,15 @@ def read_labelled(path: str | Path) -> list[tuple[str, str]]:
             raise UserError(f"{where}: 'label' must be a string or an integer, got {label!r}")
         out.append((_text(rec, "text", where), str(label)))
     return out
+
+
+def split_val(items: list, val_items: list | None, fraction: float, seed: int, where: str) -> tuple[list, list]:
+    """(train, val): `val_items` if given, else a seeded held-out fraction of `items`."""
+    if val_items is not None:
+        return items, val_items
+    if len(items) < 2:
+        raise UserError(f"{where}: needs at least 2 records to hold out a validation split (or pass val_data=)")
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(items), generator=g).tolist()
+    n_val = min(len(items) - 1, max(1, round(len(items) * fraction)))
+    return [items[i] for i in perm[n_val:]], [items[i] for i in perm[:n_val]]

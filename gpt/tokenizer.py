@@ -16,11 +16,38 @@ import importlib.util
 import os
 import shutil
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 from gpt.errors import UserError
 
 EOT = "<|endoftext|>"
 BOS = "<|bos|>"  # begin-of-text, added by stage=completion; prompts of such models start with it
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """What the rest of the package may use of a tokenizer (CharTokenizer and TiktokenTokenizer have it).
+
+    Ids below base_vocab_size are the base vocabulary; special tokens (`special`, added by a stage) follow
+    it. eot_id / bos_id are None where the tokenizer has no such token."""
+
+    special: list[str]
+    needs_fit: bool
+
+    @property
+    def base_vocab_size(self) -> int: ...
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def eot_id(self) -> int | None: ...
+    @property
+    def bos_id(self) -> int | None: ...
+    def fit(self, text: str) -> None: ...
+    def encode(self, text: str) -> list[int]: ...
+    def decode(self, ids) -> str: ...
+    def identity(self) -> dict: ...
+    def special_id(self, token: str) -> int: ...
+    def cache_key(self) -> str: ...
 
 
 class CharTokenizer:

@@ -8,7 +8,7 @@ import torch
 from gpt.chat import chat_tokenizer
 from gpt.checkpoint import load_checkpoint, save_checkpoint
 from gpt.model import GPT
-from gpt.stages.common import model_config
+from gpt.parent import model_config
 from gpt.tokenizer import CharTokenizer
 
 CHARS = "0123456789+-=?abcdefghijklmnopqrstuvwxyz \n"

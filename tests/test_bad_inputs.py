@@ -299,7 +299,7 @@ def test_prompt_reaches_the_model_as_typed(tmp_path):
     before the continuation (a char model whose vocabulary holds them)."""
     from gpt.checkpoint import save_checkpoint
     from gpt.model import GPT
-    from gpt.stages.common import model_config
+    from gpt.parent import model_config
     from gpt.tokenizer import CharTokenizer
 
     prompt = "今天 a=b, [c] {d} 'e' \"f\" ~/g $h ${i} \\j\\"

@@ -6,8 +6,9 @@ import torch
 from gpt.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from gpt.errors import UserError
 from gpt.heads import Classifier
-from gpt.stages.classify import Classify, label_probabilities
-from gpt.stages.common import model_config
+from gpt.parent import model_config
+from gpt.scoring import label_probabilities
+from gpt.stages.classify import Classify
 from stage_helpers import make_parent, write_jsonl
 
 

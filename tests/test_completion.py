@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from gpt.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from gpt.errors import UserError
 from gpt.jsonl import read_texts
+from gpt.parent import model_config
 from gpt.stages.completion import BOS, Completion, document_windows
-from gpt.stages.common import model_config
 from gpt.tokenizer import EOT, CharTokenizer, TiktokenTokenizer, from_identity, with_special_tokens
 from stage_helpers import make_parent, write_jsonl
 

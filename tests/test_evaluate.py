@@ -18,9 +18,12 @@ import torch.nn.functional as F
 from conftest import TINY, run_script
 from gpt.data import TextFiles
 from gpt.errors import UserError
-from gpt.evaluation import (MixedScriptTokenizer, bleu_tokenize, check_settings, compare, cut_at_stop,
-                            greedy_answers, language_model_metrics, read_instructions, split_tokens, text_metrics,
-                            windows)
+from gpt.evaluation import check_settings
+from gpt.evaluation.generation import cut_at_stop, greedy_answers, instruction_records
+from gpt.evaluation.lm import language_model_metrics, split_tokens, windows
+from gpt.evaluation.report import compare
+from gpt.evaluation.text_metrics import MixedScriptTokenizer, bleu_tokenize, text_metrics
+from gpt.jsonl import read_references
 from gpt.model import GPT
 from gpt.tokenizer import CharTokenizer, TiktokenTokenizer
 
@@ -166,41 +169,41 @@ def test_exact_match_ignores_surrounding_and_repeated_whitespace():
     assert m["instruct/exact_match"] == pytest.approx(200 / 3)  # case still counts: "Lyon" != "lyon"
 
 
-def test_read_instructions_both_schemas(tmp_path):
+def test_read_references_both_schemas(tmp_path):
     path = tmp_path / "set.jsonl"
     path.write_text('{"prompt": "2+2=", "completion": "4"}\n\n{"instruction": "你好", "response": "你好！"}\n',
                     encoding="utf-8")
-    assert read_instructions(path) == [{"prompt": "2+2=", "reference": "4", "line": 1},
+    assert read_references(path) == [{"prompt": "2+2=", "reference": "4", "line": 1},
                                        {"prompt": "你好", "reference": "你好！", "line": 3}]
 
 
 @pytest.mark.parametrize("content, message", [
-    ('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": "b",\n', r"line 2: not valid JSON"),
-    ('{"prompt": "a", "answer": "b"}\n', r"line 1: expected an object with \"prompt\" and \"completion\".*"
+    ('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": "b",\n', r":2: not valid JSON"),
+    ('{"prompt": "a", "answer": "b"}\n', r":1: expected an object with \"prompt\" and \"completion\".*"
                                          r"found \['answer', 'prompt'\]"),
-    ('["prompt", "completion"]\n', r"line 1: expected an object .* found list"),
-    ('{"prompt": "a", "completion": 4}\n', r"line 1: \"prompt\" and \"completion\" must be strings"),
-    ('\n\n', r"holds no records"),
-    ('{"prompt": "你", "completion": "b"}\n', r"line 1: character '你' is not in"),
+    ('["prompt", "completion"]\n', r":1: expected a JSON object, got list"),
+    ('{"prompt": "a", "completion": 4}\n', r":1: \"prompt\" and \"completion\" must be strings"),
+    ('\n\n', r"has no records"),
+    ('{"prompt": "你", "completion": "b"}\n', r":1: character '你' is not in"),
 ])
 def test_malformed_instructions_name_file_and_line(tmp_path, content, message):
     path = tmp_path / "bad.jsonl"
     path.write_text(content, encoding="utf-8")
     with pytest.raises(UserError, match=message) as err:
-        read_instructions(path, CharTokenizer("abcdefghijklmnopqrstuvwxyz\n"))
+        instruction_records(path, CharTokenizer("abcdefghijklmnopqrstuvwxyz\n"))
     assert str(path) in str(err.value)
 
 
 @pytest.mark.parametrize("content, message", [
     ('{"prompt": "a", "completion": "b"}\n{"prompt": "caf\xe9", "completion": "b"}\n'.encode("latin-1"),
-     "line 2: not UTF-8 text (byte 0xe9 at column 16)"),
-    (b"[" * 100_000 + b"\n", "line 1: JSON nested too deeply to read"),
+     ":2: not UTF-8 text (byte 0xe9 at column 16)"),
+    (b"[" * 100_000 + b"\n", ":1: JSON nested too deeply to read"),
 ])
 def test_unreadable_instruction_lines_name_file_and_line(tmp_path, content, message):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(content)
-    with pytest.raises(UserError, match=re.escape(f"instructions file {path} {message}")):
-        read_instructions(path)
+    with pytest.raises(UserError, match=re.escape(f"{path}{message}")):
+        read_references(path)
 
 
 def test_greedy_answer_ends_at_stop_string():
@@ -321,7 +324,7 @@ def test_evaluate_sweep_writes_one_comparison_table(trained):
 @pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["ckpt=/no/such/run"], "does not exist"),
-    (["ckpt=__run__", "instructions=__bad__"], "line 2: not valid JSON"),
+    (["ckpt=__run__", "instructions=__bad__"], ":2: not valid JSON"),
     (["ckpt=__run__", "data=text", "data.path=__zh__"], "character '你' is not in"),
     (["plot=__cwd__"], "holds no metrics.jsonl"),
 ])
@@ -357,7 +360,7 @@ def end_token_model(tok) -> GPT:
 
 
 def test_chat_model_answers_in_its_template_and_stops_at_end(monkeypatch):
-    import gpt.evaluation as evaluation
+    import gpt.evaluation.generation as evaluation
     from gpt.chat import chat_tokenizer, encode_chat, prompt_ids
     from gpt.scoring import chat_exact_match
 
@@ -457,7 +460,8 @@ def test_a_checkpoints_data_is_named_not_read(no_reading, data, message):
 def test_a_checkpoint_whose_data_names_code_is_refused(no_reading, data):
     """Whichever layer refuses it first (loading the checkpoint, or evaluate.py's own check): one line, nothing
     run, nothing read."""
-    from gpt.evaluation import checkpoint_source, evaluate
+    from gpt.evaluation import evaluate
+    from gpt.evaluation.lm import checkpoint_source
 
     source, note = checkpoint_source({"config": {"data": data}})  # evaluate.py's own check, on its own
     assert source is None and "\n" not in note and "pass data=" in note
@@ -490,7 +494,8 @@ def test_the_bundled_corpus_is_rebuilt_from_checked_values(monkeypatch, tmp_path
     import hydra.utils
 
     from gpt.data import Shakespeare
-    from gpt.evaluation import checkpoint_source, evaluate
+    from gpt.evaluation import evaluate
+    from gpt.evaluation.lm import checkpoint_source
 
     monkeypatch.setattr(hydra.utils, "instantiate", lambda *a, **k: pytest.fail("instantiate called"))
     monkeypatch.chdir(tmp_path)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from gpt.errors import UserError
-from gpt.stages.grpo import GRPO, clipped_surrogate, group_advantages, kl_k3
+from gpt.rl import clipped_surrogate
+from gpt.stages.grpo import GRPO, group_advantages, kl_k3
 from stage_helpers import make_parent, write_jsonl
 
 

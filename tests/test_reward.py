@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from gpt.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from gpt.encoding import score_batch
 from gpt.heads import RewardModel
-from gpt.stages.common import model_config
-from gpt.stages.reward import Reward, bradley_terry_loss, score_batch
+from gpt.parent import model_config
+from gpt.stages.reward import Reward, bradley_terry_loss
 from stage_helpers import make_parent, write_jsonl
 
 

@@ -5,9 +5,10 @@ import torch
 import torch.nn.functional as F
 
 from gpt.chat import END, SPECIAL, chat_tokenizer, encode_chat, prompt_ids
+from gpt.encoding import lm_batch
 from gpt.errors import UserError
 from gpt.jsonl import read_instructions, read_pairs
-from gpt.stages.common import grow_vocab, lm_batch
+from gpt.parent import grow_vocab
 from gpt.stages.sft import SFT
 from gpt.tokenizer import CharTokenizer, TiktokenTokenizer, from_identity
 from stage_helpers import make_parent, write_jsonl

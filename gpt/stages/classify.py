@@ -9,26 +9,16 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from gpt.encoding import encode_texts, score_batch
 from gpt.errors import UserError
 from gpt.heads import Classifier
-from gpt.jsonl import read_labelled
-from gpt.stages.common import (ExampleObjective, LM, model_config, positive_batch_size, require_kind, split_val,
-                               validation_means, with_head)
-from gpt.stages.reward import score_batch
+from gpt.jsonl import read_labelled, split_val
+from gpt.model import GPT
+from gpt.parent import model_config, require_kind, with_head
+from gpt.stages.common import ExampleObjective, positive_batch_size, validation_means
 from gpt.tokenizer import from_identity
 
 log = logging.getLogger("gpt")
-
-
-def encode_texts(tok, texts: list[str], block_size: int, where: str) -> list[list[int]]:
-    """Texts -> ids, keeping each text's last block_size tokens (the pooled token is the last one)."""
-    out = []
-    for t in texts:
-        ids = tok.encode(t)
-        if not ids:
-            raise UserError(f"{where}: a text encodes to no tokens")
-        out.append(ids[-block_size:])
-    return out
 
 
 class Classify(ExampleObjective):
@@ -36,7 +26,7 @@ class Classify(ExampleObjective):
 
     def __init__(self, parent: dict, data: str, val_data: str | None = None, val_fraction: float = 0.1,
                  batch_size: int = 16, device: str = "cpu", seed: int = 0, rank: int = 0):
-        require_kind(parent, (LM,), self.name)
+        require_kind(parent, (GPT,), self.name)
         batch_size = positive_batch_size(batch_size)
         self.tokenizer = tok = from_identity(parent["tokenizer"])
         train, val = split_val(read_labelled(data), read_labelled(val_data) if val_data else None, val_fraction,
@@ -80,10 +70,3 @@ class Classify(ExampleObjective):
     def checkpoint_extra(self) -> dict:
         return {"model_config": model_config(self.model), "labels": list(self.labels)}
 
-
-def label_probabilities(model: Classifier, tok, text: str) -> torch.Tensor:
-    """(num_labels,) probabilities for one text (its last block_size tokens)."""
-    ids = encode_texts(tok, [text], model.config.block_size, "prompt")[0]
-    idx = torch.tensor([ids], device=model.transformer.wte.weight.device)
-    with torch.no_grad():
-        return torch.softmax(model.classify(idx, torch.tensor([len(ids)], device=idx.device)), -1)[0]

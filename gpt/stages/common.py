@@ -1,105 +1,23 @@
-"""Pieces the fine-tuning stages share: the parent model (with a grown vocabulary), padded batches,
-per-token log-probabilities, and kind checks on parent checkpoints."""
+"""The base classes of the stage objectives (gpt.objective.Objective is the interface the loop calls):
+seeded batch draws saved in checkpoints, shuffled example batches, masked language-model batches, RL
+rollouts; and the loss and validation helpers more than one stage uses. A stage module holds one
+objective and imports this module and the library, never another stage module."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from gpt.checkpoint import model_from_checkpoint
+from gpt.encoding import lm_batch
 from gpt.errors import UserError
 from gpt.model import GPT
-
-LM = "gpt.model.GPT"
+from gpt.rl import RolloutBuffer
 
 
 def positive_batch_size(batch_size) -> int:
     if int(batch_size) <= 0:
         raise UserError(f"trainer.batch_size={batch_size} must be a positive integer")
     return int(batch_size)
-
-
-def kind_of(ckpt: dict) -> str:
-    """The model class a checkpoint holds (its config's model._target_)."""
-    return str(ckpt["config"]["model"].get("_target_", ""))
-
-
-def require_kind(ckpt: dict, kinds: tuple[str, ...], stage: str, role: str = "ckpt") -> None:
-    """Refuse a checkpoint of the wrong kind (e.g. a classifier given to ppo) with a clear message."""
-    kind = kind_of(ckpt)
-    if kind not in kinds:
-        raise UserError(f"{role}={ckpt['path']!r} holds a {kind} (stage={ckpt.get('stage', 'pretrain')}); "
-                        f"stage={stage} needs {' or '.join(kinds)} there")
-
-
-def require_same_tokenizer(a: dict, b: dict, role: str) -> None:
-    if a["tokenizer"] != b["tokenizer"]:
-        raise UserError(f"{role}={b['path']!r} uses tokenizer {b['tokenizer'].get('type')} "
-                        f"{b['tokenizer'].get('name', '')} with special tokens {b['tokenizer'].get('special', [])}, "
-                        f"but ckpt={a['path']!r} uses {a['tokenizer'].get('type')} {a['tokenizer'].get('name', '')} "
-                        f"with {a['tokenizer'].get('special', [])}; both must come from the same tokenizer")
-
-
-def model_config(model: torch.nn.Module) -> dict:
-    """The config node that rebuilds `model` from a checkpoint (gpt.checkpoint.build_model)."""
-    cls = type(model)
-    return {"_target_": f"{cls.__module__}.{cls.__qualname__}", **model.hparams()}
-
-
-def grow_vocab(model: GPT, vocab_size: int) -> GPT:
-    """A copy of `model` with `vocab_size` rows in its tied embedding / output layer: the parent's rows
-    are copied, new rows (special tokens) start at the mean embedding so their logits start ordinary."""
-    old = model.lm_head.weight.data
-    if vocab_size == old.size(0):
-        return model
-    hp = model.hparams()
-    hp["vocab_size"] = vocab_size
-    new = type(model)(**hp).to(old.device)
-    state = model.state_dict()
-    w = old.mean(0, keepdim=True).repeat(vocab_size, 1)
-    w[: old.size(0)] = old
-    state["lm_head.weight"] = state["transformer.wte.weight"] = w
-    new.load_state_dict(state)
-    return new
-
-
-def lm_from_parent(parent: dict, vocab_size: int, device: str) -> GPT:
-    """The parent language model, in train mode, with its vocabulary grown to `vocab_size`."""
-    return grow_vocab(model_from_checkpoint(parent, device), vocab_size).train()
-
-
-def frozen(model: torch.nn.Module) -> torch.nn.Module:
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.eval()
-
-
-def with_head(cls, parent: dict, vocab_size: int, device: str, **head_args) -> torch.nn.Module:
-    """A headed model (`cls`, a GPT subclass with a `head`) whose backbone is the parent LM (vocabulary
-    grown to `vocab_size`); the head keeps its own initialisation."""
-    lm = lm_from_parent(parent, vocab_size, device)
-    model = cls(**lm.hparams(), **head_args).to(device)
-    missing, unexpected = model.load_state_dict(lm.state_dict(), strict=False)
-    assert not unexpected and all(k.startswith("head.") for k in missing), (missing, unexpected)
-    return model.train()
-
-
-def right_pad(seqs: list[list[int]], value: int, device) -> torch.Tensor:
-    """Token lists -> (B, T_max) tensor, right-padded with `value`. Under causal attention no real
-    token attends to the padding after it, so right padding needs no attention mask."""
-    width = max(len(s) for s in seqs)
-    out = torch.full((len(seqs), width), value, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-    return out.to(device)
-
-
-def lm_batch(examples: list[tuple[list[int], list[bool]]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, train_mask) examples -> x (B, T), y (B, T) with y = next token where it is trained, else -1
-    (prompt tokens and padding are masked out of the loss)."""
-    xs = [ids[:-1] for ids, _ in examples]
-    ys = [[t if m else -1 for t, m in zip(ids[1:], mask[1:])] for ids, mask in examples]
-    return right_pad(xs, 0, device), right_pad(ys, -1, device)
 
 
 @torch.no_grad()
@@ -127,30 +45,7 @@ def sequence_logprob(model: GPT, x: torch.Tensor, y: torch.Tensor) -> torch.Tens
     return token_logprobs(model, x, y)[0].sum(-1)
 
 
-def fit_block(examples: list, block_size: int, where: str, log) -> list:
-    """Drop examples longer than block_size + 1 tokens (with a warning); refuse if none are left."""
-    kept = [e for e in examples if len(e[0]) <= block_size + 1]
-    if not kept:
-        raise UserError(f"{where}: every example is longer than the model's block_size={block_size} + 1 tokens")
-    if len(kept) < len(examples):
-        log.warning("%s: %d of %d examples are longer than block_size + 1 = %d tokens and were dropped", where,
-                    len(examples) - len(kept), len(examples), block_size + 1)
-    return kept
-
-
-def split_val(items: list, val_items: list | None, fraction: float, seed: int, where: str) -> tuple[list, list]:
-    """(train, val): `val_items` if given, else a seeded held-out fraction of `items`."""
-    if val_items is not None:
-        return items, val_items
-    if len(items) < 2:
-        raise UserError(f"{where}: needs at least 2 records to hold out a validation split (or pass val_data=)")
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(items), generator=g).tolist()
-    n_val = min(len(items) - 1, max(1, round(len(items) * fraction)))
-    return [items[i] for i in perm[n_val:]], [items[i] for i in perm[:n_val]]
-
-
-class Objective:
+class SeededObjective:
     """What every stage objective shares: a per-rank batch generator (`self.generator`) whose state
     is saved in checkpoints, so a resumed run draws the same batches."""
 
@@ -164,7 +59,7 @@ class Objective:
         return []
 
 
-class ExampleObjective(Objective):
+class ExampleObjective(SeededObjective):
     """An objective over a list of examples (`self.train`), drawn in shuffled batches of
     `self.batch_size` (a fresh permutation per epoch) and turned into tensors by `self._batch(examples)`.
 
@@ -222,11 +117,11 @@ class MaskedLMObjective(ExampleObjective):
         return masked_lm_loss(model, self.val[: iters * self.batch_size], self.batch_size, self.device, autocast)
 
 
-class RolloutObjective(Objective):
+class RolloutObjective(SeededObjective):
     """An RL objective: `self.rollout()` samples a RolloutBuffer, whose minibatches (several epochs)
     are served one per trainer step before the next rollout. Batches hold targets "y" (-1 = ignored)."""
 
-    buffer = None
+    buffer: RolloutBuffer | None = None
 
     def train_batch(self):
         batch = self.buffer.next() if self.buffer is not None else None

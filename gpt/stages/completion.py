@@ -17,9 +17,10 @@ import torch
 
 from gpt.errors import UserError
 from gpt.generate import generate_batch
-from gpt.jsonl import read_texts
-from gpt.stages.common import (LM, lm_from_parent, MaskedLMObjective, model_config, positive_batch_size, require_kind,
-                               split_val)
+from gpt.jsonl import read_texts, split_val
+from gpt.model import GPT
+from gpt.parent import lm_from_parent, model_config, require_kind
+from gpt.stages.common import MaskedLMObjective, positive_batch_size
 from gpt.tokenizer import BOS, EOT, from_identity, with_special_tokens
 
 
@@ -42,7 +43,7 @@ class Completion(MaskedLMObjective):
     def __init__(self, parent: dict, data: str, val_data: str | None = None, val_fraction: float = 0.1,
                  batch_size: int = 16, device: str = "cpu", seed: int = 0, rank: int = 0, num_samples: int = 3,
                  sample_tokens: int = 64, prompt_fraction: float = 0.3):
-        require_kind(parent, (LM,), self.name)
+        require_kind(parent, (GPT,), self.name)
         batch_size = positive_batch_size(batch_size)
         if not 0.0 <= float(prompt_fraction) < 1.0:
             raise UserError(f"stage.prompt_fraction={prompt_fraction} must be in [0, 1)")

@@ -16,11 +16,13 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from gpt.chat import chat_tokenizer, encode_chat
+from gpt.chat import chat_tokenizer
+from gpt.encoding import encode_pair, fit_block, lm_batch
 from gpt.errors import UserError
-from gpt.jsonl import read_pairs
-from gpt.stages.common import (fit_block, frozen, LM, lm_batch, lm_from_parent, model_config, ExampleObjective,
-                               require_kind, sequence_logprob, split_val, validation_means)
+from gpt.jsonl import read_pairs, split_val
+from gpt.model import GPT
+from gpt.parent import frozen, lm_from_parent, model_config, require_kind
+from gpt.stages.common import ExampleObjective, sequence_logprob, validation_means
 from gpt.tokenizer import from_identity
 
 log = logging.getLogger("gpt")
@@ -34,12 +36,6 @@ def dpo_loss(pi_chosen: torch.Tensor, pi_rejected: torch.Tensor, ref_chosen: tor
     return -F.logsigmoid(chosen - rejected).mean(), chosen.detach(), rejected.detach()
 
 
-def encode_pair(tok, pair: dict) -> list[tuple[list[int], list[bool]]]:
-    """-> [chosen example, rejected example], each (ids, train_mask) under the chat template."""
-    return [encode_chat(tok, [{"role": "user", "content": pair["prompt"]}, {"role": "assistant", "content": pair[k]}])
-            for k in ("chosen", "rejected")]
-
-
 class DPO(ExampleObjective):
     """Preference optimisation of a language model (usually an SFT checkpoint) on {"prompt","chosen","rejected"}."""
 
@@ -47,7 +43,7 @@ class DPO(ExampleObjective):
 
     def __init__(self, parent: dict, data: str, val_data: str | None = None, val_fraction: float = 0.1,
                  batch_size: int = 16, beta: float = 0.1, device: str = "cpu", seed: int = 0, rank: int = 0):
-        require_kind(parent, (LM,), self.name)
+        require_kind(parent, (GPT,), self.name)
         if int(batch_size) <= 0 or float(beta) <= 0:
             raise UserError(f"stage.batch_size={batch_size} and stage.beta={beta} must be positive")
         self.tokenizer = tok = chat_tokenizer(from_identity(parent["tokenizer"]))

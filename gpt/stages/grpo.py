@@ -18,9 +18,11 @@ import torch
 
 from gpt.chat import chat_tokenizer
 from gpt.errors import UserError
-from gpt.stages.common import frozen, LM, lm_from_parent, model_config, RolloutObjective, require_kind
-from gpt.stages.rollout import (PromptSet, RolloutBuffer, answer_text, end_id, logprobs_of, masked_mean,
-                                sample_answers, sequences)
+from gpt.model import GPT
+from gpt.parent import frozen, lm_from_parent, model_config, require_kind
+from gpt.rl import (PromptSet, RolloutBuffer, answer_text, clipped_surrogate, end_id, logprobs_of, masked_mean,
+                    sample_answers, sequences)
+from gpt.stages.common import RolloutObjective
 from gpt.tokenizer import from_identity
 
 
@@ -36,13 +38,6 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1
 
 
-def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, clip: float):
-    """Per-token PPO surrogate min(rho A, clip(rho) A) and whether the clip was active."""
-    ratio = torch.exp(logp - old_logp)
-    s1, s2 = ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv
-    return torch.minimum(s1, s2), (s2 < s1)
-
-
 class GRPO(RolloutObjective):
     name = "grpo"
 
@@ -51,7 +46,7 @@ class GRPO(RolloutObjective):
                  max_new_tokens: int = 8, temperature: float = 1.0, top_k: int | None = None, clip: float = 0.2,
                  beta: float = 0.04, eval_prompts: int = 64, device: str = "cpu", seed: int = 0, rank: int = 0,
                  batch_size: int | None = None):
-        require_kind(parent, (LM,), self.name)
+        require_kind(parent, (GPT,), self.name)
         if group_size < 2:
             raise UserError(f"stage.group_size={group_size} must be at least 2 (advantages are relative to the group)")
         self.tokenizer = tok = chat_tokenizer(from_identity(parent["tokenizer"]))

@@ -20,16 +20,14 @@ import torch
 
 from gpt.chat import chat_tokenizer
 from gpt.checkpoint import load_checkpoint, model_from_checkpoint
-from gpt.errors import UserError
-from gpt.heads import ValueHeadGPT
-from gpt.stages.common import (frozen, LM, lm_from_parent, model_config, RolloutObjective, require_kind,
-                               require_same_tokenizer, right_pad, with_head)
-from gpt.stages.grpo import clipped_surrogate
-from gpt.stages.rollout import (PromptSet, RolloutBuffer, answer_text, end_id, logprobs_of, masked_mean,
-                                sample_answers, sequences)
+from gpt.encoding import score_batch
+from gpt.heads import RewardModel, ValueHeadGPT
+from gpt.model import GPT
+from gpt.parent import frozen, lm_from_parent, model_config, require_kind, require_same_tokenizer, with_head
+from gpt.rl import (PromptSet, RolloutBuffer, answer_text, clipped_surrogate, end_id, logprobs_of, masked_mean,
+                    sample_answers, sequences)
+from gpt.stages.common import RolloutObjective
 from gpt.tokenizer import from_identity
-
-REWARD_MODEL = "gpt.heads.RewardModel"
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
@@ -78,10 +76,10 @@ class PPO(RolloutObjective):
                  value_clip: float = 0.2, vf_coef: float = 0.5, kl_coef: float = 0.05, gamma: float = 1.0,
                  lam: float = 0.95, eval_prompts: int = 64, answer_reward=None, normalize_scores: bool = True,
                  device: str = "cpu", seed: int = 0, rank: int = 0, batch_size: int | None = None):
-        require_kind(parent, (LM,), self.name)
+        require_kind(parent, (GPT,), self.name)
         self.tokenizer = tok = chat_tokenizer(from_identity(parent["tokenizer"]))
         reward = load_checkpoint(reward_ckpt, prefer="best", map_location=device)
-        require_kind(reward, (REWARD_MODEL,), self.name, role="stage.reward_ckpt")
+        require_kind(reward, (RewardModel,), self.name, role="stage.reward_ckpt")
         require_same_tokenizer({"path": parent["path"], "tokenizer": tok.identity()}, reward, "stage.reward_ckpt")
         self.reward_model = frozen(model_from_checkpoint(reward, device))
         self.reward_path = reward["path"]
@@ -100,9 +98,7 @@ class PPO(RolloutObjective):
 
     @torch.no_grad()
     def score(self, prompts: list[list[int]], answers: list[list[int]]) -> torch.Tensor:
-        seqs = [p + a for p, a in zip(prompts, answers)]
-        lengths = torch.tensor([len(s) for s in seqs], device=self.device)
-        return self.reward_model.score(right_pad(seqs, 0, self.device), lengths)
+        return self.reward_model.score(*score_batch([p + a for p, a in zip(prompts, answers)], self.device))
 
     @torch.no_grad()
     def rollout(self) -> RolloutBuffer:

@@ -6,10 +6,10 @@ import torch
 
 from gpt.data import TokenData, get_batch
 from gpt.generate import generate_tokens
-from gpt.stages.common import Objective
+from gpt.stages.common import SeededObjective
 
 
-class Pretrain(Objective):
+class Pretrain(SeededObjective):
     """Draws (x, y) windows from `data`; loss is the model's mean next-token cross-entropy.
 
     Each rank samples with its own generator (seed + rank), so ranks read different data. Evaluation

@@ -14,11 +14,12 @@ import torch
 import torch.nn.functional as F
 
 from gpt.chat import chat_tokenizer
+from gpt.encoding import encode_pair, fit_block, score_batch
 from gpt.heads import RewardModel
-from gpt.jsonl import read_pairs
-from gpt.stages.common import (ExampleObjective, fit_block, LM, model_config, positive_batch_size, require_kind, right_pad,
-                               split_val, validation_means, with_head)
-from gpt.stages.dpo import encode_pair
+from gpt.jsonl import read_pairs, split_val
+from gpt.model import GPT
+from gpt.parent import model_config, require_kind, with_head
+from gpt.stages.common import ExampleObjective, positive_batch_size, validation_means
 from gpt.tokenizer import from_identity
 
 log = logging.getLogger("gpt")
@@ -29,11 +30,6 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Te
     return -F.logsigmoid(chosen - rejected).mean()
 
 
-def score_batch(sequences: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists -> (idx (B, T) right-padded, lengths (B,))."""
-    return right_pad(sequences, 0, device), torch.tensor([len(s) for s in sequences], device=device)
-
-
 class Reward(ExampleObjective):
     """Train a RewardModel from a language-model parent (pretrained or SFT)."""
 
@@ -41,7 +37,7 @@ class Reward(ExampleObjective):
 
     def __init__(self, parent: dict, data: str, val_data: str | None = None, val_fraction: float = 0.1,
                  batch_size: int = 16, device: str = "cpu", seed: int = 0, rank: int = 0):
-        require_kind(parent, (LM,), self.name)
+        require_kind(parent, (GPT,), self.name)
         batch_size = positive_batch_size(batch_size)
         self.tokenizer = tok = chat_tokenizer(from_identity(parent["tokenizer"]))
         self.model = with_head(RewardModel, parent, tok.vocab_size, device)

@@ -12,24 +12,17 @@ import logging
 import torch
 
 from gpt.chat import END, chat_tokenizer, encode_chat
+from gpt.encoding import fit_block
 from gpt.errors import UserError
 from gpt.generate import generate_batch
-from gpt.jsonl import read_instructions
-from gpt.stages.common import (fit_block, LM, lm_from_parent, MaskedLMObjective, model_config, positive_batch_size,
-                               require_kind, split_val)
+from gpt.jsonl import read_instructions, split_val
+from gpt.model import GPT
+from gpt.parent import lm_from_parent, model_config, require_kind
+from gpt.scoring import chat_exact_match
+from gpt.stages.common import MaskedLMObjective, positive_batch_size
 from gpt.tokenizer import from_identity
 
 log = logging.getLogger("gpt")
-
-
-def exact_match(model, tok, conversations: list[list[dict]], autocast, max_new_tokens: int = 32) -> float:
-    """Fraction of conversations whose last assistant answer the model reproduces exactly (greedy)."""
-    if not conversations:
-        return float("nan")
-    prompts = [encode_chat(tok, c[:-1], generation_prompt=True)[0] for c in conversations]
-    with autocast():
-        outs = generate_batch(model, prompts, max_new_tokens, temperature=0.0, eot_id=tok.special_id(END))
-    return sum(tok.decode(o).strip() == c[-1]["content"].strip() for o, c in zip(outs, conversations)) / len(outs)
 
 
 class SFT(MaskedLMObjective):
@@ -40,7 +33,7 @@ class SFT(MaskedLMObjective):
     def __init__(self, parent: dict, data: str, val_data: str | None = None, val_fraction: float = 0.1,
                  batch_size: int = 16, device: str = "cpu", seed: int = 0, rank: int = 0, eval_examples: int = 64,
                  max_new_tokens: int = 32, num_samples: int = 3):
-        require_kind(parent, (LM,), self.name)
+        require_kind(parent, (GPT,), self.name)
         batch_size = positive_batch_size(batch_size)
         self.tokenizer = tok = chat_tokenizer(from_identity(parent["tokenizer"]))
         self.model = lm_from_parent(parent, tok.vocab_size, device)
@@ -60,7 +53,7 @@ class SFT(MaskedLMObjective):
     # ---- the objective interface (gpt.trainer; batches and loss from MaskedLMObjective) --------
     @torch.no_grad()
     def evaluate(self, model, iters: int, autocast) -> dict:
-        em = exact_match(model, self.tokenizer, self.val_convs[: self.eval_examples], autocast, self.max_new_tokens)
+        em = chat_exact_match(model, self.tokenizer, self.val_convs[: self.eval_examples], autocast, self.max_new_tokens)
         return {"val/loss": self.val_loss(model, iters, autocast), "val/exact_match": em}
 
     def samples(self, model, autocast) -> list[dict]:

@@ -1,5 +1,6 @@
-"""Rollouts for the RL stages (grpo, ppo): sample answers with the KV cache, score them, and serve the
-resulting buffer as minibatches over several epochs, one minibatch per trainer step, so the shared
+"""What the RL stages (grpo, ppo) share: prompts in the chat template, answers sampled with the KV cache,
+their log-probabilities under the sampling distribution, the clipped policy surrogate, and the buffer
+that serves a rollout as minibatches over several epochs, one minibatch per trainer step, so the shared
 loop (gpt.trainer.Trainer) runs the optimisation unchanged."""
 
 from __future__ import annotations
@@ -8,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from gpt.chat import END, prompt_ids
+from gpt.encoding import lm_batch
 from gpt.errors import UserError
 from gpt.generate import generate_tokens, left_pad
-from gpt.jsonl import read_prompts
-from gpt.stages.common import lm_batch, split_val
+from gpt.jsonl import read_prompts, split_val
 
 
 @torch.no_grad()
@@ -49,6 +50,13 @@ def logprobs_of(logits: torch.Tensor, y: torch.Tensor, temperature: float = 1.0)
 
 def masked_mean(v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (v * mask).sum() / mask.sum().clamp(min=1)
+
+
+def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, clip: float):
+    """Per-token PPO surrogate min(rho A, clip(rho) A) and whether the clip was active."""
+    ratio = torch.exp(logp - old_logp)
+    s1, s2 = ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv
+    return torch.minimum(s1, s2), (s2 < s1)
 
 
 class PromptSet:

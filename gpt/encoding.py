@@ -1,0 +1,72 @@
+"""Fine-tuning records -> token ids -> padded tensors, the same way for training, evaluation and inference.
+
+    encode_texts  texts -> ids, each cut to its last block_size tokens   (classify)
+    encode_pair   a preference pair -> chosen and rejected chat examples (reward, dpo)
+    fit_block     drop examples longer than the model's block
+    right_pad     token lists -> one right-padded (B, T) tensor
+    lm_batch      (ids, train_mask) examples -> next-token inputs and masked targets (sft, completion, dpo, rl)
+    score_batch   token lists -> (ids, lengths) for the heads read at the last real token (classify, reward)
+
+A model scores an example the same way wherever it is scored only if the example is encoded and padded
+the same way everywhere: evaluate.py and infer.py use these functions, not copies of them.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from gpt.chat import encode_chat
+from gpt.errors import UserError
+
+
+def encode_texts(tok, texts: list[str], block_size: int, where: str) -> list[list[int]]:
+    """Texts -> ids, keeping each text's last block_size tokens (the pooled token is the last one)."""
+    out = []
+    for t in texts:
+        ids = tok.encode(t)
+        if not ids:
+            raise UserError(f"{where}: a text encodes to no tokens")
+        out.append(ids[-block_size:])
+    return out
+
+
+def encode_pair(tok, pair: dict) -> list[tuple[list[int], list[bool]]]:
+    """-> [chosen example, rejected example], each (ids, train_mask) under the chat template."""
+    return [encode_chat(tok, [{"role": "user", "content": pair["prompt"]}, {"role": "assistant", "content": pair[k]}])
+            for k in ("chosen", "rejected")]
+
+
+def fit_block(examples: list, block_size: int, where: str, log: logging.Logger) -> list:
+    """Drop examples longer than block_size + 1 tokens (with a warning); refuse if none are left."""
+    kept = [e for e in examples if len(e[0]) <= block_size + 1]
+    if not kept:
+        raise UserError(f"{where}: every example is longer than the model's block_size={block_size} + 1 tokens")
+    if len(kept) < len(examples):
+        log.warning("%s: %d of %d examples are longer than block_size + 1 = %d tokens and were dropped", where,
+                    len(examples) - len(kept), len(examples), block_size + 1)
+    return kept
+
+
+def right_pad(seqs: list[list[int]], value: int, device) -> torch.Tensor:
+    """Token lists -> (B, T_max) tensor, right-padded with `value`. Under causal attention no real
+    token attends to the padding after it, so right padding needs no attention mask."""
+    width = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), width), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return out.to(device)
+
+
+def lm_batch(examples: list[tuple[list[int], list[bool]]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, train_mask) examples -> x (B, T), y (B, T) with y = next token where it is trained, else -1
+    (prompt tokens and padding are masked out of the loss)."""
+    xs = [ids[:-1] for ids, _ in examples]
+    ys = [[t if m else -1 for t, m in zip(ids[1:], mask[1:])] for ids, mask in examples]
+    return right_pad(xs, 0, device), right_pad(ys, -1, device)
+
+
+def score_batch(sequences: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (idx (B, T) right-padded, lengths (B,))."""
+    return right_pad(sequences, 0, device), torch.tensor([len(s) for s in sequences], device=device)
