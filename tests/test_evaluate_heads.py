@@ -8,7 +8,7 @@ import torch
 from conftest import run_script
 from gpt.chat import chat_tokenizer
 from gpt.checkpoint import save_checkpoint
-from gpt.evaluation import classifier_metrics, reward_metrics
+from gpt.evaluation.heads import classifier_metrics, reward_metrics
 from gpt.heads import Classifier, RewardModel
 from gpt.tokenizer import CharTokenizer
 
