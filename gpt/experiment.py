@@ -24,7 +24,7 @@ from gpt.errors import UserError
 from gpt.optim import param_groups
 from gpt.plots import plot_folder
 from gpt.trust import as_config, checked
-from gpt.tracking import peak_memory, read_metrics, run_summary
+from gpt.runs import peak_memory, read_metrics, run_summary
 from gpt.trainer import Precision, Trainer, measure_peak_flops
 
 log = logging.getLogger("gpt")

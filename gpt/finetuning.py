@@ -24,7 +24,7 @@ from gpt.experiment import (adopt, apply_hyperparameters, configure_hardware, co
                             print_samples, seed_everything)
 from gpt.lora import apply_lora, count_parameters, short_names
 from gpt.optim import param_groups
-from gpt.tracking import read_metrics
+from gpt.runs import read_metrics
 from gpt.trust import as_config
 from gpt.trainer import Precision, Trainer
 

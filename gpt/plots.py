@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpt.errors import UserError
-from gpt.tracking import job_labels, read_metrics, sweep_jobs
+from gpt.runs import job_labels, read_metrics, sweep_jobs
 
 
 @dataclass

@@ -109,7 +109,7 @@ def test_finetune_completion_then_infer_stops_at_end_of_text(tmp_path):
     import glob
 
     from conftest import TINY, run_script
-    from gpt.tracking import read_metrics
+    from gpt.runs import read_metrics
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the cat sat on the mat. " * 200)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import TINY, run_script
-from gpt.tracking import read_metrics, read_wandb_exit_code, read_wandb_history
+from gpt.runs import read_metrics
+from wandb_records import read_wandb_exit_code, read_wandb_history
 
 pytestmark = pytest.mark.slow
 

@@ -23,7 +23,7 @@ from conftest import ROOT, TINY, run_script
 from gpt.checkpoint import CheckpointWriteError, remove_stale_temps, save_checkpoint
 from gpt.errors import Interrupted, UserError
 from gpt.model import GPT
-from gpt.tracking import read_metrics
+from gpt.runs import read_metrics
 from gpt.trainer import Precision, Trainer
 
 V = 11  # vocabulary of the toy objective

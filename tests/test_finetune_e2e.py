@@ -20,7 +20,7 @@ from conftest import run_script
 from gpt.checkpoint import file_sha256
 from gpt.tasks.arithmetic import write_task
 from gpt.tasks.demo import exact_match
-from gpt.tracking import read_metrics
+from gpt.runs import read_metrics
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ import torch
 from conftest import TINY, run_script
 from gpt.stages.completion import Completion
 from gpt.tasks.arithmetic import write_task
-from gpt.tracking import read_metrics
+from gpt.runs import read_metrics
 from stage_helpers import make_parent, write_jsonl
 
 

@@ -9,8 +9,9 @@ import pytest
 from conftest import TINY, run_script
 from gpt.errors import UserError
 from gpt.plots import curves, plot_folder
-from gpt.tracking import (MetricsFile, job_labels, read_metrics, read_wandb_artifacts, read_wandb_run,
-                          run_summary, sweep_group)
+from gpt.runs import job_labels, read_metrics, run_summary
+from gpt.tracking import MetricsFile, sweep_group
+from wandb_records import read_wandb_artifacts, read_wandb_run
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from conftest import TINY, run_script
 from gpt.experiment import apply_hyperparameters
 from gpt.optim import param_groups
-from gpt.tracking import read_metrics
+from gpt.runs import read_metrics
 
 
 def _opt_sched(model, lr=1e-3, wd=0.1, total=20, warmup=2):

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from gpt.config import write_json
 from gpt.errors import UserError
-from gpt.tracking import job_labels, sweep_jobs
+from gpt.runs import job_labels, sweep_jobs
 
 
 def _cell(value) -> str:

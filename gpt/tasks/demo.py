@@ -83,7 +83,7 @@ def run(script: str, args: list[str], cwd: Path, log: Path) -> float:
 
 def evals(run_dir: Path) -> list[dict]:
     """The evaluation rows of a run's metrics.jsonl."""
-    from gpt.tracking import read_metrics
+    from gpt.runs import read_metrics
 
     return [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("val/loss") is not None]
 
