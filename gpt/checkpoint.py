@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from gpt.errors import UserError
+from gpt.heads import model_classes
 from gpt.lora import LoRALinear, merge_lora
 from gpt.trust import checked_config
 
@@ -188,7 +189,7 @@ def file_sha256(path: str | Path) -> str:
 def build_model(ckpt: dict) -> torch.nn.Module:
     """A freshly initialised model of the class and shape the checkpoint's config names.
 
-    The config may only name a model class registered in model_classes(), and its arguments must be
+    The config may only name a model class registered in gpt.heads.model_classes(), and its arguments must be
     plain values: a shared checkpoint cannot make us construct or call anything else.
     """
     node = dict(ckpt["config"]["model"])
@@ -224,15 +225,6 @@ def model_from_checkpoint(ckpt: dict, device: str = "cpu") -> torch.nn.Module:
     if lora:
         merge_lora(model)
     return model.to(device).eval()
-
-
-def model_classes() -> dict:
-    """The model classes a checkpoint may name (its config's model._target_)."""
-    from gpt.heads import Classifier, RewardModel, ValueHeadGPT
-    from gpt.model import GPT
-
-    return {"gpt.model.GPT": GPT, "gpt.heads.RewardModel": RewardModel, "gpt.heads.ValueHeadGPT": ValueHeadGPT,
-            "gpt.heads.Classifier": Classifier}
 
 
 # ---- LoRA checkpoints -----------------------------------------------------------------------------

@@ -67,3 +67,10 @@ class Classifier(GPT):
 
     def hparams(self) -> dict:
         return {**super().hparams(), "num_labels": self.num_labels}
+
+
+def model_classes() -> dict:
+    """The model classes a checkpoint may name (its config's model._target_): the registry that
+    gpt.checkpoint builds from and gpt.trust allows."""
+    return {"gpt.model.GPT": GPT, "gpt.heads.RewardModel": RewardModel, "gpt.heads.ValueHeadGPT": ValueHeadGPT,
+            "gpt.heads.Classifier": Classifier}

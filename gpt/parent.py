@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from gpt.checkpoint import model_classes, model_from_checkpoint
+from gpt.checkpoint import model_from_checkpoint
 from gpt.errors import UserError
+from gpt.heads import model_classes
 from gpt.model import GPT
 
 

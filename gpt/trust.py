@@ -58,7 +58,7 @@ def allowed_targets(group: str, nested: bool = False) -> frozenset[str]:
                 node = node.get(group) or {}
             found |= _targets_in(node, nested)
     if group == "model" and not nested:  # the model registry decides which model classes a file may name
-        from gpt.checkpoint import model_classes
+        from gpt.heads import model_classes
 
         found |= set(model_classes())
     return frozenset(t for t in found if t.startswith(PACKAGE_PREFIXES))
