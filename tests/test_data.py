@@ -143,14 +143,14 @@ def test_text_files_folder_glob_and_document_separator(tmp_path):
     assert ids == gpt2.encode("first doc") + [gpt2.eot_id] + gpt2.encode("second doc")
 
 
-def test_tiny_corpus_with_empty_val_split_gives_user_error_or_empty_split(tmp_path):
-    f = write(tmp_path / "a.txt", "tiny")  # 4 tokens, val_fraction 0.1 -> 0 val tokens
+def test_tiny_corpus_with_empty_val_split_is_one_user_error_naming_it(tmp_path):
+    f = write(tmp_path / "a.txt", "tiny")  # 4 tokens, val_fraction 0.1 -> 0 val tokens: nothing to evaluate on
     src = TextFiles(str(f), cache_dir=str(tmp_path / "c"), val_fraction=0.1)
-    try:
-        data = src.load(CharTokenizer())
-    except UserError:
-        return
-    assert len(data.val) == 0 and len(data.train) == 4
+    with pytest.raises(UserError) as err:
+        src.load(CharTokenizer())
+    message = str(err.value)
+    assert "a.txt" in message and "only 4 tokens" in message and "data.val_fraction=0.1" in message
+    assert "\n" not in message
 
 
 def test_text_files_missing_path_raises_user_error_naming_it(tmp_path):

@@ -1,0 +1,121 @@
+"""Recipe tests in torchtune's style: run the real entry script (train.py / finetune.py) for a few steps on a tiny
+seeded float32 model and compare the per-step training losses to stored values (rtol 1e-4), so that a silent
+change to a loss, a data path, a sampler or an initialisation shows as a changed number.
+
+The entry scripts run in this process (runpy with their command line), which is several times faster than a
+subprocess each. Dropout is 0 and autocast off, so the numbers depend only on float32 arithmetic: they were
+recorded natively on an AMX Xeon and hold unchanged with ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 (the
+kernels a CPU without AVX-512 runs). If a deliberate change moves them, re-record with
+`GPT_RECORD_RECIPES=1 python -m pytest tests/test_recipes.py -s` and say in the commit why they moved."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT
+from gpt.tasks.arithmetic import write_task
+
+STEPS = 5
+LOOP = [f"trainer.max_iters={STEPS}", f"trainer.eval_interval={STEPS}", "trainer.eval_iters=1", "trainer.log_interval=1",
+        "trainer.batch_size=4", "hardware.autocast_dtype=float32", "hardware.peak_flops=1e12", "seed=0",
+        "scheduler.schedule.warmup_iters=2"]
+TINY_MODEL = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "model.dropout=0.0"]
+
+# train/loss of steps 1..5, recorded natively (AMX) and equal to 2e-8 with the AVX2 pins (module docstring)
+EXPECTED = {
+    "pretrain": [2.676365, 2.616277, 2.591441, 2.553685, 2.539877],
+    "sft": [2.946812, 2.968423, 2.957076, 3.007237, 2.792272],
+    "dpo": [0.6931472, 0.6935402, 0.692925, 0.6935136, 0.6830881],
+    "grpo": [-0.07215212, -0.04073712, 0.06948378, 0.03097184, 0.0002566632],
+}
+
+
+def run_entry(script: str, args: list[str], cwd: Path) -> Path:
+    """Run `python <script> <args>` in this process with `cwd` as working folder; -> the run folder it made."""
+    before = set(glob.glob(str(cwd / "outputs" / "*" / "*")))
+    argv, here = sys.argv, os.getcwd()
+    sys.argv = [str(ROOT / script), *args]
+    os.chdir(cwd)
+    try:
+        runpy.run_path(str(ROOT / script), run_name="__main__")
+    except SystemExit as e:  # an entry script exits only on an error (one line on stderr, code 2)
+        pytest.fail(f"{script} exited with {e.code}")
+    finally:
+        sys.argv = argv
+        os.chdir(here)
+    (run,) = set(glob.glob(str(cwd / "outputs" / "*" / "*"))) - before
+    return Path(run)
+
+
+def losses(run: Path) -> list[float]:
+    """train/loss of each step, from the run's metrics.jsonl (one JSON object per line)."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "train/loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    return [r["train/loss"] for r in rows]
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    """The arithmetic task's files and a tiny pretrained parent (the pretrain recipe's own run)."""
+    cwd = tmp_path_factory.mktemp("recipes")
+    files = write_task(cwd / "task", n=120, seed=0, hi=9, repeat=2)
+    pre = run_entry("train.py", [*TINY_MODEL, *LOOP, "data=text", f"data.path={files['pretrain']}",
+                                 "stage.sample_tokens=4", "optimizer.lr=1e-2"], cwd)
+    return cwd, files, pre
+
+
+def check(name: str, got: list[float]) -> None:
+    if os.environ.get("GPT_RECORD_RECIPES"):
+        print(f'\n    "{name}": {[float(f"{v:.7g}") for v in got]},')
+        return
+    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64),
+                               torch.tensor(EXPECTED[name], dtype=torch.float64), rtol=1e-4, atol=1e-4,
+                               msg=lambda m: f"{name} losses {got} != stored {EXPECTED[name]}: {m}")
+
+
+def test_pretrain_losses(task):
+    _, _, pre = task
+    check("pretrain", losses(pre))
+
+
+def test_sft_losses(task):
+    cwd, files, pre = task
+    run = run_entry("finetune.py", ["stage=sft", f"ckpt={pre}", f"data={files['sft_train']}",
+                                    f"data.val_path={files['sft_val']}", *LOOP, "stage.eval_examples=2",
+                                    "stage.num_samples=1", "stage.max_new_tokens=4"], cwd)
+    check("sft", losses(run))
+
+
+def test_dpo_losses(task):
+    """DPO starts at its reference: the first loss is ln 2 = 0.693147 whatever the weights (tests/test_dpo.py)."""
+    cwd, files, pre = task
+    run = run_entry("finetune.py", ["stage=dpo", f"ckpt={pre}", f"data={files['pairs_train']}",
+                                    f"data.val_path={files['pairs_val']}", *LOOP], cwd)
+    got = losses(run)
+    assert got[0] == pytest.approx(0.6931472, abs=1e-6)
+    check("dpo", got)
+
+
+def test_grpo_losses(task):
+    """One-token answers (sums up to 9), so that some of a group's samples from the barely trained parent are
+    right and the group-normalised advantages are not all zero (with all-wrong groups the loss is ~0 and pins
+    nothing)."""
+    cwd, files, pre = task
+    rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(5) for b in range(5)]
+    prompts = cwd / "one_digit.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = run_entry("finetune.py", ["stage=grpo", f"ckpt={pre}", f"data={prompts}", f"data.val_path={prompts}", *LOOP,
+                                    "stage.prompts_per_rollout=8", "stage.group_size=8", "stage.minibatch_size=16",
+                                    "stage.epochs=1", "stage.max_new_tokens=1", "stage.eval_prompts=2"], cwd)
+    got = losses(run)
+    assert max(abs(v) for v in got) > 1e-2, got  # informative: some advantages were not zero
+    check("grpo", got)
