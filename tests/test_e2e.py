@@ -58,6 +58,7 @@ def test_checkpoint_embeds_resolved_config(trained):
 def test_infer_from_run_folder(trained):
     cwd, run, _ = trained
     args = [f"ckpt={run}", "prompt=ROMEO:", "max_new_tokens=30", "seed=3", "dtype=float32"]
+    folders = sorted(p for p in cwd.rglob("*") if p.is_dir())
     a = run_script("infer.py", *args, cwd=cwd)
     assert a.returncode == 0, a.stderr
     assert a.stdout.startswith("ROMEO:") and len(a.stdout) >= len("ROMEO:") + 30
@@ -65,7 +66,7 @@ def test_infer_from_run_folder(trained):
     assert b.stdout == a.stdout  # KV cache and uncached paths sample the same tokens
     c = run_script("infer.py", *args, "num_samples=2", "top_p=0.9", cwd=cwd)
     assert c.returncode == 0 and c.stdout.count("ROMEO:") == 2
-    assert not (cwd / "outputs").glob("*/*/.hydra") or len(list((cwd / "outputs").glob("*/*"))) == 1  # no new run folder
+    assert sorted(p for p in cwd.rglob("*") if p.is_dir()) == folders  # infer.py makes no run folder (nor any)
 
 
 def test_infer_long_prompt_is_cropped(trained):
@@ -165,15 +166,13 @@ def test_text_data_with_gpt2_tokenizer(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["model.n_embd=100", "model.n_head=3"], "n_embd=100 is not divisible by model.n_head=3"),
     (["data=text", "data.path=/no/such/file.txt"], "data.path='/no/such/file.txt' matches no file"),
-    (["optimizer.lr=1e3", "trainer.grad_clip=0"], None),  # may diverge; must never crash with a traceback
+    # one AdamW step of size ~lr moves every weight by ~1e30: the next loss overflows, whatever the seed or CPU
+    (["optimizer.lr=1e30", "trainer.grad_clip=0"], "at step 2; lower optimizer.lr or set trainer.grad_clip (now 0)"),
     (["trainer.max_iters=0"], "trainer.max_iters=0 must be a positive integer"),
     (["resume=/no/such/run"], "does not exist"),
 ])
 def test_bad_training_input_is_one_clear_line(tmp_path, args, message):
     proc = run_script("train.py", *TINY, *args, cwd=tmp_path)
-    if message is None:
-        assert "Traceback" not in proc.stderr
-        return
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
