@@ -99,9 +99,23 @@ def run_dir() -> Path:
         return Path.cwd()
 
 
-def _only_setup_files(folder: Path) -> bool:
-    return all(p.name in (".hydra", "main.log", "train.log", "infer.log", "finetune.log", "evaluate.log")
-               for p in folder.iterdir())
+SETUP_FILES = (".hydra", "main.log", "train.log", "infer.log", "finetune.log", "evaluate.log")
+
+
+def remove_unused_run_dir(folder: str | Path) -> bool:
+    """Delete a run folder that holds nothing but what Hydra set up (.hydra/, the job's log), and the folders
+    above it that held only it (outputs/<date>/, outputs/), up to the working directory: never that, nor
+    anything outside it. -> whether the run folder was removed."""
+    folder, cwd = Path(folder).resolve(), Path.cwd().resolve()
+    if folder == cwd or not folder.is_dir() or not all(p.name in SETUP_FILES for p in folder.iterdir()):
+        return False
+    logging.shutdown()  # the job's log handler holds its .log file open
+    shutil.rmtree(folder, ignore_errors=True)
+    for parent in folder.parents:
+        if parent == cwd or not parent.is_relative_to(cwd) or any(parent.iterdir()):
+            break
+        parent.rmdir()
+    return True
 
 
 def user_error_in(exc: BaseException) -> UserError | None:
@@ -141,16 +155,6 @@ def validate_job(cfg: DictConfig | None) -> None:
     validate(cfg, hydra_cfg.job.config_name, hydra_cfg.runtime.choices)
 
 
-def _remove_empty_parents(folder: Path, levels: int = 2) -> None:
-    """Remove the date folder (and outputs/ itself) that only held the removed run, up to `levels` deep,
-    never the working directory."""
-    for _ in range(levels):
-        if folder == Path.cwd() or not folder.is_dir() or any(folder.iterdir()):
-            return
-        folder.rmdir()
-        folder = folder.parent
-
-
 def entry(fn):
     """Wrap an entry point: the composed config is validated first (gpt.schema); a UserError (or a value
     left unset) becomes one line on stderr and exit code 2, and the run folder Hydra created for it is
@@ -170,11 +174,8 @@ def entry(fn):
             e = user_error_in(exc) or _missing_value_in(exc)  # instantiate wraps errors raised by constructors
             if e is None:
                 raise
-            folder = run_dir()
             logging.shutdown()
-            if folder != Path.cwd() and folder.is_dir() and _only_setup_files(folder):
-                shutil.rmtree(folder, ignore_errors=True)
-                _remove_empty_parents(folder.parent)
+            remove_unused_run_dir(run_dir())
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
 

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from gpt.config import _only_setup_files, run_dir
+from gpt.config import remove_unused_run_dir, run_dir
 from gpt.errors import UserError
 from gpt.evaluation.generation import instruction_metrics, instruction_records, is_chat, sample_texts
 from gpt.evaluation.heads import classifier_metrics, reward_metrics
@@ -145,15 +144,7 @@ def plot(folder: str, out=sys.stdout) -> list[Path]:
     paths = plot_folder(folder)
     for p in paths:
         out.write(f"{p}\n")
-    own = run_dir()
-    if own != Path.cwd() and own.is_dir() and _only_setup_files(own):
-        logging.shutdown()
-        shutil.rmtree(own, ignore_errors=True)
-        cwd = Path.cwd().resolve()
-        for parent in own.resolve().parents:  # evaluations/<date>/ too, when nothing else is in it
-            if parent == cwd or not parent.is_relative_to(cwd) or any(parent.iterdir()):
-                break
-            parent.rmdir()
+    remove_unused_run_dir(run_dir())  # evaluations/<date>/ too, when nothing else is in it
     return paths
 
 
