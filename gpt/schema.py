@@ -271,7 +271,6 @@ RULES: dict[str, Rule] = {
     "stage.eval_prompts": Int(1),
     "stage.normalize_scores": Flag(),
     "stage.reward_ckpt": PATH,
-    "stage.composite": Flag(),
     "stage.reward": Node(null=False),
     "stage.ppo": Node(null=False),
     # infer.py
@@ -347,7 +346,7 @@ def rule_for(key: str, script: str | None = None) -> Rule | None:
 
 
 def is_code_key(key: str) -> bool:
-    return key.rsplit(".", 1)[-1] in ("_target_", "_partial_")
+    return key.rsplit(".", 1)[-1] in ("_target_", "_partial_", "_convert_")
 
 
 MISSING = object()

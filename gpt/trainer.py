@@ -174,23 +174,39 @@ class StopSignals:
         raise KeyboardInterrupt
 
 
-class Trainer:
-    def __init__(self, model: torch.nn.Module, objective, optimizer: torch.optim.Optimizer, scheduler, *,
-                 max_iters: int, eval_interval: int, eval_iters: int, log_interval: int = 10,
-                 grad_accum_steps: int = 1, grad_clip: float = 1.0, precision: Precision,
-                 dist_info: DistInfo | None = None, run_dir: str | Path = ".", logger=None,
-                 checkpoint_meta: dict | None = None, compile: bool = False, peak_flops: float | None = None,
-                 progress: bool = True, skip_nonfinite: int = 0, resume_command: str | None = None):
-        """skip_nonfinite: how many steps with a non-finite loss or gradient norm to skip (no update) before
-        stopping. resume_command: the script an interrupted run tells the user to resume with (default
-        finetune.py for checkpoints with a lineage, train.py otherwise)."""
-        if isinstance(skip_nonfinite, bool) or not isinstance(skip_nonfinite, int) or skip_nonfinite < 0:
-            raise UserError(f"trainer.skip_nonfinite={skip_nonfinite!r} must be a non-negative integer "
+@dataclass(frozen=True)
+class Loop:
+    """The loop's settings (conf: trainer.*), checked once. batch_size is the stage's micro-batch (it samples
+    batches of that size); the loop uses it only to count tokens per step."""
+    max_iters: int
+    eval_interval: int
+    eval_iters: int
+    log_interval: int = 10
+    batch_size: int = 1
+    grad_accum_steps: int = 1
+    grad_clip: float | None = 1.0
+    skip_nonfinite: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.skip_nonfinite, bool) or not isinstance(self.skip_nonfinite, int) or self.skip_nonfinite < 0:
+            raise UserError(f"trainer.skip_nonfinite={self.skip_nonfinite!r} must be a non-negative integer "
                             f"(the number of non-finite steps to skip before stopping; 0 stops at the first)")
-        for name, value in (("max_iters", max_iters), ("eval_interval", eval_interval), ("eval_iters", eval_iters),
-                            ("log_interval", log_interval), ("grad_accum_steps", grad_accum_steps)):
-            if int(value) <= 0:
-                raise UserError(f"trainer.{name}={value} must be a positive integer")
+        for name in ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size", "grad_accum_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise UserError(f"trainer.{name}={value!r} must be a positive integer")
+
+    def tokens_per_iter(self, block_size: int, world_size: int = 1) -> int:
+        return self.batch_size * block_size * self.grad_accum_steps * world_size
+
+
+class Trainer:
+    def __init__(self, model: torch.nn.Module, objective, optimizer: torch.optim.Optimizer, scheduler, loop: Loop, *,
+                 precision: Precision, dist_info: DistInfo | None = None, run_dir: str | Path = ".", logger=None,
+                 checkpoint_meta: dict | None = None, compile: bool = False, peak_flops: float | None = None,
+                 progress: bool = True, resume_command: str | None = None):
+        """resume_command: the script an interrupted run tells the user to resume with (default finetune.py
+        for checkpoints with a lineage, train.py otherwise)."""
         self.raw_model = model
         self.dist = dist_info or DistInfo()
         self.model = model
@@ -202,8 +218,7 @@ class Trainer:
             ids = [self.dist.local_rank] if self.dist.device.startswith("cuda") else None
             self.model = DDP(self.model, device_ids=ids)
         self.objective, self.optimizer, self.scheduler = objective, optimizer, scheduler
-        self.max_iters, self.eval_interval, self.eval_iters = int(max_iters), int(eval_interval), int(eval_iters)
-        self.log_interval, self.grad_accum_steps, self.grad_clip = int(log_interval), int(grad_accum_steps), grad_clip
+        self.loop = loop
         self.precision = precision
         self.run_dir = Path(run_dir)
         self.logger = logger or NullLogger()
@@ -212,7 +227,6 @@ class Trainer:
         self.progress = progress and self.dist.is_main
         self.state = TrainState()
         self.metrics = MetricsFile(self.run_dir / "metrics.jsonl") if self.dist.is_main else None
-        self.skip_nonfinite = skip_nonfinite
         self.script = resume_command or ("finetune.py" if "lineage" in self.meta else "train.py")
         self.signals = StopSignals(self._aborted)
         self._agreed_signal = 0  # under DDP: the signal all ranks agreed on at the last step
@@ -238,7 +252,7 @@ class Trainer:
                    None)
         if bad is not None:
             raise UserError(f"the weights are not finite at step {self.state.step} ({bad}); not writing them over "
-                            f"{folder}; lower optimizer.lr or set trainer.grad_clip (now {self.grad_clip})"
+                            f"{folder}; lower optimizer.lr or set trainer.grad_clip (now {self.loop.grad_clip})"
                             f"{self._kept()}")
         if best:
             save_checkpoint(ckpt, folder / "best.pt")
@@ -325,7 +339,7 @@ class Trainer:
     def evaluate(self) -> dict:
         self.raw_model.eval()
         with torch.no_grad():
-            out = self.objective.evaluate(self.raw_model, self.eval_iters, self.precision.autocast)
+            out = self.objective.evaluate(self.raw_model, self.loop.eval_iters, self.precision.autocast)
         out = {k: all_reduce_mean(v, self.dist) for k, v in out.items()}
         self.raw_model.train()
         return out
@@ -337,20 +351,20 @@ class Trainer:
         schedule advances, so the step counts like any other (updated=False). Under float16 the GradScaler
         skips overflowing gradients itself, so there only a non-finite loss counts."""
         total, tokens = 0.0, 0
-        for micro in range(self.grad_accum_steps):
+        for micro in range(self.loop.grad_accum_steps):
             batch = self.objective.train_batch()
             tokens += self.objective.batch_tokens(batch)
-            last = micro == self.grad_accum_steps - 1
+            last = micro == self.loop.grad_accum_steps - 1
             sync = contextlib.nullcontext() if (last or not self.dist.enabled) else self.model.no_sync()
             with sync:
                 with self.precision.autocast():
                     loss, _ = self.objective.loss(self.model, batch)
-                self.precision.scaler.scale(loss / self.grad_accum_steps).backward()
+                self.precision.scaler.scale(loss / self.loop.grad_accum_steps).backward()
             total += float(loss.detach())
         self.precision.scaler.unscale_(self.optimizer)
         params = [p for p in self.raw_model.parameters() if p.grad is not None]
-        if self.grad_clip and self.grad_clip > 0:
-            norm = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip))
+        if self.loop.grad_clip and self.loop.grad_clip > 0:
+            norm = float(torch.nn.utils.clip_grad_norm_(params, self.loop.grad_clip))
         else:
             norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
         finite = math.isfinite(total) and (self.precision.scaler.is_enabled() or math.isfinite(norm))
@@ -360,7 +374,7 @@ class Trainer:
         self.precision.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return total / self.grad_accum_steps, norm, tokens * self.dist.world_size, finite
+        return total / self.loop.grad_accum_steps, norm, tokens * self.dist.world_size, finite
 
     def _agree(self, finite: bool) -> bool:
         """Under DDP, one all_reduce per step makes every rank take the same two decisions: skip the update if
@@ -401,14 +415,14 @@ class Trainer:
         s = self.state
         s.skipped += 1
         what, value = ("training loss", loss) if not math.isfinite(loss) else ("gradient norm", norm)
-        if s.skipped > self.skip_nonfinite:
-            allowed = (f" (non-finite step {s.skipped}; trainer.skip_nonfinite={self.skip_nonfinite} allows "
-                       f"{self.skip_nonfinite})" if self.skip_nonfinite else "")
+        if s.skipped > self.loop.skip_nonfinite:
+            allowed = (f" (non-finite step {s.skipped}; trainer.skip_nonfinite={self.loop.skip_nonfinite} allows "
+                       f"{self.loop.skip_nonfinite})" if self.loop.skip_nonfinite else "")
             raise UserError(f"{what} became {value} at step {s.step}{allowed}; lower optimizer.lr or set "
-                            f"trainer.grad_clip (now {self.grad_clip}), or skip up to n such steps with "
+                            f"trainer.grad_clip (now {self.loop.grad_clip}), or skip up to n such steps with "
                             f"trainer.skip_nonfinite=n{self._kept()}")
         log.warning("step %d: %s is %s; skipped the update (%d of trainer.skip_nonfinite=%d)", s.step, what,
-                    value, s.skipped, self.skip_nonfinite)
+                    value, s.skipped, self.loop.skip_nonfinite)
         self.record({"train/skipped_steps": s.skipped})
 
     def run_eval(self) -> float:
@@ -419,7 +433,7 @@ class Trainer:
         if "val/loss" in out and not math.isfinite(val):  # before sampling from, or saving, broken weights
             self.record({**out, "eval_seconds": time.perf_counter() - t0})
             raise UserError(f"validation loss became {val} at step {s.step}: the weights no longer give finite "
-                            f"outputs; lower optimizer.lr or set trainer.grad_clip (now {self.grad_clip})"
+                            f"outputs; lower optimizer.lr or set trainer.grad_clip (now {self.loop.grad_clip})"
                             f"{self._kept()}")
         s.last_val_loss = val
         improved = val < s.best_val_loss
@@ -442,12 +456,12 @@ class Trainer:
         s = self.state
         model_flops = self.raw_model.flops_per_token() if hasattr(self.raw_model, "flops_per_token") else None
         self.raw_model.train()
-        bar = tqdm(total=self.max_iters, initial=s.step, desc="train", dynamic_ncols=True, disable=not self.progress,
+        bar = tqdm(total=self.loop.max_iters, initial=s.step, desc="train", dynamic_ncols=True, disable=not self.progress,
                    unit="it")
         w = s.window  # the log window is part of the state, so a resumed run logs the same train/loss
         try:
             with self.signals, logging_redirect_tqdm():
-                while s.step < self.max_iters:
+                while s.step < self.loop.max_iters:
                     t0 = time.perf_counter()
                     loss, norm, tokens, updated = self.train_step()
                     dt = time.perf_counter() - t0
@@ -460,7 +474,7 @@ class Trainer:
                     tok_s = w["tokens"] / max(w["seconds"], 1e-9)
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
-                    if (s.step % self.log_interval == 0 or s.step == self.max_iters) and w["steps"]:
+                    if (s.step % self.loop.log_interval == 0 or s.step == self.loop.max_iters) and w["steps"]:
                         m = {"train/loss": w["loss"] / w["steps"], "train/lr": self.scheduler.get_last_lr()[0],
                              "train/grad_norm": norm, "train/tokens_per_sec": tok_s,
                              "train/tokens": s.step * tokens}
@@ -468,7 +482,7 @@ class Trainer:
                             m["train/mfu"] = model_flops * tok_s / self.peak_flops
                         self.record(m)
                         w.update(_new_window())
-                    if s.step % self.eval_interval == 0 or s.step == self.max_iters:
+                    if s.step % self.loop.eval_interval == 0 or s.step == self.loop.max_iters:
                         self.run_eval()
                     signum = self._stop_signal()
                     if signum:  # between steps: the update and any save of this step are complete

@@ -21,7 +21,8 @@ from omegaconf import OmegaConf, open_dict
 
 from gpt.config import entry, file_shorthand, literal_overrides, register_resolvers
 from gpt.errors import UserError
-from gpt.schema import MISSING, Choice, Device, Flag, Int, Node, Number, Numbers, Text, Texts, leaves, rule_for, validate
+from gpt.schema import (MISSING, Choice, Device, Flag, Int, Node, Number, Numbers, Text, Texts, is_code_key, leaves,
+                        rule_for, validate)
 
 CONF = ROOT / "gpt" / "conf"
 SCRIPTS = ("train", "finetune", "infer", "evaluate", "serve")
@@ -212,7 +213,7 @@ def test_every_config_key_has_a_rule_that_refuses_a_bad_value():
         validate(cfg, script, choices)
         for key, value in leaves(cfg):
             rule = rule_for(key, script)
-            if key.rsplit(".", 1)[-1] in ("_target_", "_partial_"):  # names of code, composed by the user
+            if is_code_key(key):  # _target_ / _partial_ / _convert_: instantiation keys, composed by the user
                 continue
             if rule is None:
                 unruled.append(f"{script}.py {key}")

@@ -24,7 +24,7 @@ from gpt.checkpoint import CheckpointWriteError, remove_stale_temps, save_checkp
 from gpt.errors import Interrupted, UserError
 from gpt.model import GPT
 from gpt.runs import read_metrics
-from gpt.trainer import Precision, Trainer
+from gpt.trainer import Loop, Precision, Trainer
 
 V = 11  # vocabulary of the toy objective
 
@@ -78,8 +78,9 @@ def make_trainer(run_dir: Path, objective=None, max_iters: int = 8, eval_interva
     model = GPT(vocab_size=V, block_size=8, n_layer=1, n_head=2, n_embd=16, dropout=0.1, loss_chunk_size=0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 / (1 + i))
-    return Trainer(model, objective or Toy(), opt, sched, max_iters=max_iters, eval_interval=eval_interval,
-                   eval_iters=1, log_interval=log_interval, precision=Precision("cpu", "float32"), run_dir=run_dir,
+    loop = Loop(max_iters=max_iters, eval_interval=eval_interval, eval_iters=1, log_interval=log_interval,
+                **{k: kwargs.pop(k) for k in ("skip_nonfinite", "grad_clip") if k in kwargs})
+    return Trainer(model, objective or Toy(), opt, sched, loop, precision=Precision("cpu", "float32"), run_dir=run_dir,
                    checkpoint_meta={"config": {}, "tokenizer": {}, **(meta or {})}, progress=False, **kwargs)
 
 

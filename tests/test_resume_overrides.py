@@ -7,7 +7,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from conftest import TINY, run_script
-from gpt.experiment import apply_hyperparameters
+from gpt.run import apply_hyperparameters
 from gpt.optim import param_groups
 from gpt.runs import read_metrics
 

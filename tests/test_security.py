@@ -201,7 +201,7 @@ def test_resume_keeps_an_interpolation_in_the_checkpoint_as_text(tmp_path, monke
     """train.py resume= copies the checkpoint's data node into the run config: a `${unique_dir:...}` there
     must stay a literal string (no folder created) when the config is resolved for the new checkpoint."""
     from gpt.config import register_resolvers, to_plain
-    from gpt.experiment import adopt
+    from gpt.run import adopt
 
     register_resolvers()
     monkeypatch.chdir(tmp_path)

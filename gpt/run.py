@@ -1,0 +1,249 @@
+"""The one run builder: every training run (train.py's pretraining, finetune.py's stages) is assembled here.
+
+    device, precision, distribution  ->  resume (what the checkpoint fixes, what the command line changes)
+      -> the script's part: tokenizer, data, model (+ LoRA, + heads), objective, checkpoint fields
+      -> optimizer, schedule, logger, Trainer (built from cfg.trainer)  ->  fit  ->  summary, plots
+
+A script supplies only what differs (a `RunSpec`: gpt.experiment.PRETRAIN, gpt.finetuning.FINETUNE): which
+config keys a checkpoint fixes on resume, how its model and objective are built, and the lines its summary
+prints. Everything a run shares (resume rules, precision, logger, the end-of-run summary) is written once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from gpt import distributed
+from gpt.checkpoint import load_checkpoint
+from gpt.config import run_dir, to_plain
+from gpt.errors import UserError
+from gpt.optim import param_groups
+from gpt.plots import plot_folder
+from gpt.runs import peak_memory, read_metrics, run_summary
+from gpt.trainer import Loop, Precision, Trainer, measure_peak_flops
+from gpt.trust import as_config, checked
+
+log = logging.getLogger("gpt")
+
+
+@dataclass
+class Parts:
+    """What a script builds for the run builder: the model that trains, its objective and tokenizer, the
+    checkpoint fields beyond the common ones (stage, lineage, label names, ...), and `report(trainer, stats)`,
+    which prints the script's own summary lines at the end (stats: gpt.tracking.run_summary of the run's
+    metrics) and returns its extra summary/* metrics."""
+    model: torch.nn.Module
+    objective: object
+    tokenizer: object
+    meta: dict = field(default_factory=dict)
+    report: Callable[[Trainer, dict], dict] = lambda trainer, stats: {}
+
+
+class RunSpec(Protocol):
+    script: str                 # what a user types to run it: "train.py" | "finetune.py"
+    fixed: tuple[str, ...]      # config keys a resumed run takes from its checkpoint
+
+    def check_resume(self, cfg: DictConfig, resume: dict) -> None: ...
+
+    def build(self, cfg: DictConfig, info: distributed.DistInfo, resume: dict | None) -> Parts: ...
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def configure_hardware(hw: DictConfig) -> None:
+    if hw.get("threads"):
+        torch.set_num_threads(int(hw.threads))
+    if hw.get("tf32") and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+# ---- resume: weights and state from the checkpoint, behaviour from the command line -----------------
+
+def command_line_overrides() -> list[str]:
+    """The key=value overrides the user typed (Hydra's task overrides); [] outside a Hydra run."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
+
+
+def adopt(cfg: DictConfig, resume: dict, keys: tuple[str, ...], script: str) -> None:
+    """resume=: set cfg's `keys` (config groups or values the saved weights and state depend on) to the
+    checkpoint's. An override of one of them on the command line that differs from the checkpoint's value
+    cannot be honoured, so it is refused with one line instead of being dropped silently."""
+    saved = resume["config"]
+    for override in command_line_overrides():
+        key = override.split("=", 1)[0].lstrip("+~")
+        top = key.split(".", 1)[0]
+        if top not in keys or top not in saved:
+            continue
+        mine = OmegaConf.select(cfg, key, default=None)
+        mine = to_plain(mine) if OmegaConf.is_config(mine) else mine
+        theirs = OmegaConf.select(as_config({top: saved[top]}), key, default=None)
+        theirs = OmegaConf.to_container(theirs) if OmegaConf.is_config(theirs) else theirs
+        if key == top and isinstance(mine, dict) and isinstance(theirs, dict):  # a group choice: data=text
+            differs = any(mine.get(k) != v for k, v in theirs.items() if k != "vocab_size")
+        else:
+            differs = mine != theirs
+        if differs:
+            raise UserError(f"{override} cannot apply on resume: the checkpoint {resume['path']!r} fixes {top} "
+                            f"({key}={theirs!r}); drop it to continue the run, or start a new run with "
+                            f"{script} without resume=")
+    with open_dict(cfg):
+        for key in keys:
+            if key not in saved:
+                continue
+            if isinstance(saved[key], dict):
+                cfg[key] = as_config(saved[key])
+            elif key == "seed":
+                if not isinstance(saved[key], int) or isinstance(saved[key], bool):
+                    raise UserError(f"checkpoint {resume['path']!r}: seed={saved[key]!r} is not an integer")
+                cfg[key] = saved[key]
+
+
+def continue_settings(cfg: DictConfig, resume: dict, groups: tuple[str, ...] = ("optimizer", "scheduler")) -> None:
+    """resume=: the run continues with the checkpoint's optimizer and schedule settings, and the command line's
+    `optimizer.*` / `scheduler.*` overrides on top (a lower lr, a longer total_iters). A new choice of the group
+    itself (`optimizer=sgd`) starts from that option as composed. The saved node may only name the classes
+    this package's conf/<group>/ ships (gpt.trust.checked), so the file still chooses no code."""
+    typed = {o.split("=", 1)[0].lstrip("+~") for o in command_line_overrides()}
+    for group in groups:
+        saved = resume["config"].get(group)
+        if group in typed or not isinstance(saved, dict):
+            continue
+        node = as_config(checked(saved, group, f"checkpoint {resume['path']!r}", f"config.{group}"))
+        for key in sorted(k for k in typed if k.startswith(f"{group}.")):  # what the user typed wins
+            OmegaConf.update(node, key[len(group) + 1:], OmegaConf.select(cfg, key), force_add=True)
+        with open_dict(cfg):
+            cfg[group] = node
+
+
+def apply_hyperparameters(optimizer, scheduler, cfg: DictConfig) -> None:
+    """After a resume restored the optimizer and scheduler state: the composed config's optimizer
+    hyperparameters (lr, weight_decay, betas, ...) and schedule (warmup, total_iters, ...) replace the
+    saved ones, so `optimizer.lr=` or `scheduler.schedule.total_iters=` on a resume command line take effect.
+    With the run's own config this writes back the values already there (a resumed run stays bit-exact)."""
+    device = next((p.device for g in optimizer.param_groups for p in g["params"]), torch.device("cpu"))
+    fresh = instantiate(cfg.optimizer)([torch.zeros(1, device=device, requires_grad=True)]).defaults
+    for i, group in enumerate(optimizer.param_groups):
+        for key, value in fresh.items():
+            if key in ("lr", "params") or key not in group:
+                continue
+            if key == "weight_decay" and i > 0:  # gpt.optim.param_groups: group 0 decays, the rest never do
+                continue
+            group[key] = value
+        group["initial_lr"] = fresh["lr"]
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if lambdas is None:  # not a LambdaLR (every conf/scheduler option is one): nothing more to re-apply
+        return
+    schedule = instantiate(cfg.scheduler)(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0))
+    for mine, new in zip(lambdas, schedule.lr_lambdas):
+        if type(mine) is type(new) and hasattr(new, "__dict__"):  # WarmupCosine / WarmupConstant settings
+            mine.__dict__.update(new.__dict__)
+    scheduler.base_lrs = [fresh["lr"]] * len(optimizer.param_groups)
+    scheduler._last_lr = [base * lam(scheduler.last_epoch) for base, lam in zip(scheduler.base_lrs, lambdas)]
+    for group, lr in zip(optimizer.param_groups, scheduler._last_lr):
+        group["lr"] = lr
+
+
+# ---- the run -------------------------------------------------------------------------------------
+
+def execute(cfg: DictConfig, spec: RunSpec) -> float:
+    """Build and train one run of `spec`'s script from the composed config; return the final val loss (the
+    metric sweepers optimise)."""
+    t_start = time.time()
+    configure_hardware(cfg.hardware)
+    info = distributed.setup(cfg.hardware.device, cfg.hardware.distributed, cfg.hardware.get("backend"))
+    out_dir = Path(cfg.get("run_dir") or run_dir())
+    logger, exit_code = None, 1
+    try:
+        if not info.is_main:
+            logging.getLogger().setLevel(logging.WARNING)
+        resume = load_checkpoint(cfg.resume, prefer="last") if cfg.get("resume") else None
+        if resume is not None:  # what must match the saved weights comes from the checkpoint itself
+            spec.check_resume(cfg, resume)
+            adopt(cfg, resume, spec.fixed, spec.script)
+            continue_settings(cfg, resume)
+            log.info("resume: %s taken from %s", ", ".join(spec.fixed), resume["path"])
+        seed_everything(int(cfg.seed) + info.rank)
+        parts = spec.build(cfg, info, resume)
+
+        optimizer = instantiate(cfg.optimizer)(param_groups(parts.model, cfg.optimizer.get("weight_decay", 0.0)))
+        scheduler = instantiate(cfg.scheduler)(optimizer)
+        precision = Precision(info.device, cfg.hardware.autocast_dtype)
+        peak = cfg.hardware.get("peak_flops") or measure_peak_flops(info.device, precision.dtype)
+        plain = to_plain(cfg)
+        logger = instantiate(cfg.logger) if info.is_main else None
+        meta = {"config": plain, "tokenizer": parts.tokenizer.identity(),
+                "resumed_from": resume["path"] if resume else None, **parts.meta}
+        trainer = Trainer(parts.model, parts.objective, optimizer, scheduler, loop=Loop(**to_plain(cfg.trainer)),
+                          precision=precision, dist_info=info, run_dir=out_dir, logger=logger, checkpoint_meta=meta,
+                          compile=cfg.hardware.compile, peak_flops=peak, resume_command=spec.script)
+        trainer.begin(resume, plain)
+        if resume is not None:
+            apply_hyperparameters(optimizer, scheduler, cfg)
+        log.info("training on %s with %s: %d iters x %d tokens/iter", info.device, precision, trainer.loop.max_iters,
+                 trainer.loop.tokens_per_iter(parts.model.config.block_size, info.world_size))
+        val = trainer.fit()
+        if info.is_main:
+            summarise(trainer, parts, time.time() - t_start, out_dir)
+        exit_code = 0
+        return val
+    finally:
+        if logger is not None:
+            logger.finish(exit_code)
+        distributed.teardown()
+
+
+def summarise(trainer: Trainer, parts: Parts, seconds: float, out_dir: Path) -> None:
+    """What every run ends with: samples, the script's own lines, loss / lr plots, the speed line, where the
+    run folder, checkpoints and plots are; the summary/* metrics go to metrics.jsonl and the logger."""
+    s = trainer.state
+    rows = trainer.objective.samples(trainer.raw_model, trainer.precision.autocast)
+    print("\n" + "-" * 72)
+    for r in rows:
+        print(r["text"])
+    print("-" * 72)
+    stats = run_summary(read_metrics(trainer.metrics.path) if trainer.metrics is not None else [])
+    extra = parts.report(trainer, stats)
+    peak, measured = peak_memory(next(trainer.raw_model.parameters()).device)
+    plots = []
+    try:
+        plots = plot_folder(out_dir)
+    except Exception as e:  # the run itself succeeded: a plotting failure must not fail it
+        log.warning("could not write plots: %s: %s", type(e).__name__, e)
+    speed = f"{stats['tokens_per_sec']:,.0f} tokens/s" if "tokens_per_sec" in stats else "n/a"
+    mfu = f"{100 * stats['mfu']:.2f}%" if "mfu" in stats else "n/a"
+    print(f"steps {s.step}  tokens seen {stats.get('tokens', 0):,}  wall time {seconds:.0f}s  "
+          f"training speed {speed}  MFU {mfu}  peak memory {peak / 2**20:,.0f} MiB ({measured})")
+    print(f"run folder {out_dir}")
+    print(f"checkpoints: {out_dir / 'checkpoints' / 'last.pt'}  {out_dir / 'checkpoints' / 'best.pt'}")
+    if plots:
+        print("plots: " + "  ".join(str(p) for p in plots))
+    summary = {"summary/val_loss": s.last_val_loss, "summary/best_val_loss": s.best_val_loss, **extra,
+               "summary/wall_seconds": seconds, "summary/peak_memory_bytes": peak,
+               **{f"summary/{k}": stats[k] for k in ("tokens", "tokens_per_sec", "mfu") if k in stats}}
+    if trainer.metrics is not None:
+        trainer.metrics.write(s.step, summary)
+    trainer.logger.log(summary, s.step)
+    trainer.logger.log_checkpoint(out_dir / "checkpoints" / "last.pt", ["latest", f"step-{s.step}"])
+    if not math.isfinite(s.last_val_loss):
+        log.warning("no evaluation ran; raise trainer.max_iters or lower trainer.eval_interval")
