@@ -41,7 +41,7 @@ log = logging.getLogger("gpt")
 class Parts:
     """What a script builds for the run builder: the model that trains, its objective and tokenizer, the
     checkpoint fields beyond the common ones (stage, lineage, label names, ...), and `report(trainer, stats)`,
-    which prints the script's own summary lines at the end (stats: gpt.tracking.run_summary of the run's
+    which prints the script's own summary lines at the end (stats: gpt.runs.run_summary of the run's
     metrics) and returns its extra summary/* metrics."""
     model: torch.nn.Module
     objective: object
