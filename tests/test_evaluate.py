@@ -264,6 +264,32 @@ def trained(tmp_path_factory):
     return cwd, run, instructions
 
 
+def scored_by_hand(ckpt: Path, cwd: Path) -> None:
+    """evaluate.py's loss on a text file equals the same loss computed here target by target: each token
+    predicted from the tokens before it in its block_size window (disjoint windows) by a plain forward pass of
+    the float32 model (no batching, padding or ignored targets)."""
+    from gpt.inference import load_for_inference
+
+    text = "ROMEO:\nWhat say you, my lord? To be, or not to be.\n" * 9
+    (cwd / "hand.txt").write_text(text)
+    out = cwd / "hand_eval"
+    proc = run_script("evaluate.py", f"ckpt={ckpt}", "data=text", f"data.path={cwd / 'hand.txt'}", "samples.num=0",
+                      f"hydra.run.dir={out}", cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    model, tok, _ = load_for_inference(str(ckpt), dtype="float32")
+    ids = torch.tensor(tok.encode(text))
+    block, nll = model.config.block_size, 0.0
+    with torch.no_grad():
+        for begin in range(0, len(ids) - 1, block):
+            x = ids[begin:begin + block]
+            logp = torch.log_softmax(model(x[None])[0][0].float(), dim=-1)  # (T, vocab)
+            targets = ids[begin + 1:begin + 1 + len(x)]
+            nll -= float(logp[torch.arange(len(targets)), targets].sum())
+    assert metrics["all/tokens"] == len(ids) - 1
+    assert metrics["all/loss"] == pytest.approx(nll / (len(ids) - 1), rel=1e-5)
+
+
 @pytest.mark.slow
 def test_evaluate_a_trained_run(trained):
     cwd, run, instructions = trained
@@ -277,7 +303,7 @@ def test_evaluate_a_trained_run(trained):
     assert m["val/tokens"] == 3000 and m["val/bytes"] == 3000  # Shakespeare is ASCII: one byte per char token
     assert m["val/perplexity"] == pytest.approx(math.exp(m["val/loss"]))
     assert m["val/bits_per_byte"] == pytest.approx(m["val/loss"] / math.log(2))
-    assert 1.0 < m["val/perplexity"] < 2 * 65  # a barely trained char model is close to uniform over 65 chars
+    scored_by_hand(run / "checkpoints" / "best.pt", cwd)  # evaluate.py's loss is the model's, target by target
     assert m["instruct/n"] == 2 and 0.0 <= m["instruct/bleu"] <= 100.0
     rows = [json.loads(line) for line in (folder / "generations.jsonl").read_text().splitlines()]
     assert [r["reference"] for r in rows] == ["What say you?", "to be"]
