@@ -285,12 +285,19 @@ def test_ppo_from_sft_with_the_reward_model(chain, reward_run):
     for key in ("train/reward", "train/kl", "train/entropy", "train/clip_fraction", "train/value_loss",
                 "val/exact_match"):
         assert key in rows[-1], key
-    # the reward model's mean (raw) score of the sampled answers, over the 6 rollouts (192 answers) of each
-    # window, rises from the first window to the last. Measured (seed 0, 1, 2): 0.72 -> 0.96, 0.52 -> 0.79,
-    # 0.47 -> 0.78, with KL to SFT rising to 1.1-2.1 and exact match not rising (a weak reward model hacked);
-    # the greedy held-out score (val/reward) is not asserted: it fell for seed 2 (0.89 -> 0.83)
-    reward = window_means(run, "train/reward")
-    assert [r["step"] for r in rows] == [24, 48, 72, 96] and reward[-1] >= reward[0] + 0.1, reward
+    # No claim on the reward rising: over 96 steps its rise is within the rollouts' noise. Measured with this
+    # chain, one rollout (32 answers) per evaluation, PPO seeds 0, 1, 2: per-rollout sd 0.09-0.21, first six
+    # rollouts' mean 2.02, 2.01, 1.98 -> last six 2.18, 2.01, 1.98 (Welch t 2.2, 0.06, 0.04); the greedy held-out
+    # score (val/reward) likewise. What holds by construction instead: at the first minibatch the policy is both
+    # its rollout policy and its frozen SFT reference, so KL and clip fraction are exactly 0 (a one-step run that
+    # evaluates after it); after 96 updates the policy has left SFT (KL > 0)
+    assert [r["step"] for r in rows] == [24, 48, 72, 96] and rows[-1]["train/kl"] > 0, rows[-1]
+    one, _ = finetune(cwd, "stage=ppo", f"ckpt={sft}", f"stage.reward_ckpt={rm}", f"data={first_prompts(files)}",
+                      f"data.val_path={files['prompts_val']}", *COMMON, "trainer.max_iters=1", "trainer.eval_interval=1",
+                      "optimizer.lr=3e-4", "stage.eval_prompts=4", "stage.prompts_per_rollout=32",
+                      "stage.minibatch_size=16", "stage.epochs=2")
+    (first,) = evals(one, "train/kl")
+    assert first["step"] == 1 and first["train/kl"] == 0.0 and first["train/clip_fraction"] == 0.0, first
     proc = run_script("infer.py", f"ckpt={run}", 'prompt="3+4="', "chat=true", "max_new_tokens=5", cwd=cwd)
     assert proc.returncode == 0, proc.stderr
     # the reward model's place must hold a reward model
