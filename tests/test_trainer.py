@@ -17,8 +17,7 @@ import torch
 
 from conftest import TINY, run_script
 from gpt.model import GPT
-from gpt import trainer as trainer_module
-from gpt.trainer import Precision, Trainer
+from gpt.trainer import Loop, Precision, Trainer
 
 VOCAB, BLOCK = 11, 8
 
@@ -29,12 +28,10 @@ def make_trainer(model: torch.nn.Module, objective, tmp_path: Path, *, lr: float
     """The one place these tests construct a Trainer (plain SGD, constant lr, no logger, no progress bar)."""
     optimizer = optimizer or torch.optim.SGD(model.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    settings = {"max_iters": max_iters, "eval_interval": 10_000, "eval_iters": 1,
-                "grad_accum_steps": grad_accum_steps, "grad_clip": grad_clip}
-    common = {"precision": Precision("cpu", dtype), "run_dir": tmp_path, "progress": False}
-    if hasattr(trainer_module, "Loop"):  # the loop's settings as one checked object (trainer.* in conf)
-        return Trainer(model, objective, optimizer, scheduler, trainer_module.Loop(**settings), **common)
-    return Trainer(model, objective, optimizer, scheduler, **settings, **common)
+    loop = Loop(max_iters=max_iters, eval_interval=10_000, eval_iters=1, grad_accum_steps=grad_accum_steps,
+                grad_clip=grad_clip)
+    return Trainer(model, objective, optimizer, scheduler, loop, precision=Precision("cpu", dtype), run_dir=tmp_path,
+                   progress=False)
 
 
 class FixedBatches:
