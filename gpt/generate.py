@@ -138,6 +138,8 @@ def generate_batch(model: GPT, prompts: list[list[int]], max_new_tokens: int, **
 
     With eot_id given, a row's ids stop before its first end-of-text.
     """
+    if not prompts:
+        return []
     idx, pad = left_pad(prompts, device=model.transformer.wte.weight.device)
     new = list(generate_tokens(model, idx, max_new_tokens, pad=pad, **kwargs))
     rows = torch.stack(new, dim=1).tolist() if new else [[] for _ in prompts]

@@ -88,6 +88,17 @@ class RolloutBuffer:
         self.order = [perm[i: i + minibatch] for _ in range(epochs)
                       for perm in [torch.randperm(n, generator=generator)] for i in range(0, n, minibatch)]
 
+    @classmethod
+    def restored(cls, data: dict, order: list) -> "RolloutBuffer":
+        """The rest of a rollout saved in a checkpoint (gpt.stages.common.RolloutObjective.state_dict)."""
+        if not isinstance(data, dict) or not all(torch.is_tensor(v) for v in data.values()) \
+                or not isinstance(order, list) or not all(torch.is_tensor(i) for i in order):
+            raise UserError("the checkpoint's saved rollout is not tensors; resume from a last.pt written by "
+                            "finetune.py")
+        buffer = cls.__new__(cls)
+        buffer.data, buffer.order = data, list(order)
+        return buffer
+
     def next(self) -> dict | None:
         if not self.order:
             return None

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from conftest import ROOT
+from gpt.config import _claimed as claimed
 from gpt.tasks.arithmetic import write_task
 
 STEPS = 5
@@ -41,6 +42,8 @@ EXPECTED = {
 def run_entry(script: str, args: list[str], cwd: Path) -> Path:
     """Run `python <script> <args>` in this process with `cwd` as working folder; -> the run folder it made."""
     before = set(glob.glob(str(cwd / "outputs" / "*" / "*")))
+    claimed.clear()  # unique_dir remembers the folder it claimed per name for the rest of a process (Hydra
+    # resolves hydra.run.dir several times per run); a second run in this process the same second needs a new one
     argv, here = sys.argv, os.getcwd()
     sys.argv = [str(ROOT / script), *args]
     os.chdir(cwd)

@@ -123,6 +123,19 @@ class RolloutObjective(SeededObjective):
 
     buffer: RolloutBuffer | None = None
 
+    def state_dict(self) -> dict:
+        """The generator, and what is left of the current rollout (its tensors and the minibatch order still
+        to serve), so a run resumed mid-rollout trains on the same minibatches the uninterrupted run does."""
+        state = super().state_dict()
+        if self.buffer is not None and self.buffer.order:
+            state["buffer"] = {"data": dict(self.buffer.data), "order": list(self.buffer.order)}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        saved = state.get("buffer")
+        self.buffer = RolloutBuffer.restored(saved["data"], saved["order"]) if saved else None
+
     def train_batch(self):
         batch = self.buffer.next() if self.buffer is not None else None
         if batch is None:
