@@ -23,6 +23,7 @@ class Pretrain:
 
     script = "train.py"
     fixed = ("model", "tokenizer", "data", "seed")
+    mfu = True
 
     def check_resume(self, cfg: DictConfig, resume: dict) -> None:
         if "lineage" in resume:

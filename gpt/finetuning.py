@@ -106,6 +106,7 @@ class Finetune:
 
     script = "finetune.py"
     fixed = ("stage", "data", "lora", "seed", "ckpt")
+    mfu = False  # MFU only with hardware.peak_flops= (no 0.3 s measurement at the start of every fine-tuning run)
 
     def check_resume(self, cfg: DictConfig, resume: dict) -> None:
         if "lineage" not in resume or "stage" not in resume:

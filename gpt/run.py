@@ -53,6 +53,7 @@ class Parts:
 class RunSpec(Protocol):
     script: str                 # what a user types to run it: "train.py" | "finetune.py"
     fixed: tuple[str, ...]      # config keys a resumed run takes from its checkpoint
+    mfu: bool                   # measure the peak FLOP/s (0.3 s) for MFU when hardware.peak_flops is unset
 
     def check_resume(self, cfg: DictConfig, resume: dict) -> None: ...
 
@@ -189,7 +190,8 @@ def execute(cfg: DictConfig, spec: RunSpec) -> float:
         optimizer = instantiate(cfg.optimizer)(param_groups(parts.model, cfg.optimizer.get("weight_decay", 0.0)))
         scheduler = instantiate(cfg.scheduler)(optimizer)
         precision = Precision(info.device, cfg.hardware.autocast_dtype)
-        peak = cfg.hardware.get("peak_flops") or measure_peak_flops(info.device, precision.dtype)
+        peak = cfg.hardware.get("peak_flops") or (measure_peak_flops(info.device, precision.dtype) if spec.mfu
+                                                   else None)
         plain = to_plain(cfg)
         logger = instantiate(cfg.logger) if info.is_main else None
         meta = {"config": plain, "tokenizer": parts.tokenizer.identity(),

@@ -484,7 +484,7 @@ def test_signals_at_random_moments_resume_bit_identical(tmp_path):
     step_seconds = (times[-1] - times[0]) / (iters - 2)
 
     rng = random.Random(9)
-    targets = sorted(rng.sample(range(3, iters - 8), 4))  # room for the sleep below before the run ends
+    targets = sorted(rng.sample(range(3, iters - 8), 3))  # room for the sleep below before the run ends
     parts, resume, interrupts = [], [], []
     for i, target in enumerate(targets + [None]):
         run = tmp_path / f"part{i}"
@@ -625,7 +625,7 @@ def test_kill_9_at_random_moments_loses_nothing_saved(tmp_path):
 
     rng = random.Random(3)
     sources, killed, run = [], 0, None
-    for i, target in enumerate(sorted(rng.sample(range(4, iters - 6), 3)) + [None]):
+    for i, target in enumerate(sorted(rng.sample(range(4, iters - 6), 2)) + [None]):
         run = tmp_path / f"part{i}"
         proc = start_script("train.py", *common, f"hydra.run.dir={run}", *[f"resume={p}" for p in sources[-1:]],
                             cwd=tmp_path)
@@ -644,7 +644,7 @@ def test_kill_9_at_random_moments_loses_nothing_saved(tmp_path):
             best = next(f for f in (p / "checkpoints" / "best.pt" for p in [run, *sources[::-1]]) if f.exists())
             assert torch.load(best, weights_only=True)["val_loss"] <= last["best_val_loss"]  # (or a newer best)
             sources.append(run)
-    assert killed == 3 and sources
+    assert killed == 2 and sources
     for source in sources:  # each was resumed from by a later start
         assert not list((source / "checkpoints").glob(".*tmp*"))
     a = torch.load(tmp_path / "full" / "checkpoints" / "last.pt", weights_only=True)
