@@ -167,6 +167,16 @@ def apply_hyperparameters(optimizer, scheduler, cfg: DictConfig) -> None:
 
 # ---- the run -------------------------------------------------------------------------------------
 
+def schedule_warnings(cfg: DictConfig) -> list[str]:
+    """Settings that run but are probably not what was meant: a warmup that never ends within the run."""
+    warmup = OmegaConf.select(cfg, "scheduler.schedule.warmup_iters", default=None)
+    iters = OmegaConf.select(cfg, "trainer.max_iters", default=None)
+    if isinstance(warmup, int) and isinstance(iters, int) and warmup >= iters:
+        return [f"scheduler.schedule.warmup_iters={warmup} >= trainer.max_iters={iters}: the learning rate never "
+                f"reaches optimizer.lr in this run; lower the warmup or raise max_iters"]
+    return []
+
+
 def execute(cfg: DictConfig, spec: RunSpec) -> float:
     """Build and train one run of `spec`'s script from the composed config; return the final val loss (the
     metric sweepers optimise)."""
@@ -185,6 +195,8 @@ def execute(cfg: DictConfig, spec: RunSpec) -> float:
             continue_settings(cfg, resume)
             log.info("resume: %s taken from %s", ", ".join(spec.fixed), resume["path"])
         seed_everything(int(cfg.seed) + info.rank)
+        for warning in schedule_warnings(cfg):
+            log.warning(warning)
         parts = spec.build(cfg, info, resume)
 
         optimizer = instantiate(cfg.optimizer)(param_groups(parts.model, cfg.optimizer.get("weight_decay", 0.0)))

@@ -79,3 +79,12 @@ def test_train_py_resume_applies_lr_and_refuses_model_changes(tmp_path):
         runs.add(new)
         lrs = {r["step"]: r["train/lr"] for r in read_metrics(new / "metrics.jsonl") if "train/lr" in r}
         assert set(lrs) == {5, 6} and all(v == pytest.approx(lr) for v in lrs.values()), (extra, lrs)
+
+
+@pytest.mark.parametrize("warmup, iters, warned", [(100, 6, True), (6, 6, True), (5, 6, False)])
+def test_a_warmup_longer_than_the_run_is_warned_about(warmup, iters, warned):
+    from gpt.run import schedule_warnings
+
+    cfg = OmegaConf.create({"scheduler": {"schedule": {"warmup_iters": warmup}}, "trainer": {"max_iters": iters}})
+    got = schedule_warnings(cfg)
+    assert bool(got) == warned and all("warmup_iters" in w and "max_iters" in w for w in got)
