@@ -248,13 +248,25 @@ def summarise(trainer: Trainer, parts: Parts, seconds: float, out_dir: Path) -> 
     mfu = f"{100 * stats['mfu']:.2f}%" if "mfu" in stats else "n/a"
     print(f"steps {s.step}  tokens seen {stats.get('tokens', 0):,}  wall time {seconds:.0f}s  "
           f"training speed {speed}  MFU {mfu}  peak memory {peak / 2**20:,.0f} MiB ({measured})")
+    loop = trainer.loop
+    if s.stopped_early:
+        print(f"stopped early at step {s.step} of {loop.max_iters}: {loop.monitor} did not improve for {s.stale} "
+              f"evaluations (trainer.patience={loop.patience})")
     print(f"run folder {out_dir}")
-    print(f"checkpoints: {out_dir / 'checkpoints' / 'last.pt'}  {out_dir / 'checkpoints' / 'best.pt'}")
+    best = (f" ({loop.monitor} {s.best_metric:.4f} at step {s.best_step}, the {'lowest' if loop.direction == 'min' else 'highest'})"
+            if s.best_metric is not None and s.best_step is not None else "")
+    print(f"checkpoints: {out_dir / 'checkpoints' / 'last.pt'}  {out_dir / 'checkpoints' / 'best.pt'}{best}")
+    if s.top:
+        print("top " + str(loop.keep_top_k) + ": " + "  ".join(f"step-{n:06d}.pt ({v:.4f})" for v, n in s.top))
     if plots:
         print("plots: " + "  ".join(str(p) for p in plots))
-    summary = {"summary/val_loss": s.last_val_loss, "summary/best_val_loss": s.best_val_loss, **extra,
+    monitored = {"summary/monitor": loop.monitor, "summary/monitor_mode": loop.direction,
+                 "summary/best_monitor": s.best_metric, "summary/best_monitor_step": s.best_step,
+                 "summary/stopped_early": s.stopped_early}
+    summary = {"summary/val_loss": s.last_val_loss, "summary/best_val_loss": s.best_val_loss, **monitored, **extra,
                "summary/wall_seconds": seconds, "summary/peak_memory_bytes": peak,
                **{f"summary/{k}": stats[k] for k in ("tokens", "tokens_per_sec", "mfu") if k in stats}}
+    summary = {k: v for k, v in summary.items() if v is not None}
     if trainer.metrics is not None:
         trainer.metrics.write(s.step, summary)
     trainer.logger.log(summary, s.step)

@@ -105,6 +105,11 @@ class TrainState:
     history: list = field(default_factory=list)
     skipped: int = 0  # steps skipped for a non-finite loss or gradient (trainer.skip_nonfinite)
     window: dict = field(default_factory=_new_window)  # the steps since the last train/* log row
+    best_metric: float | None = None  # the best value of trainer.monitor so far (best.pt holds it)
+    best_step: int | None = None      # the step it was measured at
+    stale: int = 0                    # evaluations since the last improvement (trainer.patience)
+    top: list = field(default_factory=list)  # [[value, step], ...] best first: checkpoints/step-<N>.pt kept
+    stopped_early: bool = False
 
 
 def rng_state(objective) -> dict:
@@ -127,13 +132,24 @@ def set_rng_state(state: dict, objective) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _val_loss_of(path: Path) -> float:
-    """The val loss a checkpoint file was saved with; inf when the file is missing or unreadable."""
+def _monitored_value_of(path: Path, metric: str, mode: str) -> float | None:
+    """The value of `metric` (direction `mode`) a checkpoint file was saved with (its monitor record; its val
+    loss for val/loss, which files written before trainer.monitor existed record); None when the file is
+    missing, unreadable or records no such value."""
     try:
-        value = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("val_loss")
-        return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else math.inf
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # missing, truncated, not ours: no best on disk
-        return math.inf
+        return None
+    rec = ckpt.get("monitor") if isinstance(ckpt, dict) else None
+    own = isinstance(rec, dict) and rec.get("step") == ckpt.get("step")  # a best.pt records its own state as best
+    if own and rec.get("metric") == metric and rec.get("mode") == mode:
+        value = rec.get("value")
+    elif metric == "val/loss" and mode == "min" and isinstance(ckpt, dict):
+        value = ckpt.get("val_loss")
+    else:
+        return None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else None
 
 
 class StopSignals:
@@ -186,8 +202,26 @@ class Loop:
     grad_accum_steps: int = 1
     grad_clip: float | None = 1.0
     skip_nonfinite: int = 0
+    monitor: str = "val/loss"   # the evaluation metric that picks best.pt (and keep_top_k, patience)
+    mode: str = "auto"          # min | max | auto: min for losses/perplexities/errors, max for the rest
+    min_delta: float = 0.0      # an evaluation improves on the best only by more than this
+    patience: int = 0           # stop after this many evaluations without improvement (0: never)
+    keep_top_k: int = 0         # also keep checkpoints/step-<N>.pt of the k best evaluations (0: none)
 
     def __post_init__(self):
+        if not isinstance(self.monitor, str) or not self.monitor.strip("/"):
+            raise UserError(f"trainer.monitor={self.monitor!r} must name an evaluation metric, e.g. val/loss")
+        if "/" not in self.monitor:  # trainer.monitor=exact_match means the logged val/exact_match
+            object.__setattr__(self, "monitor", f"val/{self.monitor}")
+        if self.mode not in ("auto", "min", "max"):
+            raise UserError(f"trainer.mode={self.mode!r} must be min, max or auto")
+        if isinstance(self.min_delta, bool) or not isinstance(self.min_delta, (int, float)) or not (
+                math.isfinite(self.min_delta) and self.min_delta >= 0):
+            raise UserError(f"trainer.min_delta={self.min_delta!r} must be a number >= 0")
+        for name in ("patience", "keep_top_k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise UserError(f"trainer.{name}={value!r} must be a non-negative integer (0: off)")
         if isinstance(self.skip_nonfinite, bool) or not isinstance(self.skip_nonfinite, int) or self.skip_nonfinite < 0:
             raise UserError(f"trainer.skip_nonfinite={self.skip_nonfinite!r} must be a non-negative integer "
                             f"(the number of non-finite steps to skip before stopping; 0 stops at the first)")
@@ -198,6 +232,23 @@ class Loop:
 
     def tokens_per_iter(self, block_size: int, world_size: int = 1) -> int:
         return self.batch_size * block_size * self.grad_accum_steps * world_size
+
+    @property
+    def direction(self) -> str:
+        """min or max: mode, or for mode=auto min when the metric's name says it is a loss, perplexity, error or
+        bits per byte (lower is better), max otherwise (accuracy, exact match, reward)."""
+        if self.mode != "auto":
+            return self.mode
+        name = self.monitor.rsplit("/", 1)[-1].lower()
+        return "min" if any(w in name for w in ("loss", "perplexity", "ppl", "error", "bpb", "bits")) else "max"
+
+    def better(self, value: float, than: float | None) -> bool:
+        """Whether `value` of the monitored metric improves on `than` (None: nothing yet) by more than min_delta."""
+        if not math.isfinite(value):
+            return False
+        if than is None:
+            return True
+        return value < than - self.min_delta if self.direction == "min" else value > than + self.min_delta
 
 
 class Trainer:
@@ -239,7 +290,14 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.precision.scaler.state_dict(), "step": s.step, "best_val_loss": s.best_val_loss,
                 "val_loss": s.last_val_loss, "rng": rng_state(self.objective), "logger": {"run_id": s.logger_id},
-                "skipped_steps": s.skipped, "log_window": dict(s.window)}
+                "skipped_steps": s.skipped, "log_window": dict(s.window), "monitor": self.monitor_record()}
+
+    def monitor_record(self) -> dict:
+        """What a checkpoint records of trainer.monitor: the metric, its direction, the best value and its step
+        (best.pt holds that state), evaluations since, and the kept top-k [[value, step], ...]."""
+        s = self.state
+        return {"metric": self.loop.monitor, "mode": self.loop.direction, "value": s.best_metric,
+                "step": s.best_step, "stale": s.stale, "top": [list(t) for t in s.top]}
 
     def save(self, best: bool) -> None:
         """Write last.pt (and first best.pt, so that a kill between the two never leaves best.pt older than
@@ -292,6 +350,27 @@ class Trainer:
         self.state.skipped = skipped if type(skipped) is int and skipped >= 0 else 0  # absent in older files
         self.state.window = {k: (window[k] if isinstance(window, dict) and type(window.get(k)) is type(v) else v)
                              for k, v in _new_window().items()}
+        self._restore_monitor(ckpt)
+
+    def _restore_monitor(self, ckpt: dict) -> None:
+        """The monitored best, patience count and top-k list of a resumed run. A checkpoint that monitored
+        another metric (or direction), or predates trainer.monitor, gives no best of this one, except val/loss
+        (min), which every checkpoint records: the next evaluation that improves on it writes best.pt."""
+        s, loop = self.state, self.loop
+        rec = ckpt.get("monitor")
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+        if (isinstance(rec, dict) and rec.get("metric") == loop.monitor and rec.get("mode") == loop.direction
+                and number(rec.get("value")) and type(rec.get("step")) is int):
+            s.best_metric, s.best_step = float(rec["value"]), rec["step"]
+            s.stale = rec["stale"] if type(rec.get("stale")) is int and rec["stale"] >= 0 else 0
+            top = rec.get("top") if isinstance(rec.get("top"), list) else []
+            s.top = [[float(v), int(n)] for v, n in (t for t in top if isinstance(t, list) and len(t) == 2)
+                     if number(v) and type(n) is int][: loop.keep_top_k]
+        elif loop.monitor == "val/loss" and loop.direction == "min" and math.isfinite(s.best_val_loss):
+            s.best_metric, s.best_step = s.best_val_loss, None
+        elif isinstance(rec, dict) and rec.get("metric") is not None:
+            log.warning("the resumed checkpoint chose best.pt by %s (%s); this run monitors %s (%s): the next "
+                        "evaluation writes best.pt", rec.get("metric"), rec.get("mode"), loop.monitor, loop.direction)
 
     def begin(self, resume: dict | None, config: dict) -> None:
         """Before fit(): continue from `resume` (a checkpoint) if given, then start the logger's run with
@@ -309,26 +388,28 @@ class Trainer:
             self.state.logger_id = self.logger.start(config, str(self.run_dir), self.state.logger_id)
 
     def _check_best(self, best_path: Path) -> None:
-        """After restoring: if best.pt beside the resumed checkpoint does not hold the best val loss that the
-        checkpoint records (a kill between the two writes of an older version, a lost or failed best.pt), write
-        best.pt now when the restored state is that best, else forget the record so that the next evaluation
-        better than the best.pt on disk writes one."""
-        s = self.state
-        if not math.isfinite(s.best_val_loss):
+        """After restoring: if best.pt beside the resumed checkpoint does not hold the best value of
+        trainer.monitor that the checkpoint records (a kill between the two writes of an older version, a lost
+        or failed best.pt), write best.pt now when the restored state is that best, else forget the record so
+        that the next evaluation better than the best.pt on disk writes one."""
+        s, loop = self.state, self.loop
+        if s.best_metric is None:
             return
-        on_disk = _val_loss_of(best_path)
-        if on_disk <= s.best_val_loss:
+        on_disk = _monitored_value_of(best_path, loop.monitor, loop.direction)
+        if on_disk is not None and (on_disk <= s.best_metric if loop.direction == "min" else on_disk >= s.best_metric):
             return
-        if s.last_val_loss == s.best_val_loss:
-            log.warning("%s does not hold the best val loss %.4f recorded at step %d; writing best.pt from it",
-                        best_path, s.best_val_loss, s.step)
+        if s.best_step == s.step or (s.best_step is None and s.last_val_loss == s.best_metric):
+            log.warning("%s does not hold the best %s %.4f recorded at step %d; writing best.pt from it",
+                        best_path, loop.monitor, s.best_metric, s.step)
             if self.dist.is_main:
                 save_checkpoint(self.checkpoint(), self.run_dir / "checkpoints" / "best.pt")
         else:
-            log.warning("%s does not hold the best val loss %.4f recorded by the checkpoint (that state is "
-                        "lost); the next evaluation better than %.4f writes best.pt", best_path, s.best_val_loss,
-                        on_disk)
-            s.best_val_loss = on_disk
+            log.warning("%s does not hold the best %s %.4f recorded by the checkpoint (that state is lost); the "
+                        "next evaluation better than %s writes best.pt", best_path, loop.monitor, s.best_metric,
+                        "nothing" if on_disk is None else f"{on_disk:.4f}")
+            s.best_metric, s.best_step = on_disk, None
+            if loop.monitor == "val/loss" and loop.direction == "min":  # the summary's best agrees with best.pt
+                s.best_val_loss = math.inf if on_disk is None else on_disk
 
     # ---- the loop ----------------------------------------------------------------------------
     def record(self, metrics: dict) -> None:
@@ -436,9 +517,20 @@ class Trainer:
                             f"outputs; lower optimizer.lr or set trainer.grad_clip (now {self.loop.grad_clip})"
                             f"{self._kept()}")
         s.last_val_loss = val
-        improved = val < s.best_val_loss
+        s.best_val_loss = min(s.best_val_loss, val)
+        loop = self.loop
+        value = out.get(loop.monitor)
+        if value is None:  # what the stage reports is known only now; the step itself is kept
+            self.save(best=False)
+            metrics = ", ".join(k for k in out if k.startswith("val/"))
+            raise UserError(f"trainer.monitor={loop.monitor!r} is not a metric this stage reports (it reports "
+                            f"{metrics}); {self._resume_hint()} trainer.monitor=<one of them>")
+        improved = loop.better(float(value), s.best_metric)
         if improved:
-            s.best_val_loss = val
+            s.best_metric, s.best_step, s.stale = float(value), s.step, 0
+        else:
+            s.stale += 1
+        dropped = self._rank_top(float(value))
         rows = []
         if self.dist.is_main:
             rows = self.objective.samples(self.raw_model, self.precision.autocast)
@@ -447,7 +539,41 @@ class Trainer:
         self.record({**out, "val/best_loss": s.best_val_loss, "eval_seconds": time.perf_counter() - t0})
         log.info("step %d: %s", s.step, "  ".join(f"{k} {v:.4f}" for k, v in out.items()))
         self.save(best=improved)
+        self._keep_top(dropped)
+        if loop.patience and s.stale >= loop.patience:
+            s.stopped_early = True
+            log.info("early stop at step %d: %s has not improved on %.4f (step %s) for %d evaluations "
+                     "(trainer.patience=%d)", s.step, loop.monitor, s.best_metric, s.best_step, s.stale, loop.patience)
         return val
+
+    def _rank_top(self, value: float) -> list[int]:
+        """trainer.keep_top_k: put this evaluation into the ranked top list (state.top, best first) when it
+        belongs there -> the steps that fell out."""
+        s, k = self.state, self.loop.keep_top_k
+        if not k or not math.isfinite(value):
+            return []
+        sign = 1.0 if self.loop.direction == "min" else -1.0
+        ranked = sorted([t for t in s.top if t[1] != s.step] + [[value, s.step]], key=lambda t: (sign * t[0], t[1]))
+        s.top = ranked[:k]
+        return [n for _, n in ranked[k:]]
+
+    def _keep_top(self, dropped: list[int]) -> None:
+        """After last.pt holds this step: link it as checkpoints/step-<N>.pt when the step is in the top k (a hard
+        link, so no second copy is written; a copy where links are not possible), delete the files that fell out."""
+        s = self.state
+        if not self.dist.is_main or not self.loop.keep_top_k:
+            return
+        folder = self.run_dir / "checkpoints"
+        if any(n == s.step for _, n in s.top):
+            target, tmp = folder / f"step-{s.step:06d}.pt", folder / f".step-{s.step:06d}.pt.tmp-{os.getpid()}"
+            try:
+                os.link(folder / "last.pt", tmp)
+            except OSError:
+                save_checkpoint(self.checkpoint(), target)
+            else:
+                os.replace(tmp, target)
+        for n in dropped:
+            (folder / f"step-{n:06d}.pt").unlink(missing_ok=True)
 
     def fit(self) -> float:
         """Train to max_iters (from state.step), evaluating and checkpointing every eval_interval steps.
@@ -484,6 +610,8 @@ class Trainer:
                         w.update(_new_window())
                     if s.step % self.loop.eval_interval == 0 or s.step == self.loop.max_iters:
                         self.run_eval()
+                        if s.stopped_early:
+                            break
                     signum = self._stop_signal()
                     if signum:  # between steps: the update and any save of this step are complete
                         if self._saved is None or self._saved[0] != s.step:

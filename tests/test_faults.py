@@ -245,6 +245,7 @@ def test_resume_writes_the_best_that_best_pt_lacks(tmp_path):
     ck = tmp_path / "a" / "checkpoints"
     old = load(ck / "last.pt")
     old.update(step=4, val_loss=5.0, best_val_loss=5.0)
+    del old["monitor"]  # written before checkpoints recorded trainer.monitor
     save_checkpoint(old, ck / "best.pt")  # an older, worse best
     rest = resumed(tmp_path / "b", ck / "last.pt", max_iters=12)
     best = tmp_path / "b" / "checkpoints" / "best.pt"
@@ -260,9 +261,11 @@ def test_resume_forgets_a_best_that_no_file_holds(tmp_path):
     ck = tmp_path / "a" / "checkpoints"
     last = load(ck / "last.pt")
     last.update(best_val_loss=1.0)
+    del last["monitor"]  # files written before checkpoints recorded trainer.monitor
     save_checkpoint(last, ck / "last.pt")
     gone = load(ck / "best.pt")
     gone.update(val_loss=5.0, best_val_loss=5.0)
+    del gone["monitor"]
     save_checkpoint(gone, ck / "best.pt")
     rest = resumed(tmp_path / "b", ck / "last.pt", max_iters=12, objective=Toy(vals=[4.0]))
     assert rest.state.best_val_loss == 5.0
