@@ -283,6 +283,64 @@ def literal_overrides(argv: list[str]) -> list[str]:
     return out
 
 
+def resume_folder(value: str) -> Path | None:
+    """The run folder a `resume=` value continues in place: the folder itself, or the one whose
+    checkpoints/last.pt it names, when it is a run folder (Hydra's .hydra/ and a metrics.jsonl); None for
+    anything else (best.pt or another file: that run's later history would be overwritten; a copied file)."""
+    p = Path(value).expanduser()
+    if p.is_dir():
+        folder = p
+    elif p.name == "last.pt" and p.parent.name == "checkpoints":
+        folder = p.parent.parent
+    else:
+        return None
+    ok = (folder / ".hydra").is_dir() and (folder / "metrics.jsonl").is_file() and (
+        folder / "checkpoints" / "last.pt").is_file()
+    return Path(os.path.realpath(folder)) if ok else None
+
+
+def resume_in_place(argv: list[str]) -> list[str]:
+    """train.py / finetune.py `resume=<run folder or its last.pt>`: continue in that run folder (its
+    metrics.jsonl, plots and checkpoints continue; Hydra's record of the resumed job goes to
+    .hydra/resume-<n>/, the original .hydra/ stays) by adding hydra.run.dir and hydra.output_subdir to the
+    command line. Not for sweeps (-m), not when hydra.run.dir is given (that folder is used), not for files
+    other than a run's last.pt (a new folder, which starts with the history up to the checkpoint)."""
+    values = [a.split("=", 1)[1] for a in argv[1:] if a.startswith(("resume=", "+resume="))]
+    if (not values or len(values) > 1 or any(a in ("-m", "--multirun") or a.startswith(("hydra.run.dir=", "hydra.mode="))
+                                             for a in argv[1:])):
+        return argv
+    folder = resume_folder(values[0])
+    if folder is None:
+        return argv
+    n = 1
+    while (folder / ".hydra" / f"resume-{n}").exists():
+        n += 1
+    subdir = f".hydra/resume-{n}"
+    return [*argv, f"hydra.run.dir={hydra_quote(str(folder))}", f"hydra.output_subdir={hydra_quote(subdir)}"]
+
+
+def history_until(path: Path, step: int) -> None:
+    """A run continued in place from a checkpoint of `step`: drop the metrics.jsonl rows after it (steps the
+    interrupted run took after its last save, which the resumed run takes again) and the summary rows (the run
+    did not end there), so the file reads as one run. Written to a temp file, then renamed."""
+    if not path.is_file():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = []
+    for line in rows:
+        try:
+            row = json.loads(line)
+        except ValueError:  # a line cut by a kill mid-write: not history
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step and not any(
+                str(k).startswith("summary/") for k in row):
+            kept.append(line)
+    if len(kept) != len(rows):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept))
+        os.replace(tmp, path)
+
+
 def write_json(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2))

@@ -56,6 +56,10 @@ class Pretrain:
             best_at = f" at step {stats['best_val_step']}" if stats.get("best_val_loss") == s.best_val_loss else ""
             print(f"val loss {s.last_val_loss:.4f} (best {s.best_val_loss:.4f}{best_at}) vs unigram baseline "
                   f"{baseline:.4f} nats/token")
+            loop = trainer.loop
+            print(f"  (val loss: the mean over trainer.eval_iters={loop.eval_iters} batches of {loop.batch_size} x "
+                  f"{model.config.block_size} tokens drawn at random from the val split, the same batches at every "
+                  f"evaluation, {trainer.precision}; evaluate.py's perplexity scores every val token in float32)")
             return {"summary/unigram_loss": baseline}
 
         return Parts(model, objective, tokenizer, report=report)

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from gpt import distributed
 from gpt.checkpoint import load_checkpoint
-from gpt.config import run_dir, to_plain
+from gpt.config import history_until, run_dir, to_plain
 from gpt.errors import UserError
 from gpt.optim import param_groups
 from gpt.plots import plot_folder
@@ -194,6 +194,8 @@ def execute(cfg: DictConfig, spec: RunSpec) -> float:
             adopt(cfg, resume, spec.fixed, spec.script)
             continue_settings(cfg, resume)
             log.info("resume: %s taken from %s", ", ".join(spec.fixed), resume["path"])
+            if info.is_main and out_dir.resolve() == Path(resume["path"]).resolve().parent.parent:
+                history_until(out_dir / "metrics.jsonl", int(resume["step"]))  # continuing in place
         seed_everything(int(cfg.seed) + info.rank)
         for warning in schedule_warnings(cfg):
             log.warning(warning)
