@@ -86,13 +86,17 @@ def command_line_overrides() -> list[str]:
         return []
 
 
+def typed_keys() -> list[tuple[str, str]]:
+    """(key, override) for each key=value override the user typed (`+key=` / `~key` give `key`)."""
+    return [(o.split("=", 1)[0].lstrip("+~"), o) for o in command_line_overrides()]
+
+
 def adopt(cfg: DictConfig, resume: dict, keys: tuple[str, ...], script: str) -> None:
     """resume=: set cfg's `keys` (config groups or values the saved weights and state depend on) to the
     checkpoint's. An override of one of them on the command line that differs from the checkpoint's value
     cannot be honoured, so it is refused with one line instead of being dropped silently."""
     saved = resume["config"]
-    for override in command_line_overrides():
-        key = override.split("=", 1)[0].lstrip("+~")
+    for key, override in typed_keys():
         top = key.split(".", 1)[0]
         if top not in keys or top not in saved:
             continue
@@ -125,7 +129,7 @@ def continue_settings(cfg: DictConfig, resume: dict, groups: tuple[str, ...] = (
     `optimizer.*` / `scheduler.*` overrides on top (a lower lr, a longer total_iters). A new choice of the group
     itself (`optimizer=sgd`) starts from that option as composed. The saved node may only name the classes
     this package's conf/<group>/ ships (gpt.trust.checked), so the file still chooses no code."""
-    typed = {o.split("=", 1)[0].lstrip("+~") for o in command_line_overrides()}
+    typed = {key for key, _ in typed_keys()}
     for group in groups:
         saved = resume["config"].get(group)
         if group in typed or not isinstance(saved, dict):
@@ -167,6 +171,16 @@ def apply_hyperparameters(optimizer, scheduler, cfg: DictConfig) -> None:
 
 # ---- the run -------------------------------------------------------------------------------------
 
+def precision_change(resume: dict, precision: Precision, setting: str | None) -> str | None:
+    """A resumed run whose precision differs from the one its checkpoint trained in (hardware.* comes from the
+    command line: autocast_dtype=auto resolves per machine) -> a warning, else None."""
+    saved = resume.get("precision")
+    if not isinstance(saved, str) or saved == str(precision):
+        return None
+    return (f"the resumed run trained in {saved[:40]}; it continues in {precision} (hardware.autocast_dtype={setting}), "
+            f"so its losses will differ from an uninterrupted run's; pass hardware.autocast_dtype= to choose")
+
+
 def schedule_warnings(cfg: DictConfig) -> list[str]:
     """Settings that run but are probably not what was meant: a warmup that never ends within the run."""
     warmup = OmegaConf.select(cfg, "scheduler.schedule.warmup_iters", default=None)
@@ -204,11 +218,13 @@ def execute(cfg: DictConfig, spec: RunSpec) -> float:
         optimizer = instantiate(cfg.optimizer)(param_groups(parts.model, cfg.optimizer.get("weight_decay", 0.0)))
         scheduler = instantiate(cfg.scheduler)(optimizer)
         precision = Precision(info.device, cfg.hardware.autocast_dtype)
+        if resume is not None and precision_change(resume, precision, cfg.hardware.autocast_dtype):
+            log.warning(precision_change(resume, precision, cfg.hardware.autocast_dtype))
         peak = cfg.hardware.get("peak_flops") or (measure_peak_flops(info.device, precision.dtype) if spec.mfu
                                                    else None)
         plain = to_plain(cfg)
         logger = instantiate(cfg.logger) if info.is_main else None
-        meta = {"config": plain, "tokenizer": parts.tokenizer.identity(),
+        meta = {"config": plain, "tokenizer": parts.tokenizer.identity(), "precision": str(precision),
                 "resumed_from": resume["path"] if resume else None, **parts.meta}
         trainer = Trainer(parts.model, parts.objective, optimizer, scheduler, loop=Loop(**to_plain(cfg.trainer)),
                           precision=precision, dist_info=info, run_dir=out_dir, logger=logger, checkpoint_meta=meta,
