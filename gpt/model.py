@@ -47,20 +47,47 @@ class GPTConfig:
 class KVCache:
     """Preallocated keys and values for every layer: (n_layer, B, H, max_len, D) each.
 
-    `pos` is the number of positions already written; attention layers write their new keys and
-    values at [pos, pos + T) and attend over [0, pos + T); `advance(T)` is called once per forward.
+    Uniform (`lens` None): every row holds `pos` positions; attention layers write their new keys and values
+    at [pos, pos + T) and attend over [0, pos + T). Ragged (`lens` (B,), see `rows`): row b holds lens[b]
+    positions (rows that joined a running batch at different times); each row takes one new token, written
+    at lens[b], that attends over that row's own [0, lens[b]] only. `advance(T)` is called once per forward.
+    The storage starts zeroed: a ragged row reads (masked) keys and values beyond its own length, which must
+    be finite, since a zero attention weight times NaN is still NaN.
     """
 
     def __init__(self, n_layer: int, batch_size: int, n_head: int, head_dim: int, max_len: int,
                  device=None, dtype=torch.float32):
         shape = (n_layer, batch_size, n_head, max_len, head_dim)
-        self.k = torch.empty(shape, device=device, dtype=dtype)
-        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self.pos = 0
+        self.lens: torch.Tensor | None = None
+        self.longest = 0  # ragged: max(lens)
+
+    def rows(self, start: int, stop: int, lens: list[int]) -> KVCache:
+        """Rows [start, stop) as a cache of their own (views of this storage), row b holding lens[b] positions:
+        uniform when all lengths are equal (the plain single-`pos` path, no mask), else ragged."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v, view.max_len = self.k[:, start:stop], self.v[:, start:stop], self.max_len
+        view.pos, view.lens, view.longest = lens[0], None, max(lens)
+        if view.longest != min(lens):
+            view.pos, view.lens = 0, torch.tensor(lens, dtype=torch.long, device=self.k.device)
+            view._rows = torch.arange(len(lens), device=self.k.device)
+        return view
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, H, T, D) for `layer`; return all keys/values so far (B, H, pos + T, D)."""
+        """Store k, v (B, H, T, D) for `layer`; return all keys/values so far (B, H, pos + T, D) (ragged:
+        (B, H, longest + 1, D), each row's own keys first)."""
+        if self.lens is not None:
+            if k.size(2) != 1:
+                raise ValueError(f"rows at different positions take one new token each, not {k.size(2)}")
+            end = self.longest + 1
+            if end > self.max_len:
+                raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
+            self.k[layer, self._rows, :, self.lens] = k[:, :, 0]
+            self.v[layer, self._rows, :, self.lens] = v[:, :, 0]
+            return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
         end = self.pos + k.size(2)
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
@@ -69,7 +96,11 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def advance(self, t: int) -> None:
-        self.pos += t
+        if self.lens is not None:
+            self.lens += t
+            self.longest += t
+        else:
+            self.pos += t
 
     def reset(self) -> None:
         self.pos = 0
@@ -283,8 +314,13 @@ class GPT(nn.Module):
 
         pad (B,): number of left-padding tokens of each row (batched prompts of different lengths);
         a row's positions then count from its first real token, and no real token attends to padding.
+        With a ragged cache (rows at different positions, KVCache.rows) idx is one new token per row (B, 1).
         """
         B, T = idx.shape
+        if cache is not None and cache.lens is not None:
+            if pad is not None:
+                raise ValueError("a ragged cache keeps each row's own positions: no left padding")
+            return self._ragged_step(idx, cache)
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
@@ -304,6 +340,21 @@ class GPT(nn.Module):
             x = block(x, cache, i, mask, causal)
         if cache is not None:
             cache.advance(T)
+        return self.transformer.ln_f(x)
+
+    def _ragged_step(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One new token per row (B, 1) over a ragged cache: row b's token sits at position lens[b] and
+        attends over that row's keys 0 .. lens[b] only -> hidden states (B, 1, C)."""
+        if idx.size(1) != 1:
+            raise ValueError(f"rows at different positions take one new token each, not {idx.size(1)}")
+        if cache.longest + 1 > self.config.block_size:
+            raise ValueError(f"sequence of {cache.longest + 1} tokens exceeds block_size {self.config.block_size}")
+        keys = torch.arange(cache.longest + 1, device=idx.device)
+        mask = (keys[None, :] <= cache.lens[:, None])[:, None, None]  # (B, 1, 1, Tk)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(cache.lens[:, None]))
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cache, i, mask, False)
+        cache.advance(1)
         return self.transformer.ln_f(x)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,

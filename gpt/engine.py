@@ -1,0 +1,384 @@
+"""The decode engine: KV-cache decoding for everything that generates (infer.py, evaluate.py, serve.py, the RL
+rollouts; gpt.generate's functions are thin wrappers over it), and the sampling rules it applies.
+
+Rows join and leave between decode steps (continuous batching). The engine keeps one preallocated KV cache of
+`max_rows` slots; the active rows fill slots 0 .. n-1. A joining row's prompt (all but its newest token) is
+prefilled and its keys and values written into a free slot; every step then feeds each active row its newest
+token at that row's own position (a ragged cache, gpt.model.KVCache.rows; the plain single-position path when
+all rows sit at the same position), samples each row with its own settings, and frees the slots of rows that
+finished (a stop token, a stop check, max_tokens) or were cancelled.
+
+The context-window rule: the model has learned absolute positions, so it must see at most the last block_size
+tokens, at positions 0 .. block_size-1, exactly what an uncached forward over that window sees. A row whose
+cache already holds block_size positions is therefore re-prefilled from its last block_size tokens before its
+next token: cached and uncached generation give the same tokens.
+
+Rows added together (one `add` call) form a group that shares one sampling call per step, with one generator:
+a static batch. torch.multinomial's draws depend on the shape of the batch it samples, so a group's finished
+rows keep their slot, and decode their stop token, until its last row finishes, exactly as a static batch does;
+a seeded batch then draws the same tokens however the engine schedules it. A request of its own (serve.py) is
+a group of one and leaves as soon as it finishes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from gpt.model import GPT
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+
+def _top_p_filter(vals: torch.Tensor, top_p: float, lse: torch.Tensor | None = None) -> torch.Tensor:
+    """vals (B, k) sorted descending -> the same with -inf where a token falls outside the nucleus: a token
+    is dropped once the mass of the tokens before it already reaches top_p (the first is always kept).
+    Probabilities are softmax(vals), or exp(vals - lse) when vals are the head of a longer row whose
+    logsumexp is lse."""
+    probs = torch.softmax(vals, dim=-1) if lse is None else (vals - lse).exp()
+    drop = probs.cumsum(dim=-1) - probs >= top_p
+    return vals.masked_fill(drop, float("-inf"))
+
+
+def _nucleus(logits: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float32 logits (B, V) -> (vals, idx, lse): the k largest logits (B, k), descending, for a k whose
+    prefix of every row holds at least top_p of the softmax mass (so every token of the nucleus), and the
+    logsumexp (B, 1) of each full row; found with topk of growing k instead of a full sort of V (the nucleus
+    of a peaked distribution is a few dozen tokens)."""
+    V = logits.size(-1)
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    k = min(64, V)
+    while True:
+        vals, idx = torch.topk(logits, k, dim=-1)
+        if k == V or bool(((vals - lse).exp().sum(dim=-1) >= top_p).all()):
+            return vals, idx, lse
+        k = min(4 * k, V)
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (B, V) -> next token ids (B,). temperature 0 means greedy (argmax).
+
+    The filters and the softmax run in float32 whatever the logits' dtype; top-k and top-p use torch.topk
+    (no full sort of the vocabulary).
+    """
+    logits = logits.float()
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    use_p = top_p is not None and top_p < 1.0
+    if top_k is not None and 0 < top_k < logits.size(-1):
+        vals, idx = torch.topk(logits, top_k, dim=-1)  # sorted, descending
+        vals = vals / temperature  # the same values as topk of logits / temperature (temperature > 0)
+    elif use_p:
+        vals, idx, lse = _nucleus(logits / temperature, top_p)
+        vals = _top_p_filter(vals, top_p, lse)  # probabilities over the whole vocabulary
+        use_p = False
+    else:
+        vals, idx = logits / temperature, None
+    if use_p:  # after top-k: probabilities over the top_k tokens
+        vals = _top_p_filter(vals, top_p)
+    probs = torch.softmax(vals, dim=-1)
+    choice = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    return choice if idx is None else idx.gather(-1, choice[:, None]).squeeze(-1)
+
+
+def last_logits(model: GPT, idx: torch.Tensor, cache=None, pad: torch.Tensor | None = None) -> torch.Tensor:
+    """idx (B, T) -> logits (B, V) of the last position only: the output layer (the largest matmul of a
+    decode step, and (T, V) for a prompt) runs on one row per sequence."""
+    h = model.hidden_states(idx, cache, pad)
+    return model.lm_head(h[:, -1])
+
+
+def left_pad(prompts: list[list[int]], pad_id: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists of different lengths -> (idx (B, T_max) right-aligned, pad (B,) left-padding counts)."""
+    width = max(len(p) for p in prompts)
+    idx = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    for row, p in enumerate(prompts):
+        idx[row, width - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
+    pad = torch.tensor([width - len(p) for p in prompts], dtype=torch.long, device=device)
+    return idx, pad
+
+
+# ------------------------------------------------------------------------------------------------ rows
+
+@dataclass
+class Sampling:
+    """How a row samples. temperature 0 is greedy. stop_ids: tokens that end the row (not part of its
+    text). stop: an optional check on the row's new ids after each token, True ends the row (stop strings:
+    see `text_stop`). generator: the row's random stream, shared by the rows added with it (None: torch's
+    global one, unless seed gives the group a generator of its own)."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    stop_ids: tuple[int, ...] = ()
+    seed: int | None = None
+    generator: torch.Generator | None = None
+    stop: Callable[[list[int]], bool] | None = None
+
+
+def text_stop(decode: Callable[[list[int]], str], stops: list[str]) -> Callable[[list[int]], bool]:
+    """A Sampling.stop check: True once the decoded new ids contain any of `stops` (the engine stays
+    token-level; the caller cuts the text at the stop string)."""
+    stops = [s for s in stops if s]
+    longest = max((len(s) for s in stops), default=0)
+
+    def check(new: list[int]) -> bool:
+        # a stop string ends within the last few tokens' text; each token decodes to >= 1 character or a
+        # part of one, so the last len(s) + 4 tokens hold every new occurrence
+        tail = decode(new[-(longest + 4):])
+        return any(s in tail for s in stops)
+
+    return check
+
+
+class Row:
+    """One sequence being decoded: its prompt, settings, new ids and how it ended.
+
+    new: the ids generated before the row ended (without the stop token, which is `stop_token`).
+    finish_reason: None while decoding, then "stop" (a stop token or check), "length" (max_tokens),
+    "cancelled" or "error" (`error` holds the exception)."""
+
+    def __init__(self, prompt: list[int], sampling: Sampling, group: _Group):
+        self.prompt, self.sampling, self.group = list(prompt), sampling, group
+        self.seq = list(prompt)  # every token fed or to feed: prompt + sampled ids (+ a finished row's stop ids)
+        self.new: list[int] = []
+        self.stop_token: int | None = None
+        self.finish_reason: str | None = None
+        self.error: Exception | None = None
+        self.slot: int | None = None
+        self.cached: int | None = None  # positions of seq in the slot's cache; None: nothing valid there
+        self.data = None  # the caller's own handle (serve.py: the request's Job)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def finish(self, reason: str, error: Exception | None = None) -> None:
+        if self.finish_reason is None:
+            self.finish_reason, self.error = reason, error
+
+
+class _Group:
+    """Rows added together: one sampling call per step over all of them (see the module docstring)."""
+
+    def __init__(self, sampling: Sampling, generator: torch.Generator | None):
+        self.sampling, self.generator = sampling, generator
+        self.rows: list[Row] = []
+        self.last: torch.Tensor | None = None  # the step's tokens of every row (a finished row: its stop id)
+
+    @property
+    def done(self) -> bool:
+        return all(r.done for r in self.rows)
+
+
+class DecodeEngine:
+    """KV-cache decoding of up to `max_rows` rows at once; rows join (`add`) and leave between steps.
+
+    use_cache=False computes every step from scratch over each row's window (the reference path, nanoGPT's
+    algorithm). sample: the sampling function, called as sample(logits (B, V), temperature, top_k, top_p,
+    generator) -> (B,) ids once per group and step (default sample_next; callers pass their own to script or
+    fault it in tests). The model runs in its own dtype; callers wrap `step` in autocast if they want it.
+    """
+
+    def __init__(self, model: GPT, max_rows: int, use_cache: bool = True, sample: Callable | None = None):
+        if max_rows < 1:
+            raise ValueError(f"max_rows={max_rows} must be >= 1")
+        self.model, self.max_rows = model.eval(), max_rows
+        self.block = model.config.block_size
+        self.device = model.transformer.wte.weight.device
+        self.cache = model.new_cache(max_rows, self.block) if use_cache else None
+        self.sample = sample or sample_next
+        self.active: list[Row] = []  # active[i].slot == i
+        self.groups: list[_Group] = []  # running
+        self.waiting: list[_Group] = []  # added, joining at the next step with room for them
+        self.steps = 0
+
+    def add(self, prompts: list[list[int]], sampling: Sampling) -> list[Row]:
+        """Queue prompts as one group (they join together at the next step with room for all of them)."""
+        if not prompts or len(prompts) > self.max_rows:
+            raise ValueError(f"{len(prompts)} prompts: a group holds 1 to max_rows={self.max_rows}")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("an empty prompt: every row needs at least one token to start from")
+        if sampling.max_tokens < 1:
+            raise ValueError(f"max_tokens={sampling.max_tokens} must be >= 1")
+        gen = sampling.generator
+        if gen is None and sampling.seed is not None:
+            gen = torch.Generator(device=self.device).manual_seed(sampling.seed)
+        group = _Group(sampling, gen)
+        group.rows = [Row(p, sampling, group) for p in prompts]
+        self.waiting.append(group)
+        return group.rows
+
+    def cancel(self, row: Row) -> None:
+        """End a row (its client went away); its slot is freed before the next step's forward."""
+        row.finish("cancelled")
+
+    @property
+    def idle(self) -> bool:
+        return not self.active and not self.waiting
+
+    def clear(self, error: Exception) -> list[Row]:
+        """End every active and waiting row with `error` (the model itself failed) -> those rows."""
+        rows = [r for g in self.groups + self.waiting for r in g.rows if not r.done]
+        for r in rows:
+            r.finish("error", error)
+        self.active, self.groups, self.waiting = [], [], []
+        return rows
+
+    # -------------------------------------------------------------------------------------- one step
+
+    @torch.no_grad()
+    def step(self) -> list[tuple[Row, int]]:
+        """Admit waiting groups that fit, decode one token for every active row -> (row, token) for each row
+        that sampled a token of its own this step (a row that just stopped reports its stop token)."""
+        self._release()
+        self._admit()
+        if not self.active:
+            return []
+        self.steps += 1
+        logits = self._logits()
+        events = []
+        for group in self.groups:
+            events += self._sample(group, logits)
+        self._release()
+        return events
+
+    def _admit(self) -> None:
+        """Move waiting groups into free slots, in order; a group whose rows were all cancelled is dropped."""
+        while self.waiting:
+            group = self.waiting[0]
+            if group.done:
+                self.waiting.pop(0)
+                continue
+            if len(group.rows) > self.max_rows - len(self.active):
+                return
+            self.waiting.pop(0)
+            for r in group.rows:
+                r.slot, r.cached = len(self.active), None
+                self.active.append(r)
+            self.groups.append(group)
+
+    def _release(self) -> None:
+        """Free the slots of finished groups: the last active row moves into each freed slot (its cached
+        positions copied), so the active rows stay in slots 0 .. n-1."""
+        for group in [g for g in self.groups if g.done]:
+            self.groups.remove(group)
+            for r in group.rows:
+                last = self.active.pop()
+                if last is not r:
+                    self._move(last, r.slot)
+                    self.active[r.slot] = last
+                r.slot = None
+
+    def _move(self, row: Row, slot: int) -> None:
+        if self.cache is not None and row.cached:
+            n, src = row.cached, row.slot
+            self.cache.k[:, slot, :, :n] = self.cache.k[:, src, :, :n]
+            self.cache.v[:, slot, :, :n] = self.cache.v[:, src, :, :n]
+        row.slot = slot
+
+    def _window(self, row: Row) -> list[int]:
+        """The last block_size tokens of the row: what the model sees (positions 0 .. len - 1)."""
+        return row.seq[-self.block:]
+
+    def _logits(self) -> torch.Tensor:
+        """Logits (n, V) of every active row's newest token, row i in slot i."""
+        if self.cache is None:  # from scratch over each row's window
+            return self._forward(None, [self._window(r) for r in self.active], logits=True)
+        # rows new to their slot, or whose cache is full (the context-window rule), are (re)filled first with
+        # all but their newest token, so that every row then takes the same one-token decode step
+        refill = [r for r in self.active if r.cached is None or r.cached >= self.block]
+        if refill:
+            self._prefill(refill)
+        idx = torch.tensor([[r.seq[-1]] for r in self.active], dtype=torch.long, device=self.device)
+        view = self.cache.rows(0, len(self.active), [r.cached for r in self.active])
+        logits = last_logits(self.model, idx, view)
+        for r in self.active:
+            r.cached += 1
+        return logits
+
+    def _prefill(self, rows: list[Row]) -> None:
+        """Write each row's window but its newest token into its slot of the cache (one batched forward;
+        straight into the cache when the rows are neighbours of one length, else through a scratch cache)."""
+        windows = [self._window(r)[:-1] for r in rows]
+        for r, w in zip(rows, windows):
+            r.cached = len(w)
+        todo = [(r, w) for r, w in zip(rows, windows) if w]
+        if not todo:
+            return
+        slots, windows = [r.slot for r, _ in todo], [w for _, w in todo]
+        lengths = {len(w) for w in windows}
+        if len(lengths) == 1 and slots == list(range(slots[0], slots[0] + len(slots))):
+            view = self.cache.rows(slots[0], slots[0] + len(slots), [0] * len(slots))
+            self.model.hidden_states(torch.tensor(windows, dtype=torch.long, device=self.device), view)
+            return
+        self._forward(self.cache, windows, slots=slots)
+
+    def _forward(self, cache, windows: list[list[int]], slots: list[int] | None = None,
+                 logits: bool = False) -> torch.Tensor | None:
+        """One left-padded forward over windows of different lengths: the last position's logits (logits=True,
+        no cache), or (a cache given) their keys and values copied into `slots`, each row's from position 0."""
+        idx, pad = left_pad(windows, device=self.device)
+        any_pad = bool(pad.any())
+        if logits:
+            return last_logits(self.model, idx, None, pad if any_pad else None)
+        scratch = self.model.new_cache(len(windows), idx.size(1), dtype=cache.k.dtype)
+        self.model.hidden_states(idx, scratch, pad if any_pad else None)
+        width = idx.size(1)
+        for i, (slot, p) in enumerate(zip(slots, pad.tolist())):
+            cache.k[:, slot, :, :width - p] = scratch.k[:, i, :, p:]
+            cache.v[:, slot, :, :width - p] = scratch.v[:, i, :, p:]
+        return None
+
+    def _sample(self, group: _Group, logits: torch.Tensor) -> list[tuple[Row, int]]:
+        """One sampling call for the group's rows; rows that already finished take their stop id."""
+        s, rows = group.sampling, group.rows
+        slots = [r.slot for r in rows]
+        mine = logits if slots == list(range(logits.size(0))) else logits[torch.tensor(slots, device=logits.device)]
+        try:
+            nxt = self.sample(mine, s.temperature, s.top_k, s.top_p, group.generator)
+        except Exception as e:  # one group's settings must not fail the others
+            for r in rows:
+                r.finish("error", e)
+            group.last = None
+            return []
+        done = [r.done for r in rows]
+        if s.stop_ids and any(done):
+            nxt = nxt.masked_fill(torch.tensor(done, device=nxt.device), s.stop_ids[0])
+        group.last = nxt
+        events = []
+        for r, t in zip(rows, nxt.tolist()):
+            r.seq.append(t)  # fed at the next step (a finished row of a running group: its stop id)
+            if r.done:
+                continue
+            events.append((r, t))
+            if t in s.stop_ids:
+                r.stop_token = t
+                r.finish("stop")
+                continue
+            r.new.append(t)
+            if s.stop is not None and s.stop(r.new):
+                r.finish("stop")
+            elif len(r.new) >= s.max_tokens:
+                r.finish("length")
+        return events
+
+
+def complete(model: GPT, prompts: list[list[int]], sampling: Sampling, use_cache: bool = True,
+             sample: Callable | None = None) -> list[Row]:
+    """Decode the prompts as one group to the end -> their rows (row.new: the new ids, without the stop
+    token). A row whose sampling failed raises its error."""
+    if not prompts:
+        return []
+    engine = DecodeEngine(model, len(prompts), use_cache, sample)
+    rows = engine.add(prompts, sampling)
+    while not rows[0].group.done:
+        engine.step()
+    for r in rows:
+        if r.error is not None:
+            raise r.error
+    return rows

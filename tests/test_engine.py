@@ -1,0 +1,223 @@
+"""The decode engine (gpt.engine): rows that join and leave a running batch, each at its own position in the
+KV cache, give exactly the tokens they give alone (float32); a short request overtakes a long one; a cancelled
+row frees its slot at once; the context-window refill rule equals uncached generation."""
+
+import pytest
+import torch
+
+from gpt.engine import DecodeEngine, Sampling, complete, left_pad, text_stop
+from gpt.generate import generate
+from gpt.model import GPT
+
+V, BLOCK = 48, 32
+
+
+def tiny(seed: int = 0, attn_impl: str = "sdpa") -> GPT:
+    torch.manual_seed(seed)
+    return GPT(vocab_size=V, block_size=BLOCK, n_layer=2, n_head=2, n_embd=32, attn_impl=attn_impl).eval()
+
+
+def ids(n: int, seed: int) -> list[int]:
+    return torch.randint(V, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def alone(model: GPT, prompt: list[int], sampling: Sampling, use_cache: bool = True) -> list[int]:
+    return complete(model, [prompt], sampling, use_cache)[0].new
+
+
+def run_to_end(engine: DecodeEngine, rows) -> int:
+    while not all(r.done for r in rows):
+        engine.step()
+    return engine.steps
+
+
+def test_a_ragged_cache_step_equals_each_row_alone():
+    """Rows at different positions, one new token each: the same logits as each row's own cache."""
+    m = tiny(1)
+    seqs = [ids(n, 10 + n) for n in (3, 9, 6)]
+    with torch.no_grad():
+        want = []
+        for s in seqs:
+            cache = m.new_cache(1)
+            m(torch.tensor([s[:-1]]), cache=cache)
+            want.append(m(torch.tensor([s[-1:]]), cache=cache)[0][0, -1])
+        big = m.new_cache(3)
+        for i, s in enumerate(seqs):
+            m(torch.tensor([s[:-1]]), cache=big.rows(i, i + 1, [0]))
+        view = big.rows(0, 3, [len(s) - 1 for s in seqs])
+        assert view.lens is not None  # the ragged path, not the uniform one
+        got = m(torch.tensor([[s[-1]] for s in seqs]), cache=view)[0][:, -1]
+        assert view.lens.tolist() == [len(s) for s in seqs]
+    torch.testing.assert_close(got, torch.stack(want), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("attn_impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("sampled", [False, True])
+def test_rows_that_join_mid_flight_give_exactly_their_tokens_alone(attn_impl, sampled):
+    """Four requests with their own seeds and lengths join a running batch at different steps (one while
+    another has run past block_size); each gives the tokens it gives alone, and alone is the library's
+    generate()."""
+    m = tiny(2, attn_impl)
+    specs = [(ids(5, 1), 40, 11), (ids(17, 2), 12, 12), (ids(1, 3), 25, 13), (ids(30, 4), 9, 14)]
+    joins = {0: [0], 3: [1, 2], 20: [3]}  # step -> requests that join before it
+
+    def sampling(n, seed):
+        return Sampling(n, temperature=0.9 if sampled else 0.0, top_k=20 if sampled else None, seed=seed)
+
+    engine = DecodeEngine(m, max_rows=3)
+    rows, most = {}, 0
+    for step in range(200):
+        for i in joins.get(step, []):
+            prompt, n, seed = specs[i]
+            rows[i] = engine.add([prompt], sampling(n, seed))[0]
+        if len(rows) == len(specs) and all(r.done for r in rows.values()):
+            break
+        engine.step()
+        most = max(most, len(engine.active))
+    assert most == 3  # requests 0, 1, 2 decoded together, each at positions of its own
+    for i, (prompt, n, seed) in enumerate(specs):
+        want = alone(m, prompt, sampling(n, seed))
+        assert rows[i].new == want and len(want) == n and rows[i].finish_reason == "length"
+        g = torch.Generator().manual_seed(seed)
+        lib = generate(m, torch.tensor([prompt]), n, generator=g, **({"temperature": 0.9, "top_k": 20} if sampled
+                                                                     else {"temperature": 0.0}))
+        assert lib[0, len(prompt):].tolist() == want
+
+
+def test_a_short_request_arriving_during_a_long_one_finishes_first():
+    m = tiny(3)
+    engine = DecodeEngine(m, max_rows=4)
+    long = engine.add([ids(4, 5)], Sampling(256, temperature=0.0))[0]
+    for _ in range(10):
+        engine.step()
+    short = engine.add([ids(6, 6)], Sampling(8, temperature=0.0))[0]
+    finished = {}
+    while not long.done:
+        engine.step()
+        for name, r in (("short", short), ("long", long)):
+            if r.done and name not in finished:
+                finished[name] = engine.steps
+    assert list(finished) == ["short", "long"]
+    assert finished["short"] == 10 + 8  # joined at the next step, one token per step from then on
+    assert finished["long"] == 256 and len(long.new) == 256 and len(short.new) == 8
+
+
+def test_a_cancelled_row_frees_its_slot_within_one_step():
+    m = tiny(4)
+    engine = DecodeEngine(m, max_rows=1)
+    a = engine.add([ids(3, 7)], Sampling(100, temperature=0.0))[0]
+    b = engine.add([ids(3, 8)], Sampling(5, temperature=0.0))[0]
+    for _ in range(4):
+        engine.step()
+    assert len(a.new) == 4 and b.new == [] and b.slot is None  # one slot: b waits
+    engine.cancel(a)
+    events = engine.step()  # a leaves before this step's forward, b takes its slot
+    assert [r for r, _ in events] == [b] and len(a.new) == 4 and a.finish_reason == "cancelled"
+    assert a.slot is None and b.slot == 0 and engine.active == [b]
+    run_to_end(engine, [b])
+    assert b.new == alone(m, ids(3, 8), Sampling(5, temperature=0.0))
+
+
+def test_a_cancelled_waiting_row_never_takes_a_step():
+    m = tiny(4)
+    engine = DecodeEngine(m, max_rows=2)
+    a, b = (engine.add([ids(3, s)], Sampling(3, temperature=0.0))[0] for s in (1, 2))
+    engine.cancel(a)
+    run_to_end(engine, [b])
+    assert a.new == [] and a.slot is None and len(b.new) == 3
+
+
+@pytest.mark.parametrize("prompt_len", [BLOCK - 2, BLOCK, BLOCK + 5])
+def test_the_refill_rule_equals_uncached_generation(prompt_len):
+    """A prompt near (or past) block_size, generation well past it: every token after the cache fills is
+    decoded from the re-prefilled last block_size tokens, which is what a forward without cache sees."""
+    m = tiny(5)
+    prompt = ids(prompt_len, 9)
+    greedy = Sampling(20, temperature=0.0)
+    cached = alone(m, prompt, greedy)
+    assert cached == alone(m, prompt, greedy, use_cache=False)
+    seq = list(prompt)  # the reference, by hand: argmax over the last block_size tokens, no cache
+    with torch.no_grad():
+        for _ in range(20):
+            seq.append(int(m(torch.tensor([seq[-BLOCK:]]))[0][0, -1].argmax()))
+    assert cached == seq[prompt_len:]
+    sampled = Sampling(20, temperature=1.0, top_k=10, seed=3)
+    assert alone(m, prompt, sampled) == alone(m, prompt, sampled, use_cache=False)
+
+
+def test_the_refill_rule_holds_for_a_row_in_a_ragged_batch():
+    """One row outgrows block_size while its batch-mate is far from it: each still equals its lone run."""
+    m = tiny(6)
+    engine = DecodeEngine(m, max_rows=2)
+    near = engine.add([ids(BLOCK - 3, 1)], Sampling(15, temperature=0.0))[0]
+    engine.step()
+    short = engine.add([ids(2, 2)], Sampling(15, temperature=0.0))[0]
+    run_to_end(engine, [near, short])
+    assert near.new == alone(m, ids(BLOCK - 3, 1), Sampling(15, temperature=0.0), use_cache=False)
+    assert short.new == alone(m, ids(2, 2), Sampling(15, temperature=0.0))
+
+
+def test_stop_ids_and_stop_checks_end_a_row_and_free_its_slot():
+    m = tiny(7)
+
+    def sampling(**kw):
+        return Sampling(12, temperature=1.0, seed=5, **kw)
+
+    free = alone(m, ids(4, 3), sampling())
+    k = next(i for i in range(1, len(free)) if free[i] not in free[:i])  # a stop token first sampled at step k
+    engine = DecodeEngine(m, max_rows=2)
+    stopped = engine.add([ids(4, 3)], sampling(stop_ids=(free[k],)))[0]
+    checked = engine.add([ids(4, 3)], sampling(stop=lambda new: len(new) == 5))[0]
+    other = engine.add([ids(5, 4)], sampling())[0]  # waits for a free slot
+    run_to_end(engine, [stopped, checked, other])
+    assert stopped.new == free[:k] and stopped.stop_token == free[k] and stopped.finish_reason == "stop"
+    assert checked.new == free[:5] and checked.finish_reason == "stop"
+    assert other.new == alone(m, ids(5, 4), sampling())
+    assert engine.steps == 12 + min(k + 1, 5)  # `other` joined as soon as the first row left
+
+
+def test_text_stop_sees_a_stop_string_across_tokens():
+    decode = lambda new: "".join(chr(97 + t) for t in new)  # noqa: E731
+    check = text_stop(decode, ["cd", ""])
+    assert not check([0, 1, 2]) and check([0, 1, 2, 3]) and check([5] * 50 + [2, 3])
+
+
+def test_a_group_shares_one_generator_like_a_static_batch():
+    """Rows added together draw from one generator in one call per step, finished rows included: the
+    tokens equal generate() on the left-padded batch, and differ from rows seeded apart."""
+    m = tiny(8)
+    prompts = [ids(3, 1), ids(7, 2)]
+    rows = complete(m, prompts, Sampling(10, temperature=1.0, generator=torch.Generator().manual_seed(4)))
+    idx, pad = left_pad(prompts)
+    from gpt.generate import generate_tokens
+
+    steps = list(generate_tokens(m, idx, 10, temperature=1.0, generator=torch.Generator().manual_seed(4), pad=pad))
+    assert [r.new for r in rows] == torch.stack(steps, dim=1).tolist()
+
+
+def test_a_group_whose_sampling_fails_leaves_alone():
+    m = tiny(9)
+
+    def sample(logits, temperature, *rest):
+        if temperature == 0.5:
+            raise RuntimeError("nan")
+        from gpt.engine import sample_next
+
+        return sample_next(logits, temperature, *rest)
+
+    engine = DecodeEngine(m, max_rows=2, sample=sample)
+    bad = engine.add([ids(3, 1)], Sampling(6, temperature=0.5))[0]
+    good = engine.add([ids(3, 2)], Sampling(6, temperature=0.0))[0]
+    run_to_end(engine, [bad, good])
+    assert bad.finish_reason == "error" and "nan" in str(bad.error) and bad.new == []
+    assert good.new == alone(m, ids(3, 2), Sampling(6, temperature=0.0))
+
+
+def test_bad_rows_are_refused():
+    engine = DecodeEngine(tiny(), max_rows=2)
+    with pytest.raises(ValueError, match="empty prompt"):
+        engine.add([[]], Sampling(3))
+    with pytest.raises(ValueError, match="max_rows=2"):
+        engine.add([[1]] * 3, Sampling(3))
+    with pytest.raises(ValueError, match="max_tokens=0"):
+        engine.add([[1]], Sampling(0))
