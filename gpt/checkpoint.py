@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -24,6 +25,8 @@ from gpt.errors import UserError
 from gpt.heads import model_classes
 from gpt.lora import LoRALinear, merge_lora
 from gpt.trust import checked_config
+
+log = logging.getLogger(__name__)
 
 REQUIRED_KEYS = ("model", "config", "tokenizer", "step")
 _PREFIXES = ("_orig_mod.", "module.")
@@ -120,27 +123,63 @@ def remove_stale_temps(folder: str | Path) -> list[Path]:
     return removed
 
 
-def resolve_checkpoint(path: str | Path, prefer: str = "best") -> Path:
-    """A checkpoint file, or a run folder (uses checkpoints/<prefer>.pt, falling back to the other)."""
+def choose_checkpoint(path: str | Path, prefer: str = "best") -> tuple[Path, str]:
+    """-> (the checkpoint file `path` names, why that file): a .pt file is itself; a run folder gives its
+    checkpoints/<prefer>.pt, falling back to the other. A path through a symlink (ckpt=outputs/latest) is
+    returned resolved, so what is loaded, reported and recorded as lineage names the real run."""
     if path is None or str(path) in ("", "None", "???"):
         raise UserError("no checkpoint given; pass ckpt=<checkpoint file or run folder>")
-    p = Path(str(path)).expanduser()
+    p = _through_links(Path(str(path)).expanduser())
     if p.is_dir():
         order = [prefer, "last" if prefer == "best" else "best"]
         for name in order:
             for cand in (p / "checkpoints" / f"{name}.pt", p / f"{name}.pt"):
                 if cand.is_file():
-                    return cand
+                    why = f"{name}.pt of the run folder" + ("" if name == prefer else f": it has no {prefer}.pt")
+                    return cand, why
         raise UserError(f"run folder {str(path)!r} has no checkpoints/best.pt or checkpoints/last.pt; "
                         f"pass a run folder that finished at least one evaluation, or a .pt file")
     if not p.exists():
         raise UserError(f"checkpoint {str(path)!r} does not exist; pass an existing .pt file or run folder")
-    return p
+    return p, "the file given"
+
+
+def resolve_checkpoint(path: str | Path, prefer: str = "best") -> Path:
+    """A checkpoint file, or a run folder (uses checkpoints/<prefer>.pt, falling back to the other)."""
+    return choose_checkpoint(path, prefer)[0]
+
+
+def _through_links(p: Path) -> Path:
+    """`p` with its symlinks resolved (relative to the working folder when it lies under it); `p` as given when
+    no symlink is on the way."""
+    real = p.resolve()
+    if real == p.absolute():
+        return p
+    cwd = Path.cwd().resolve()
+    return real.relative_to(cwd) if real.is_relative_to(cwd) else real
+
+
+def _why_this_file(ckpt: dict, path: Path, why: str) -> str:
+    """One line for stderr: which file was loaded, and why (the monitored metric's best for a best.pt)."""
+    step, rec = ckpt.get("step"), ckpt.get("monitor")
+    if not (isinstance(rec, dict) and isinstance(rec.get("value"), (int, float)) and rec.get("metric")):
+        rec = {"metric": "val/loss", "mode": "min", "value": ckpt.get("val_loss"), "step": step} \
+            if path.name == "best.pt" and isinstance(ckpt.get("val_loss"), (int, float)) else None
+    if path.name == "best.pt" and rec is not None and rec.get("step") == step:
+        best = "highest" if rec.get("mode") == "max" else "lowest"
+        why += f": {best} {rec['metric']} {rec['value']:.4f} at step {step}"
+        if (path.parent / "last.pt").is_file():
+            why += f"; pass {path.parent / 'last.pt'} for the final weights"
+    else:
+        why += f", step {step}"
+    return f"checkpoint: {path} ({why})"
 
 
 def load_checkpoint(path: str | Path, prefer: str = "best", map_location="cpu") -> dict:
-    """Load and validate a checkpoint (no code execution: weights_only=True)."""
-    p = resolve_checkpoint(path, prefer)
+    """Load and validate a checkpoint (no code execution: weights_only=True). Logs (gpt.checkpoint, INFO) which
+    file it loaded and why: into the run's log for train/finetune/evaluate, on stderr for infer.py and serve.py
+    (conf/hydra/job_logging/stderr.yaml; never stdout, where infer.py's samples go)."""
+    p, why = choose_checkpoint(path, prefer)
     try:
         ckpt = torch.load(p, map_location=map_location, weights_only=True)
     except Exception as e:  # any unreadable file: pickle, zip, key and index errors alike
@@ -153,6 +192,7 @@ def load_checkpoint(path: str | Path, prefer: str = "best", map_location="cpu") 
     ckpt["model"] = clean_state_dict(ckpt["model"])
     ckpt["config"] = checked_config(ckpt["config"], f"checkpoint {str(p)!r}")
     ckpt["path"] = str(p)
+    log.info(_why_this_file(ckpt, p, why))
     return ckpt
 
 
