@@ -94,7 +94,15 @@ def serve() -> None:
     _serve()
 
 
-COMMANDS = {"train": train, "finetune": finetune, "infer": infer, "evaluate": evaluate, "serve": serve}
+def runs() -> None:
+    """List run folders with their settings and metrics, newest last: gpt-runs [folder ...] [--json]
+    (default: outputs/ and multirun/ here; see gpt.runs)."""
+    from gpt.runs import main as run
+
+    sys.exit(run(sys.argv[1:]))
+
+
+COMMANDS = {"train": train, "finetune": finetune, "infer": infer, "evaluate": evaluate, "serve": serve, "runs": runs}
 
 
 def main() -> None:

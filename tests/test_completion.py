@@ -115,13 +115,13 @@ def test_finetune_completion_then_infer_stops_at_end_of_text(tmp_path):
     corpus.write_text("the cat sat on the mat. " * 200)
     proc = run_script("train.py", *TINY, "data=text", f"data.path={corpus}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    (pre,) = glob.glob(str(tmp_path / "outputs" / "*" / "*"))
+    (pre,) = glob.glob(str(tmp_path / "outputs" / "*-*-*" / "*"))
     docs = write_jsonl(tmp_path / "docs.jsonl", [{"text": "the cat sat."}, {"text": "the mat."}] * 20)
     proc = run_script("finetune.py", "stage=completion", f"ckpt={pre}", f"data={docs}", "trainer.max_iters=60",
                       "trainer.eval_interval=30", "trainer.eval_iters=2", "trainer.batch_size=8", "optimizer.lr=3e-3",
                       "scheduler.schedule.warmup_iters=5", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    (run,) = [r for r in glob.glob(str(tmp_path / "outputs" / "*" / "*")) if r != pre]
+    (run,) = [r for r in glob.glob(str(tmp_path / "outputs" / "*-*-*" / "*")) if r != pre]
     ckpt = torch.load(f"{run}/checkpoints/last.pt", weights_only=True)
     assert ckpt["stage"] == "completion" and ckpt["document_tokens"] == {"bos": BOS, "eos": EOT}
     assert ckpt["tokenizer"]["special"] == [BOS, EOT]

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 
 def only_run_dir(base: Path) -> Path:
-    runs = [Path(p) for p in glob.glob(str(base / "outputs" / "*" / "*"))]
+    runs = [Path(p) for p in glob.glob(str(base / "outputs" / "*-*-*" / "*"))]
     assert len(runs) == 1, runs
     return runs[0]
 
@@ -89,7 +89,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     first = only_run_dir(half_dir)
     resumed = run_script("train.py", *common, "trainer.max_iters=8", f"resume={first}", cwd=half_dir)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    second = [p for p in (half_dir / "outputs").glob("*/*") if p != first]
+    second = [p for p in (half_dir / "outputs").glob("*-*-*/*") if p != first]
     assert len(second) == 1
     a = read_metrics(only_run_dir(tmp_path / "full") / "metrics.jsonl")
     b = read_metrics(second[0] / "metrics.jsonl")

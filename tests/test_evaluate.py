@@ -257,7 +257,7 @@ def trained(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("evaluate")
     proc = run_script("train.py", *TINY, cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (run,) = [Path(p) for p in glob.glob(str(cwd / "outputs" / "*" / "*"))]
+    (run,) = [Path(p) for p in glob.glob(str(cwd / "outputs" / "*-*-*" / "*"))]
     instructions = cwd / "instructions.jsonl"
     instructions.write_text('{"prompt": "ROMEO:", "completion": "What say you?"}\n'
                             '{"instruction": "To be, or not", "response": "to be"}\n')
@@ -296,7 +296,7 @@ def test_evaluate_a_trained_run(trained):
     proc = run_script("evaluate.py", f"ckpt={run}", f"instructions={instructions}", "perplexity.max_tokens=3000",
                       "generation.max_new_tokens=12", "samples.num=2", "samples.max_new_tokens=16", cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (folder,) = [Path(p) for p in glob.glob(str(cwd / "evaluations" / "*" / "*"))]
+    (folder,) = [Path(p) for p in glob.glob(str(cwd / "evaluations" / "*-*-*" / "*"))]
     report = json.loads((folder / "metrics.json").read_text())
     m = report["metrics"]
     assert report["checkpoint"]["path"] == str(run / "checkpoints" / "best.pt") and report["checkpoint"]["step"] == 6
@@ -337,7 +337,7 @@ def test_evaluate_sweep_writes_one_comparison_table(trained):
     proc = run_script("evaluate.py", "-m", f"ckpt={run},{run}/checkpoints/last.pt", "perplexity.max_tokens=500",
                       "samples.num=1", "samples.max_new_tokens=4", cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (sweep,) = [Path(p) for p in glob.glob(str(cwd / "multirun" / "*" / "*"))]
+    (sweep,) = [Path(p) for p in glob.glob(str(cwd / "evaluations" / "multirun" / "*-*-*" / "*"))]
     rows = list(csv.DictReader((sweep / "comparison.csv").open()))
     assert [r["run"] for r in rows] == [f"ckpt={run}", f"ckpt={run}/checkpoints/last.pt"]
     for job, row in enumerate(rows):

@@ -57,7 +57,7 @@ def sign_test(a: list[bool], b: list[bool]) -> tuple[int, int, float]:
 
 
 def runs(base: Path) -> list[Path]:
-    return sorted(Path(p) for p in glob.glob(str(base / "outputs" / "*" / "*")))
+    return sorted(Path(p) for p in glob.glob(str(base / "outputs" / "*-*-*" / "*")))
 
 
 def evals(run: Path, key: str) -> list[dict]:

@@ -28,7 +28,7 @@ def test_example_sampler_resumes_mid_epoch(tmp_path):
 
 
 def _runs(base):
-    return set(glob.glob(str(base / "outputs" / "*" / "*")))
+    return set(glob.glob(str(base / "outputs" / "*-*-*" / "*")))
 
 
 @pytest.mark.slow

@@ -297,7 +297,7 @@ def test_lora_off_changes_nothing(tmp_path):
 
 # ---- end to end -----------------------------------------------------------------------------------------
 def runs(base: Path) -> list[Path]:
-    return sorted(Path(p) for p in glob.glob(str(base / "outputs" / "*" / "*")))
+    return sorted(Path(p) for p in glob.glob(str(base / "outputs" / "*-*-*" / "*")))
 
 
 def merge_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:

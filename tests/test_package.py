@@ -5,6 +5,7 @@ nothing is downloaded) but not the checkout: `import gpt` must resolve inside th
 carry everything the console scripts read at run time (gpt/conf above all).
 """
 
+import json
 import os
 import shutil
 import site
@@ -20,7 +21,7 @@ from conftest import ROOT
 pytestmark = pytest.mark.slow
 
 SCRIPTS = ("gpt-train", "gpt-finetune", "gpt-infer", "gpt-evaluate", "gpt-serve", "gpt-lora", "gpt-quantize",
-           "gpt-interop")
+           "gpt-interop", "gpt-runs")
 TINY = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.block_size=32", "trainer.max_iters=2",
         "trainer.eval_interval=2", "trainer.eval_iters=1", "trainer.batch_size=2", "stage.sample_tokens=5"]
 
@@ -78,10 +79,13 @@ def test_wheel_installs_and_its_console_scripts_train_and_sample_from_another_fo
     assert all((bin_dir / name).is_file() for name in SCRIPTS)
 
     train = run(bin_dir / "gpt-train", *TINY)
-    (run_dir,) = (work / "outputs").glob("*/*")  # the run folder is under the current folder, as with train.py
+    (run_dir,) = (work / "outputs").glob("*-*-*/*")  # the run folder is under the current folder, as with train.py
     assert (run_dir / "checkpoints" / "best.pt").is_file() and (run_dir / "train.log").is_file()
     assert str(run_dir) in train.stdout
     assert any((home / ".cache" / "gpt-pipeline").iterdir())  # token caches in ~/.cache/gpt-pipeline
+
+    listing = run(bin_dir / "gpt-runs", "--json")  # reads the run folders under the current folder
+    assert [r["folder"] for r in json.loads(listing.stdout)] == [str(run_dir.relative_to(work))]
 
     infer = run(bin_dir / "gpt-infer", f"ckpt={run_dir}", "prompt=a", "max_new_tokens=3")
     assert infer.stdout.startswith("a") and len(infer.stdout) > 1  # the prompt, then the sampled characters

@@ -105,7 +105,7 @@ def sweep(tmp_path_factory):
     proc = run_script("train.py", "-m", *TINY, "logger=wandb", "logger.mode=offline", "++logger.log_checkpoint=true",
                       "optimizer.lr=1e-3,2e-3", cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (folder,) = [Path(p) for p in glob.glob(str(cwd / "multirun" / "*" / "*"))]
+    (folder,) = [Path(p) for p in glob.glob(str(cwd / "multirun" / "*-*-*" / "*"))]
     return cwd, folder, proc
 
 
@@ -153,6 +153,6 @@ def test_resumed_run_continues_its_wandb_run(sweep):
     proc = run_script("train.py", *TINY, "trainer.max_iters=8", "logger=wandb", "logger.mode=offline",
                       f"resume={folder / '0'}", cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    (resumed,) = [Path(p) for p in glob.glob(str(cwd / "outputs" / "*" / "*"))]
+    (resumed,) = [Path(p) for p in glob.glob(str(cwd / "outputs" / "*-*-*" / "*"))]
     assert read_wandb_run(wandb_file(resumed))["id"] == first["id"]
     assert not [a for a in read_wandb_artifacts(wandb_file(resumed)) if a["type"] == "model"]  # off by default

@@ -41,7 +41,7 @@ EXPECTED = {
 
 def run_entry(script: str, args: list[str], cwd: Path) -> Path:
     """Run `python <script> <args>` in this process with `cwd` as working folder; -> the run folder it made."""
-    before = set(glob.glob(str(cwd / "outputs" / "*" / "*")))
+    before = set(glob.glob(str(cwd / "outputs" / "*-*-*" / "*")))
     claimed.clear()  # unique_dir remembers the folder it claimed per name for the rest of a process (Hydra
     # resolves hydra.run.dir several times per run); a second run in this process the same second needs a new one
     argv, here = sys.argv, os.getcwd()
@@ -54,7 +54,7 @@ def run_entry(script: str, args: list[str], cwd: Path) -> Path:
     finally:
         sys.argv = argv
         os.chdir(here)
-    (run,) = set(glob.glob(str(cwd / "outputs" / "*" / "*"))) - before
+    (run,) = set(glob.glob(str(cwd / "outputs" / "*-*-*" / "*"))) - before
     return Path(run)
 
 

@@ -209,7 +209,7 @@ def test_float16_grad_is_unscaled_before_clipping(tmp_path):
 # ---- resume through the entry scripts ------------------------------------------------------------------
 
 def runs(cwd: Path) -> list[Path]:
-    return sorted(Path(p) for p in glob.glob(str(cwd / "outputs" / "*" / "*")))
+    return sorted(Path(p) for p in glob.glob(str(cwd / "outputs" / "*-*-*" / "*")))
 
 
 def one_error_line(proc) -> str:

@@ -13,23 +13,7 @@ from omegaconf import DictConfig
 
 from gpt.config import write_json
 from gpt.errors import UserError
-from gpt.runs import job_labels, sweep_jobs
-
-
-def _cell(value) -> str:
-    if isinstance(value, bool) or value is None:
-        return "" if value is None else str(value)
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        return f"{value:.4f}" if abs(value) < 1e4 else f"{value:.4g}"
-    return str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def markdown_table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+from gpt.runs import job_labels, markdown_table, sweep_jobs
 
 
 def checkpoint_info(ckpt: dict, model) -> dict:
