@@ -374,6 +374,11 @@ def complete(model: GPT, prompts: list[list[int]], sampling: Sampling, use_cache
     token). A row whose sampling failed raises its error."""
     if not prompts:
         return []
+    if sampling.max_tokens <= 0:  # nothing to generate: finished rows with no new ids
+        rows = [Row(p, sampling, None) for p in prompts]
+        for r in rows:
+            r.finish("length")
+        return rows
     engine = DecodeEngine(model, len(prompts), use_cache, sample)
     rows = engine.add(prompts, sampling)
     while not rows[0].group.done:

@@ -59,8 +59,6 @@ def generate_batch(model: GPT, prompts: list[list[int]], max_new_tokens: int, **
 
     With eot_id given, a row's ids stop before its first end-of-text.
     """
-    if not prompts or max_new_tokens <= 0:
-        return [[] for _ in prompts]
     eot, use_cache = kwargs.pop("eot_id", None), kwargs.pop("use_cache", True)
     sampling = Sampling(max_new_tokens, stop_ids=() if eot is None else (eot,), **kwargs)
     return [r.new for r in complete(model, prompts, sampling, use_cache, _sample)]

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from gpt.checkpoint import load_checkpoint, model_from_checkpoint
 from gpt.errors import UserError
-from gpt.generate import generate_tokens
+from gpt.engine import DecodeEngine, Sampling, complete
 from gpt.heads import Classifier
 from gpt.precision import DTYPES, cpu_has_fast_bf16
 from gpt.tokenizer import from_identity
@@ -194,33 +194,34 @@ def stream_samples(cfg: DictConfig, out=sys.stdout) -> list[str]:
         ids = encode_prompt(tok, prompt, model.config.block_size)
     g = torch.Generator(device=cfg.device).manual_seed(int(cfg.seed))
     n = int(cfg.num_samples)
-    sampling = dict(temperature=float(cfg.temperature), top_k=cfg.top_k, top_p=cfg.top_p, eot_id=eot_id,
-                    generator=g, use_cache=bool(cfg.use_cache))
-    idx = torch.tensor([ids] * n, dtype=torch.long, device=cfg.device)
+    sampling = Sampling(int(cfg.max_new_tokens), float(cfg.temperature), cfg.top_k, cfg.top_p,
+                        stop_ids=() if eot_id is None else (eot_id,), generator=g)
     if n > 1:  # all samples as one batch; each printed in full when done
-        steps = list(generate_tokens(model, idx, int(cfg.max_new_tokens), **sampling))
-        rows = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in range(n)]
+        rows = complete(model, [ids] * n, sampling, bool(cfg.use_cache))
         texts = []
         for i, row in enumerate(rows):
-            row = row[: row.index(eot_id)] if eot_id in row else row
-            texts.append(prompt + tok.decode(row))
+            texts.append(prompt + tok.decode(row.new))
             out.write(("\n" + "-" * 40 + "\n" if i else "") + texts[-1] + "\n")
         out.flush()
         return texts
     out.write(prompt)  # one sample: stream it token by token
     out.flush()
-    new: list[int] = []
     shown = ""
-    for nxt in generate_tokens(model, idx, int(cfg.max_new_tokens), **sampling):
-        t = int(nxt[0])
-        if t == eot_id:
-            break
-        new.append(t)
-        text = tok.decode(new)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            out.write(text[len(shown):])
-            out.flush()
-            shown = text
+    if sampling.max_tokens > 0:
+        engine = DecodeEngine(model, 1, bool(cfg.use_cache))
+        row = engine.add([ids], sampling)[0]
+        while not row.done:
+            engine.step()
+            text = tok.decode(row.new)
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                out.write(text[len(shown):])
+                out.flush()
+                shown = text
+        if row.error is not None:
+            raise row.error
+        new = row.new
+    else:
+        new = []
     text = tok.decode(new)
     out.write(text[len(shown):] + "\n")
     out.flush()

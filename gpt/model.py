@@ -85,8 +85,8 @@ class KVCache:
             end = self.longest + 1
             if end > self.max_len:
                 raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
-            self.k[layer, self._rows, :, self.lens] = k[:, :, 0]
-            self.v[layer, self._rows, :, self.lens] = v[:, :, 0]
+            self.k[layer, self._rows, :, self.lens] = k[:, :, 0].to(self.k.dtype)  # (under autocast: bf16 k)
+            self.v[layer, self._rows, :, self.lens] = v[:, :, 0].to(self.v.dtype)
             return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
         end = self.pos + k.size(2)
         if end > self.max_len:

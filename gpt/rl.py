@@ -11,19 +11,18 @@ import torch.nn.functional as F
 from gpt.chat import END, prompt_ids
 from gpt.encoding import lm_batch
 from gpt.errors import UserError
-from gpt.generate import generate_tokens, left_pad
+from gpt.engine import Sampling, complete
 from gpt.jsonl import read_prompts, split_val
 
 
 @torch.no_grad()
 def sample_answers(model, prompts: list[list[int]], max_new_tokens: int, end_id: int, temperature: float = 1.0,
                    top_k: int | None = None, generator: torch.Generator | None = None) -> list[list[int]]:
-    """One batch of KV-cache sampling -> each prompt's answer ids, up to and including its first end id."""
-    idx, pad = left_pad(prompts, device=model.transformer.wte.weight.device)
-    steps = list(generate_tokens(model, idx, max_new_tokens, temperature=temperature, top_k=top_k, eot_id=end_id,
-                                 generator=generator, pad=pad))
-    rows = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in prompts]
-    return [row[: row.index(end_id) + 1] if end_id in row else row for row in rows]
+    """One batch of KV-cache sampling (the decode engine, one group) -> each prompt's answer ids, up to and
+    including its first end id."""
+    rows = complete(model, prompts, Sampling(max_new_tokens, temperature, top_k, stop_ids=(end_id,),
+                                             generator=generator))
+    return [r.new + ([r.stop_token] if r.stop_token is not None else []) for r in rows]
 
 
 def answer_text(tok, ids: list[int], end_id: int) -> str:

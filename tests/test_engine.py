@@ -221,3 +221,14 @@ def test_bad_rows_are_refused():
         engine.add([[1]] * 3, Sampling(3))
     with pytest.raises(ValueError, match="max_tokens=0"):
         engine.add([[1]], Sampling(0))
+
+
+def test_ragged_rows_decode_under_bf16_autocast():
+    """A float32 model under bf16 autocast (evaluate.py's samples, the trainer's): new keys are bf16, the
+    CPU cache float32; rows at different positions still decode."""
+    m = tiny(10)
+    engine = DecodeEngine(m, max_rows=2)
+    rows = [engine.add([ids(n, n)], Sampling(6, temperature=0.0))[0] for n in (3, 8)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        run_to_end(engine, rows)
+    assert [len(r.new) for r in rows] == [6, 6]

@@ -11,7 +11,8 @@ import torch
 from gpt.chat import END, SPECIAL, prompt_ids
 from gpt.errors import UserError
 from gpt.evaluation.text_metrics import text_metrics
-from gpt.generate import generate_batch, generate_tokens
+from gpt.engine import Sampling, complete
+from gpt.generate import generate_batch
 from gpt.inference import encode_prompt
 from gpt.jsonl import read_references
 
@@ -82,10 +83,9 @@ def sample_texts(model, tokenizer, prompt: str, num: int, max_new_tokens: int, t
     """`num` sampled continuations of `prompt` (prompt included), one batch, seeded."""
     device = model.transformer.wte.weight.device
     ids = encode_prompt(tokenizer, prompt, model.config.block_size)
-    idx = torch.tensor([ids] * num, dtype=torch.long, device=device)
     g = torch.Generator(device=device).manual_seed(seed)
+    eot = tokenizer.eot_id
     with autocast():
-        new = list(generate_tokens(model, idx, max_new_tokens, temperature=temperature, top_k=top_k,
-                                   eot_id=tokenizer.eot_id, generator=g))
-    rows = torch.stack(new, dim=1).tolist() if new else [[] for _ in range(num)]
-    return [prompt + tokenizer.decode([t for t in row if t != tokenizer.eot_id]) for row in rows]
+        rows = complete(model, [ids] * num, Sampling(max_new_tokens, temperature, top_k,
+                                                     stop_ids=() if eot is None else (eot,), generator=g))
+    return [prompt + tokenizer.decode(r.new) for r in rows]
