@@ -1,17 +1,17 @@
 """HTTP inference service (FastAPI): GET /health, POST /generate, POST /generate/stream (server-sent events).
 
 Requests are validated (types, ranges, prompt length, max_new_tokens) and answered with a clear 4xx on bad
-input. One background worker thread owns the model (`Batcher`): requests that arrive while it
-is busy, or within `batch_wait_ms` of the first, are decoded together as one batch of up to `max_batch`
-rows (left padding, one KV cache of that batch's own), each row sampled from its own logits with its own
-temperature/top-k/top-p, seeded generator, stop token and max_new_tokens, so a request gets the text it
-would get alone. A finished row is dropped from the batch. Each request receives its pieces through its own
-queue. Beyond a full batch, up to `max_queue` requests wait; more get 503. max_batch=1 is the previous
-one-generation-at-a-time server.
+input. One background worker thread owns the model (`Batcher`) and batches continuously over the decode
+engine (gpt.engine): a request joins the running batch at the next decode step (its prompt prefilled into a
+free slot of the engine's KV cache; rows keep their own positions) and leaves when it finishes, freeing its
+slot, so a short request never waits for a long one. Each row is sampled from its own logits with its own
+temperature/top-k/top-p, seeded generator, stop token and max_new_tokens, so a request gets the text it would
+get alone. Each request receives its pieces through its own queue. Beyond `max_batch` running rows, up to
+`max_queue` requests wait; more get 503. max_batch=1 serves one generation at a time.
 
 In front of the routes one ASGI layer (`Guard`) checks the optional API key, bounds the body size and holds
 each request's admission `Ticket` in a single try/finally, so no failure inside a request can keep its slot.
-A client that goes away cancels its row: the worker drops it at the next decode step.
+A client that goes away (stream or not) cancels its row: the worker drops it before its next decode step.
 """
 
 import asyncio
@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gpt.errors import UserError
-from gpt.generate import last_logits, left_pad, sample_next
+from gpt.engine import DecodeEngine, Row, Sampling, sample_next
 from gpt.inference import dtype_option, encode_prompt, load_for_inference
 
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit value; larger ones raise inside the request
@@ -48,7 +48,7 @@ class Limits:
     max_new_tokens: int = 512
     max_queue: int = 16  # requests waiting for the model beyond a full running batch
     max_batch: int = 8  # concurrent requests decoded together (1: one generation at a time)
-    batch_wait_ms: float = 5.0  # how long the worker waits for more requests to join a batch
+    batch_wait_ms: float = 5.0  # how long an idle worker waits for more requests to start together
     max_body_bytes: int = 1 << 20  # larger request bodies get 413 before they are parsed
 
 
@@ -119,10 +119,10 @@ class Engine:
 class Job:
     """One request in the batcher: its prompt ids, sampling settings, generator and output queue.
 
-    The worker calls `push(token)` for each sampled token (text pieces go out as whole UTF-8 characters)
-    and `finish()` or `fail()` once; the request's coroutine reads ("piece", text, token), then ("done",
-    new_tokens, seconds), ("error", message, None) or, after its own `cancel()`, ("cancelled", None, None)
-    from `queue` (an asyncio.Queue on `loop`)."""
+    The worker calls `push(token)` for each token of the request's text (text pieces go out as whole UTF-8
+    characters) and `finish()` or `fail()` once; the request's coroutine reads ("piece", text, token), then
+    ("done", new_tokens, seconds), ("error", message, None) or, after its own `cancel()`, ("cancelled", None,
+    None) from `queue` (an asyncio.Queue on `loop`). `row` is its row in the decode engine once it joined."""
 
     def __init__(self, engine: Engine, ids: list[int], req: GenerateRequest, loop: asyncio.AbstractEventLoop,
                  stream: bool = True):
@@ -133,14 +133,21 @@ class Job:
         self.stop = engine.stop_id(req)
         self.gen = torch.Generator(device=engine.device)
         self.gen.manual_seed(req.seed if req.seed is not None else int(time.time_ns() % 2**31))
-        self.new: list[int] = []
+        self.sampling = Sampling(req.max_new_tokens, req.temperature, req.top_k, req.top_p,
+                                 stop_ids=() if self.stop is None else (self.stop,), generator=self.gen)
+        self.row: Row | None = None
         self.shown = ""
-        self.cancelled = False  # the client went away: the worker drops the row at its next step
+        self.cancelled = False  # the client went away: the worker drops the row before its next step
         self.t0 = 0.0
+
+    @property
+    def new(self) -> list[int]:
+        """The request's new token ids so far."""
+        return self.row.new if self.row is not None else []
 
     def cancel(self) -> None:
         """The client went away (call on the request's event loop): the worker drops the row before its next
-        step, and whoever waits on `queue` wakes up now instead of after the batch."""
+        step, and whoever waits on `queue` wakes up now instead of after the row's last step."""
         self.cancelled = True
         self.queue.put_nowait(("cancelled", None, None))
 
@@ -150,17 +157,13 @@ class Job:
         except RuntimeError:  # the request's event loop is closed
             self.cancelled = True
 
-    def push(self, t: int) -> bool:
-        """Take the row's next token; True when the row is finished (stop token or max_new_tokens)."""
-        if t == self.stop:
-            return True
-        self.new.append(t)
+    def push(self, t: int) -> None:
+        """The row's text grew by token t: stream what is complete of it."""
         if self.stream:
             text = self.tokenizer.decode(self.new)
             if not text.endswith("\ufffd"):
                 self.emit("piece", text[len(self.shown):], t)
                 self.shown = text
-        return len(self.new) >= self.req.max_new_tokens or self.cancelled
 
     def finish(self) -> None:
         text = self.tokenizer.decode(self.new)
@@ -172,72 +175,34 @@ class Job:
         self.emit("error", f"{type(e).__name__}: {e}", None)
 
 
-def run_batch(engine: Engine, jobs: list[Job]) -> None:
-    """Decode the jobs together: left-padded prompts, one KV cache for this batch only, each row sampled
-    from its own logits with its own settings and generator (the decoding of generate_tokens, whose pad
-    handling makes every row generate what it would alone). Finished and cancelled rows leave the batch; a
-    row whose sampling fails gets the error and leaves alone, the others go on."""
-    model, block = engine.model, engine.model.config.block_size
-    idx, pad = left_pad([j.ids for j in jobs], device=engine.device)
-    B, T0 = idx.shape
-    steps = max(j.req.max_new_tokens for j in jobs)
-    seq = torch.empty(B, T0 + steps, dtype=torch.long, device=engine.device)
-    seq[:, :T0] = idx
-    n = T0
-    cache = model.new_cache(B, block)
-    active = list(jobs)
-    ctx = (torch.autocast(torch.device(engine.device).type, dtype=engine.autocast_dtype) if engine.autocast_dtype
-           else torch.autocast(torch.device(engine.device).type, enabled=False))
-    with torch.no_grad(), ctx:
-        for step in range(steps):
-            lo = max(0, n - block)  # the model sees at most the last block_size columns
-            wpad = (pad - lo).clamp(min=0)
-            wpad = wpad if bool(wpad.any()) else None  # no padding: the exact path of a lone request
-            if step == 0 or cache.pos >= block:  # (re)fill the cache from the last block_size columns
-                cache.reset()
-                logits = last_logits(model, seq[:, lo:n], cache, wpad)
-            else:
-                logits = last_logits(model, seq[:, n - 1:n], cache, wpad)
-            keep = []
-            for i, job in enumerate(active):
-                if job.cancelled:  # nobody reads this row any more
-                    continue
-                r = job.req
-                try:
-                    t = int(sample_next(logits[i:i + 1], r.temperature, r.top_k, r.top_p, job.gen)[0])
-                except Exception as e:  # one row's settings must not fail its batch-mates
-                    job.fail(e)
-                    continue
-                seq[i, n] = t
-                if job.push(t):
-                    job.finish()
-                else:
-                    keep.append(i)
-            n += 1
-            if not keep:
-                return
-            if len(keep) < len(active):  # drop finished rows: their cache rows go with them
-                k = torch.tensor(keep, device=engine.device)
-                seq, pad = seq[k], pad[k]
-                cache.k, cache.v = cache.k[:, k], cache.v[:, k]
-                active = [active[i] for i in keep]
-    for job in active:  # not reached: every row finishes by its max_new_tokens
-        job.finish()
+def _sample(*args):
+    """This module's sample_next, looked up at each call (tests replace it to make one row's sampling fail)."""
+    return sample_next(*args)
 
 
 class Batcher:
-    """The background worker thread that owns the model: it takes up to `max_batch` waiting jobs (waiting
-    `wait_ms` for more to join when fewer are there), decodes them as one batch, and repeats. Batches run
-    under `engine.lock`, so apps sharing an engine never run the model at the same time."""
+    """The background worker thread that owns the model and batches continuously: before every decode step
+    it drops the rows of requests that went away and lets waiting requests join the running batch (up to
+    `max_batch` rows, each prefilled into a free slot of the engine's KV cache); each row leaves as soon as
+    it finishes, freeing its slot. When the model is idle, the first request waits up to `wait_ms` for
+    others to start with it. Every row is sampled from its own logits with its own settings and seeded
+    generator, at positions of its own, so a request gets the tokens it would get alone. Steps run under
+    `engine.lock`, so apps sharing an engine never run the model at the same time.
+
+    stats(): batch_sizes counts how many requests joined together at one step; max_batch_seen is the most
+    rows decoded in one step."""
 
     def __init__(self, engine: Engine, max_batch: int = 8, wait_ms: float = 5.0):
         if max_batch < 1:
             raise ValueError(f"max_batch={max_batch} must be >= 1")
         self.engine, self.max_batch, self.wait_s = engine, max_batch, wait_ms / 1000
+        self.decoder = DecodeEngine(engine.model, max_batch, sample=_sample)
         self.cv = threading.Condition()
         self.pending: deque[Job] = deque()
+        self.running: list[Job] = []
         self.thread: threading.Thread | None = None
-        self.sizes: Counter = Counter()  # batch size -> number of batches run
+        self.sizes: Counter = Counter()  # requests that joined at one step -> number of such steps
+        self.most = 0
 
     def submit(self, job: Job) -> None:
         with self.cv:
@@ -250,38 +215,71 @@ class Batcher:
     def stats(self) -> dict:
         sizes = dict(self.sizes)
         return {"max_batch": self.max_batch, "batches": sum(sizes.values()),
-                "requests": sum(k * v for k, v in sizes.items()), "max_batch_seen": max(sizes, default=0),
-                "batch_sizes": {str(k): v for k, v in sorted(sizes.items())}, "waiting": len(self.pending)}
+                "requests": sum(k * v for k, v in sizes.items()), "max_batch_seen": self.most,
+                "batch_sizes": {str(k): v for k, v in sorted(sizes.items())}, "waiting": len(self.pending),
+                "running": len(self.running), "steps": self.decoder.steps}
 
-    def _take(self) -> list[Job]:
+    def _admit(self) -> None:
+        """Cancel the rows of requests that went away; waiting requests join while there are free slots."""
+        for job in self.running:
+            if job.cancelled:
+                self.decoder.cancel(job.row)
         with self.cv:
-            deadline = time.monotonic() + self.wait_s
-            while len(self.pending) < self.max_batch:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self.cv.wait(left)
-            jobs = [self.pending.popleft() for _ in range(min(self.max_batch, len(self.pending)))]
-        return [j for j in jobs if not j.cancelled]
+            if not self.running:  # idle: give requests arriving together a moment to start together
+                deadline = time.monotonic() + self.wait_s
+                while len(self.pending) < self.max_batch:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self.cv.wait(left)
+            live = sum(not j.row.done for j in self.running)
+            joined = []
+            while self.pending and live + len(joined) < self.max_batch:
+                job = self.pending.popleft()
+                if not job.cancelled:
+                    joined.append(job)
+        t0 = time.perf_counter()
+        for job in joined:
+            job.row, job.t0 = self.decoder.add([job.ids], job.sampling)[0], t0
+            job.row.data = job
+        if joined:
+            self.sizes[len(joined)] += 1
+            self.running += joined
+        self.most = max(self.most, sum(not j.row.done for j in self.running))
+
+    def _step(self) -> None:
+        engine = self.engine
+        ctx = (torch.autocast(torch.device(engine.device).type, dtype=engine.autocast_dtype) if engine.autocast_dtype
+               else torch.autocast(torch.device(engine.device).type, enabled=False))
+        try:
+            with ctx:
+                events = self.decoder.step()
+        except Exception as e:  # the model failed: every request of the batch gets the error
+            self.decoder.clear(e)
+            events = []
+        for row, t in events:
+            if row.stop_token is None:  # a stop token is not part of the text
+                row.data.push(t)
+        still = []
+        for job in self.running:
+            row = job.row
+            if not row.done:
+                still.append(job)
+            elif row.finish_reason == "error":
+                job.fail(row.error)
+            elif row.finish_reason != "cancelled":
+                job.finish()
+        self.running = still
 
     def _loop(self) -> None:
         while True:
             with self.cv:
-                while not self.pending:
+                while not self.pending and not self.running:
                     self.cv.wait()
             with self.engine.lock:
-                jobs = self._take()
-                if not jobs:
-                    continue
-                self.sizes[len(jobs)] += 1
-                t0 = time.perf_counter()
-                for j in jobs:
-                    j.t0 = t0
-                try:
-                    run_batch(self.engine, jobs)
-                except Exception as e:  # every request of the batch gets the error
-                    for j in jobs:
-                        j.fail(e)
+                self._admit()
+                if self.running:
+                    self._step()
 
 
 class SafeJSONResponse(JSONResponse):

@@ -232,3 +232,78 @@ def test_ragged_rows_decode_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         run_to_end(engine, rows)
     assert [len(r.new) for r in rows] == [6, 6]
+
+
+# --- serve.py's continuous batching ------------------------------------------------------------------------
+
+def served(max_batch: int):
+    """A serve.py worker (Batcher) over a tiny character model, and a Job maker."""
+    import asyncio
+
+    pytest.importorskip("fastapi")
+    from gpt.serve import Batcher, Engine, GenerateRequest, Job
+    from gpt.tokenizer import CharTokenizer
+
+    tok = CharTokenizer("\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+    torch.manual_seed(0)
+    eng = Engine(GPT(vocab_size=tok.vocab_size, block_size=BLOCK, n_layer=2, n_head=2, n_embd=32), tok, "cpu")
+    loop = asyncio.new_event_loop()
+
+    def job(prompt: str, n: int, **kw) -> Job:
+        req = GenerateRequest(prompt=prompt, max_new_tokens=n, **{"temperature": 0.0, **kw})
+        return Job(eng, eng.encode(req), req, loop, stream=False)
+
+    return eng, Batcher(eng, max_batch=max_batch, wait_ms=0), job, loop
+
+
+def wait_for(cond, seconds: float = 20.0) -> None:
+    import time
+
+    deadline = time.time() + seconds
+    while not cond() and time.time() < deadline:
+        time.sleep(0.002)
+    assert cond()
+
+
+def test_a_served_short_request_joins_a_running_long_one_and_finishes_first():
+    """Continuous batching: a 6-token request sent while a 256-token one decodes joins at the next step and is
+    done 6 steps later, while the long one goes on (a static batcher makes it wait for all 256)."""
+    eng, batcher, job, loop = served(max_batch=4)
+    try:
+        finished = []
+        long, short = job("ROMEO:", 256), job("To be", 6, temperature=0.8, seed=3)
+        for name, j in (("long", long), ("short", short)):
+            real = j.finish
+            j.finish = lambda name=name, real=real: finished.append((name, len(long.new))) or real()
+        batcher.submit(long)
+        wait_for(lambda: len(long.new) >= 10)
+        with eng.lock:  # between two steps: the short request joins at the next one
+            at_join = len(long.new)
+            batcher.submit(short)
+        wait_for(lambda: len(finished) == 2)
+        assert finished == [("short", at_join + 6), ("long", 256)]
+        assert batcher.stats()["batch_sizes"] == {"1": 2} and batcher.stats()["max_batch_seen"] == 2
+        alone_batcher = served(max_batch=1)[1]
+        again = job("To be", 6, temperature=0.8, seed=3)
+        alone_batcher.submit(again)
+        wait_for(lambda: again.row is not None and again.row.done)
+        assert short.new == again.new  # joined mid-flight == alone
+    finally:
+        loop.close()
+
+
+def test_a_served_cancelled_row_frees_its_slot_for_the_next_request_within_one_step():
+    eng, batcher, job, loop = served(max_batch=1)
+    try:
+        first, second = job("ROMEO:", 256), job("To be", 4)
+        batcher.submit(first)
+        wait_for(lambda: len(first.new) >= 3)
+        with eng.lock:
+            batcher.submit(second)  # waits: the one slot is taken
+            first.cancelled = True  # what Ticket.release does when the client goes away
+            at_cancel = len(first.new)
+        wait_for(lambda: second.row is not None and second.row.done)
+        assert len(first.new) == at_cancel and first.row.finish_reason == "cancelled"
+        assert len(second.new) == 4 and batcher.decoder.steps == at_cancel + 4
+    finally:
+        loop.close()
