@@ -53,8 +53,23 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _quiet_font_cache() -> None:
+    """Import matplotlib's font manager with its "building the font cache" warning silenced: a first run on a fresh
+    machine would print it into the end-of-run summary, and the cache is built either way."""
+    import logging
+
+    font_log = logging.getLogger("matplotlib.font_manager")
+    level = font_log.level
+    font_log.setLevel(logging.ERROR)
+    try:
+        import matplotlib.font_manager  # noqa: F401  (the cache is built on first import)
+    finally:
+        font_log.setLevel(level)
+
+
 def plot_curves(runs: list[Curves], out_dir: str | Path) -> list[Path]:
     """Write loss.png and lr.png for one or more runs (one colour per run) into out_dir; -> their paths."""
+    _quiet_font_cache()
     from matplotlib.figure import Figure
 
     out_dir = Path(out_dir)

@@ -226,6 +226,14 @@ class SweepSummary(Callback):
     """Hydra callback (conf/hydra/default.yaml): after `train.py -m ...` (grid or optuna), print the jobs and the
     best one's folder, and record them in the sweep folder (summary.md, best_job.json)."""
 
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        # Optuna logs through colorlog, which colours even a file or a pipe unless NO_COLOR is set (the common
+        # convention; colorlog honours it). Importing optuna here to lower its verbosity would cost ~3 s per sweep.
+        import sys
+
+        if not sys.stderr.isatty() and "FORCE_COLOR" not in os.environ:
+            os.environ.setdefault("NO_COLOR", "1")
+
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
         if not _is_main_rank() or not sweep_jobs(sweep_dir):
