@@ -1,0 +1,144 @@
+"""Serving throughput and latency of serve.py's worker, in one process: continuous batching (the server's
+Batcher) against static batching (the previous server: a batch admitted together, new requests waiting until
+its longest row ends) and one request at a time (max_batch=1).
+
+`concurrency` clients each send a request, read its streamed tokens and send the next one as soon as it is
+done, until `requests` requests are answered. Each request has its own prompt (16..64 tokens), max_tokens
+drawn from 16..256 (the same mix for every mode, seeded) and seeded top-k sampling; the model is a random one
+of the given shape, which never stops early (no end-of-text), so every request runs to its max_tokens.
+Reported per mode: requests/s, new tokens/s, time to first token and latency (p50/p99).
+
+    python benchmarks/bench_serve.py                          # 6 layers, 6 heads, 384 wide, vocab 50304
+    python benchmarks/bench_serve.py --n-layer 2 --n-embd 64 --vocab 512 --requests 16 --max-tokens 8 32  # smoke
+
+Timings on a shared CPU are noisy; compare the modes, which run in the same process one after another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import time
+
+import torch
+
+from gpt.model import GPT
+from gpt.serve import Batcher, Engine, GenerateRequest, Job
+
+
+class _Tokens:
+    """The tokenizer a Job needs: decode for the streamed text, no end-of-text (rows run to max_tokens)."""
+
+    eot_id = None
+    special: list[str] = []
+
+    def decode(self, ids: list[int]) -> str:
+        return "x" * len(ids)
+
+
+class StaticBatcher(Batcher):
+    """The previous server's schedule: waiting requests join only when the running batch has ended."""
+
+    def _admit(self) -> None:
+        if not self.running:
+            super()._admit()
+
+
+def percentile(values: list[float], q: float) -> float:
+    s = sorted(values)
+    k = (len(s) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+async def _client(batcher: Batcher, engine: Engine, work: list, out: list) -> None:
+    loop = asyncio.get_running_loop()
+    while work:
+        ids, req = work.pop()
+        job = Job(engine, ids, req, loop, stream=True)
+        t0 = time.perf_counter()
+        first = None
+        batcher.submit(job)
+        while True:
+            kind, a, _ = await job.queue.get()
+            if kind == "piece" and first is None:
+                first = time.perf_counter() - t0
+            elif kind == "done":
+                out.append((first, time.perf_counter() - t0, a))
+                break
+            elif kind == "error":
+                raise RuntimeError(a)
+
+
+def run_mode(engine: Engine, batcher: Batcher, work: list, concurrency: int) -> dict:
+    out: list = []
+    work = list(reversed(work))
+
+    async def main():
+        await asyncio.gather(*(_client(batcher, engine, work, out) for _ in range(concurrency)))
+
+    t0 = time.perf_counter()
+    asyncio.run(main())
+    wall = time.perf_counter() - t0
+    ttft, lat = [o[0] for o in out], [o[1] for o in out]
+    return {"req/s": len(out) / wall, "tokens/s": sum(o[2] for o in out) / wall,
+            "ttft p50": percentile(ttft, 0.5), "ttft p99": percentile(ttft, 0.99),
+            "latency p50": percentile(lat, 0.5), "latency p99": percentile(lat, 0.99), "wall": wall,
+            "steps": batcher.decoder.steps}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n-layer", type=int, default=6)
+    ap.add_argument("--n-head", type=int, default=6)
+    ap.add_argument("--n-embd", type=int, default=384)
+    ap.add_argument("--vocab", type=int, default=50304)
+    ap.add_argument("--block-size", type=int, default=1024)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, nargs=2, default=[16, 256], metavar=("LO", "HI"))
+    ap.add_argument("--modes", nargs="+", default=["continuous", "static", "one-at-a-time"],
+                    choices=["continuous", "static", "one-at-a-time"])
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.manual_seed(args.seed)
+    model = GPT(vocab_size=args.vocab, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
+                n_embd=args.n_embd, bias=True).eval().requires_grad_(False)
+    if args.dtype == "bfloat16":
+        from gpt.inference import pack_linears
+
+        model = model.to(torch.bfloat16)
+        pack_linears(model)
+    engine = Engine(model, _Tokens(), "cpu")
+    rng = random.Random(args.seed)
+    work = []
+    for i in range(args.requests):
+        ids = [rng.randrange(args.vocab) for _ in range(rng.randint(16, 64))]
+        req = GenerateRequest(prompt="", max_new_tokens=rng.randint(*args.max_tokens), temperature=0.8, top_k=50,
+                              seed=i)
+        work.append((ids, req))
+    batchers = {"continuous": lambda: Batcher(engine, args.concurrency, wait_ms=5),
+                "static": lambda: StaticBatcher(engine, args.concurrency, wait_ms=5),
+                "one-at-a-time": lambda: Batcher(engine, 1, wait_ms=0)}
+    print(f"{args.n_layer} layers / {args.n_head} heads / {args.n_embd} wide, vocab {args.vocab}, {args.dtype}; "
+          f"{args.requests} requests, concurrency {args.concurrency}, max_tokens {args.max_tokens[0]}.."
+          f"{args.max_tokens[1]} ({sum(r.max_new_tokens for _, r in work)} new tokens in all), torch "
+          f"{torch.__version__}, {torch.get_num_threads()} threads\n")
+    print("| mode | requests/s | new tokens/s | TTFT p50 (s) | TTFT p99 (s) | latency p50 (s) | latency p99 (s) "
+          "| decode steps |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    results = {}
+    for mode in args.modes:
+        r = results[mode] = run_mode(engine, batchers[mode](), work, args.concurrency)
+        print(f"| {mode} | {r['req/s']:.2f} | {r['tokens/s']:.1f} | {r['ttft p50']:.3f} | {r['ttft p99']:.3f} | "
+              f"{r['latency p50']:.3f} | {r['latency p99']:.3f} | {r['steps']} |", flush=True)
+    if "continuous" in results and "static" in results:
+        c, s = results["continuous"], results["static"]
+        print(f"\ncontinuous vs static: {c['tokens/s'] / s['tokens/s']:.2f}x tokens/s, TTFT p99 "
+              f"{c['ttft p99']:.3f} s vs {s['ttft p99']:.3f} s")
+
+
+if __name__ == "__main__":
+    main()
