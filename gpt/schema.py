@@ -191,6 +191,8 @@ RULES: dict[str, Rule] = {
     "trainer.min_delta": Number(0),
     "trainer.patience": Int(0),
     "trainer.keep_top_k": Int(0),
+    "trainer.save_interval": Int(1, null=True),
+    "trainer.async_save": Flag(),
     "optimizer.lr": Number(0, low_open=True),
     "optimizer.weight_decay": Number(0),
     "optimizer.betas": Numbers(2, Number(0, 1, high_open=True)),

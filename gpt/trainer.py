@@ -152,6 +152,34 @@ def _monitored_value_of(path: Path, metric: str, mode: str) -> float | None:
     return float(value) if ok else None
 
 
+RESUME_STATE = ("optimizer", "scheduler", "scaler", "rng", "log_window")  # what only a resume point needs
+
+
+def _cpu_copy(obj):
+    """A copy of a checkpoint dict whose tensors are on the CPU and no longer shared with the live model,
+    optimizer or RNG (a background write must see this step's values, not later ones)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return obj
+
+
+def link_or_save(source: Path, target: Path, ckpt: dict) -> None:
+    """`target` becomes the same file as `source` (a hard link made under a temp name, then renamed over
+    target: atomic); where the filesystem has no hard links, `ckpt` is written to it instead."""
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        tmp.unlink(missing_ok=True)
+        os.link(source, tmp)
+        os.replace(tmp, target)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        save_checkpoint(ckpt, target)
+
+
 class StopSignals:
     """SIGINT / SIGTERM handlers for the duration of a `with` block (main thread only; the previous handlers
     come back on exit). The first signal only records itself in `received`; the loop reads it between steps.
@@ -207,6 +235,8 @@ class Loop:
     min_delta: float = 0.0      # an evaluation improves on the best only by more than this
     patience: int = 0           # stop after this many evaluations without improvement (0: never)
     keep_top_k: int = 0         # also keep checkpoints/step-<N>.pt of the k best evaluations (0: none)
+    save_interval: int | None = None  # write last.pt every this many steps (None: at every evaluation)
+    async_save: bool = False    # write checkpoints in a background thread from a CPU copy of the state
 
     def __post_init__(self):
         if not isinstance(self.monitor, str) or not self.monitor.strip("/"):
@@ -218,6 +248,12 @@ class Loop:
         if isinstance(self.min_delta, bool) or not isinstance(self.min_delta, (int, float)) or not (
                 math.isfinite(self.min_delta) and self.min_delta >= 0):
             raise UserError(f"trainer.min_delta={self.min_delta!r} must be a number >= 0")
+        if self.save_interval is not None and (isinstance(self.save_interval, bool) or not isinstance(
+                self.save_interval, int) or self.save_interval <= 0):
+            raise UserError(f"trainer.save_interval={self.save_interval!r} must be a positive integer or null "
+                            f"(null: write last.pt at every evaluation)")
+        if not isinstance(self.async_save, bool):
+            raise UserError(f"trainer.async_save={self.async_save!r} must be true or false")
         for name in ("patience", "keep_top_k"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -282,6 +318,8 @@ class Trainer:
         self.signals = StopSignals(self._aborted)
         self._agreed_signal = 0  # under DDP: the signal all ranks agreed on at the last step
         self._saved: tuple[int, Path, str] | None = None  # (step, last.pt, resume= value) of the newest save
+        self._writer: threading.Thread | None = None  # a background checkpoint write (trainer.async_save)
+        self._write_error: BaseException | None = None
 
     # ---- checkpoints -------------------------------------------------------------------------
     def checkpoint(self) -> dict:
@@ -299,10 +337,16 @@ class Trainer:
         return {"metric": self.loop.monitor, "mode": self.loop.direction, "value": s.best_metric,
                 "step": s.best_step, "stale": s.stale, "top": [list(t) for t in s.top]}
 
-    def save(self, best: bool) -> None:
-        """Write last.pt (and first best.pt, so that a kill between the two never leaves best.pt older than
-        the best last.pt records). Refuses weights that are not finite: the previous files stay."""
-        if not self.dist.is_main:
+    def save(self, best: bool, last: bool = True, top: bool = False, dropped: tuple[int, ...] = ()) -> None:
+        """Write this step's checkpoint files: best.pt when the evaluation improved on the monitored best,
+        last.pt (the resume point) when due, checkpoints/step-<N>.pt when `top` (trainer.keep_top_k; the
+        `dropped` steps' files are deleted). One torch.save per step whatever the set: best.pt is written first
+        and last.pt / the step file are hard links to it, so a kill between never leaves best.pt older than
+        what last.pt records. Files written without last.pt (between trainer.save_interval saves) hold the
+        weights and records without optimizer state: they are not resume points. Refuses weights that are not
+        finite (the previous files stay). With trainer.async_save the write runs in a background thread from a
+        CPU copy; the next save, the end of fit() and a stop wait for it."""
+        if not self.dist.is_main or not (best or last or top or dropped):
             return
         ckpt = self.checkpoint()
         folder = self.run_dir / "checkpoints"
@@ -312,10 +356,44 @@ class Trainer:
             raise UserError(f"the weights are not finite at step {self.state.step} ({bad}); not writing them over "
                             f"{folder}; lower optimizer.lr or set trainer.grad_clip (now {self.loop.grad_clip})"
                             f"{self._kept()}")
-        if best:
-            save_checkpoint(ckpt, folder / "best.pt")
-        save_checkpoint(ckpt, folder / "last.pt")
-        self._saved = (self.state.step, folder / "last.pt", str(self.run_dir))
+        if not last:
+            ckpt = {k: v for k, v in ckpt.items() if k not in RESUME_STATE}
+        step = self.state.step
+        targets = [folder / "best.pt"] * best + [folder / "last.pt"] * last + [folder / f"step-{step:06d}.pt"] * top
+        saved = (step, folder / "last.pt", str(self.run_dir)) if last else None
+        self.wait_for_saves()
+        if not self.loop.async_save:
+            self._write(ckpt, targets, dropped, saved)
+            return
+        ckpt = _cpu_copy(ckpt)  # training goes on changing the live tensors while the thread writes
+        self._writer = threading.Thread(target=self._write_in_background, args=(ckpt, targets, dropped, saved),
+                                        name="checkpoint-writer")
+        self._writer.start()
+
+    def _write(self, ckpt: dict, targets: list[Path], dropped, saved) -> None:
+        if targets:
+            save_checkpoint(ckpt, targets[0])
+        for target in targets[1:]:
+            link_or_save(targets[0], target, ckpt)
+        for n in dropped:
+            (self.run_dir / "checkpoints" / f"step-{n:06d}.pt").unlink(missing_ok=True)
+        if saved is not None:
+            self._saved = saved
+
+    def _write_in_background(self, *args) -> None:
+        try:
+            self._write(*args)
+        except BaseException as e:  # raised in the training thread by wait_for_saves
+            self._write_error = e
+
+    def wait_for_saves(self) -> None:
+        """Block until a background checkpoint write is complete; raise its error (a full disk: one line)."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.join()
+        error, self._write_error = self._write_error, None
+        if error is not None:
+            raise error
 
     def _kept(self) -> str:
         """'; <last.pt> (step N) is the newest checkpoint' for error lines, or '' if none was written."""
@@ -326,6 +404,10 @@ class Trainer:
     def restore(self, ckpt: dict) -> None:
         """Continue from a checkpoint written by `save` (model, optimizer, scheduler, step, RNG). A part that
         is missing or does not fit this run (weights of another shape, another optimizer) is one UserError."""
+        if not all(k in ckpt for k in ("optimizer", "scheduler", "rng")):
+            raise UserError(f"resume={ckpt.get('path')!r} holds weights without optimizer state (a best.pt or "
+                            f"step file written between trainer.save_interval saves); resume from the run's last.pt, "
+                            f"or start from these weights with finetune.py ckpt=")
         part = "model weights"
         try:
             self.raw_model.load_state_dict(ckpt["model"])
@@ -522,6 +604,7 @@ class Trainer:
         value = out.get(loop.monitor)
         if value is None:  # what the stage reports is known only now; the step itself is kept
             self.save(best=False)
+            self.wait_for_saves()
             metrics = ", ".join(k for k in out if k.startswith("val/"))
             raise UserError(f"trainer.monitor={loop.monitor!r} is not a metric this stage reports (it reports "
                             f"{metrics}); {self._resume_hint()} trainer.monitor=<one of them>")
@@ -538,13 +621,11 @@ class Trainer:
             self.raw_model.train()
         self.record({**out, "val/best_loss": s.best_val_loss, "eval_seconds": time.perf_counter() - t0})
         log.info("step %d: %s", s.step, "  ".join(f"{k} {v:.4f}" for k, v in out.items()))
-        self.save(best=improved)
-        self._keep_top(dropped)
         if loop.patience and s.stale >= loop.patience:
             s.stopped_early = True
             log.info("early stop at step %d: %s has not improved on %.4f (step %s) for %d evaluations "
                      "(trainer.patience=%d)", s.step, loop.monitor, s.best_metric, s.best_step, s.stale, loop.patience)
-        return val
+        return improved, dropped
 
     def _rank_top(self, value: float) -> list[int]:
         """trainer.keep_top_k: put this evaluation into the ranked top list (state.top, best first) when it
@@ -555,25 +636,8 @@ class Trainer:
         sign = 1.0 if self.loop.direction == "min" else -1.0
         ranked = sorted([t for t in s.top if t[1] != s.step] + [[value, s.step]], key=lambda t: (sign * t[0], t[1]))
         s.top = ranked[:k]
-        return [n for _, n in ranked[k:]]
+        return [n for _, n in ranked[k:] if n != s.step]  # this step, not kept, has no file to delete
 
-    def _keep_top(self, dropped: list[int]) -> None:
-        """After last.pt holds this step: link it as checkpoints/step-<N>.pt when the step is in the top k (a hard
-        link, so no second copy is written; a copy where links are not possible), delete the files that fell out."""
-        s = self.state
-        if not self.dist.is_main or not self.loop.keep_top_k:
-            return
-        folder = self.run_dir / "checkpoints"
-        if any(n == s.step for _, n in s.top):
-            target, tmp = folder / f"step-{s.step:06d}.pt", folder / f".step-{s.step:06d}.pt.tmp-{os.getpid()}"
-            try:
-                os.link(folder / "last.pt", tmp)
-            except OSError:
-                save_checkpoint(self.checkpoint(), target)
-            else:
-                os.replace(tmp, target)
-        for n in dropped:
-            (folder / f"step-{n:06d}.pt").unlink(missing_ok=True)
 
     def fit(self) -> float:
         """Train to max_iters (from state.step), evaluating and checkpointing every eval_interval steps.
@@ -608,17 +672,26 @@ class Trainer:
                             m["train/mfu"] = model_flops * tok_s / self.peak_flops
                         self.record(m)
                         w.update(_new_window())
-                    if s.step % self.loop.eval_interval == 0 or s.step == self.loop.max_iters:
-                        self.run_eval()
-                        if s.stopped_early:
-                            break
+                    evaluated = s.step % self.loop.eval_interval == 0 or s.step == self.loop.max_iters
+                    improved, dropped = self.run_eval() if evaluated else (False, [])
+                    due = (self.loop.save_interval is None and evaluated) or s.step == self.loop.max_iters or (
+                        self.loop.save_interval is not None and s.step % self.loop.save_interval == 0)
+                    self.save(best=improved, last=due or bool(self._stop_signal()) or s.stopped_early,
+                              top=any(n == s.step for _, n in s.top) and evaluated, dropped=tuple(dropped))
+                    if s.stopped_early:
+                        break
                     signum = self._stop_signal()
-                    if signum:  # between steps: the update and any save of this step are complete
+                    if signum:  # between steps (a signal during the save above too): last.pt must hold this step
+                        self.wait_for_saves()
                         if self._saved is None or self._saved[0] != s.step:
                             self.save(best=False)
+                            self.wait_for_saves()
                         if self.dist.enabled:  # no rank exits (and makes torchrun stop the others) mid-save
                             dist.barrier()
                         raise self._interrupted(signum)
+            self.wait_for_saves()
         finally:
             bar.close()
+            if self._writer is not None:  # an error is on its way out: still let the started write finish
+                self._writer.join()
         return s.last_val_loss

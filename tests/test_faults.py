@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import gpt.checkpoint as checkpoint
+import gpt.trainer as trainer_module
 from conftest import ROOT, TINY, run_script
 from gpt.checkpoint import CheckpointWriteError, remove_stale_temps, save_checkpoint
 from gpt.errors import Interrupted, UserError
@@ -164,8 +165,9 @@ def test_signal_during_an_eval_save_is_handled_after_it(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", save_with_signal)
     with pytest.raises(Interrupted, match="interrupted at step 4 "):
         trainer.fit()
-    assert saves == [4, 4]  # best.pt and last.pt of the eval, not a third write
+    assert saves == [4]  # best.pt written once, last.pt a hard link to it: no second write
     assert load(tmp_path / "checkpoints" / "last.pt")["step"] == 4
+    assert (tmp_path / "checkpoints" / "last.pt").stat().st_ino == (tmp_path / "checkpoints" / "best.pt").stat().st_ino
 
 
 def test_second_signal_aborts_at_once_and_leaves_no_half_written_file(tmp_path, monkeypatch):
@@ -206,26 +208,34 @@ def test_best_is_written_before_last(tmp_path, monkeypatch):
     written = []
     real = checkpoint.save_checkpoint
 
+    real_link = trainer_module.link_or_save
+
     def record(obj, path):
-        written.append(Path(path).name)
+        written.append(("write", Path(path).name))
         return real(obj, path)
 
+    def record_link(source, target, ckpt):
+        written.append(("link", Path(target).name))
+        return real_link(source, target, ckpt)
+
     monkeypatch.setattr("gpt.trainer.save_checkpoint", record)
+    monkeypatch.setattr("gpt.trainer.link_or_save", record_link)
     make_trainer(tmp_path, objective=Toy(vals=[2.0, 1.0])).fit()
-    assert written == ["best.pt", "last.pt", "best.pt", "last.pt"]
+    # one write per evaluation: best.pt first, last.pt a hard link to it
+    assert written == [("write", "best.pt"), ("link", "last.pt")] * 2
 
 
 def test_kill_between_best_and_last_loses_no_best(tmp_path, monkeypatch):
     """A kill -9 right after best.pt of step 8: last.pt holds step 4; the resumed run redoes steps 5-8, finds
     the same improvement and writes best.pt again (bit-identical weights)."""
-    real = checkpoint.save_checkpoint
+    real = trainer_module.link_or_save
 
-    def die_before_last(obj, path):
-        if obj["step"] == 8 and Path(path).name == "last.pt":
+    def die_before_last(source, target, ckpt):
+        if ckpt["step"] == 8 and Path(target).name == "last.pt":
             raise SystemExit("killed")
-        return real(obj, path)
+        return real(source, target, ckpt)
 
-    monkeypatch.setattr("gpt.trainer.save_checkpoint", die_before_last)
+    monkeypatch.setattr("gpt.trainer.link_or_save", die_before_last)
     with pytest.raises(SystemExit):
         make_trainer(tmp_path / "a", objective=Toy(vals=[2.0, 1.0])).fit()
     monkeypatch.undo()
@@ -601,7 +611,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 @pytest.mark.slow
 def test_full_disk_in_a_real_run_is_one_line(tmp_path):
     wrapper = tmp_path / "full_disk.py"
-    wrapper.write_text(FULL_DISK.replace("{n}", "2"))
+    wrapper.write_text(FULL_DISK.replace("{n}", "1"))  # the first evaluation's one write succeeds
     run = tmp_path / "run"
     proc = run_script("train.py", *SMALL, f"hydra.run.dir={run}", cwd=tmp_path, prefix=[sys.executable, str(wrapper)])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
@@ -679,7 +689,7 @@ def test_kill_9_inside_a_save(tmp_path):
     """SIGKILL while last.pt or best.pt is half-written: the files keep the previous save, the temp file is
     left, and the resumed run removes it and trains to the end."""
     wrapper = tmp_path / "stalled_save.py"
-    wrapper.write_text(STALLED_SAVE.replace("{n}", "2"))
+    wrapper.write_text(STALLED_SAVE.replace("{n}", "1"))  # the second evaluation's write stalls
     first, second = tmp_path / "first", tmp_path / "second"
     proc = start_script("train.py", *SMALL, f"hydra.run.dir={first}", cwd=tmp_path,
                         prefix=[sys.executable, str(wrapper)])

@@ -1,5 +1,6 @@
-"""Choosing checkpoints (gpt/trainer.py): trainer.monitor / mode / min_delta pick best.pt, keep_top_k keeps the k
-best evaluations as step files, patience stops early; all of it survives a resume.
+"""Choosing and writing checkpoints (gpt/trainer.py): trainer.monitor / mode / min_delta pick best.pt, keep_top_k
+keeps the k best evaluations as step files, patience stops early, all of it survives a resume; one write per
+step (links for the other files), save_interval apart from evaluations, async_save equal to a synchronous save.
 
 The objective reports a scripted sequence of metrics per evaluation, so which evaluation is best, which files
 are kept and when the run stops are known in advance (the oracle is written next to each test)."""
@@ -187,3 +188,84 @@ def test_resuming_with_another_monitor_starts_a_new_best(tmp_path, caplog):
     rest.fit()  # steps 6 (0.2) and 8 (0.4): the first evaluation of the new metric is the best so far
     best = saved(tmp_path / "checkpoints" / "best.pt")
     assert (best["step"], best["monitor"]["metric"], best["monitor"]["value"]) == (8, "val/exact_match", 0.4)
+
+
+def writes(monkeypatch) -> list[tuple[str, int, bool]]:
+    """Record every checkpoint write of gpt.trainer: (file name, step, has optimizer state)."""
+    import gpt.trainer as trainer_module
+
+    seen, real = [], trainer_module.save_checkpoint
+
+    def record(obj, path):
+        seen.append((Path(path).name, obj["step"], "optimizer" in obj))
+        return real(obj, path)
+
+    monkeypatch.setattr(trainer_module, "save_checkpoint", record)
+    return seen
+
+
+def test_best_and_last_of_one_step_are_one_file(tmp_path, monkeypatch):
+    seen = writes(monkeypatch)
+    trainer_for(tmp_path, em(0.1, 0.5), 4, monitor="val/exact_match", keep_top_k=1).fit()
+    folder = tmp_path / "checkpoints"
+    assert seen == [("best.pt", 2, True), ("best.pt", 4, True)]  # one write per evaluation
+    inode = {p.name: p.stat().st_ino for p in folder.glob("*.pt")}
+    assert inode["best.pt"] == inode["last.pt"] == inode["step-000004.pt"]
+
+
+def test_save_interval_writes_last_pt_apart_from_evaluations(tmp_path, monkeypatch):
+    """eval every 2 steps, last.pt every 3 (and at the end): the best of step 2 is written without optimizer
+    state (not a resume point), last.pt at steps 3 and 6 and at the end (7)."""
+    seen = writes(monkeypatch)
+    evals = [{"val/loss": v} for v in (1.0, 2.0, 3.0, 0.5)]  # steps 2, 4, 6, 7 (the last, at max_iters)
+    trainer = trainer_for(tmp_path, evals, 7, save_interval=3)
+    trainer.fit()
+    assert seen == [("best.pt", 2, False), ("last.pt", 3, True), ("last.pt", 6, True), ("best.pt", 7, True)]
+    folder = tmp_path / "checkpoints"
+    assert saved(folder / "last.pt")["step"] == 7 and folder.joinpath("last.pt").stat().st_ino == \
+        folder.joinpath("best.pt").stat().st_ino
+
+
+def test_a_weights_only_best_pt_is_not_a_resume_point(tmp_path):
+    trainer_for(tmp_path, [{"val/loss": v} for v in (1.0, 2.0)], 4, save_interval=3).fit()
+    best = saved(tmp_path / "checkpoints" / "best.pt")
+    assert best["step"] == 2 and "optimizer" not in best and best["monitor"]["value"] == 1.0
+    best["path"] = str(tmp_path / "checkpoints" / "best.pt")
+    with pytest.raises(UserError, match="holds weights without optimizer state .* resume from the run's last.pt"):
+        trainer_for(tmp_path / "b", [], 8).begin(best, {})
+
+
+def test_async_save_writes_what_a_synchronous_save_writes(tmp_path):
+    """The background writer saves a CPU copy of the step's state: files equal to the synchronous run's, and a
+    run resumed from the asynchronous run's last.pt is the uninterrupted run."""
+    values = (0.3, 0.5, 0.4, 0.6)
+    sync = trainer_for(tmp_path / "sync", em(*values), 8, monitor="val/exact_match", keep_top_k=2)
+    sync.fit()
+    threaded = trainer_for(tmp_path / "async", em(*values), 8, monitor="val/exact_match", keep_top_k=2,
+                           async_save=True)
+    threaded.fit()
+    assert threaded._writer is None
+    for name in ("last.pt", "best.pt", "step-000004.pt", "step-000008.pt"):
+        a, b = saved(tmp_path / "sync" / "checkpoints" / name), saved(tmp_path / "async" / "checkpoints" / name)
+        assert a["step"] == b["step"] and a["monitor"] == b["monitor"], name
+        for k in a["model"]:
+            assert torch.equal(a["model"][k], b["model"][k]), (name, k)
+        assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+        for i in a["optimizer"]["state"]:
+            for k, v in a["optimizer"]["state"][i].items():
+                assert torch.equal(v, b["optimizer"]["state"][i][k]) if isinstance(v, torch.Tensor) else v == \
+                    b["optimizer"]["state"][i][k]
+
+
+def test_a_failed_background_write_stops_the_run_with_its_error(tmp_path, monkeypatch):
+    import gpt.trainer as trainer_module
+    from gpt.checkpoint import CheckpointWriteError
+
+    def full(obj, path):
+        raise CheckpointWriteError(f"no space left on device while writing {path}; the previous checkpoint is intact")
+
+    monkeypatch.setattr(trainer_module, "save_checkpoint", full)
+    trainer = trainer_for(tmp_path, [{"val/loss": 1.0}] * 4, 8, async_save=True)
+    with pytest.raises(CheckpointWriteError, match="no space left on device while writing .*best.pt"):
+        trainer.fit()
+    assert trainer.state.step <= 4  # stopped at the next save (step 4) at the latest, not at the end
