@@ -25,6 +25,7 @@ import math
 import os
 import random
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -646,7 +647,10 @@ class Trainer:
         s = self.state
         model_flops = self.raw_model.flops_per_token() if hasattr(self.raw_model, "flops_per_token") else None
         self.raw_model.train()
-        bar = tqdm(total=self.loop.max_iters, initial=s.step, desc="train", dynamic_ncols=True, disable=not self.progress,
+        # a bar where stderr is a terminal; on a pipe or in a log file (CI, SLURM, nohup) a line per log step instead,
+        # since each redraw of a bar would be a whole line there
+        tty = self.progress and sys.stderr.isatty()
+        bar = tqdm(total=self.loop.max_iters, initial=s.step, desc="train", dynamic_ncols=True, disable=not tty,
                    unit="it")
         w = s.window  # the log window is part of the state, so a resumed run logs the same train/loss
         try:
@@ -671,6 +675,9 @@ class Trainer:
                         if model_flops and self.peak_flops:
                             m["train/mfu"] = model_flops * tok_s / self.peak_flops
                         self.record(m)
+                        if self.progress and not tty:
+                            log.info("step %d/%d: train/loss %.4f  lr %.3g  %s tokens/s", s.step, self.loop.max_iters,
+                                     m["train/loss"], m["train/lr"], f"{tok_s:,.0f}")
                         w.update(_new_window())
                     evaluated = s.step % self.loop.eval_interval == 0 or s.step == self.loop.max_iters
                     improved, dropped = self.run_eval() if evaluated else (False, [])
