@@ -127,9 +127,8 @@ def text_stop(decode: Callable[[list[int]], str], stops: list[str]) -> Callable[
     longest = max((len(s) for s in stops), default=0)
 
     def check(new: list[int]) -> bool:
-        # a stop string ends within the last few tokens' text; each token decodes to >= 1 character or a
-        # part of one, so the last len(s) + 4 tokens hold every new occurrence
-        tail = decode(new[-(longest + 4):])
+        # a new occurrence ends in the newest token, and a character takes at most 4 (byte-level) tokens
+        tail = decode(new[-4 * longest:])
         return any(s in tail for s in stops)
 
     return check
