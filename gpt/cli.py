@@ -14,7 +14,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from gpt.config import entry, file_shorthand, literal_overrides, register_resolvers
+from gpt.config import entry, file_shorthand, literal_overrides, register_resolvers, resume_in_place
 
 register_resolvers()
 
@@ -62,14 +62,14 @@ def _serve(cfg: DictConfig) -> None:
 # Hydra reads sys.argv: rewrite it first so prompts and paths arrive as typed (gpt.config.FREE_TEXT, PATH_KEYS).
 def train() -> None:
     """Train a GPT: gpt-train [group=option ...] [key=value ...]  (see gpt/conf/train.yaml)."""
-    sys.argv = literal_overrides(sys.argv)
+    sys.argv = literal_overrides(resume_in_place(sys.argv))
     _train()
 
 
 def finetune() -> None:
     """Fine-tune or align a trained GPT: gpt-finetune stage=<sft|...> ckpt=<parent checkpoint or run folder>
     data=<file.jsonl>  (see gpt/conf/finetune.yaml; data=<file> is shorthand for data.path=<file>)."""
-    sys.argv = literal_overrides(file_shorthand(sys.argv))
+    sys.argv = literal_overrides(resume_in_place(file_shorthand(sys.argv)))
     _finetune()
 
 

@@ -118,6 +118,19 @@ def remove_unused_run_dir(folder: str | Path) -> bool:
     return True
 
 
+def remove_resume_record() -> None:
+    """A resume in place (resume_in_place) that failed on bad input: remove Hydra's record of that command
+    (.hydra/resume-<n>/) from the run folder; the run itself is untouched."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    hc = HydraConfig.get()
+    sub = hc.output_subdir or ""
+    if sub.startswith(".hydra/resume-") and "/" not in sub[len(".hydra/"):]:
+        shutil.rmtree(Path(hc.runtime.output_dir) / sub, ignore_errors=True)
+
+
 def user_error_in(exc: BaseException) -> UserError | None:
     """The UserError that caused `exc` (itself or along its __cause__ / __context__ chain), if any."""
     seen = set()
@@ -176,6 +189,7 @@ def entry(fn):
                 raise
             logging.shutdown()
             remove_unused_run_dir(run_dir())
+            remove_resume_record()
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
 

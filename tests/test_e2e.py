@@ -89,14 +89,13 @@ def test_resume_equals_uninterrupted(tmp_path):
     first = only_run_dir(half_dir)
     resumed = run_script("train.py", *common, "trainer.max_iters=8", f"resume={first}", cwd=half_dir)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    second = [p for p in (half_dir / "outputs").glob("*-*-*/*") if p != first]
-    assert len(second) == 1
+    assert only_run_dir(half_dir) == first  # continued in its own folder
     a = read_metrics(only_run_dir(tmp_path / "full") / "metrics.jsonl")
-    b = read_metrics(second[0] / "metrics.jsonl")
+    b = read_metrics(first / "metrics.jsonl")
     final = lambda rows, key: [r[key] for r in rows if key in r and r["step"] == 8][0]  # noqa: E731
     assert final(b, "val/loss") == final(a, "val/loss")
     assert final(b, "train/loss") == final(a, "train/loss")
-    assert torch.load(second[0] / "checkpoints" / "last.pt", weights_only=True)["resumed_from"].startswith(str(first))
+    assert torch.load(first / "checkpoints" / "last.pt", weights_only=True)["resumed_from"].startswith(str(first))
 
 
 def test_sweep_runs_each_job_in_its_own_folder(tmp_path):

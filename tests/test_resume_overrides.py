@@ -71,12 +71,12 @@ def test_train_py_resume_applies_lr_and_refuses_model_changes(tmp_path):
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert proc.returncode == 2 and len(lines) == 1 and "cannot apply on resume" in lines[0], proc.stderr[-800:]
         assert f"fixes {key}" in lines[0]
-    runs = {run}
+    assert not (run / ".hydra" / "resume-1").exists()  # a refused resume leaves no record in the run folder
     for extra, lr in (([], 2e-3), (["optimizer.lr=1e-4"], 1e-4)):  # the run's own lr unless one is typed
-        resumed = run_script("train.py", *common, "trainer.max_iters=6", f"resume={run}", *extra, cwd=tmp_path)
+        new = tmp_path / f"resumed-{lr}"  # a folder of its own each time (hydra.run.dir): both start at step 4
+        resumed = run_script("train.py", *common, "trainer.max_iters=6", f"resume={run}", *extra,
+                             f"hydra.run.dir={new}", cwd=tmp_path)
         assert resumed.returncode == 0, resumed.stderr[-1500:]
-        (new,) = {p.parent.parent for p in tmp_path.glob("outputs/*/*/checkpoints/last.pt")} - runs
-        runs.add(new)
         lrs = {r["step"]: r["train/lr"] for r in read_metrics(new / "metrics.jsonl") if "train/lr" in r}
         assert set(lrs) == {5, 6} and all(v == pytest.approx(lr) for v in lrs.values()), (extra, lrs)
 

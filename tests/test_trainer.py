@@ -266,9 +266,9 @@ GRPO = ["stage=grpo", *RL_LOOP, "stage.prompts_per_rollout=2", "stage.group_size
 
 @pytest.fixture(scope="module")
 def grpo_runs(tmp_path_factory) -> dict:
-    """A tiny GRPO run of 8 steps, and the same run stopped at step 3 (inside a rollout) and resumed to 8
-    -> {"full": checkpoint, "full_rows": train rows by step, 3: (first run folder, resumed run folder,
-    resumed checkpoint, resumed train rows by step)}."""
+    """A tiny GRPO run of 8 steps, and the same run stopped at step 3 (inside a rollout) and resumed to 8 in its
+    folder -> {"full": checkpoint, "full_rows": train rows by step, 3: (the run folder, its final checkpoint,
+    its train rows by step)}."""
     from stage_helpers import make_parent, write_jsonl
 
     tmp_path = tmp_path_factory.mktemp("grpo_resume")
@@ -296,8 +296,8 @@ def grpo_runs(tmp_path_factory) -> dict:
         (first,) = runs(cwd)
         resumed = run_script("finetune.py", f"resume={first}", *RL_LOOP, "trainer.max_iters=8", cwd=cwd)
         assert resumed.returncode == 0, resumed.stderr[-2000:]
-        (second,) = set(runs(cwd)) - {first}
-        out[stop] = (first, second, last(second), train_rows(second))
+        assert runs(cwd) == [first]  # continued in its own folder
+        out[stop] = (first, last(first), train_rows(first))
     return out
 
 
@@ -308,11 +308,11 @@ def test_grpo_resume_inside_a_rollout_is_the_uninterrupted_run(grpo_runs):
     uninterrupted one bit for bit (losses, lr, final weights). The resume repeats
     hardware.autocast_dtype=float32: hardware.* comes from the command line, and "auto" would be bf16 autocast
     on a CPU with bf16 instructions."""
-    first, second, ckpt, rows = grpo_runs[3]
+    first, ckpt, rows = grpo_runs[3]
     full, full_rows = grpo_runs["full"], grpo_runs["full_rows"]
     assert ckpt["step"] == 8 and ckpt["stage"] == "grpo"
     assert ckpt["resumed_from"] == str(first / "checkpoints" / "last.pt")
-    assert sorted(rows) == [4, 5, 6, 7, 8]
+    assert sorted(rows) == [1, 2, 3, 4, 5, 6, 7, 8]  # one history in the run's folder: steps 1-3, then 4-8
     for k in rows:
         assert (rows[k]["train/loss"], rows[k]["train/lr"]) == (full_rows[k]["train/loss"], full_rows[k]["train/lr"])
     for k in full["model"]:
