@@ -28,6 +28,7 @@ from gpt import distributed
 from gpt.checkpoint import load_checkpoint
 from gpt.config import history_until, run_dir, to_plain
 from gpt.errors import UserError
+from gpt.memory import GiB, device_memory, estimate
 from gpt.optim import param_groups
 from gpt.plots import plot_folder
 from gpt.runs import peak_memory, read_metrics, run_summary
@@ -171,6 +172,19 @@ def apply_hyperparameters(optimizer, scheduler, cfg: DictConfig) -> None:
 
 # ---- the run -------------------------------------------------------------------------------------
 
+def check_memory(model, optimizer, cfg: DictConfig, precision: Precision, info: distributed.DistInfo) -> None:
+    """Log the estimated memory of a training step per device (gpt.memory); on a GPU it clearly cannot hold,
+    stop with one line now instead of an out-of-memory error in the first step."""
+    seq_len = getattr(getattr(model, "config", None), "block_size", 0)
+    est = estimate(model, optimizer, int(cfg.trainer.batch_size), seq_len, precision.dtype, ddp=info.enabled)
+    capacity = device_memory(info.device)
+    log.info("%s%s", est.line(), f" of {capacity / GiB:.1f} GiB on {info.device}" if capacity else "")
+    if capacity and est.total > 0.9 * capacity:
+        raise UserError(f"a training step needs about {est.total / GiB:.1f} GiB per device ({est.line()}), more than "
+                        f"{info.device} holds ({capacity / GiB:.1f} GiB); lower trainer.batch_size (now "
+                        f"{cfg.trainer.batch_size}) and raise trainer.grad_accum_steps, or use a smaller model")
+
+
 def precision_change(resume: dict, precision: Precision, setting: str | None) -> str | None:
     """A resumed run whose precision differs from the one its checkpoint trained in (hardware.* comes from the
     command line: autocast_dtype=auto resolves per machine) -> a warning, else None."""
@@ -218,6 +232,7 @@ def execute(cfg: DictConfig, spec: RunSpec) -> float:
         optimizer = instantiate(cfg.optimizer)(param_groups(parts.model, cfg.optimizer.get("weight_decay", 0.0)))
         scheduler = instantiate(cfg.scheduler)(optimizer)
         precision = Precision(info.device, cfg.hardware.autocast_dtype)
+        check_memory(parts.model, optimizer, cfg, precision, info)
         if resume is not None and precision_change(resume, precision, cfg.hardware.autocast_dtype):
             log.warning(precision_change(resume, precision, cfg.hardware.autocast_dtype))
         peak = cfg.hardware.get("peak_flops") or (measure_peak_flops(info.device, precision.dtype) if spec.mfu
