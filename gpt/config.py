@@ -82,7 +82,9 @@ def unique_dir(base: str) -> str:
 
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("unique_dir"):
-        OmegaConf.register_new_resolver("unique_dir", unique_dir)
+        # cached in the config: the jobs of a launcher that runs them in other processes (joblib, submitit)
+        # receive the pickled config with the folder the launcher claimed, instead of claiming one each
+        OmegaConf.register_new_resolver("unique_dir", unique_dir, use_cache=True)
 
 
 def to_plain(cfg: DictConfig) -> dict:

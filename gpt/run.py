@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -67,9 +68,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def parallel_jobs() -> int:
+    """How many jobs of this sweep run side by side on this machine (hydra.launcher.n_jobs, e.g. joblib's); 1
+    outside a sweep or where the launcher runs one job at a time."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return 1
+    n = OmegaConf.select(HydraConfig.get(), "launcher.n_jobs", default=None)
+    return n if isinstance(n, int) and n > 1 else 1
+
+
 def configure_hardware(hw: DictConfig) -> None:
+    """hardware.threads, or for jobs that share the machine (a parallel sweep) each its share of the cores, so
+    that n jobs do not run n times torch's default of one thread per core."""
+    jobs = parallel_jobs()
     if hw.get("threads"):
         torch.set_num_threads(int(hw.threads))
+    elif jobs > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // jobs))
     if hw.get("tf32") and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
