@@ -1,4 +1,4 @@
-"""The entry points: train, finetune, infer, evaluate and serve, each a Hydra app over gpt/conf/<name>.yaml.
+"""The entry points: train, finetune, infer, evaluate, serve and prepare, each a Hydra app over gpt/conf/<name>.yaml.
 
 They run as console scripts after `pip install .` (gpt-train, gpt-finetune, ...), as `python -m gpt.cli
 <command> [overrides]`, and through the scripts at the top of a clone (`python train.py ...`), which call
@@ -59,6 +59,14 @@ def _serve(cfg: DictConfig) -> None:
     run(cfg)
 
 
+@hydra.main(version_base="1.3", config_path="conf", config_name="prepare")
+@entry
+def _prepare(cfg: DictConfig) -> None:
+    from gpt.prepare import prepare as run
+
+    run(cfg)
+
+
 # Hydra reads sys.argv: rewrite it first so prompts and paths arrive as typed (gpt.config.FREE_TEXT, PATH_KEYS).
 def train() -> None:
     """Train a GPT: gpt-train [group=option ...] [key=value ...]  (see gpt/conf/train.yaml)."""
@@ -94,6 +102,13 @@ def serve() -> None:
     _serve()
 
 
+def prepare() -> None:
+    """Tokenize a corpus into the token cache train.py uses: gpt-prepare [data=...] [tokenizer=...]
+    [data.num_proc=N]  (see gpt/conf/prepare.yaml)."""
+    sys.argv = literal_overrides(sys.argv)
+    _prepare()
+
+
 def runs() -> None:
     """List run folders with their settings and metrics, newest last: gpt-runs [folder ...] [--json]
     (default: outputs/ and multirun/ here; see gpt.runs)."""
@@ -102,7 +117,8 @@ def runs() -> None:
     sys.exit(run(sys.argv[1:]))
 
 
-COMMANDS = {"train": train, "finetune": finetune, "infer": infer, "evaluate": evaluate, "serve": serve, "runs": runs}
+COMMANDS = {"train": train, "finetune": finetune, "infer": infer, "evaluate": evaluate, "serve": serve, "runs": runs,
+            "prepare": prepare}
 
 
 def main() -> None:

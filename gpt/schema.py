@@ -236,6 +236,10 @@ RULES: dict[str, Rule] = {
     "data.config_name": Text(null=True),
     "data.plays": Texts(nonempty=True),
     "data.cache_dir": PATH,
+    "data.num_proc": Int(1, null=True),  # null: every core
+    "data.streaming": Flag(),
+    "data.val_split": Text(null=True),
+    "data.wait_timeout": Number(0, low_open=True),
     "paths.root_dir": PATH,
     "paths.cache_dir": PATH,
     "lora.r": Int(0),

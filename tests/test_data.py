@@ -10,6 +10,7 @@ import torch
 
 from gpt.data import HFDataset, Shakespeare, TextFiles, get_batch, play_markdown_to_text, unigram_loss
 from gpt.errors import UserError
+from gpt.prepare import in_val
 from gpt.tokenizer import CharTokenizer, TiktokenTokenizer
 
 PLAY = """# The Tragedy of Hamlet
@@ -109,6 +110,22 @@ def all_text(data):
     return data.tokenizer.decode(np.concatenate([data.train, data.val]).tolist())
 
 
+def split_texts(data):
+    return data.tokenizer.decode(data.train.tolist()), data.tokenizer.decode(data.val.tolist())
+
+
+def expected_splits(docs, vf, sep="\n\n"):
+    """(train, val) text of char-tokenized documents under the cache's rule: documents held out by a hash of
+    their index; when that leaves one side empty, the last vf of the joined text (one char = one token)."""
+    val = [d for i, d in enumerate(docs) if in_val(i, vf)]
+    train = [d for i, d in enumerate(docs) if not in_val(i, vf)]
+    if train and val:
+        return sep.join(train), sep.join(val)
+    every = sep.join(docs)
+    n_val = int(len(every) * vf)
+    return every[:len(every) - n_val], every[len(every) - n_val:]
+
+
 def test_text_files_single_file(tmp_path):
     f = write(tmp_path / "a.txt", "hello world, hello data\n" * 5)
     data = TextFiles(str(f), cache_dir=str(tmp_path / "cache"), val_fraction=0.2).load(CharTokenizer())
@@ -127,11 +144,11 @@ def test_text_files_folder_glob_and_document_separator(tmp_path):
 
     folder = TextFiles(str(d), cache_dir=cache)
     assert [f.name for f in folder.files] == ["a.txt", "b.txt", "c.md"]
-    assert all_text(folder.load(CharTokenizer())) == "first doc\n\nsecond doc\n\nthird doc"
+    assert split_texts(folder.load(CharTokenizer())) == expected_splits(["first doc", "second doc", "third doc"], 0.1)
 
     glob_src = TextFiles(str(d / "*.txt"), cache_dir=cache)
     assert [f.name for f in glob_src.files] == ["a.txt", "b.txt"]
-    assert all_text(glob_src.load(CharTokenizer())) == "first doc\n\nsecond doc"
+    assert split_texts(glob_src.load(CharTokenizer())) == expected_splits(["first doc", "second doc"], 0.1)
 
     rec = TextFiles(str(d / "**" / "*.md"), cache_dir=cache)
     assert [f.name for f in rec.files] == ["c.md"]
@@ -139,8 +156,10 @@ def test_text_files_folder_glob_and_document_separator(tmp_path):
     # a tokenizer with an end-of-text token joins documents with it
     gpt2 = TiktokenTokenizer("gpt2")
     data = TextFiles(str(d / "*.txt"), cache_dir=cache, val_fraction=0.5).load(gpt2)
-    ids = np.concatenate([data.train, data.val]).tolist()
-    assert ids == gpt2.encode("first doc") + [gpt2.eot_id] + gpt2.encode("second doc")
+    assert in_val(0, 0.5) and not in_val(1, 0.5)  # the hash holds out the first document
+    assert data.train.tolist() == gpt2.encode("second doc") and data.val.tolist() == gpt2.encode("first doc")
+    three = TextFiles(str(d / "**" / "*.*"), cache_dir=cache, val_fraction=0.5).load(gpt2)  # a.txt b.txt c.md
+    assert three.train.tolist() == gpt2.encode("second doc") + [gpt2.eot_id] + gpt2.encode("third doc")
 
 
 def test_tiny_corpus_with_empty_val_split_is_one_user_error_naming_it(tmp_path):
@@ -310,7 +329,7 @@ def test_hf_dataset_saved_to_disk(hf_offline, tmp_path):
     src = HFDataset(str(folder), cache_dir=str(tmp_path / "c"), val_fraction=0.2)
     assert list(src.documents()) == ["hello there", "general kenobi"]  # empty rows are skipped
     data = src.load(CharTokenizer())
-    assert all_text(data) == "hello there\n\ngeneral kenobi"
+    assert split_texts(data) == expected_splits(["hello there", "general kenobi"], 0.2)
     assert HFDataset(str(folder), cache_dir=str(tmp_path / "c"), val_fraction=0.2).load(CharTokenizer()).reused
 
 
@@ -333,7 +352,7 @@ def test_hf_dataset_local_data_folders(hf_offline, tmp_path):
     txt = tmp_path / "txt"
     write(txt / "a.txt", "line one\nline two\n")
     data = HFDataset(str(txt), cache_dir=str(tmp_path / "c"), val_fraction=0.25).load(CharTokenizer())
-    assert all_text(data) == "line one\n\nline two"
+    assert split_texts(data) == expected_splits(["line one", "line two"], 0.25)
 
 
 def test_hf_dataset_wrong_text_column_lists_columns(hf_offline, tmp_path):

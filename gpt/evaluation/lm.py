@@ -88,27 +88,20 @@ def checkpoint_source(ckpt: dict) -> tuple[TextSource | None, str]:
 
 def split_tokens(source: TextSource, tokenizer, split: str, val_fraction: float | None = None) -> np.ndarray:
     """The token ids of `split` of `source`, encoded with the checkpoint's tokenizer: "all" (every token),
-    "val" (the last val_fraction of them, default the source's own) or "train" (the rest).
+    "val" (the documents the cache holds out, with val_fraction, default the source's own) or "train".
 
     Documents are joined and split exactly as training's token cache does (gpt.data.TextSource), so the
     checkpoint's own data gives back the val tokens it was validated on; the tokenizer is never refitted.
     """
     if split not in SPLITS:
         raise UserError(f"perplexity.split={split!r} must be one of {', '.join(SPLITS)}")
-    sep = [tokenizer.eot_id] if tokenizer.eot_id is not None else None
-    ids: list[int] = []
-    for i, doc in enumerate(d for d in source.documents() if d):
-        if i:
-            ids.extend(sep if sep is not None else tokenizer.encode("\n\n"))
-        try:
-            ids.extend(tokenizer.encode(doc))
-        except UserError as e:
-            raise UserError(f"evaluating {source.describe()}: {e}") from None
-    n_val = int(len(ids) * (source.val_fraction if val_fraction is None else val_fraction))
-    tokens = {"all": ids, "val": ids[len(ids) - n_val:], "train": ids[:len(ids) - n_val]}[split]
+    try:
+        tokens = source.split_ids(tokenizer, val_fraction)[split]
+    except UserError as e:
+        raise UserError(f"evaluating {source.describe()}: {e}") from None
     if len(tokens) < 2:
         raise UserError(f"{source.describe()} gives {len(tokens)} {split} tokens; at least 2 are needed")
-    return np.asarray(tokens, dtype=np.int64)
+    return tokens
 
 
 def utf8_bytes(tokenizer, ids: list[int]) -> int:

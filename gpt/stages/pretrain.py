@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from gpt.data import TokenData, get_batch
+from gpt.data import Prefetcher, TokenData, draw_starts, get_batch
 from gpt.generate import generate_tokens
 from gpt.stages.common import SeededObjective
 
@@ -14,11 +14,13 @@ class Pretrain(SeededObjective):
 
     Each rank samples with its own generator (seed + rank), so ranks read different data. Evaluation
     uses a generator reseeded every time, so every eval sees the same batches and losses compare.
+    Training batches are assembled `prefetch` steps ahead in a background thread (default: 2 on CUDA, where
+    the gather would otherwise sit between GPU steps; 0 elsewhere), drawn in the same order either way.
     """
 
     def __init__(self, data: TokenData, batch_size: int, block_size: int, device: str = "cpu", seed: int = 0,
                  rank: int = 0, pin_memory: bool = False, sample_prompt: str = "\n", sample_tokens: int = 200,
-                 sample_temperature: float = 0.8, sample_top_k: int | None = 200):
+                 sample_temperature: float = 0.8, sample_top_k: int | None = 200, prefetch: int | None = None):
         from gpt.errors import UserError
 
         if int(batch_size) <= 0:
@@ -29,15 +31,30 @@ class Pretrain(SeededObjective):
         self.generator = torch.Generator().manual_seed(seed + 1000 * rank)
         self.sample = dict(prompt=sample_prompt, tokens=sample_tokens, temperature=sample_temperature, top_k=sample_top_k)
         for split in ("train", "val"):  # fail now, with a clear message, if a split is too short
-            if len(data.split(split)) < self.block_size + 1:
-                get_batch(data.split(split), 1, self.block_size, self.generator)
+            draw_starts(len(data.split(split)), 1, self.block_size, torch.Generator())
+        if prefetch is None:
+            prefetch = 2 if torch.device(device).type == "cuda" else 0
+        self.batches = Prefetcher(data.train, self.batch_size, self.block_size, self.generator, device, pin_memory,
+                                  depth=int(prefetch))
+        self._waited = 0.0
 
     def _batch(self, split: str, generator: torch.Generator):
         return get_batch(self.data.split(split), self.batch_size, self.block_size, generator, self.device,
                          self.pin_memory)
 
     def train_batch(self):
-        return self._batch("train", self.generator)
+        return self.batches.next()
+
+    def data_seconds(self) -> float:
+        """Seconds spent waiting for training batches since the last call (the trainer logs it per log step)."""
+        waited, self._waited = self.batches.wait_seconds - self._waited, self.batches.wait_seconds
+        return waited
+
+    def state_dict(self) -> dict:
+        return {"generator": self.batches.generator_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batches.reset(state["generator"])
 
     @staticmethod
     def batch_tokens(batch) -> int:
