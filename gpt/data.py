@@ -272,10 +272,10 @@ class Shakespeare(TextSource):
 
 
 def read_pieces(file: Path, piece_chars: int | None = None) -> Iterator[str]:
-    """A UTF-8 file's text in pieces of about piece_chars characters, each cut after a newline that is
-    followed by a non-space character: BPE pre-tokenizers (GPT-2's, cl100k's) never join text across such a
-    point, so encoding the pieces gives the ids of the whole file. A file without such a point for 16
-    pieces' length is cut there anyway (a rare, local difference)."""
+    """A UTF-8 file's text in pieces of about piece_chars characters, each cut after a lone newline (between
+    two non-space characters): BPE pre-tokenizers (GPT-2's, cl100k's) never join text across such a point,
+    so encoding the pieces gives the ids of the whole file. A file without such a point for 16 pieces'
+    length (one huge line, CRLF line ends) is cut there anyway (a rare, local difference)."""
     piece_chars = piece_chars or PIECE_CHARS
     decoder = codecs.getincrementaldecoder("utf-8")()
     carry = ""
@@ -299,16 +299,21 @@ def read_pieces(file: Path, piece_chars: int | None = None) -> Iterator[str]:
 
 
 def _cut_point(text: str, near: int) -> int | None:
-    """The index just after a newline that a non-space character follows: the last such before `near`, else
-    the first after it (None: there is none)."""
+    """The index just after a lone newline (a non-space character on either side): the last such before
+    `near`, else the first after it (None: there is none). There GPT-2's and cl100k's pre-tokenizers make
+    the newline a token of its own whether or not the text goes on (a longer whitespace run is one token at
+    the end of a text, but split before a word)."""
+    def lone(i: int) -> bool:
+        return 0 < i < len(text) - 1 and not text[i - 1].isspace() and not text[i + 1].isspace()
+
     i = text.rfind("\n", 0, max(near, 1))
     while i != -1:
-        if i + 1 < len(text) and not text[i + 1].isspace():
+        if lone(i):
             return i + 1
         i = text.rfind("\n", 0, i)
     i = text.find("\n", near)
-    while i != -1 and i + 1 < len(text):
-        if not text[i + 1].isspace():
+    while i != -1:
+        if lone(i):
             return i + 1
         i = text.find("\n", i + 1)
     return None
@@ -497,10 +502,11 @@ class Prefetcher:
             batch = get_batch(self.tokens, self.batch_size, self.block_size, self.generator, self.device,
                               self.pin_memory)
         else:
-            while len(self.ahead) < self.depth + 1:
+            if not self.ahead:
                 self._submit()
             batch = self.ahead.popleft()[1].result()
-            self._submit()  # keep `depth` batches in flight behind the one returned
+            while len(self.ahead) < self.depth:  # `depth` batches in flight while the step runs
+                self._submit()
         self.wait_seconds += time.perf_counter() - t0
         return batch
 
