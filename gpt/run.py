@@ -233,6 +233,10 @@ def execute(cfg: DictConfig, spec: RunSpec) -> float:
     try:
         if not info.is_main:
             logging.getLogger().setLevel(logging.WARNING)
+        if not cfg.get("resume") and distributed.requeued() and (out_dir / "checkpoints" / "last.pt").is_file():
+            with open_dict(cfg):  # started again by the scheduler: continue from what the first start saved
+                cfg.resume = str(out_dir / "checkpoints" / "last.pt")
+            log.info("requeued job: resuming from %s", cfg.resume)
         resume = load_checkpoint(cfg.resume, prefer="last") if cfg.get("resume") else None
         if resume is not None:  # what must match the saved weights comes from the checkpoint itself
             spec.check_resume(cfg, resume)

@@ -187,6 +187,9 @@ class StopSignals:
     A second one restores the previous handlers and raises `abort(signum)` wherever the program is."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    # a scheduler's "checkpoint now" signal, handled the same way when the job's runtime (submitit) installed a
+    # handler for it: the loop saves last.pt, then hands the signal on (submitit then requeues the job)
+    HANDED_ON = (signal.SIGUSR2,)
 
     def __init__(self, abort=None):
         self.received: int | None = None
@@ -198,7 +201,18 @@ class StopSignals:
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
+            for sig in self.HANDED_ON:
+                if callable(signal.getsignal(sig)):
+                    self._previous[sig] = signal.signal(sig, self._handle)
         return self
+
+    def hand_on(self, signum: int) -> None:
+        """After the loop saved: give a HANDED_ON signal to the handler it replaced (submitit requeues the job
+        and exits)."""
+        previous = self._previous.get(signum)
+        if signum in self.HANDED_ON and callable(previous):
+            self.__exit__()
+            previous(signum, None)
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
@@ -695,6 +709,7 @@ class Trainer:
                             self.wait_for_saves()
                         if self.dist.enabled:  # no rank exits (and makes torchrun stop the others) mid-save
                             dist.barrier()
+                        self.signals.hand_on(signum)
                         raise self._interrupted(signum)
             self.wait_for_saves()
         finally:

@@ -4,10 +4,17 @@ sweep folder the launcher claimed, and the sweep's summary still written."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
+import torch
 
-from conftest import TINY, run_script
+from conftest import ROOT, TINY, run_script
+from gpt.runs import read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -26,3 +33,56 @@ def test_a_parallel_sweep_runs_its_jobs_in_one_sweep_folder(tmp_path):
     assert best["folder"].endswith(("/0", "/1")) and (sweep / "summary.md").is_file()
     hydra = (sweep / "0" / ".hydra" / "hydra.yaml").read_text()
     assert "hydra_plugins.hydra_joblib_launcher" in hydra and "n_jobs: 2" in hydra
+
+
+def submitit_local(*args: str) -> list[str]:
+    return ["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=30", *args]
+
+
+def test_a_submitit_job_of_two_tasks_trains_as_one_ddp_run(tmp_path):
+    """tasks_per_node=2 with hardware=ddp: both tasks join one process group from submitit's environment (no
+    torchrun); each optimizer step covers both ranks' batches."""
+    proc = run_script("train.py", *submitit_local("hydra.launcher.tasks_per_node=2"), "hardware=ddp", *TINY,
+                      "trainer.max_iters=2", "trainer.eval_interval=2", "trainer.batch_size=4", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (job,) = [p for p in (tmp_path / "multirun").glob("*-*-*/*/0")]
+    rows = [r for r in read_metrics(job / "metrics.jsonl") if "train/tokens" in r]
+    block = torch.load(job / "checkpoints" / "last.pt", weights_only=True)["config"]["model"]["block_size"]
+    assert rows[-1]["train/tokens"] == 2 * 4 * block * 2  # steps x batch x block x world size 2
+
+
+def test_a_preempted_submitit_job_saves_is_requeued_and_continues(tmp_path):
+    """SIGUSR2 (SLURM's preemption / time-limit notice) to the running task: the loop saves last.pt after its
+    step, submitit requeues the job, and the new start continues from that last.pt in the same folder; the
+    result equals an uninterrupted run's."""
+    common = [*TINY, "hardware.autocast_dtype=float32", "trainer.max_iters=40", "trainer.eval_interval=2",
+              "trainer.log_interval=1"]
+    plain = run_script("train.py", *common, "hydra.run.dir=plain", cwd=tmp_path)
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *submitit_local(), *common], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not list(tmp_path.glob("multirun/*-*-*/*/0/checkpoints/last.pt")):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+            time.sleep(0.05)
+        tasks = [pid for pid in subprocess.run(["pgrep", "-f", "submitit.core._submit"], capture_output=True,
+                                               text=True).stdout.split()
+                 if os.path.realpath(f"/proc/{pid}/cwd") == os.path.realpath(tmp_path)]  # this test's task only
+        assert len(tasks) == 1, tasks
+        os.kill(int(tasks[0]), signal.SIGUSR2)
+        out, err = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    (job,) = tmp_path.glob("multirun/*-*-*/*/0")
+    log = (job / "train.log").read_text()
+    assert "requeued job: resuming from" in log, log[-2000:]
+    steps = [r["step"] for r in read_metrics(job / "metrics.jsonl") if "train/loss" in r]
+    assert steps == list(range(1, 41))  # one history: each step once
+    a = torch.load(tmp_path / "plain" / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(job / "checkpoints" / "last.pt", weights_only=True)
+    assert b["step"] == 40
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
