@@ -2,11 +2,11 @@
 rollouts; gpt.generate's functions are thin wrappers over it), and the sampling rules it applies.
 
 Rows join and leave between decode steps (continuous batching). The engine keeps one preallocated KV cache of
-`max_rows` slots; the active rows fill slots 0 .. n-1. A joining row's prompt (all but its newest token) is
-prefilled and its keys and values written into a free slot; every step then feeds each active row its newest
-token at that row's own position (a ragged cache, gpt.model.KVCache.rows; the plain single-position path when
-all rows sit at the same position), samples each row with its own settings, and frees the slots of rows that
-finished (a stop token, a stop check, max_tokens) or were cancelled.
+`max_rows` slots; the active rows fill slots 0 .. n-1. A joining row's prompt is prefilled straight into a free
+slot (its first token sampled from that prefill); every later step feeds each row its newest token at that
+row's own position (a ragged cache, gpt.model.KVCache.rows; the plain single-position path when all rows sit
+at the same position), samples each row with its own settings, and frees the slots of rows that finished (a
+stop token, a stop check, max_tokens) or were cancelled.
 
 The context-window rule: the model has learned absolute positions, so it must see at most the last block_size
 tokens, at positions 0 .. block_size-1, exactly what an uncached forward over that window sees. A row whose
@@ -89,16 +89,6 @@ def last_logits(model: GPT, idx: torch.Tensor, cache=None, pad: torch.Tensor | N
     decode step, and (T, V) for a prompt) runs on one row per sequence."""
     h = model.hidden_states(idx, cache, pad)
     return model.lm_head(h[:, -1])
-
-
-def left_pad(prompts: list[list[int]], pad_id: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists of different lengths -> (idx (B, T_max) right-aligned, pad (B,) left-padding counts)."""
-    width = max(len(p) for p in prompts)
-    idx = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
-    for row, p in enumerate(prompts):
-        idx[row, width - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
-    pad = torch.tensor([width - len(p) for p in prompts], dtype=torch.long, device=device)
-    return idx, pad
 
 
 # ------------------------------------------------------------------------------------------------ rows
@@ -190,6 +180,8 @@ class DecodeEngine:
         self.block = model.config.block_size
         self.device = model.transformer.wte.weight.device
         self.cache = model.new_cache(max_rows, self.block) if use_cache else None
+        if self.cache is not None and max_rows > 1:  # rows at different positions read beyond their own
+            self.cache.zero_()                       # length (masked): those values must be finite
         self.sample = sample or sample_next
         self.active: list[Row] = []  # active[i].slot == i
         self.groups: list[_Group] = []  # running
@@ -264,7 +256,8 @@ class DecodeEngine:
     def _release(self) -> None:
         """Free the slots of finished groups: the last active row moves into each freed slot (its cached
         positions copied), so the active rows stay in slots 0 .. n-1."""
-        for group in [g for g in self.groups if g.done]:
+        finished = [g for g in self.groups if g.done]
+        for group in finished:
             self.groups.remove(group)
             for r in group.rows:
                 last = self.active.pop()
@@ -285,53 +278,55 @@ class DecodeEngine:
         return row.seq[-self.block:]
 
     def _logits(self) -> torch.Tensor:
-        """Logits (n, V) of every active row's newest token, row i in slot i."""
-        if self.cache is None:  # from scratch over each row's window
-            return self._forward(None, [self._window(r) for r in self.active], logits=True)
-        # rows new to their slot, or whose cache is full (the context-window rule), are (re)filled first with
-        # all but their newest token, so that every row then takes the same one-token decode step
-        refill = [r for r in self.active if r.cached is None or r.cached >= self.block]
-        if refill:
-            self._prefill(refill)
-        idx = torch.tensor([[r.seq[-1]] for r in self.active], dtype=torch.long, device=self.device)
-        view = self.cache.rows(0, len(self.active), [r.cached for r in self.active])
-        logits = last_logits(self.model, idx, view)
-        for r in self.active:
-            r.cached += 1
-        return logits
+        """Logits (n, V) of every active row's newest token, row i in slot i.
 
-    def _prefill(self, rows: list[Row]) -> None:
-        """Write each row's window but its newest token into its slot of the cache (one batched forward;
-        straight into the cache when the rows are neighbours of one length, else through a scratch cache)."""
-        windows = [self._window(r)[:-1] for r in rows]
-        for r, w in zip(rows, windows):
-            r.cached = len(w)
-        todo = [(r, w) for r, w in zip(rows, windows) if w]
-        if not todo:
-            return
-        slots, windows = [r.slot for r, _ in todo], [w for _, w in todo]
-        lengths = {len(w) for w in windows}
-        if len(lengths) == 1 and slots == list(range(slots[0], slots[0] + len(slots))):
-            view = self.cache.rows(slots[0], slots[0] + len(slots), [0] * len(slots))
-            self.model.hidden_states(torch.tensor(windows, dtype=torch.long, device=self.device), view)
-            return
-        self._forward(self.cache, windows, slots=slots)
+        Rows new to their slot, and rows whose cache is full (the context-window rule), are (re)filled with
+        their whole window, the others take a one-token decode step. The rows to fill first move to the last
+        slots, grouped by window length, so that the decode step runs over slots 0 .. d-1 and each fill over
+        neighbouring slots of one length, straight into the cache: a row's logits then come from the same
+        computation whatever its batch-mates (a fill alone or a one-token step), with no padding anywhere."""
+        if self.cache is None:  # from scratch over each row's window, every step
+            fill = list(self.active)
+        else:
+            fill = [r for r in self.active if r.cached is None or r.cached >= self.block]
+        d = len(self.active) - len(fill)
+        self._arrange(fill, d)
+        parts = []
+        if d:
+            rows = self.active[:d]
+            idx = torch.tensor([[r.seq[-1]] for r in rows], dtype=torch.long, device=self.device)
+            parts.append(last_logits(self.model, idx, self.cache.rows(0, d, [r.cached for r in rows])))
+            for r in rows:
+                r.cached += 1
+        i = d
+        while i < len(self.active):  # one forward per run of equal window lengths
+            width = len(self._window(self.active[i]))
+            j = i
+            while j < len(self.active) and len(self._window(self.active[j])) == width:
+                j += 1
+            rows = self.active[i:j]
+            idx = torch.tensor([self._window(r) for r in rows], dtype=torch.long, device=self.device)
+            view = None if self.cache is None else self.cache.rows(i, j, [0] * (j - i))
+            parts.append(last_logits(self.model, idx, view))
+            for r in rows:
+                r.cached = width
+            i = j
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def _forward(self, cache, windows: list[list[int]], slots: list[int] | None = None,
-                 logits: bool = False) -> torch.Tensor | None:
-        """One left-padded forward over windows of different lengths: the last position's logits (logits=True,
-        no cache), or (a cache given) their keys and values copied into `slots`, each row's from position 0."""
-        idx, pad = left_pad(windows, device=self.device)
-        any_pad = bool(pad.any())
-        if logits:
-            return last_logits(self.model, idx, None, pad if any_pad else None)
-        scratch = self.model.new_cache(len(windows), idx.size(1), dtype=cache.k.dtype)
-        self.model.hidden_states(idx, scratch, pad if any_pad else None)
-        width = idx.size(1)
-        for i, (slot, p) in enumerate(zip(slots, pad.tolist())):
-            cache.k[:, slot, :, :width - p] = scratch.k[:, i, :, p:]
-            cache.v[:, slot, :, :width - p] = scratch.v[:, i, :, p:]
-        return None
+    def _arrange(self, fill: list[Row], d: int) -> None:
+        """Put the rows of `fill` in slots d .. n-1, sorted by window length; the other rows move from there
+        into the slots the fill rows leave (their cached positions copied; a fill row's cache is rewritten)."""
+        if not fill:
+            return
+        fill_ids = {id(r) for r in fill}
+        holes = [i for i in range(d) if id(self.active[i]) in fill_ids]
+        movers = [i for i in range(d, len(self.active)) if id(self.active[i]) not in fill_ids]
+        for hole, src in zip(holes, movers):
+            row = self.active[src]
+            self._move(row, hole)
+            self.active[hole] = row
+        for i, r in enumerate(sorted(fill, key=lambda r: len(self._window(r)))):
+            self.active[d + i], r.slot = r, d + i
 
     def _sample(self, group: _Group, logits: torch.Tensor) -> list[tuple[Row, int]]:
         """One sampling call for the group's rows; rows that already finished take their stop id."""

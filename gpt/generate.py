@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import torch
 
-from gpt.engine import DecodeEngine, Sampling, complete, last_logits, left_pad, sample_next
+from gpt.engine import DecodeEngine, Sampling, complete, last_logits, sample_next
 from gpt.model import GPT
 
 __all__ = ["generate", "generate_batch", "generate_tokens", "last_logits", "left_pad", "sample_next"]
@@ -46,6 +46,16 @@ def generate_tokens(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperat
         if group.last is None:  # sampling failed
             raise group.rows[0].error
         yield group.last
+
+
+def left_pad(prompts: list[list[int]], pad_id: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists of different lengths -> (idx (B, T_max) right-aligned, pad (B,) left-padding counts)."""
+    width = max(len(p) for p in prompts)
+    idx = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    for row, p in enumerate(prompts):
+        idx[row, width - len(p):] = torch.tensor(p, dtype=torch.long, device=device)
+    pad = torch.tensor([width - len(p) for p in prompts], dtype=torch.long, device=device)
+    return idx, pad
 
 
 def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:

@@ -51,19 +51,25 @@ class KVCache:
     at [pos, pos + T) and attend over [0, pos + T). Ragged (`lens` (B,), see `rows`): row b holds lens[b]
     positions (rows that joined a running batch at different times); each row takes one new token, written
     at lens[b], that attends over that row's own [0, lens[b]] only. `advance(T)` is called once per forward.
-    The storage starts zeroed: a ragged row reads (masked) keys and values beyond its own length, which must
-    be finite, since a zero attention weight times NaN is still NaN.
+    A ragged row also reads (masked) keys and values beyond its own length, up to the longest row's: those
+    must be finite (a zero attention weight times NaN is still NaN), so a cache used ragged starts zeroed
+    (`zero_()`; gpt.engine.DecodeEngine does it).
     """
 
     def __init__(self, n_layer: int, batch_size: int, n_head: int, head_dim: int, max_len: int,
                  device=None, dtype=torch.float32):
         shape = (n_layer, batch_size, n_head, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self.pos = 0
         self.lens: torch.Tensor | None = None
         self.longest = 0  # ragged: max(lens)
+
+    def zero_(self) -> KVCache:
+        self.k.zero_()
+        self.v.zero_()
+        return self
 
     def rows(self, start: int, stop: int, lens: list[int]) -> KVCache:
         """Rows [start, stop) as a cache of their own (views of this storage), row b holding lens[b] positions:

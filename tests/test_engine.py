@@ -5,8 +5,8 @@ row frees its slot at once; the context-window refill rule equals uncached gener
 import pytest
 import torch
 
-from gpt.engine import DecodeEngine, Sampling, complete, left_pad, text_stop
-from gpt.generate import generate
+from gpt.engine import DecodeEngine, Sampling, complete, text_stop
+from gpt.generate import generate, left_pad
 from gpt.model import GPT
 
 V, BLOCK = 48, 32
@@ -41,7 +41,7 @@ def test_a_ragged_cache_step_equals_each_row_alone():
             cache = m.new_cache(1)
             m(torch.tensor([s[:-1]]), cache=cache)
             want.append(m(torch.tensor([s[-1:]]), cache=cache)[0][0, -1])
-        big = m.new_cache(3)
+        big = m.new_cache(3).zero_()  # ragged rows read (masked) positions beyond their own length
         for i, s in enumerate(seqs):
             m(torch.tensor([s[:-1]]), cache=big.rows(i, i + 1, [0]))
         view = big.rows(0, 3, [len(s) - 1 for s in seqs])
@@ -265,6 +265,22 @@ def wait_for(cond, seconds: float = 20.0) -> None:
     assert cond()
 
 
+def pause_when(eng, cond):
+    """Hold the worker inside its decode step (the model's output layer) the first time cond() holds, until
+    the returned `go` event is set: the test acts between two steps whatever the threads' scheduling."""
+    import threading
+
+    paused, go = threading.Event(), threading.Event()
+
+    def hook(*_):
+        if not paused.is_set() and cond():
+            paused.set()
+            go.wait(20)
+
+    eng.model.lm_head.register_forward_hook(hook)
+    return paused, go
+
+
 def test_a_served_short_request_joins_a_running_long_one_and_finishes_first():
     """Continuous batching: a 6-token request sent while a 256-token one decodes joins at the next step and is
     done 6 steps later, while the long one goes on (a static batcher makes it wait for all 256)."""
@@ -275,13 +291,13 @@ def test_a_served_short_request_joins_a_running_long_one_and_finishes_first():
         for name, j in (("long", long), ("short", short)):
             real = j.finish
             j.finish = lambda name=name, real=real: finished.append((name, len(long.new))) or real()
+        paused, go = pause_when(eng, lambda: len(long.new) == 10)
         batcher.submit(long)
-        wait_for(lambda: len(long.new) >= 10)
-        with eng.lock:  # between two steps: the short request joins at the next one
-            at_join = len(long.new)
-            batcher.submit(short)
+        assert paused.wait(20)  # inside the step that samples the long request's 11th token
+        batcher.submit(short)  # joins at the next step
+        go.set()
         wait_for(lambda: len(finished) == 2)
-        assert finished == [("short", at_join + 6), ("long", 256)]
+        assert finished == [("short", 11 + 6), ("long", 256)]
         assert batcher.stats()["batch_sizes"] == {"1": 2} and batcher.stats()["max_batch_seen"] == 2
         alone_batcher = served(max_batch=1)[1]
         again = job("To be", 6, temperature=0.8, seed=3)
@@ -296,14 +312,14 @@ def test_a_served_cancelled_row_frees_its_slot_for_the_next_request_within_one_s
     eng, batcher, job, loop = served(max_batch=1)
     try:
         first, second = job("ROMEO:", 256), job("To be", 4)
+        paused, go = pause_when(eng, lambda: len(first.new) == 3)
         batcher.submit(first)
-        wait_for(lambda: len(first.new) >= 3)
-        with eng.lock:
-            batcher.submit(second)  # waits: the one slot is taken
-            first.cancelled = True  # what Ticket.release does when the client goes away
-            at_cancel = len(first.new)
+        assert paused.wait(20)  # inside the step that samples the first request's 4th token
+        batcher.submit(second)  # waits: the one slot is taken
+        first.cancelled = True  # what Ticket.release does when the client goes away
+        go.set()
         wait_for(lambda: second.row is not None and second.row.done)
-        assert len(first.new) == at_cancel and first.row.finish_reason == "cancelled"
-        assert len(second.new) == 4 and batcher.decoder.steps == at_cancel + 4
+        assert len(first.new) == 4 and first.row.finish_reason == "cancelled"
+        assert len(second.new) == 4 and batcher.decoder.steps == 4 + 4
     finally:
         loop.close()
