@@ -305,7 +305,9 @@ def build(plan: Plan, tokenizer, path: Path, key: dict, num_proc: int, shard_tok
                             f"train/val split with data.val_fraction={plan.val_fraction} ({counts['train']} train, "
                             f"{counts['val']} val); use more text")
         seconds = time.perf_counter() - t0
-        meta = {"tokenizer": identity, "dtype": dtype.name, "format": FORMAT, "key": key, "split": rule,
+        key_text = json.dumps(key, sort_keys=True)  # a folder of 100k files: kept out of meta.json when long
+        meta = {"tokenizer": identity, "dtype": dtype.name, "format": FORMAT, "split": rule,
+                "key": key if len(key_text) < 100_000 else {"sha256": hashlib.sha256(key_text.encode()).hexdigest()},
                 "shards": {"train": shards[0], "val": shards[1]}, "n_train": counts["train"], "n_val": counts["val"],
                 "documents": docs, "bytes": nbytes, "seconds": seconds, "workers": info.get("workers", 1)}
         (tmp / "meta.json").write_text(json.dumps(meta))
