@@ -56,16 +56,45 @@ def _read_note(note: Path) -> str:
     return path
 
 
+def _claim_in_store(base: str) -> str:
+    """Every rank of a torchrun job, on every node, uses global rank 0's folder: rank 0 claims it and publishes
+    the name in torchrun's own key-value store (the agent's TCPStore at MASTER_ADDR:MASTER_PORT, which every
+    worker reaches before the process group exists); the others wait for it there. The key is the job's run
+    id, restart count and the folder's kind (outputs, multirun, ...): the nodes' clocks give their own `base`."""
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                     timeout=timedelta(seconds=120))
+    key = (f"gpt/run_dir/{os.environ['TORCHELASTIC_RUN_ID']}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+           f"{Path(base).parts[0] if Path(base).parts else ''}")
+    if os.environ.get("RANK", "0") == "0":
+        path = _claim(base)
+        store.set(key, path)
+        return path
+    try:
+        return store.get(key).decode()
+    except Exception as e:  # the store's timeout: rank 0 never published (it failed before, or hangs)
+        raise RuntimeError(f"rank {os.environ.get('RANK')}: global rank 0 published no run folder in 120 s "
+                           f"({type(e).__name__})") from None
+
+
 def unique_dir(base: str) -> str:
     """Resolver for hydra.run.dir / hydra.sweep.dir: a run folder no other run shares.
 
-    Under torchrun every local rank must use the same folder: local rank 0 claims it and publishes
-    the name in a small temp file keyed by the torchrun run id, agent pid and restart count; the other
-    ranks read it, and the last of them to read removes it.
+    Under torchrun every rank must use the same folder. Where torchrun's agent hosts the job's store (its
+    default), global rank 0 claims the folder and the others read its name from the store, across nodes
+    (`_claim_in_store`). Otherwise local rank 0 claims it and publishes the name in a small temp file keyed by
+    the torchrun run id, agent pid and restart count; the other local ranks read it, and the last of them to
+    read removes it.
     """
     if base in _claimed:
         return _claimed[base]
-    if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1 and "TORCHELASTIC_RUN_ID" in os.environ:
+    if (int(os.environ.get("WORLD_SIZE", "1")) > 1 and "TORCHELASTIC_RUN_ID" in os.environ
+            and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and "MASTER_ADDR" in os.environ):
+        path = _claim_in_store(base)
+    elif int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1 and "TORCHELASTIC_RUN_ID" in os.environ:
         note = _note_path()
         if os.environ.get("LOCAL_RANK", "0") == "0":
             path = _claim(base)
