@@ -461,11 +461,12 @@ def assemble(tokens, starts: np.ndarray, block_size: int, device="cpu", pin_memo
     else:
         buf = np.asarray(tokens)[starts[:, None] + np.arange(block_size + 1)].astype(np.int64)
     buf = torch.from_numpy(buf)
+    x, y = buf[:, :-1], buf[:, 1:]
     if torch.device(device).type == "cuda":
         if pin_memory:
-            buf = buf.pin_memory()
-        buf = buf.to(device, non_blocking=True)
-    return buf[:, :-1], buf[:, 1:]
+            x, y = x.pin_memory(), y.pin_memory()
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    return x, y
 
 
 def get_batch(tokens, batch_size: int, block_size: int, generator, device="cpu",

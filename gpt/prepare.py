@@ -112,7 +112,7 @@ def encoded(pieces: Iterable[tuple[bool, str]], identity: dict, dtype: np.dtype,
     second = next(batches, None)
     if num_proc <= 1 or second is None:
         _init_worker(identity, dtype.name)
-        for flags, texts in ([first] if second is None else [first, second, *batches]):
+        for flags, texts in _chain([first] if second is None else [first, second], batches):  # lazily
             for new_doc, (ids, nbytes) in zip(flags, _encode_batch(texts)):
                 yield new_doc, ids, nbytes
         return
