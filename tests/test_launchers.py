@@ -121,3 +121,20 @@ def test_two_nodes_share_one_run_folder_and_equal_one_node_of_two(tmp_path):
     b = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_ddp_gradient_accumulation_equals_the_big_batch_step(tmp_path):
+    """Under DDP the micro-steps before the last skip the gradient all-reduce (no_sync); the accumulated step
+    of 2 micro-batches of 2 equals the step of one batch of 4 on each rank (same windows: a batch of 4 draws
+    the 4 windows that two batches of 2 draw in turn). float32; tolerance: summation order only."""
+    common = [*TINY, "hardware=ddp", "hardware.autocast_dtype=float32", "trainer.max_iters=3",
+              "trainer.eval_interval=3", "model.dropout=0.0"]
+    runs = {}
+    for name, args in (("big", ["trainer.batch_size=4"]), ("accum", ["trainer.batch_size=2",
+                                                                     "trainer.grad_accum_steps=2"])):
+        proc = run_script("train.py", *common, *args, f"hydra.run.dir={name}", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"},
+                          prefix=["torchrun", "--standalone", "--nproc_per_node=2"])
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs[name] = torch.load(tmp_path / name / "checkpoints" / "last.pt", weights_only=True)["model"]
+    for k in runs["big"]:
+        torch.testing.assert_close(runs["accum"][k], runs["big"][k], rtol=1e-5, atol=1e-6, msg=k)

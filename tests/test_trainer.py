@@ -326,3 +326,40 @@ def test_generating_for_no_prompts_gives_no_rows():
     from gpt.generate import generate_batch
 
     assert generate_batch(tiny_gpt(), [], 4) == []
+
+
+def test_ddp_all_reduces_gradients_only_on_the_last_micro_step(tmp_path, monkeypatch):
+    """grad_accum_steps=3 under DDP: one gradient all-reduce per optimizer step (a comm hook counts the bucket
+    reductions DDP starts), not one per micro-batch. A one-process gloo group runs DDP's real reducer."""
+    import torch.distributed as dist
+
+    from gpt.distributed import DistInfo
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    with __import__("socket").socket() as s:
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("MASTER_PORT", str(s.getsockname()[1]))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        x, y = random_batch(6)
+        model = tiny_gpt()
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        loop = Loop(max_iters=1, eval_interval=10_000, eval_iters=1, grad_accum_steps=3, grad_clip=0.0)
+        trainer = Trainer(model, FixedBatches([(x[:2], y[:2]), (x[2:4], y[2:4]), (x[4:], y[4:])]), optimizer, scheduler,
+                          loop, precision=Precision("cpu", "float32"), dist_info=DistInfo(0, 0, 1, "cpu"),
+                          run_dir=tmp_path, progress=False)
+        calls = []
+
+        def counting(state, bucket):
+            calls.append(bucket.index())
+            fut = torch.futures.Future()
+            fut.set_result(bucket.buffer())
+            return fut
+
+        trainer.model.register_comm_hook(None, counting)
+        trainer.train_step()
+        buckets = len(set(calls))
+        assert buckets >= 1 and len(calls) == buckets  # each bucket reduced once: on the last micro-batch only
+    finally:
+        dist.destroy_process_group()
