@@ -1,0 +1,85 @@
+"""Run an entry script (or a `python -m` module) in the test process instead of a new Python: the same code path
+as a subprocess from sys.argv on, without paying torch's import (~2 s) per run. The result has the shape of
+subprocess.run's (returncode, stdout, stderr), so a test written against conftest.run_script reads it unchanged.
+
+Use it for runs that end quickly (refusals, one-line errors, tiny runs); keep subprocesses for what needs a
+process of its own: signals, kills, torchrun, servers, timeouts, and anything that must not share this
+process's state."""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import io
+import logging
+import os
+import runpy
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+from conftest import ROOT
+
+
+@contextlib.contextmanager
+def _saved_logging():
+    """Hydra configures logging per job (handlers on the root and `gpt` loggers): put back what was there."""
+    loggers = [logging.getLogger(), *(logging.getLogger(n) for n in list(logging.root.manager.loggerDict))]
+    saved = [(lg, list(lg.handlers), lg.level, lg.propagate, lg.disabled) for lg in loggers]
+    try:
+        yield
+    finally:
+        for lg, handlers, level, propagate, disabled in saved:
+            lg.handlers[:] = handlers
+            lg.setLevel(level)
+            lg.propagate, lg.disabled = propagate, disabled
+
+
+def run_here(target: str, *args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`target` is an entry script of the project (train.py, ...) or "-m" followed by a module in `args`."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from gpt import config
+
+    module = target == "-m"
+    argv = [*args] if module else [str(ROOT / target), *args]
+    out, err = io.StringIO(), io.StringIO()
+    old_argv, old_cwd, old_env = sys.argv, os.getcwd(), dict(os.environ)
+    code = 0
+    config._claimed.clear()  # a new process would start with nothing claimed
+    GlobalHydra.instance().clear()
+    os.environ.update(env or {})
+    os.chdir(cwd)
+    sys.argv = argv
+    at_exit = []  # what the run registers with atexit runs when it ends, as at the end of its process
+    real_register = atexit.register
+    atexit.register = lambda fn, *a, **k: at_exit.append((fn, a, k)) or fn
+    try:
+        with _saved_logging(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+                warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*found in sys.modules", RuntimeWarning)  # runpy: gpt.x imported before
+            try:
+                if module:
+                    runpy.run_module(argv[0], run_name="__main__", alter_sys=True)
+                else:
+                    runpy.run_path(argv[0], run_name="__main__")
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+                if isinstance(e.code, str):
+                    err.write(e.code + "\n")
+            except Exception:  # a traceback, as a subprocess would print it
+                import traceback
+
+                traceback.print_exc(file=err)
+                code = 1
+            for fn, a, k in reversed(at_exit):
+                fn(*a, **k)
+    finally:
+        atexit.register = real_register
+        sys.argv = old_argv
+        os.chdir(old_cwd)
+        os.environ.clear()
+        os.environ.update(old_env)
+        GlobalHydra.instance().clear()
+    return subprocess.CompletedProcess([sys.executable, *argv], code, out.getvalue(), err.getvalue())
