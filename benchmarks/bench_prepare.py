@@ -146,7 +146,7 @@ def measure(cmd: list[str], env: dict) -> tuple[float, int, str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--gb", type=float, default=2.0, help="corpus size in GB of text (default 2)")
-    ap.add_argument("--num-proc", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--num-proc", type=int, default=os.cpu_count())
     ap.add_argument("--keep", action="store_true", help="keep the temp folder")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-prepare-"))

@@ -102,6 +102,11 @@ class TokenData:
         return self.train if name == "train" else self.val
 
 
+def cores() -> int:
+    """The cores this process may run on (all of them where the OS does not say)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _pieces_of(documents: Iterable[str]) -> Iterator[tuple[bool, str]]:
     for doc in documents:
         if doc:
@@ -118,7 +123,7 @@ class TextSource:
             raise UserError(f"data.val_fraction={val_fraction} must be between 0 and 1 (exclusive), e.g. 0.1")
         self.val_fraction = val_fraction
         self.cache_dir = Path(str(cache_dir)).expanduser()
-        self.num_proc = int(num_proc) if num_proc else len(os.sched_getaffinity(0))
+        self.num_proc = int(num_proc) if num_proc else cores()
         self.wait_timeout = float(wait_timeout)
 
     def fingerprint(self) -> dict:
@@ -531,14 +536,18 @@ def unigram_loss(train, val, vocab_size: int) -> float:
     counted shard by shard (a corpus of any size)."""
     counts = np.ones(vocab_size, dtype=np.float64)
     for part in _parts(train):
-        counts += np.bincount(np.asarray(part), minlength=vocab_size)[:vocab_size]
+        counts += np.bincount(part, minlength=vocab_size)[:vocab_size]
     logp = np.log(counts / counts.sum())
     total, n = 0.0, 0
     for part in _parts(val):
-        total += float(logp[np.asarray(part)].sum())
+        total += float(logp[part].sum())
         n += len(part)
     return -total / n
 
 
-def _parts(tokens) -> list:
-    return tokens.shards if isinstance(tokens, Tokens) else [tokens]
+def _parts(tokens, size: int = 1 << 24) -> Iterator[np.ndarray]:
+    """A token stream in arrays of at most `size` ids (bincount's int64 copy of one stays at 128 MiB)."""
+    for shard in (tokens.shards if isinstance(tokens, Tokens) else [tokens]):
+        shard = np.asarray(shard)
+        for i in range(0, len(shard), size):
+            yield shard[i:i + size]
