@@ -183,16 +183,34 @@ def test_text_stop_sees_a_stop_string_across_tokens():
 
 
 def test_a_group_shares_one_generator_like_a_static_batch():
-    """Rows added together draw from one generator in one call per step, finished rows included: the
-    tokens equal generate() on the left-padded batch, and differ from rows seeded apart."""
-    m = tiny(8)
-    prompts = [ids(3, 1), ids(7, 2)]
-    rows = complete(m, prompts, Sampling(10, temperature=1.0, generator=torch.Generator().manual_seed(4)))
-    idx, pad = left_pad(prompts)
-    from gpt.generate import generate_tokens
+    """Rows added together draw from one generator in one sampling call per step over all of them, a
+    finished row keeping its place (its stop id): the tokens of a hand-written static batch, each row's
+    logits from an uncached forward over its own window."""
+    from gpt.engine import sample_next
 
-    steps = list(generate_tokens(m, idx, 10, temperature=1.0, generator=torch.Generator().manual_seed(4), pad=pad))
-    assert [r.new for r in rows] == torch.stack(steps, dim=1).tolist()
+    m = tiny(8)
+    prompts, n = [ids(3, 1), ids(7, 2), ids(BLOCK - 1, 3)], 12
+    free = complete(m, prompts, Sampling(n, temperature=1.0, generator=torch.Generator().manual_seed(4)))
+    stop = free[0].new[4]  # row 0 stops at its 5th token at the latest; the others go on
+    rows = complete(m, prompts, Sampling(n, temperature=1.0, stop_ids=(stop,),
+                                         generator=torch.Generator().manual_seed(4)))
+    g, seqs, done = torch.Generator().manual_seed(4), [list(p) for p in prompts], [False] * 3
+    want = [[] for _ in prompts]
+    with torch.no_grad():
+        for _ in range(n):
+            logits = torch.cat([m(torch.tensor([s[-BLOCK:]]))[0][:, -1] for s in seqs])
+            nxt = sample_next(logits, 1.0, None, None, g).tolist()
+            for i, t in enumerate(nxt):
+                t = stop if done[i] else t
+                seqs[i].append(t)
+                if not done[i]:
+                    done[i] = t == stop
+                    if not done[i]:
+                        want[i].append(t)
+            if all(done):
+                break
+    assert [r.new for r in rows] == want and len(want[0]) <= 4 and rows[0].finish_reason == "stop"
+    assert max(len(w) for w in want) > len(want[0])  # the others went on after row 0 stopped
 
 
 def test_a_group_whose_sampling_fails_leaves_alone():
