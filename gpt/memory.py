@@ -64,19 +64,26 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return total
 
 
-def saved_activation_bytes(config, batch_size: int, seq_len: int, dtype: torch.dtype | None,
-                           checkpointing: bool = False) -> int:
-    """The tensors one micro-batch's forward pass keeps for backward (see the module docstring)."""
+def block_activation_bytes(config, batch_size: int, seq_len: int, dtype: torch.dtype | None) -> int:
+    """What one block's forward keeps for backward (see the module docstring)."""
     a = 4 if dtype is None else torch.empty(0, dtype=dtype).element_size()
-    C, L, H, V = config.n_embd, config.n_layer, config.n_head, config.vocab_size
+    C, H = config.n_embd, config.n_head
     tokens = batch_size * seq_len
     block = tokens * (8 * C + 14 * a * C + 16)  # + the layer norms' statistics (2 x 2 floats per token)
     if config.attn_impl == "eager":  # its (T, T) attention probabilities per head
         block += batch_size * H * seq_len * seq_len * a
     else:  # scaled_dot_product_attention's log-sum-exp, a float per head and token
         block += tokens * 4 * H
-    # with checkpointing each block keeps only its input; one block's activations are rebuilt at a time in backward
-    blocks = L * tokens * 4 * C + block if checkpointing else L * block
+    return block
+
+
+def saved_activation_bytes(config, batch_size: int, seq_len: int, dtype: torch.dtype | None,
+                           checkpointing: bool = False) -> int:
+    """The tensors one micro-batch's forward pass keeps for backward: every block's activations, or with
+    activation checkpointing each block's input only (4C per token)."""
+    C, L, V = config.n_embd, config.n_layer, config.vocab_size
+    tokens = batch_size * seq_len
+    blocks = L * tokens * 4 * C if checkpointing else L * block_activation_bytes(config, batch_size, seq_len, dtype)
     # the embeddings' output and the last norm's input, the targets; the fused output layer builds its weight
     # gradient (V, C) in forward and keeps it, the unfused one keeps the (tokens, V) logits in float32
     head = tokens * (8 * C + 16) + (V * C * 4 if config.loss_chunk_size else tokens * 4 * V)
@@ -85,10 +92,12 @@ def saved_activation_bytes(config, batch_size: int, seq_len: int, dtype: torch.d
 
 def activation_bytes(config, batch_size: int, seq_len: int, dtype: torch.dtype | None,
                      checkpointing: bool = False) -> int:
-    """The saved tensors, and the fused output layer's chunk of logits that exists on top of them."""
+    """The peak: the saved tensors, the fused output layer's chunk of logits on top of them, and with activation
+    checkpointing the one block whose activations backward rebuilds at a time."""
     a = 4 if dtype is None else torch.empty(0, dtype=dtype).element_size()
     chunk = min(batch_size * seq_len, config.loss_chunk_size) * config.vocab_size * a if config.loss_chunk_size else 0
-    return saved_activation_bytes(config, batch_size, seq_len, dtype, checkpointing) + chunk
+    rebuilt = block_activation_bytes(config, batch_size, seq_len, dtype) if checkpointing else 0
+    return saved_activation_bytes(config, batch_size, seq_len, dtype, checkpointing) + chunk + rebuilt
 
 
 def autocast_copy_bytes(model: torch.nn.Module, dtype: torch.dtype | None) -> int:
@@ -104,7 +113,8 @@ def autocast_copy_bytes(model: torch.nn.Module, dtype: torch.dtype | None) -> in
 
 
 def estimate(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch_size: int, seq_len: int,
-             dtype: torch.dtype | None, shards: int = 1, ddp: bool = False, checkpointing: bool = False) -> MemoryEstimate:
+             dtype: torch.dtype | None, shards: int = 1, ddp: bool = False,
+             checkpointing: bool | None = None) -> MemoryEstimate:
     """The memory of one training step of `model` (micro-batch `batch_size` x `seq_len`, autocast `dtype` or None
     for float32) on each of `shards` devices that split parameters, gradients and optimizer state (FSDP), or
     one device (with `ddp`, DDP's gradient buckets on top)."""
@@ -116,6 +126,8 @@ def estimate(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch_siz
     config = getattr(model, "config", None)
     if ddp:
         overhead += trainable
+    if checkpointing is None:  # the model's own setting (model.activation_checkpointing)
+        checkpointing = bool(getattr(config, "activation_checkpointing", False))
     acts = activation_bytes(config, batch_size, seq_len, dtype, checkpointing) if config is not None else 0
     return MemoryEstimate(param_bytes // shards, trainable // shards, optimizer_state_bytes(optimizer) // shards,
                           acts, overhead, shards)
@@ -131,19 +143,19 @@ def device_memory(device: str) -> int | None:
 
 def table(batch_size: int = 8, seq_len: int = 1024, vocab_size: int = 50304, gpus: int = 8) -> str:
     """A markdown table of the estimate per device for the conf/model sizes (AdamW, bf16 autocast, micro-batch
-    `batch_size` x `seq_len`): one device (or DDP), FSDP over `gpus`, and FSDP with activation checkpointing."""
+    `batch_size` x `seq_len`): one device (or DDP), with activation checkpointing, FSDP over `gpus`, and both."""
     from gpt.model import GPT
 
     sizes = {"nano": (4, 4, 256), "gpt2_small": (12, 12, 768), "gpt2_medium": (24, 16, 1024),
              "gpt2_large": (36, 20, 1280), "gpt2_xl": (48, 25, 1600)}
-    rows = [f"| model | parameters | 1 GPU / DDP | FSDP x{gpus} | FSDP x{gpus} + activation checkpointing |",
-            "|---|---|---|---|---|"]
+    rows = [f"| model | parameters | 1 GPU / DDP | + activation checkpointing | FSDP x{gpus} | FSDP x{gpus} + "
+            f"activation checkpointing |", "|---|---|---|---|---|---|"]
     for name, (layers, heads, width) in sizes.items():
         with torch.device("meta"):
             model = GPT(vocab_size=vocab_size, block_size=seq_len, n_layer=layers, n_head=heads, n_embd=width)
             optimizer = torch.optim.AdamW(model.parameters())
         cells = [estimate(model, optimizer, batch_size, seq_len, torch.bfloat16, shards=n, checkpointing=c).total / GiB
-                 for n, c in ((1, False), (gpus, False), (gpus, True))]
+                 for n, c in ((1, False), (1, True), (gpus, False), (gpus, True))]
         params = sum({id(p): p.numel() for p in model.parameters()}.values())
         rows.append(f"| {name} | {params / 1e6:,.0f}M | " + " | ".join(f"{c:,.1f} GiB" for c in cells) + " |")
     return "\n".join(rows)

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from gpt.errors import UserError
 
@@ -27,6 +28,7 @@ class GPTConfig:
     bias: bool = False  # biases in Linear and LayerNorm (GPT-2 has them; without is a bit faster)
     loss_chunk_size: int = 4096  # rows per chunk of the fused output-layer + cross-entropy (0: unfused)
     attn_impl: str = "sdpa"  # "sdpa" (F.scaled_dot_product_attention) or "eager" (explicit softmax(QK^T)V)
+    activation_checkpointing: bool = False  # training: keep each block's input only, recompute it in backward
 
     def __post_init__(self):
         for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -42,6 +44,8 @@ class GPTConfig:
             raise UserError(f"model.attn_impl={self.attn_impl!r} must be 'sdpa' or 'eager'")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"model.dropout={self.dropout} must be in [0, 1)")
+        if not isinstance(self.activation_checkpointing, bool):
+            raise UserError(f"model.activation_checkpointing={self.activation_checkpointing!r} must be true or false")
 
 
 class KVCache:
@@ -278,10 +282,10 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 class GPT(nn.Module):
     def __init__(self, vocab_size: int, block_size: int = 256, n_layer: int = 6, n_head: int = 6,
                  n_embd: int = 384, dropout: float = 0.0, bias: bool = False, loss_chunk_size: int = 4096,
-                 attn_impl: str = "sdpa"):
+                 attn_impl: str = "sdpa", activation_checkpointing: bool = False):
         super().__init__()
         self.config = cfg = GPTConfig(vocab_size, block_size, n_layer, n_head, n_embd, dropout, bias, loss_chunk_size,
-                                      attn_impl)
+                                      attn_impl, activation_checkpointing)
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
             wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
@@ -342,8 +346,12 @@ class GPT(nn.Module):
             mask = (allowed & (real[:, None, :] | (keys[None, :] == pos[:, None])))[:, None]  # (B, 1, T, Tk)
             pos = (pos[None, :] - pad[:, None]).clamp(min=0)  # (B, T)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        recompute = self.config.activation_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cache, i, mask, causal)
+            if recompute:  # backward runs the block's forward again instead of keeping its activations
+                x = torch.utils.checkpoint.checkpoint(block, x, None, i, mask, causal, use_reentrant=False)
+            else:
+                x = block(x, cache, i, mask, causal)
         if cache is not None:
             cache.advance(T)
         return self.transformer.ln_f(x)

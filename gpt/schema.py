@@ -222,6 +222,7 @@ RULES: dict[str, Rule] = {
     "model.bias": Flag(),
     "model.loss_chunk_size": Int(0),
     "model.attn_impl": Choice(("sdpa", "eager")),
+    "model.activation_checkpointing": Flag(),
     "tokenizer.name": Text(),
     "tokenizer.vocab_size": Int(1, null=True),
     "data": Node(),

@@ -44,14 +44,27 @@ def test_activation_formula_matches_what_autograd_saves(layers, width, heads, vo
     assert predicted == pytest.approx(measured, rel=0.03)
 
 
-def test_checkpointing_keeps_one_input_per_block():
-    torch.manual_seed(0)
-    model = GPT(vocab_size=100, block_size=32, n_layer=6, n_head=4, n_embd=64)
-    full = saved_activation_bytes(model.config, 4, 32, None)
-    ckpt = saved_activation_bytes(model.config, 4, 32, None, checkpointing=True)
-    per_block = (full - saved_activation_bytes(GPT(vocab_size=100, block_size=32, n_layer=5, n_head=4,
-                                                   n_embd=64).config, 4, 32, None))
-    assert full - ckpt == 5 * per_block - 6 * 4 * 32 * 4 * 64  # 5 of 6 blocks rebuilt, each keeps its input
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_activation_checkpointing_keeps_each_block_input_and_gives_the_same_gradients(attn):
+    """model.activation_checkpointing: what autograd keeps is each block's input (the formula, within 3%), and
+    the gradients equal those without it (the backward reruns the same forward: bit-equal on CPU)."""
+    grads = {}
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = GPT(vocab_size=100, block_size=32, n_layer=4, n_head=4, n_embd=64, attn_impl=attn,
+                    activation_checkpointing=ckpt)
+        if ckpt:
+            measured = saved_bytes(model, 4, None)
+            assert saved_activation_bytes(model.config, 4, 32, None, checkpointing=True) == pytest.approx(measured,
+                                                                                                          rel=0.03)
+            assert measured < saved_bytes(GPT(vocab_size=100, block_size=32, n_layer=4, n_head=4, n_embd=64,
+                                              attn_impl=attn), 4, None) / 4
+        x = torch.randint(0, 100, (4, 32), generator=torch.Generator().manual_seed(1))
+        model.zero_grad()
+        model(x, x)[1].backward()
+        grads[ckpt] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for name in grads[False]:
+        assert torch.equal(grads[True][name], grads[False][name]), name
 
 
 @pytest.mark.parametrize("make, per_weight", [
