@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from gpt.encoding import lm_batch
 from gpt.errors import UserError
 from gpt.model import GPT
-from gpt.rl import RolloutBuffer
+from gpt.rl import RolloutBuffer, answer_text, sample_answers
 
 
 def positive_batch_size(batch_size) -> int:
@@ -146,6 +146,20 @@ class RolloutObjective(SeededObjective):
     @staticmethod
     def batch_tokens(batch) -> int:
         return int((batch["y"] >= 0).sum())
+
+    def samples(self, model, autocast) -> list[dict]:
+        """Greedy answers to the first three held-out prompts (self.prompts, a gpt.rl.PromptSet), with the
+        reference answer where the prompt carries one."""
+        rows = self.prompts.val[:3]
+        with autocast():
+            answers = sample_answers(model, [r["ids"] for r in rows], self.max_new_tokens, self.end, 0.0)
+        out = []
+        for r, a in zip(rows, answers):
+            text = f"{r['prompt']!r} -> {answer_text(self.tokenizer, a, self.end)!r}"
+            if r.get("answer") is not None:
+                text += f" (reference {r['answer']!r})"
+            out.append({"prompt": r["prompt"], "text": text})
+        return out
 
     def _note(self, **values) -> None:
         """Record training statistics (rollout reward, KL, ...) until the next evaluation reports them."""

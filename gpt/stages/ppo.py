@@ -156,13 +156,6 @@ class PPO(RolloutObjective):
         out.update(self._train_means())
         return out
 
-    def samples(self, model, autocast) -> list[dict]:
-        rows = self.prompts.val[:3]
-        with autocast():
-            answers = sample_answers(model, [r["ids"] for r in rows], self.max_new_tokens, self.end, 0.0)
-        return [{"prompt": r["prompt"], "text": f"{r['prompt']!r} -> {answer_text(self.tokenizer, a, self.end)!r}"}
-                for r, a in zip(rows, answers)]
-
 
     def checkpoint_extra(self) -> dict:
         return {"model_config": model_config(self.model), "reward_model": self.reward_path}
