@@ -23,16 +23,18 @@ import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
 import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gpt.errors import UserError
-from gpt.engine import DecodeEngine, Row, Sampling, sample_next
+from gpt.engine import DecodeEngine, Row, Sampling, sample_next, text_stop
 from gpt.inference import dtype_option, encode_prompt, load_for_inference
 
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit value; larger ones raise inside the request
@@ -139,6 +141,7 @@ class Job:
         self.shown = ""
         self.cancelled = False  # the client went away: the worker drops the row before its next step
         self.t0 = 0.0
+        self.t_created, self.t_first = time.perf_counter(), None  # time to first token, for /metrics
 
     @property
     def new(self) -> list[int]:
@@ -196,13 +199,24 @@ class Batcher:
         if max_batch < 1:
             raise ValueError(f"max_batch={max_batch} must be >= 1")
         self.engine, self.max_batch, self.wait_s = engine, max_batch, wait_ms / 1000
-        self.decoder = DecodeEngine(engine.model, max_batch, sample=_sample)
+        self.decoder = DecodeEngine(engine.model, max_batch, sample=self._sample)
+        self.watch: dict[int, Job] = {}  # id(generator) -> a running job that wants its tokens' logprobs
+        self.metrics = None  # a Metrics (create_app): time to first token, tokens generated
         self.cv = threading.Condition()
         self.pending: deque[Job] = deque()
         self.running: list[Job] = []
         self.thread: threading.Thread | None = None
         self.sizes: Counter = Counter()  # requests that joined at one step -> number of such steps
         self.most = 0
+
+    def _sample(self, logits: torch.Tensor, temperature, top_k, top_p, generator) -> torch.Tensor:
+        """One row's sampling call (a request is a group of one); a job that asked for logprobs is shown
+        the logits its token was sampled from."""
+        ids = _sample(logits, temperature, top_k, top_p, generator)
+        job = self.watch.get(id(generator)) if generator is not None else None
+        if job is not None:
+            job.note(logits, ids)
+        return ids
 
     def submit(self, job: Job) -> None:
         with self.cv:
@@ -242,6 +256,8 @@ class Batcher:
         for job in joined:
             job.row, job.t0 = self.decoder.add([job.ids], job.sampling)[0], t0
             job.row.data = job
+            if getattr(job, "top_logprobs", None) is not None:
+                self.watch[id(job.gen)] = job
         if joined:
             self.sizes[len(joined)] += 1
             self.running += joined
@@ -257,15 +273,26 @@ class Batcher:
         except Exception as e:  # the model failed: every request of the batch gets the error
             self.decoder.clear(e)
             events = []
+        now, new = time.perf_counter(), 0
         for row, t in events:
+            job = row.data
+            if job.t_first is None:
+                job.t_first = now
+                if self.metrics is not None:
+                    self.metrics.ttft.observe(now - job.t_created)
             if row.stop_token is None:  # a stop token is not part of the text
-                row.data.push(t)
+                new += 1
+                job.push(t)
+        if self.metrics is not None and new:
+            self.metrics.tokens.inc(new)
         still = []
         for job in self.running:
             row = job.row
             if not row.done:
                 still.append(job)
-            elif row.finish_reason == "error":
+                continue
+            self.watch.pop(id(job.gen), None)
+            if row.finish_reason == "error":
                 job.fail(row.error)
             elif row.finish_reason != "cancelled":
                 job.finish()
@@ -309,31 +336,47 @@ class Admission:
 
 
 class Ticket:
-    """One request's claim on an Admission slot and on the model: `take()` once the request is valid (503
-    when full), then `job` is its row. Guard calls `release()` in its finally when the request ends, however
-    it ends: the slot goes back and the row, if still decoding, is dropped at the worker's next step."""
+    """One request's claim on Admission slots and on the model: `take(k)` once the request is valid (k rows:
+    an OpenAI request with several prompts or n > 1 takes one slot per row; 503 when they do not fit), then
+    `jobs` are its rows. Guard calls `release()` in its finally when the request ends, however it ends: the
+    slots go back and the rows still decoding are dropped at the worker's next step."""
 
     def __init__(self, admission: Admission):
-        self.admission, self.held = admission, False
-        self.job: Job | None = None
+        self.admission, self.held = admission, 0
+        self.jobs: list[Job] = []
 
-    def take(self) -> None:
+    def take(self, k: int = 1) -> None:
         a = self.admission
-        if a.in_flight >= a.cap:
+        if a.in_flight + k > a.cap:
             raise HTTPException(503, f"server busy: {a.in_flight} requests in flight; retry later")
-        a.in_flight += 1
-        self.held = True
+        a.in_flight += k
+        self.held += k
 
     def release(self) -> None:
-        if self.job is not None:
-            self.job.cancelled = True  # a no-op for a finished row
+        for job in self.jobs:
+            job.cancelled = True  # a no-op for a finished row
         if self.held:
-            self.held = False
-            self.admission.in_flight -= 1
+            self.admission.in_flight -= self.held
+            self.held = 0
 
 
-async def _answer(send, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
-    body = SafeJSONResponse({"detail": detail}).body
+ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+               413: "invalid_request_error", 499: "invalid_request_error", 503: "server_error"}
+ERROR_CODES = {401: "invalid_api_key", 413: "request_too_large", 503: "server_busy"}
+
+
+def error_content(path: str, status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    """An error body: OpenAI's error object under /v1 ({"error": {message, type, param, code}}), where its
+    clients look for it; {"detail": message} elsewhere, as before."""
+    if not path.startswith("/v1/"):
+        return {"detail": message}
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "server_error" if status >= 500 else
+                                                                   "invalid_request_error"),
+                      "param": param, "code": code or ERROR_CODES.get(status)}}
+
+
+async def _answer(send, status: int, detail: str, headers: dict[str, str] | None = None, path: str = "") -> None:
+    body = SafeJSONResponse(error_content(path, status, detail)).body
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})
@@ -346,8 +389,8 @@ class Guard:
     put in scope["gpt.ticket"] for the route to take and released here in one finally, whatever happens
     inside (a validation error, an exception, a cancelled task, a client gone mid-stream)."""
 
-    def __init__(self, app, admission: Admission, max_body_bytes: int, api_key: str | None = None):
-        self.app, self.admission, self.max_body = app, admission, max_body_bytes
+    def __init__(self, app, admission: Admission, max_body_bytes: int, api_key: str | None = None, metrics=None):
+        self.app, self.admission, self.max_body, self.metrics = app, admission, max_body_bytes, metrics
         self.key = api_key.encode() if api_key else None
 
     def _authorized(self, scope) -> bool:
@@ -361,7 +404,7 @@ class Guard:
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
             await _answer(send, 413, f"request body of {length.decode('latin-1')[:20]} bytes; the limit is "
-                                     f"{self.max_body} (limits.max_body_bytes)")
+                                     f"{self.max_body} (limits.max_body_bytes)", path=scope["path"])
             return None
         chunks, size = [], 0
         while True:  # also bounds chunked bodies, which carry no content-length
@@ -371,7 +414,8 @@ class Guard:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.max_body:
-                await _answer(send, 413, f"request body over {self.max_body} bytes (limits.max_body_bytes)")
+                await _answer(send, 413, f"request body over {self.max_body} bytes (limits.max_body_bytes)",
+                              path=scope["path"])
                 return None
             if not message.get("more_body", False):
                 return b"".join(chunks)
@@ -379,9 +423,24 @@ class Guard:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        status, t0 = 499, time.perf_counter()  # 499: the client left before an answer started
+
+        async def sent(message):  # the answer's status, for /metrics
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self._serve(scope, receive, sent)
+        finally:
+            if self.metrics is not None:
+                self.metrics.request(scope["path"], status, time.perf_counter() - t0)
+
+    async def _serve(self, scope, receive, send) -> None:
         if self.key is not None and scope["path"] != "/health" and not self._authorized(scope):
             return await _answer(send, 401, "missing or wrong API key: send the header 'Authorization: Bearer "
-                                            "<key>'", {"www-authenticate": "Bearer"})
+                                            "<key>'", {"www-authenticate": "Bearer"}, scope["path"])
         body = await self._body(scope, receive, send)
         if body is None:
             return
@@ -409,8 +468,525 @@ async def _cancel_on_disconnect(receive, job: Job) -> None:
     job.cancel()
 
 
-def create_app(engine: Engine, limits: Limits | None = None, api_key: str | None = None) -> FastAPI:
-    """The service around `engine`; api_key (None: open) is then required on every path but /health."""
+# ------------------------------------------------------------------------------------------ /metrics
+
+def _has_prometheus() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("prometheus_client") is not None
+
+
+ENDPOINTS = ("/health", "/metrics", "/generate", "/generate/stream", "/v1/models", "/v1/completions",
+             "/v1/chat/completions")
+
+
+class Metrics:
+    """The service's Prometheus metrics, in a registry of its own (one per app). Requests are counted by
+    endpoint (a known path, else "other": a client cannot grow the label set) and status, in Guard, so
+    401/413 answers count too; latency is the whole request, a stream included."""
+
+    def __init__(self, batcher: "Batcher", admission: Admission):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("gpt_requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
+                                registry=r)
+        self.latency = Histogram("gpt_request_duration_seconds", "Request latency, streams to their end",
+                                 ["endpoint"], registry=r,
+                                 buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120))
+        self.ttft = Histogram("gpt_time_to_first_token_seconds", "From a row's arrival to its first token",
+                              registry=r, buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
+        self.tokens = Counter("gpt_generated_tokens", "Tokens generated (stop tokens excluded)", registry=r)
+        Gauge("gpt_running_rows", "Rows in the running batch", registry=r).set_function(
+            lambda: sum(not j.row.done for j in list(batcher.running)))
+        Gauge("gpt_queue_depth", "Rows waiting for a slot in the batch", registry=r).set_function(
+            lambda: len(batcher.pending))
+        Gauge("gpt_requests_in_flight", "Admitted generation rows (capped at max_queue + max_batch)",
+              registry=r).set_function(lambda: admission.in_flight)
+
+    def request(self, path: str, status: int, seconds: float) -> None:
+        endpoint = path if path in ENDPOINTS else "other"
+        self.requests.labels(endpoint, str(status)).inc()
+        self.latency.labels(endpoint).observe(seconds)
+
+
+# ------------------------------------------------------------------------------------------ OpenAI API
+
+class ApiError(HTTPException):
+    """An error answered in OpenAI's shape, naming the request field (`param`) it is about."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(status, message)
+        self.param, self.code = param, code
+
+
+def openai_validation_message(errors: list[dict]) -> tuple[str, str | None]:
+    """The first pydantic error -> (one line, the field it is about) for a 400 in OpenAI's shape."""
+    e = errors[0]
+    loc = [str(x) for x in e["loc"] if x != "body"]
+    field = loc[0] if loc else None  # the request field (pydantic adds the union member it tried)
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "extra_forbidden":
+        msg = "unknown field: this server does not support it (leave it out)"
+    elif e["type"] == "json_invalid":
+        msg, field = "the body is not valid JSON", None
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return (f"{field}: {msg}{more}" if field else f"{msg}{more}"), (loc[0] if loc else None)
+
+
+def _unsupported(name: str, value, default) -> None:
+    if value != default and value is not None:
+        raise ValueError(f"{name}={_clip(value, 60)!s} is not supported by this server; leave it out or at "
+                         f"{default!r}")
+
+
+class _Sampled(BaseModel):
+    """The sampling fields /v1/completions and /v1/chat/completions share (OpenAI's names and defaults).
+    Fields OpenAI clients commonly send are accepted at their defaults (user, frequency_penalty,
+    presence_penalty, logit_bias, stream_options); a value this server would not honour is a 400 that names
+    the field; anything else unknown is a 400 too."""
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, ge=SAMPLING_EPS, le=1.0)
+    top_k: int | None = Field(None, ge=1)  # not OpenAI's (vLLM's extension); None: the whole vocabulary
+    n: int = Field(1, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
+    stream: bool = False
+    stream_options: dict[str, bool] | None = None
+    user: str | None = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    @field_validator("temperature")
+    @classmethod
+    def _greedy_or_sampled(cls, t: float) -> float:
+        return GenerateRequest._greedy_or_sampled(t)
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, stop):
+        stops = [stop] if isinstance(stop, str) else stop
+        if stops is not None and (len(stops) > 4 or not all(stops)):
+            raise ValueError("stop takes up to 4 non-empty strings")
+        return stops
+
+    @field_validator("frequency_penalty", "presence_penalty")
+    @classmethod
+    def _no_penalty(cls, v, info):
+        _unsupported(info.field_name, v, 0.0)
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_bias(cls, v):
+        _unsupported("logit_bias", v or None, None)
+        return v
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options(cls, v):
+        if v and set(v) - {"include_usage"}:
+            raise ValueError(f"stream_options takes only include_usage, not {sorted(set(v) - {'include_usage'})}")
+        return v
+
+
+class CompletionRequest(_Sampled):
+    prompt: str | list[str]
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=5)  # the chosen token's and this many alternatives'
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompts(cls, p):
+        if isinstance(p, list) and not p:
+            raise ValueError("prompt is an empty list: send a string or a list of strings")
+        return p
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, v):
+        _unsupported("best_of", v, 1)
+        return v
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix(cls, v):
+        _unsupported("suffix", v, None)
+        return v
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class Message(BaseModel):
+    role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's newer name for system
+    content: str | list[TextPart]
+    name: str | None = None
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatRequest(_Sampled):
+    messages: list[Message] = Field(..., min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # newer clients' name for max_tokens
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: dict[str, str] | None = None
+    tools: list | None = None
+    tool_choice: str | None = None
+    parallel_tool_calls: bool | None = None
+    store: bool | None = None
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, v):
+        _unsupported("response_format", v, {"type": "text"})
+        return v
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, v):
+        _unsupported("tools", v or None, None)
+        return v
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _no_tool_choice(cls, v):
+        _unsupported("tool_choice", v, "none")
+        return v
+
+    @field_validator("store")
+    @classmethod
+    def _not_stored(cls, v):
+        _unsupported("store", v, False)
+        return v
+
+
+class ApiJob(Job):
+    """One choice of an OpenAI request: a row of the batch like a Job, whose items go to the request's
+    shared queue tagged with the choice's index: (index, "piece", text, logprob entries), (index, "done",
+    summary, None) or (index, "error", message, None). Stop strings end the row (engine.text_stop) and cut
+    the text where the first one starts; while streaming, the last len(longest stop) - 1 characters are held
+    back, so no part of a stop string is ever sent. top_logprobs (None: none) asks the Batcher for each
+    token's log-probability and that many alternatives (from the model's logits, before temperature)."""
+
+    def __init__(self, tokenizer, ids: list[int], sampling: Sampling, loop, queue: asyncio.Queue, index: int,
+                 stream: bool, stops: list[str], top_logprobs: int | None):
+        self.ids, self.sampling, self.loop, self.queue, self.tokenizer = ids, sampling, loop, queue, tokenizer
+        self.gen, self.index, self.stream, self.stops, self.top_logprobs = sampling.generator, index, stream, stops, \
+            top_logprobs
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.row: Row | None = None
+        self.shown, self.sent, self.cancelled, self.t0 = "", 0, False, 0.0
+        self.t_created, self.t_first = time.perf_counter(), None
+        self.offsets: list[int] = []  # the text's length after each new token
+        self.entries: list[tuple] = []  # (token, logprob, [(alternative, logprob), ...]) per new token
+        self.noted: tuple | None = None
+
+    def emit(self, *item) -> None:
+        super().emit(self.index, *item)
+
+    def note(self, logits: torch.Tensor, ids: torch.Tensor) -> None:
+        """The logits (1, V) the row's next token `ids` (1,) was sampled from (worker thread)."""
+        lp = torch.log_softmax(logits[0].float(), dim=-1)
+        t = int(ids[0])
+        top = torch.topk(lp, self.top_logprobs) if self.top_logprobs else None
+        alts = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+        self.noted = (t, float(lp[t]), alts)
+
+    def push(self, t: int) -> None:
+        if self.top_logprobs is not None:
+            self.entries.append(self.noted)
+        text = self.tokenizer.decode(self.new)
+        self.offsets.append(len(text))
+        if not self.stream or self.row.done or text.endswith("\ufffd"):
+            return  # a finished row's text goes out from finish(), cut at its stop string
+        safe = len(text) - self.hold
+        if safe > len(self.shown):
+            n = self.sent
+            while n < len(self.offsets) and self.offsets[n] <= safe:
+                n += 1
+            self.emit("piece", text[len(self.shown):safe],
+                      self.entries[self.sent:n] if self.top_logprobs is not None else None)
+            self.shown, self.sent = text[:safe], n
+
+    def finish(self) -> None:
+        text, reason = self.tokenizer.decode(self.new), self.row.finish_reason
+        cuts = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if cuts:
+            text, reason = text[:min(cuts)], "stop"
+        kept = sum(o <= len(text) for o in self.offsets)  # the tokens whose text is all in the answer
+        self.emit("done", {"text": text, "finish_reason": reason, "tokens": len(self.new),
+                           "logprobs": self.entries[:kept] if self.top_logprobs is not None else None}, None)
+
+
+def _chunked(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=True, separators=(',', ':'))}\n\n"
+
+
+class OpenAIRoutes:
+    """/v1/models, /v1/completions and /v1/chat/completions: each request becomes one or more rows of the
+    Batcher (prompts x n, each a choice), within the server's limits."""
+
+    def __init__(self, engine: Engine, limits: Limits, batcher: Batcher, model_name: str):
+        self.engine, self.limits, self.batcher, self.name = engine, limits, batcher, model_name
+        self.created = int(time.time())
+
+    def model_card(self) -> dict:
+        return {"id": self.name, "object": "model", "created": self.created, "owned_by": "gpt-pipeline"}
+
+    def check_model(self, name: str) -> None:
+        if name != self.name:
+            raise ApiError(404, f"model {name!r} is not served here; this server serves {self.name!r} "
+                                "(GET /v1/models)", "model", "model_not_found")
+
+    def max_tokens(self, asked: int | None, default: int, field: str = "max_tokens") -> int:
+        if asked is not None and asked > self.limits.max_new_tokens:
+            raise ApiError(400, f"{field}={asked} is over this server's limit of {self.limits.max_new_tokens} "
+                                "(limits.max_new_tokens)", field)
+        return asked if asked is not None else min(default, self.limits.max_new_tokens)
+
+    def rows(self, n: int, prompts: int) -> None:
+        if n * prompts > self.limits.max_batch:
+            raise ApiError(400, f"n={n} x {prompts} prompt(s) asks for {n * prompts} choices; this server "
+                                f"decodes at most {self.limits.max_batch} rows at once (limits.max_batch)", "n")
+
+    def start(self, request: Request, prompts: list[list[int]], body: _Sampled, max_tokens: int,
+              stop_ids: tuple[int, ...], top_logprobs: int | None) -> tuple[list[ApiJob], asyncio.Queue]:
+        """Take one admission slot per choice (503 when full) and queue the choices: prompt p's choice i has
+        index p * n + i and samples with seed + i (so choice 0 is what n=1 gives)."""
+        ticket = request.scope["gpt.ticket"]
+        ticket.take(len(prompts) * body.n)
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        jobs = []
+        for p, ids in enumerate(prompts):
+            for i in range(body.n):
+                gen = torch.Generator(device=self.engine.device)
+                gen.manual_seed((body.seed + i) % (SEED_MAX + 1) if body.seed is not None else
+                                int(time.time_ns() % 2**31) + i)
+                sampling = Sampling(max_tokens, body.temperature, body.top_k, body.top_p, stop_ids=stop_ids,
+                                    generator=gen, stop=text_stop(self.engine.tokenizer.decode, body.stop)
+                                    if body.stop else None)
+                job = ApiJob(self.engine.tokenizer, ids, sampling, loop, queue, len(jobs), body.stream,
+                             body.stop or [], top_logprobs)
+                jobs.append(job)
+                ticket.jobs.append(job)
+        for job in jobs:
+            self.batcher.submit(job)
+        return jobs, queue
+
+    async def collect(self, request: Request, jobs: list[ApiJob], queue: asyncio.Queue) -> list[dict]:
+        """Wait for every choice's summary (a client that leaves cancels them all)."""
+        async def watch():
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            for job in jobs:
+                job.cancelled = True
+            queue.put_nowait((None, "cancelled", None, None))
+
+        watcher = asyncio.create_task(watch())
+        done: dict[int, dict] = {}
+        try:
+            while len(done) < len(jobs):
+                i, kind, a, _ = await queue.get()
+                if kind == "done":
+                    done[i] = a
+                elif kind == "error":
+                    raise ApiError(500, f"generation failed: {a}")
+                elif kind == "cancelled":
+                    raise ApiError(499, "client closed the connection")
+        finally:
+            watcher.cancel()
+        return [done[i] for i in range(len(jobs))]
+
+    async def stream(self, jobs: list[ApiJob], queue: asyncio.Queue, chunk, usage: dict | None):
+        """SSE: chunk(index, text, entries, finish_reason) per piece, a last chunk per choice with its
+        finish_reason, the usage chunk if asked, then data: [DONE]."""
+        finished, sent, completion = 0, {}, 0
+        while finished < len(jobs):
+            i, kind, a, b = await queue.get()
+            if kind == "piece":
+                text, n = sent.get(i, ("", 0))
+                sent[i] = (text + a, n + len(b or ()))
+                yield _chunked(chunk(i, a, b, None))
+            elif kind == "done":
+                text, n = sent.get(i, ("", 0))
+                entries = a["logprobs"][n:] if a["logprobs"] is not None else None
+                yield _chunked(chunk(i, a["text"][len(text):], entries, a["finish_reason"]))
+                finished += 1
+                completion += a["tokens"]
+            elif kind == "error":
+                yield _chunked(error_content("/v1/", 500, f"generation failed: {a}"))
+                return
+        if usage is not None:
+            yield _chunked({**chunk(0, "", None, None), "choices": [],
+                            "usage": {**usage, "completion_tokens": completion,
+                                      "total_tokens": usage["prompt_tokens"] + completion}})
+        yield "data: [DONE]\n\n"
+
+    # ------------------------------------------------------------------------------ completions
+
+    def completion_logprobs(self, entries: list[tuple] | None, start: int) -> dict | None:
+        if entries is None:
+            return None
+        dec, out = self.engine.tokenizer.decode, {"tokens": [], "token_logprobs": [], "top_logprobs": [],
+                                                   "text_offset": []}
+        for t, lp, alts in entries:
+            out["tokens"].append(dec([t]))
+            out["token_logprobs"].append(lp)
+            out["top_logprobs"].append({dec([a]): v for a, v in alts})
+            out["text_offset"].append(start)
+            start += len(out["tokens"][-1])
+        return out
+
+    async def completions(self, body: CompletionRequest, request: Request):
+        self.check_model(body.model)
+        tok, block = self.engine.tokenizer, self.engine.model.config.block_size
+        texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        for p in texts:
+            if len(p) > self.limits.max_prompt_chars:
+                raise ApiError(400, f"a prompt of {len(p)} characters is over this server's limit of "
+                                    f"{self.limits.max_prompt_chars} (limits.max_prompt_chars)", "prompt")
+        if body.echo and body.logprobs is not None:
+            raise ApiError(400, "echo with logprobs (the prompt's logprobs) is not supported: drop one", "echo")
+        max_tokens = self.max_tokens(body.max_tokens, 16)  # OpenAI's default for completions
+        self.rows(body.n, len(texts))
+        try:
+            prompts = [encode_prompt(tok, p, block, out=None) for p in texts]
+        except UserError as e:
+            raise ApiError(400, str(e), "prompt") from None
+        stop_ids = () if tok.eot_id is None else (tok.eot_id,)
+        jobs, queue = self.start(request, [ids[-block:] for ids in prompts], body, max_tokens, stop_ids,
+                                 body.logprobs)
+        head = {"id": f"cmpl-{os.urandom(12).hex()}", "object": "text_completion", "created": int(time.time()),
+                "model": self.name}
+        n_prompt = sum(len(ids) for ids in prompts) * body.n
+        prefix = [texts[j.index // body.n] if body.echo else "" for j in jobs]
+
+        if body.stream:
+            streamed: dict[int, int] = {}  # choice -> characters sent, the echoed prompt included
+
+            def chunk(i, text, entries, reason):
+                first, start = i not in streamed, streamed.get(i, len(prefix[i]))
+                streamed[i] = start + len(text)
+                lp = self.completion_logprobs(entries, start) if entries is not None else None
+                text = prefix[i] + text if first else text  # echo: the prompt goes out with the first piece
+                return {**head, "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": reason}]}
+
+            usage = {"prompt_tokens": n_prompt} if (body.stream_options or {}).get("include_usage") else None
+            return StreamingResponse(self.stream(jobs, queue, chunk, usage), media_type="text/event-stream")
+        done = await self.collect(request, jobs, queue)
+        choices = [{"index": i, "text": prefix[i] + d["text"], "finish_reason": d["finish_reason"],
+                    "logprobs": self.completion_logprobs(d["logprobs"], len(prefix[i]))} for i, d in enumerate(done)]
+        n_new = sum(d["tokens"] for d in done)
+        return {**head, "choices": choices,
+                "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_new, "total_tokens": n_prompt + n_new}}
+
+    # ------------------------------------------------------------------------------ chat
+
+    def chat_logprobs(self, entries: list[tuple] | None) -> dict | None:
+        if entries is None:
+            return None
+        dec = self.engine.tokenizer.decode
+
+        def one(t, lp):
+            s = dec([t])
+            return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8", "replace"))}
+
+        return {"content": [{**one(t, lp), "top_logprobs": [one(a, v) for a, v in alts]} for t, lp, alts in entries]}
+
+    async def chat(self, body: ChatRequest, request: Request):
+        self.check_model(body.model)
+        from gpt.chat import END, SPECIAL, encode_chat
+
+        tok, block = self.engine.tokenizer, self.engine.model.config.block_size
+        if not all(t in getattr(tok, "special", []) for t in SPECIAL):
+            raise ApiError(400, f"model {self.name!r} has no chat template (a base model, not fine-tuned with "
+                                "stage=sft): use /v1/completions with a text prompt", "messages",
+                           "no_chat_template")
+        chars = sum(len(m.text) for m in body.messages)
+        if chars > self.limits.max_prompt_chars:
+            raise ApiError(400, f"messages of {chars} characters in all are over this server's limit of "
+                                f"{self.limits.max_prompt_chars} (limits.max_prompt_chars)", "messages")
+        if body.max_tokens is not None and body.max_completion_tokens is not None:
+            raise ApiError(400, "max_tokens and max_completion_tokens both set: send one", "max_completion_tokens")
+        field = "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens"
+        max_tokens = self.max_tokens(body.max_tokens or body.max_completion_tokens, self.limits.max_new_tokens,
+                                     field)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs=true", "top_logprobs")
+        self.rows(body.n, 1)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text}
+                    for m in body.messages]
+        try:
+            ids = encode_chat(tok, messages, generation_prompt=True)[0]
+        except UserError as e:
+            raise ApiError(400, str(e), "messages") from None
+        jobs, queue = self.start(request, [ids[-block:]], body, max_tokens, (tok.special_id(END),),
+                                 (body.top_logprobs or 0) if body.logprobs else None)
+        head = {"id": f"chatcmpl-{os.urandom(12).hex()}", "object": "chat.completion", "created": int(time.time()),
+                "model": self.name}
+        n_prompt = len(ids) * body.n
+
+        if body.stream:
+            started = set()
+
+            def chunk(i, text, entries, reason):
+                delta = {} if reason is not None and not text else {"content": text}
+                if i not in started:  # the first chunk of a choice names the role
+                    started.add(i)
+                    delta = {"role": "assistant", **delta}
+                return {**head, "object": "chat.completion.chunk", "choices": [
+                    {"index": i, "delta": delta, "logprobs": self.chat_logprobs(entries) if entries else None,
+                     "finish_reason": reason}]}
+
+            usage = {"prompt_tokens": n_prompt} if (body.stream_options or {}).get("include_usage") else None
+            return StreamingResponse(self.stream(jobs, queue, chunk, usage), media_type="text/event-stream")
+        done = await self.collect(request, jobs, queue)
+        choices = [{"index": i, "message": {"role": "assistant", "content": d["text"]},
+                    "logprobs": self.chat_logprobs(d["logprobs"]), "finish_reason": d["finish_reason"]}
+                   for i, d in enumerate(done)]
+        n_new = sum(d["tokens"] for d in done)
+        return {**head, "choices": choices,
+                "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_new, "total_tokens": n_prompt + n_new}}
+
+    def add_to(self, app: FastAPI) -> None:
+        @app.get("/v1/models")
+        def models() -> dict:
+            return {"object": "list", "data": [self.model_card()]}
+
+        @app.get("/v1/models/{name:path}")
+        def model(name: str) -> dict:
+            self.check_model(name)
+            return self.model_card()
+
+        @app.post("/v1/completions")
+        async def completions(body: CompletionRequest, request: Request):
+            return await self.completions(body, request)
+
+        @app.post("/v1/chat/completions")
+        async def chat(body: ChatRequest, request: Request):
+            return await self.chat(body, request)
+
+
+def create_app(engine: Engine, limits: Limits | None = None, api_key: str | None = None,
+               model_name: str | None = None) -> FastAPI:
+    """The service around `engine`; api_key (None: open) is then required on every path but /health.
+    model_name: the id the OpenAI routes serve (None: the checkpoint file's name without its suffix)."""
     limits = limits or Limits()
     app = FastAPI(title="gpt-pipeline inference", version="0.1.0", default_response_class=SafeJSONResponse)
     admission = Admission(limits.max_queue + limits.max_batch)
@@ -420,16 +996,22 @@ def create_app(engine: Engine, limits: Limits | None = None, api_key: str | None
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> SafeJSONResponse:
-        return SafeJSONResponse({"detail": validation_errors(exc.errors())}, status_code=422)
+        errors = validation_errors(exc.errors())
+        if request.url.path.startswith("/v1/"):  # OpenAI answers a bad body with 400 and the field's name
+            message, param = openai_validation_message(errors)
+            return SafeJSONResponse(error_content(request.url.path, 400, message, param), status_code=400)
+        return SafeJSONResponse({"detail": errors}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> SafeJSONResponse:
-        return SafeJSONResponse({"detail": _clip(exc.detail, 1000)}, status_code=exc.status_code,
-                                headers=exc.headers)
+        content = error_content(request.url.path, exc.status_code, _clip(exc.detail, 1000),
+                                getattr(exc, "param", None), getattr(exc, "code", None))
+        return SafeJSONResponse(content, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def crashed(request: Request, exc: Exception) -> SafeJSONResponse:  # a bug, still answered in JSON
-        return SafeJSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
+        return SafeJSONResponse(error_content(request.url.path, 500, f"internal error: {type(exc).__name__}"),
+                                status_code=500)
 
     def admit(request: Request, req: GenerateRequest, stream: bool) -> Job:
         """Encode a valid request, take its ticket (503 when full) and queue its job."""
@@ -441,7 +1023,8 @@ def create_app(engine: Engine, limits: Limits | None = None, api_key: str | None
             raise HTTPException(400, str(e)) from None
         ticket = request.scope["gpt.ticket"]
         ticket.take()
-        job = ticket.job = Job(engine, ids, req, asyncio.get_running_loop(), stream)
+        job = Job(engine, ids, req, asyncio.get_running_loop(), stream)
+        ticket.jobs.append(job)
         batcher.submit(job)
         return job
 
@@ -495,7 +1078,21 @@ def create_app(engine: Engine, limits: Limits | None = None, api_key: str | None
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    app.add_middleware(Guard, admission=admission, max_body_bytes=limits.max_body_bytes, api_key=api_key)
+    metrics = Metrics(batcher, admission) if _has_prometheus() else None
+    batcher.metrics = app.state.metrics = metrics
+
+    @app.get("/metrics")
+    def scrape():
+        """Prometheus text format (behind the API key, like every path but /health)."""
+        if metrics is None:
+            raise HTTPException(501, "metrics need the prometheus-client package: pip install prometheus-client")
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    OpenAIRoutes(engine, limits, batcher, model_name or Path(engine.checkpoint).stem or "gpt").add_to(app)
+    app.add_middleware(Guard, admission=admission, max_body_bytes=limits.max_body_bytes, api_key=api_key,
+                       metrics=metrics)
     return app
 
 
