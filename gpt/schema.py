@@ -298,6 +298,7 @@ RULES: dict[str, Rule] = {
     "host": Text(),
     "port": Int(1, 65535),
     "api_key": Text(null=True),
+    "model_name": Text(null=True),
     "limits.max_prompt_chars": Int(1),
     "limits.max_new_tokens": TOKENS,
     "limits.max_queue": Int(0),

@@ -1119,5 +1119,5 @@ def serve(cfg) -> None:
     if api_key is None and cfg.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {cfg.host} without an API key: anyone who can reach port {cfg.port} can "
               f"generate; set api_key= or {API_KEY_ENV}", file=sys.stderr)
-    app = create_app(engine, Limits(**cfg.limits), api_key=api_key)
+    app = create_app(engine, Limits(**cfg.limits), api_key=api_key, model_name=cfg.get("model_name"))
     uvicorn.run(app, host=cfg.host, port=int(cfg.port), log_level="info")
