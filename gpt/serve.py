@@ -1,4 +1,6 @@
-"""HTTP inference service (FastAPI): GET /health, POST /generate, POST /generate/stream (server-sent events).
+"""HTTP inference service (FastAPI): GET /health, POST /generate, POST /generate/stream (server-sent events),
+the OpenAI-compatible API (GET /v1/models, POST /v1/completions, POST /v1/chat/completions: see OpenAIRoutes)
+and GET /metrics (Prometheus text format: see Metrics).
 
 Requests are validated (types, ranges, prompt length, max_new_tokens) and answered with a clear 4xx on bad
 input. One background worker thread owns the model (`Batcher`) and batches continuously over the decode
