@@ -302,3 +302,23 @@ def test_streamed_chunks_are_openai_sse_ending_with_done(app_client):
     chunks = [json.loads(ln[6:]) for ln in lines[:-1]]
     assert {c["object"] for c in chunks} == {"text_completion"} and len({c["id"] for c in chunks}) == 1
     assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "length"
+
+
+def test_n_choices_take_n_slots_and_a_full_server_answers_503_in_openai_shape():
+    import threading
+
+    engine = Engine(base_model(), CharTokenizer(CHARS), "cpu", None, "tiny.pt")
+    c = TestClient(create_app(engine, Limits(max_new_tokens=20, max_batch=2, max_queue=0)))  # 2 slots in all
+    out = {}
+    with engine.lock:  # the model is busy: the n=2 request waits holding both slots
+        t = threading.Thread(target=lambda: out.update(r=c.post("/v1/completions", json={
+            "model": "tiny", "prompt": "ROMEO:", "n": 2, "max_tokens": 4, "temperature": 0})))
+        t.start()
+        deadline = time.time() + 10
+        while c.get("/health").json()["in_flight"] < 2 and time.time() < deadline:
+            time.sleep(0.005)
+        r = c.post("/v1/completions", json={"model": "tiny", "prompt": "a", "max_tokens": 2})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "server_busy"
+    t.join()
+    assert out["r"].status_code == 200 and len(out["r"].json()["choices"]) == 2
+    assert c.get("/health").json()["in_flight"] == 0
