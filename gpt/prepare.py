@@ -116,13 +116,12 @@ def encoded(pieces: Iterable[tuple[bool, str]], identity: dict, dtype: np.dtype,
             for new_doc, (ids, nbytes) in zip(flags, _encode_batch(texts)):
                 yield new_doc, ids, nbytes
         return
-    # spawn: a forked copy of a parent holding torch/gloo threads can deadlock; workers import only numpy
+    # spawn, not fork: a forked copy of a parent holding torch/gloo threads can deadlock
     ctx = multiprocessing.get_context("spawn")
     info["workers"] = max(info["workers"], num_proc)
     with ctx.Pool(num_proc, initializer=_init_worker, initargs=(identity, dtype.name)) as pool:
         pending: deque = deque()
-        todo = iter([first, second])
-        for flags, texts in _chain(todo, batches):
+        for flags, texts in _chain([first, second], batches):
             pending.append((flags, pool.apply_async(_encode_batch, (texts,))))
             while len(pending) >= 2 * num_proc:  # bounded: at most two batches per worker in flight
                 yield from _results(pending.popleft())
