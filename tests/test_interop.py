@@ -210,3 +210,47 @@ def test_a_missing_safetensors_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # import fails as if not installed
     with pytest.raises(UserError, match=r"safetensors package is missing; run `pip install -e \.`"):
         export_hf(str(path), str(tmp_path / "hf"))
+
+
+# ---- the exported folder as transformers' pipelines and vLLM read it -----------------------------------
+
+def test_exported_chat_model_runs_in_transformers_pipeline_with_our_ids_and_greedy_text(tmp_path):
+    """A char chat model exported: AutoTokenizer gives our ids for text and for a chat (apply_chat_template ==
+    gpt.chat.encode_chat), and transformers' text-generation pipeline, greedy, writes the text our engine writes."""
+    from gpt.chat import SPECIAL, encode_chat
+    from gpt.generate import generate_batch
+
+    path, tok = char_checkpoint(tmp_path, SPECIAL)
+    out = export_hf(str(path), str(tmp_path / "hf"))
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (out / name).is_file(), name
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert hf_tok("ab\nca").input_ids == tok.encode("ab\nca")
+    messages = [{"role": "system", "content": "ab"}, {"role": "user", "content": "c\nab"}]
+    chat = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert list(chat["input_ids"]) == encode_chat(tok, messages, generation_prompt=True)[0]
+    model = model_from_checkpoint(load_checkpoint(path)).eval()
+    ours = generate_batch(model, [tok.encode("ab")], 5, temperature=0.0, eot_id=tok.special_id("<|end|>"))[0]
+    pipe = transformers.pipeline("text-generation", model=str(out), tokenizer=str(out), device="cpu")
+    text = pipe("ab", max_new_tokens=5, do_sample=False, return_full_text=False)[0]["generated_text"]
+    assert text == tok.decode([t for t in ours if t < tok.base_vocab_size]), (text, ours)
+
+
+def test_exported_gpt2_bpe_tokenizer_gives_our_ids_and_chat_template(tmp_path):
+    import json
+
+    from gpt.chat import SPECIAL, encode_chat
+    from gpt.interop import hf_tokenizer
+    from gpt.tokenizer import from_identity
+
+    tok = from_identity({"type": "tiktoken", "name": "gpt2", "special": list(SPECIAL)})
+    fast = hf_tokenizer(tok, 64)
+    fast.save_pretrained(str(tmp_path / "tok"))
+    loaded = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    text = " hello world  héllo 世界\n\n  end"
+    assert loaded(text).input_ids == tok.encode(text)
+    messages = [{"role": "user", "content": text}, {"role": "assistant", "content": " ok"}, {"role": "user", "content": "x"}]
+    chat = loaded.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert list(chat["input_ids"]) == encode_chat(tok, messages, generation_prompt=True)[0]
+    config = json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())
+    assert "<|assistant|>" in config.get("chat_template", "") or (tmp_path / "tok" / "chat_template.jinja").is_file()
