@@ -1,4 +1,4 @@
-"""HTTP inference service (FastAPI): GET /health, POST /generate, POST /generate/stream (server-sent events),
+"""HTTP inference service (FastAPI): GET / (a chat page, gpt/web/chat.html), GET /health, POST /generate, POST /generate/stream (server-sent events),
 the OpenAI-compatible API (GET /v1/models, POST /v1/completions, POST /v1/chat/completions: see OpenAIRoutes)
 and GET /metrics (Prometheus text format: see Metrics).
 
@@ -18,6 +18,7 @@ A client that goes away (stream or not) cancels its row: the worker drops it bef
 
 import asyncio
 import hmac
+import importlib.resources
 import json
 import os
 import sys
@@ -44,6 +45,12 @@ SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit value; larger
 # and turns every probability into NaN. Below 1e-5 sampling is argmax in practice, so that is the floor.
 SAMPLING_EPS = 1e-5
 API_KEY_ENV = "GPT_API_KEY"  # read by serve() when api_key is not set in the config
+OPEN_PATHS = ("/", "/health")  # answered without the API key: the page holds nothing secret, its API calls do
+# The chat page is one self-contained file: it may run its own inline script and talk to this server, nothing
+# else (no CDN, no other origin, no framing), so it works offline and a reply's text cannot pull anything in.
+PAGE_HEADERS = {"content-security-policy": "default-src 'none'; script-src 'unsafe-inline'; style-src "
+                "'unsafe-inline'; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+                "x-content-type-options": "nosniff", "referrer-policy": "no-referrer", "cache-control": "no-cache"}
 
 
 @dataclass
@@ -440,7 +447,7 @@ class Guard:
                 self.metrics.request(scope["path"], status, time.perf_counter() - t0)
 
     async def _serve(self, scope, receive, send) -> None:
-        if self.key is not None and scope["path"] != "/health" and not self._authorized(scope):
+        if self.key is not None and scope["path"] not in OPEN_PATHS and not self._authorized(scope):
             return await _answer(send, 401, "missing or wrong API key: send the header 'Authorization: Bearer "
                                             "<key>'", {"www-authenticate": "Bearer"}, scope["path"])
         body = await self._body(scope, receive, send)
@@ -478,7 +485,7 @@ def _has_prometheus() -> bool:
     return importlib.util.find_spec("prometheus_client") is not None
 
 
-ENDPOINTS = ("/health", "/metrics", "/generate", "/generate/stream", "/v1/models", "/v1/completions",
+ENDPOINTS = ("/", "/health", "/metrics", "/generate", "/generate/stream", "/v1/models", "/v1/completions",
              "/v1/chat/completions")
 
 
@@ -987,9 +994,11 @@ class OpenAIRoutes:
 
 def create_app(engine: Engine, limits: Limits | None = None, api_key: str | None = None,
                model_name: str | None = None) -> FastAPI:
-    """The service around `engine`; api_key (None: open) is then required on every path but /health.
+    """The service around `engine`; api_key (None: open) is then required on every path but / and /health.
     model_name: the id the OpenAI routes serve (None: the checkpoint file's name without its suffix)."""
     limits = limits or Limits()
+    name = model_name or Path(engine.checkpoint).stem or "gpt"
+    page = chat_page()
     app = FastAPI(title="gpt-pipeline inference", version="0.1.0", default_response_class=SafeJSONResponse)
     admission = Admission(limits.max_queue + limits.max_batch)
     batcher = Batcher(engine, limits.max_batch, limits.batch_wait_ms)
@@ -1030,10 +1039,16 @@ def create_app(engine: Engine, limits: Limits | None = None, api_key: str | None
         batcher.submit(job)
         return job
 
+    @app.get("/", include_in_schema=False)
+    def index() -> Response:
+        """The chat page (it reads /health to learn the model's id and whether it is a chat model)."""
+        return Response(page, media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
+
     @app.get("/health")
     def health() -> dict:
         cfg = engine.model.config
-        return {"status": "ok", "model_loaded": True, "device": engine.device, "checkpoint": engine.checkpoint,
+        return {"status": "ok", "model_loaded": True, "model": name, "chat": has_chat_template(engine.tokenizer),
+                "device": engine.device, "checkpoint": engine.checkpoint,
                 "parameters": engine.model.num_params(), "block_size": cfg.block_size, "vocab_size": cfg.vocab_size,
                 "in_flight": admission.in_flight, "batching": batcher.stats()}
 
@@ -1092,10 +1107,23 @@ def create_app(engine: Engine, limits: Limits | None = None, api_key: str | None
 
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    OpenAIRoutes(engine, limits, batcher, model_name or Path(engine.checkpoint).stem or "gpt").add_to(app)
+    OpenAIRoutes(engine, limits, batcher, name).add_to(app)
     app.add_middleware(Guard, admission=admission, max_body_bytes=limits.max_body_bytes, api_key=api_key,
                        metrics=metrics)
     return app
+
+
+def chat_page() -> bytes:
+    """gpt/web/chat.html, shipped in the package (no build step, nothing fetched from elsewhere)."""
+    return (importlib.resources.files("gpt") / "web" / "chat.html").read_bytes()
+
+
+def has_chat_template(tokenizer) -> bool:
+    """Whether the tokenizer has the chat template's tokens (a stage=sft model): the page then talks to
+    /v1/chat/completions, else it continues text with /v1/completions."""
+    from gpt.chat import SPECIAL
+
+    return all(t in getattr(tokenizer, "special", []) for t in SPECIAL)
 
 
 def engine_from_config(cfg) -> Engine:
