@@ -1,4 +1,5 @@
-"""infer.py's logic: rebuild tokenizer and model from a checkpoint alone, sample, stream to stdout."""
+"""infer.py's logic: rebuild tokenizer and model from a checkpoint alone, sample, stream to stdout; with
+interactive=true, a conversation in the terminal (`interactive`)."""
 
 from __future__ import annotations
 
@@ -170,6 +171,9 @@ def stream_samples(cfg: DictConfig, out=sys.stdout) -> list[str]:
     if cfg.top_p is not None and not 0.0 < float(cfg.top_p) <= 1.0:
         raise UserError(f"top_p={cfg.top_p} must be in (0, 1]")
     model, tok, ckpt = load_for_inference(cfg.ckpt, cfg.device, cfg.get("quantize"), dtype_option(cfg))
+    if cfg.get("interactive"):  # a terminal conversation; prompt and num_samples do not apply
+        interactive(cfg, model, tok, sys.stdin, out)
+        return []
     prompt = str(cfg.prompt)
     if isinstance(model, Classifier):  # finetune.py stage=classify: label probabilities, most likely first
         from gpt.scoring import label_probabilities
@@ -206,9 +210,19 @@ def stream_samples(cfg: DictConfig, out=sys.stdout) -> list[str]:
         return texts
     out.write(prompt)  # one sample: stream it token by token
     out.flush()
-    shown = ""
+    text, _ = stream_answer(model, tok, ids, sampling, bool(cfg.use_cache), out)
+    out.write("\n")
+    out.flush()
+    return [prompt + text]
+
+
+def stream_answer(model, tok, ids: list[int], sampling: Sampling, use_cache: bool = True,
+                  out=sys.stdout) -> tuple[str, list[int]]:
+    """Decode one row from prompt `ids`, writing its text to `out` as it grows; -> (the new text, its ids
+    without the stop token)."""
+    shown, new = "", []
     if sampling.max_tokens > 0:
-        engine = DecodeEngine(model, 1, bool(cfg.use_cache))
+        engine = DecodeEngine(model, 1, use_cache)
         row = engine.add([ids], sampling)[0]
         while not row.done:
             engine.step()
@@ -220,9 +234,86 @@ def stream_samples(cfg: DictConfig, out=sys.stdout) -> list[str]:
         if row.error is not None:
             raise row.error
         new = row.new
-    else:
-        new = []
     text = tok.decode(new)
-    out.write(text[len(shown):] + "\n")
+    out.write(text[len(shown):])
     out.flush()
-    return [prompt + text]
+    return text, list(new)
+
+
+def _read_line(inp, out, prompt: str) -> str | None:
+    """One typed line without its line break; None at the end of input (Ctrl-D) or on Ctrl-C."""
+    try:
+        if inp is sys.stdin:  # input(): line editing and history when readline is loaded
+            return input(prompt)
+        out.write(prompt)
+        out.flush()
+        line = inp.readline()
+        return line.removesuffix("\n") if line else None
+    except (EOFError, KeyboardInterrupt):
+        return None
+
+
+def interactive(cfg: DictConfig, model, tok, inp=sys.stdin, out=sys.stdout) -> list[dict] | str:
+    """infer.py interactive=true: a conversation in the terminal, the way nanochat's chat_cli works.
+
+    A chat model (finetune.py stage=sft) answers each typed line; its prompt is the whole conversation so far
+    in the chat template (cropped to the last block_size tokens), and the answer stops at <|end|>. The
+    conversation is kept as token ids, each answer as generated and closed by <|end|>, as nanochat does: an
+    answer is never re-encoded from its text (a special token in it would not come back as itself). A base
+    model continues text instead: each typed line joins the text so far (its line break included) and the
+    model continues the whole of it. Answers stream as they are generated with the config's sampling
+    settings (one seeded generator for the session). An empty line is ignored; Ctrl-D (end of input) ends
+    the session; Ctrl-C stops an answer (the turn is dropped) or, at the prompt, ends the session.
+    -> the conversation (chat: messages) or the text (base model)."""
+    from gpt.chat import END, SPECIAL, encode_chat
+
+    if isinstance(model, Classifier):
+        raise UserError(f"interactive=true needs a language model; {cfg.ckpt!r} is a classifier (stage=classify): "
+                        "drop interactive=true to get its label probabilities")
+    if int(cfg.num_samples) != 1:
+        raise UserError(f"interactive=true answers each turn once; num_samples={cfg.num_samples} does not apply "
+                        "(leave it at 1)")
+    chat = all(t in getattr(tok, "special", []) for t in SPECIAL)
+    if cfg.get("chat") and not chat:
+        raise UserError(f"chat=true needs a chat-tuned checkpoint (finetune.py stage=sft); {cfg.ckpt!r} has no "
+                        f"chat template tokens")
+    stop = tok.special_id(END) if chat else tok.eot_id
+    block = model.config.block_size
+    sampling = Sampling(int(cfg.max_new_tokens), float(cfg.temperature), cfg.top_k, cfg.top_p,
+                        stop_ids=() if stop is None else (stop,),
+                        generator=torch.Generator(device=cfg.device).manual_seed(int(cfg.seed)))
+    print("chat: type a message and press Enter; Ctrl-D ends" if chat else
+          "base model: the text you type is continued; Ctrl-D ends", file=sys.stderr)
+    messages: list[dict] = []
+    conversation: list[int] = []  # chat: the template's ids of every finished turn
+    text, cropped = "", False
+    while True:
+        line = _read_line(inp, out, "> ")
+        if line is None:
+            out.write("\n")
+            out.flush()
+            return messages if chat else text
+        if not line.strip():
+            continue
+        if chat:
+            ids = conversation + encode_chat(tok, [{"role": "user", "content": line}], generation_prompt=True)[0]
+        else:
+            turn = text + line + "\n"
+            ids = encode_prompt(tok, turn, block, out=None)
+        if len(ids) > block and not cropped:  # said once: from here on the oldest turns fall out of view
+            cropped = True
+            print(f"note: the conversation is longer than block_size={block} tokens; the model sees only its "
+                  f"last {block}", file=sys.stderr)
+        try:
+            answer, new = stream_answer(model, tok, ids[-block:], sampling, bool(cfg.use_cache), out)
+        except KeyboardInterrupt:
+            answer = None
+        out.write("\n")
+        out.flush()
+        if answer is None:
+            continue
+        if chat:
+            conversation = ids + new + [stop]  # closed by <|end|> also when max_new_tokens cut it short
+            messages += [{"role": "user", "content": line}, {"role": "assistant", "content": answer}]
+        else:
+            text = turn + answer

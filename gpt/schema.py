@@ -294,6 +294,7 @@ RULES: dict[str, Rule] = {
     "num_samples": Int(1),
     "use_cache": Flag(),
     "chat": Flag(),
+    "interactive": Flag(),
     # serve.py
     "host": Text(),
     "port": Int(1, 65535),
