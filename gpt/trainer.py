@@ -688,6 +688,9 @@ class Trainer:
                              "train/tokens": s.step * tokens}
                         if model_flops and self.peak_flops:
                             m["train/mfu"] = model_flops * tok_s / self.peak_flops
+                        waited = getattr(self.objective, "data_seconds", None)
+                        if waited is not None:  # seconds this log window waited for batches (input bound?)
+                            m["train/data_seconds"] = waited()
                         self.record(m)
                         if self.progress and not tty:
                             log.info("step %d/%d: train/loss %.4f  lr %.3g  %s tokens/s", s.step, self.loop.max_iters,

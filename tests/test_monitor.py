@@ -269,3 +269,14 @@ def test_a_failed_background_write_stops_the_run_with_its_error(tmp_path, monkey
     with pytest.raises(CheckpointWriteError, match="no space left on device while writing .*best.pt"):
         trainer.fit()
     assert trainer.state.step <= 4  # stopped at the next save (step 4) at the latest, not at the end
+
+
+def test_the_time_spent_waiting_for_batches_is_logged(tmp_path):
+    """An objective that reports how long the loop waited for its batches (pretrain's data_seconds) gets it in
+    each train/* row of metrics.jsonl."""
+    trainer = trainer_for(tmp_path, [{"val/loss": 1.0}] * 2, 4, log_interval=2)
+    waits = iter([0.25, 0.5])
+    trainer.objective.data_seconds = lambda: next(waits)
+    trainer.fit()
+    rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "train/loss" in r]
+    assert [(r["step"], r["train/data_seconds"]) for r in rows] == [(2, 0.25), (4, 0.5)]
