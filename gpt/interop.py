@@ -2,6 +2,9 @@
 
     python -m gpt.interop export <checkpoint or run folder> <out folder>   # config.json + model.safetensors
     python -m gpt.interop import <GPT-2 folder> <out .pt>                   # a checkpoint infer.py loads
+    python -m gpt.interop export-gguf <checkpoint or run> <out.gguf> [--type f32|f16|q8_0]  # gpt.gguf_export
+    python -m gpt.interop export-peft <LoRA checkpoint or run> <folder> [--base <folder>]  # gpt.peft_export
+    python -m gpt.interop import <model.gguf> <out .pt>
 
 The layouts match name for name except that GPT-2 stores its Linear layers as Conv1D, whose weight
 is the transpose of nn.Linear's. Models trained without biases export zero biases. Only local folders
@@ -159,8 +162,12 @@ def _umask_mode(path: Path) -> None:
 
 def export_hf(ckpt_path: str, out_dir: str) -> Path:
     """Write config.json + model.safetensors (+ GPT-2 tokenizer files when the model uses GPT-2 BPE)."""
+    return export_hf_checkpoint(load_checkpoint(ckpt_path, prefer="best"), out_dir)
+
+
+def export_hf_checkpoint(ckpt: dict, out_dir: str | Path) -> Path:
+    """export_hf for a loaded checkpoint (gpt.peft_export exports a LoRA run's base weights through it)."""
     save_file = _safetensors().save_file
-    ckpt = load_checkpoint(ckpt_path, prefer="best")
     if ckpt.get("quantized"):
         raise UserError(f"{ckpt['path']!r} is an int8 checkpoint; export the float checkpoint it was made from")
     model = model_from_checkpoint(ckpt)
@@ -320,11 +327,37 @@ def main(argv: list[str] | None = None) -> int:
     e = sub.add_parser("export", help="checkpoint -> Hugging Face GPT-2 folder")
     e.add_argument("ckpt")
     e.add_argument("out")
-    i = sub.add_parser("import", help="Hugging Face GPT-2 folder -> checkpoint")
+    g = sub.add_parser("export-gguf", help="checkpoint -> GGUF file for llama.cpp (architecture gpt2)")
+    g.add_argument("ckpt")
+    g.add_argument("out")
+    g.add_argument("--type", default="f32", help="tensor type of the weights: f32, f16 or q8_0 (default f32)")
+    p = sub.add_parser("export-peft", help="LoRA checkpoint -> PEFT adapter folder (+ its GPT-2 base in <out>/base)")
+    p.add_argument("ckpt")
+    p.add_argument("out")
+    p.add_argument("--base", default=None, help="an exported GPT-2 folder holding the run's base weights")
+    i = sub.add_parser("import", help="Hugging Face GPT-2 folder or gpt2 GGUF file -> checkpoint")
     i.add_argument("folder")
     i.add_argument("out")
     args = parser.parse_args(argv)
-    return cli_result(lambda: export_hf(args.ckpt, args.out) if args.cmd == "export" else import_hf(args.folder, args.out))
+    return cli_result(lambda: _run(args))
+
+
+def _run(args) -> Path:
+    if args.cmd == "export":
+        return export_hf(args.ckpt, args.out)
+    if args.cmd == "export-gguf":
+        from gpt.gguf_export import export_gguf
+
+        return export_gguf(args.ckpt, args.out, args.type)
+    if args.cmd == "export-peft":
+        from gpt.peft_export import export_peft
+
+        return export_peft(args.ckpt, args.out, args.base)
+    if Path(args.folder).expanduser().is_file():  # a file is GGUF (checked by its reader), a folder is transformers'
+        from gpt.gguf_export import import_gguf
+
+        return import_gguf(args.folder, args.out)
+    return import_hf(args.folder, args.out)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,210 @@
+"""GGUF export for llama.cpp (gpt/gguf_export.py): gguf's reader gives back our tensors and metadata, a file we
+wrote imports back with equal logits, bad inputs are one-line errors, and (where llama-cpp-python is installed)
+llama.cpp's greedy generation from the file equals ours."""
+
+import numpy as np
+import pytest
+import torch
+
+from gpt.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from gpt.chat import SPECIAL
+from gpt.errors import UserError
+from gpt.gguf_export import export_gguf, gguf_tensors, gpt2_tokens, import_gguf
+from gpt.interop import CHAT_TEMPLATE, main
+from gpt.model import GPT
+
+gguf = pytest.importorskip("gguf")
+
+CHAT = {"type": "tiktoken", "name": "gpt2", "special": list(SPECIAL)}
+
+
+def tiny_checkpoint(tmp_path, bias=True, tokenizer=CHAT, vocab_size=50304, n_embd=32, seed=0):
+    """A random tiny GPT-2-vocabulary model (vocabulary padded past the tokenizer's 50261 tokens)."""
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=n_embd, dropout=0.0, bias=bias)
+    model = GPT(**cfg)
+    with torch.no_grad():  # random biases and norm gains, so a skipped or misnamed 1-D tensor shows
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.normal_(0.0, 0.1).add_(1.0 if name.endswith("ln_1.weight") else 0.0)
+    path = save_checkpoint({"model": model.state_dict(), "config": {"model": {"_target_": "gpt.model.GPT", **cfg}},
+                            "tokenizer": tokenizer, "step": 0}, tmp_path / "tiny.pt")
+    return model.eval(), path
+
+
+def read(path):
+    reader = gguf.GGUFReader(str(path))
+    return reader, {t.name: t for t in reader.tensors}
+
+
+def dequantized(t) -> np.ndarray:
+    return gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))
+
+
+def test_f32_tensors_and_metadata_come_back_exactly(tmp_path):
+    model, path = tiny_checkpoint(tmp_path, bias=False)
+    reader, tensors = read(export_gguf(str(path), str(tmp_path / "m.gguf")))
+    ours = gguf_tensors(model)
+    assert set(tensors) == set(ours)  # no output.weight: llama.cpp ties it to token_embd
+    assert {"token_embd.weight", "position_embd.weight", "blk.1.attn_qkv.weight", "blk.1.ffn_down.bias",
+            "output_norm.bias"} <= set(tensors)
+    for name, t in tensors.items():
+        assert t.tensor_type == gguf.GGMLQuantizationType.F32
+        np.testing.assert_array_equal(dequantized(t), ours[name].numpy())
+    # (out, in) as nn.Linear, not Conv1D's (in, out); zero biases for a model trained without them
+    np.testing.assert_array_equal(dequantized(tensors["blk.0.attn_qkv.weight"]),
+                                  model.transformer.h[0].attn.c_attn.weight.detach().numpy())
+    assert not dequantized(tensors["blk.0.ffn_up.bias"]).any()
+    f = {k: v.contents() for k, v in reader.fields.items() if not k.startswith("GGUF.")}
+    assert (f["general.architecture"], f["gpt2.block_count"], f["gpt2.context_length"], f["gpt2.embedding_length"],
+            f["gpt2.feed_forward_length"], f["gpt2.attention.head_count"]) == ("gpt2", 2, 64, 32, 128, 2)
+    assert f["gpt2.attention.layer_norm_epsilon"] == pytest.approx(1e-5)
+    tokens = f["tokenizer.ggml.tokens"]
+    assert (f["tokenizer.ggml.model"], f["tokenizer.ggml.pre"], len(tokens)) == ("gpt2", "gpt-2", 50304)
+    assert tokens[:50257] == gpt2_tokens() and tokens[31373] == "hello" and tokens[995] == "Ġworld"
+    assert tokens[50257:50261] == SPECIAL and tokens[50261] == "[PAD50261]"
+    types = f["tokenizer.ggml.token_type"]
+    assert (types[0], types[50256], types[50258], types[50300]) == (1, 3, 3, 5)  # normal, control x2, unused
+    assert f["tokenizer.ggml.merges"][:2] == ["Ġ t", "Ġ a"] and len(f["tokenizer.ggml.merges"]) == 50000
+    assert (f["tokenizer.ggml.bos_token_id"], f["tokenizer.ggml.eos_token_id"],
+            f["tokenizer.ggml.eot_token_id"]) == (50256, 50256, 50260)
+    assert f["tokenizer.ggml.add_bos_token"] is False
+    assert f["tokenizer.chat_template"] == CHAT_TEMPLATE
+
+
+# rounding bounds: f16 keeps 11 significant bits (relative error <= 2^-11); q8_0 stores each block of 32 values
+# as round(x / d) * d with d = max|x| / 127 held in f16, so |error| <= d / 2 plus d's own f16 rounding
+@pytest.mark.parametrize("kind", ["f16", "q8_0"])
+def test_f16_and_q8_0_within_their_rounding(tmp_path, kind):
+    model, path = tiny_checkpoint(tmp_path)
+    _, tensors = read(export_gguf(str(path), str(tmp_path / f"m_{kind}.gguf"), kind))
+    want = {"f16": gguf.GGMLQuantizationType.F16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[kind]
+    for name, x in gguf_tensors(model).items():
+        t, x = tensors[name], x.numpy()
+        got = dequantized(t)
+        if x.ndim == 1:  # norms and biases stay f32, as llama.cpp's converter writes them
+            assert t.tensor_type == gguf.GGMLQuantizationType.F32
+            np.testing.assert_array_equal(got, x)
+            continue
+        assert t.tensor_type == want
+        if kind == "f16":
+            bound = np.abs(x) * 2.0 ** -11 + 2.0 ** -24  # + the smallest subnormal step
+        else:
+            d = np.abs(x.reshape(-1, 32)).max(axis=1, keepdims=True) / 127
+            bound = np.broadcast_to(d * (0.5 + 127 * 2.0 ** -11) + 1e-12, (d.shape[0], 32)).reshape(x.shape)
+        assert (np.abs(got - x) <= bound).all(), name
+        assert not np.array_equal(got, x)  # it was rounded, so the bound is what is being tested
+
+
+def test_q8_0_falls_back_to_f16_for_rows_that_are_not_whole_blocks(tmp_path):
+    _, path = tiny_checkpoint(tmp_path, n_embd=16)  # rows of 16 values: no q8_0 block of 32 fits
+    _, tensors = read(export_gguf(str(path), str(tmp_path / "m.gguf"), "q8_0"))
+    assert tensors["blk.0.attn_qkv.weight"].tensor_type == gguf.GGMLQuantizationType.F16
+    assert tensors["blk.0.ffn_down.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0  # rows of 64
+
+
+def test_round_trip_through_the_cli_keeps_logits(tmp_path):
+    model, path = tiny_checkpoint(tmp_path)
+    assert main(["export-gguf", str(path), str(tmp_path / "m.gguf")]) == 0
+    assert main(["import", str(tmp_path / "m.gguf"), str(tmp_path / "back.pt")]) == 0
+    ckpt = load_checkpoint(tmp_path / "back.pt")
+    assert ckpt["tokenizer"] == CHAT
+    back = model_from_checkpoint(ckpt)
+    idx = torch.randint(0, 50304, (2, 40))
+    with torch.no_grad():
+        assert torch.equal(back(idx)[0], model(idx)[0])
+
+
+def test_q8_0_import_is_close(tmp_path):
+    model, path = tiny_checkpoint(tmp_path)
+    back = model_from_checkpoint(load_checkpoint(import_gguf(str(export_gguf(str(path), str(tmp_path / "q.gguf"),
+                                                                              "q8_0")), str(tmp_path / "b.pt"))))
+    idx = torch.randint(0, 50304, (1, 40))
+    with torch.no_grad():
+        a, b = back(idx)[0], model(idx)[0]
+    assert not torch.equal(a, b) and (a - b).abs().max() < 0.05 * b.abs().max()
+
+
+def test_char_tokenizer_is_refused(tmp_path, capsys):
+    _, path = tiny_checkpoint(tmp_path, tokenizer={"type": "char", "chars": "abcdefghij"}, vocab_size=10)
+    with pytest.raises(UserError, match="char-tokenizer model cannot be exported to GGUF"):
+        export_gguf(str(path), str(tmp_path / "m.gguf"))
+    assert main(["export-gguf", str(path), str(tmp_path / "m.gguf")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: a char-tokenizer model") and "\n" not in err
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_bad_type_and_bad_files_are_one_line_errors(tmp_path):
+    _, path = tiny_checkpoint(tmp_path)
+    with pytest.raises(UserError, match=r"--type 'q4' is not one of \['f32', 'f16', 'q8_0'\]"):
+        export_gguf(str(path), str(tmp_path / "m.gguf"), "q4")
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 40)
+    with pytest.raises(UserError, match="could not be read as GGUF"):
+        import_gguf(str(junk), str(tmp_path / "out.pt"))
+
+
+def _rewrite(src, dst, *, arch="gpt2", drop=(), extra_tensor=None, tokens=None):
+    """Copy a GGUF with one thing changed (for the import checks)."""
+    reader = gguf.GGUFReader(str(src))
+    w = gguf.GGUFWriter(str(dst), arch)
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture" or key in drop:
+            continue
+        value = field.contents()
+        if key == "tokenizer.ggml.tokens" and tokens is not None:
+            value = tokens(value)
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(key.replace("gpt2.", arch + "."), value, vtype, sub_type=sub)
+    for t in reader.tensors:
+        w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+    if extra_tensor:
+        w.add_tensor(extra_tensor, np.zeros((32, 50304), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(arch="llama"), "holds architecture 'llama'; only gpt2 GGUF files import"),
+    (dict(drop=("gpt2.block_count",)), "GGUF key 'gpt2.block_count' is missing"),
+    (dict(extra_tensor="output.weight"), "GGUF tensor 'output.weight' is not part of this GPT"),
+    (dict(tokens=lambda t: ["x"] + t[1:]), "the GGUF vocabulary is not GPT-2's BPE"),
+    (dict(tokens=lambda t: t[:50261] + ["<|tool|>"] + t[50262:]), "GGUF token 50261 '<|tool|>' is neither"),
+])
+def test_import_checks_the_file(tmp_path, change, message):
+    _, path = tiny_checkpoint(tmp_path)
+    good = export_gguf(str(path), str(tmp_path / "m.gguf"))
+    bad = _rewrite(good, tmp_path / "bad.gguf", **change)
+    with pytest.raises(UserError, match=message):
+        import_gguf(str(bad), str(tmp_path / "out.pt"))
+
+
+@pytest.mark.slow
+def test_llama_cpp_greedy_generation_equals_ours(tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (it compiles llama.cpp)")
+    from gpt.tokenizer import from_identity
+
+    model, path = tiny_checkpoint(tmp_path, seed=3)
+    with torch.no_grad():  # sharpen the logits so float32 vs llama.cpp's kernels cannot flip a near tie
+        model.transformer.wte.weight.mul_(8.0)
+    path = save_checkpoint({**load_checkpoint(path), "model": model.state_dict()}, tmp_path / "sharp.pt")
+    out = export_gguf(str(path), str(tmp_path / "m.gguf"))
+    tok = from_identity(CHAT)
+    prompt = tok.encode("Once upon a time")
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, n_threads=1, verbose=False, logits_all=False)
+    assert llm.tokenize(b"Once upon a time", add_bos=False, special=False) == prompt
+    theirs = []
+    for t in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+        theirs.append(t)
+        if len(theirs) == 32:
+            break
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(32):
+            ids = torch.cat([ids, model(ids)[0][:, -1:].argmax(-1)], dim=1)
+    assert theirs == ids[0, len(prompt):].tolist()
