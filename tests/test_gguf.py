@@ -37,13 +37,23 @@ def read(path):
     return reader, {t.name: t for t in reader.tensors}
 
 
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """One tiny model exported at each --type and read once: gguf's reader parses the 50k tokens and 50k merges
+    string by string (about 3-5 s a file on 2 cores), so the tests share the files."""
+    tmp = tmp_path_factory.mktemp("gguf")
+    model, path = tiny_checkpoint(tmp, bias=False)
+    files = {kind: export_gguf(str(path), str(tmp / f"m_{kind}.gguf"), kind) for kind in ("f32", "f16", "q8_0")}
+    return model, path, files, {kind: read(f) for kind, f in files.items()}
+
+
 def dequantized(t) -> np.ndarray:
     return gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))
 
 
-def test_f32_tensors_and_metadata_come_back_exactly(tmp_path):
-    model, path = tiny_checkpoint(tmp_path, bias=False)
-    reader, tensors = read(export_gguf(str(path), str(tmp_path / "m.gguf")))
+def test_f32_tensors_and_metadata_come_back_exactly(exported):
+    model, _, _, readers = exported
+    reader, tensors = readers["f32"]
     ours = gguf_tensors(model)
     assert set(tensors) == set(ours)  # no output.weight: llama.cpp ties it to token_embd
     assert {"token_embd.weight", "position_embd.weight", "blk.1.attn_qkv.weight", "blk.1.ffn_down.bias",
@@ -75,9 +85,9 @@ def test_f32_tensors_and_metadata_come_back_exactly(tmp_path):
 # rounding bounds: f16 keeps 11 significant bits (relative error <= 2^-11); q8_0 stores each block of 32 values
 # as round(x / d) * d with d = max|x| / 127 held in f16, so |error| <= d / 2 plus d's own f16 rounding
 @pytest.mark.parametrize("kind", ["f16", "q8_0"])
-def test_f16_and_q8_0_within_their_rounding(tmp_path, kind):
-    model, path = tiny_checkpoint(tmp_path)
-    _, tensors = read(export_gguf(str(path), str(tmp_path / f"m_{kind}.gguf"), kind))
+def test_f16_and_q8_0_within_their_rounding(exported, kind):
+    model, _, _, readers = exported
+    _, tensors = readers[kind]
     want = {"f16": gguf.GGMLQuantizationType.F16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[kind]
     for name, x in gguf_tensors(model).items():
         t, x = tensors[name], x.numpy()
@@ -96,6 +106,7 @@ def test_f16_and_q8_0_within_their_rounding(tmp_path, kind):
         assert not np.array_equal(got, x)  # it was rounded, so the bound is what is being tested
 
 
+@pytest.mark.slow
 def test_q8_0_falls_back_to_f16_for_rows_that_are_not_whole_blocks(tmp_path):
     _, path = tiny_checkpoint(tmp_path, n_embd=16)  # rows of 16 values: no q8_0 block of 32 fits
     _, tensors = read(export_gguf(str(path), str(tmp_path / "m.gguf"), "q8_0"))
@@ -103,8 +114,9 @@ def test_q8_0_falls_back_to_f16_for_rows_that_are_not_whole_blocks(tmp_path):
     assert tensors["blk.0.ffn_down.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0  # rows of 64
 
 
-def test_round_trip_through_the_cli_keeps_logits(tmp_path):
-    model, path = tiny_checkpoint(tmp_path)
+@pytest.mark.slow
+def test_round_trip_through_the_cli_keeps_logits(tmp_path, exported):
+    model, path = exported[:2]
     assert main(["export-gguf", str(path), str(tmp_path / "m.gguf")]) == 0
     assert main(["import", str(tmp_path / "m.gguf"), str(tmp_path / "back.pt")]) == 0
     ckpt = load_checkpoint(tmp_path / "back.pt")
@@ -115,10 +127,10 @@ def test_round_trip_through_the_cli_keeps_logits(tmp_path):
         assert torch.equal(back(idx)[0], model(idx)[0])
 
 
-def test_q8_0_import_is_close(tmp_path):
-    model, path = tiny_checkpoint(tmp_path)
-    back = model_from_checkpoint(load_checkpoint(import_gguf(str(export_gguf(str(path), str(tmp_path / "q.gguf"),
-                                                                              "q8_0")), str(tmp_path / "b.pt"))))
+@pytest.mark.slow
+def test_q8_0_import_is_close(tmp_path, exported):
+    model, _, files, _ = exported
+    back = model_from_checkpoint(load_checkpoint(import_gguf(str(files["q8_0"]), str(tmp_path / "b.pt"))))
     idx = torch.randint(0, 50304, (1, 40))
     with torch.no_grad():
         a, b = back(idx)[0], model(idx)[0]
@@ -145,9 +157,8 @@ def test_bad_type_and_bad_files_are_one_line_errors(tmp_path):
         import_gguf(str(junk), str(tmp_path / "out.pt"))
 
 
-def _rewrite(src, dst, *, arch="gpt2", drop=(), extra_tensor=None, tokens=None):
-    """Copy a GGUF with one thing changed (for the import checks)."""
-    reader = gguf.GGUFReader(str(src))
+def _rewrite(reader, dst, *, arch="gpt2", drop=(), extra_tensor=None, tokens=None):
+    """Copy a GGUF (read by `reader`) with one thing changed (for the import checks)."""
     w = gguf.GGUFWriter(str(dst), arch)
     for key, field in reader.fields.items():
         if key.startswith("GGUF.") or key == "general.architecture" or key in drop:
@@ -169,6 +180,7 @@ def _rewrite(src, dst, *, arch="gpt2", drop=(), extra_tensor=None, tokens=None):
     return dst
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change, message", [
     (dict(arch="llama"), "holds architecture 'llama'; only gpt2 GGUF files import"),
     (dict(drop=("gpt2.block_count",)), "GGUF key 'gpt2.block_count' is missing"),
@@ -176,10 +188,8 @@ def _rewrite(src, dst, *, arch="gpt2", drop=(), extra_tensor=None, tokens=None):
     (dict(tokens=lambda t: ["x"] + t[1:]), "the GGUF vocabulary is not GPT-2's BPE"),
     (dict(tokens=lambda t: t[:50261] + ["<|tool|>"] + t[50262:]), "GGUF token 50261 '<|tool|>' is neither"),
 ])
-def test_import_checks_the_file(tmp_path, change, message):
-    _, path = tiny_checkpoint(tmp_path)
-    good = export_gguf(str(path), str(tmp_path / "m.gguf"))
-    bad = _rewrite(good, tmp_path / "bad.gguf", **change)
+def test_import_checks_the_file(tmp_path, exported, change, message):
+    bad = _rewrite(exported[3]["f32"][0], tmp_path / "bad.gguf", **change)
     with pytest.raises(UserError, match=message):
         import_gguf(str(bad), str(tmp_path / "out.pt"))
 
