@@ -29,6 +29,7 @@ import torch
 
 from gpt.checkpoint import clean_state_dict, load_checkpoint, model_from_checkpoint, save_checkpoint
 from gpt.errors import UserError
+from gpt.export_meta import CHAT_TEMPLATE, special_token_ids
 from gpt.model import GPT
 from gpt.tokenizer import from_identity
 
@@ -140,7 +141,6 @@ def export_gguf(ckpt_path: str, out_path: str, kind: str = "f32") -> Path:
     """Write `out_path` (.gguf) from a checkpoint: gpt2 hyperparameters, tensors at `kind`, tokenizer metadata,
     the chat template for a chat model. Written to a temp file and renamed, so a failed export leaves nothing."""
     from gpt.chat import END, SPECIAL
-    from gpt.interop import CHAT_TEMPLATE, special_token_ids
 
     if kind not in TYPES:
         raise UserError(f"--type {kind!r} is not one of {list(TYPES)}")

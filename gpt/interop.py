@@ -3,7 +3,7 @@
     python -m gpt.interop export <checkpoint or run folder> <out folder>   # config.json + model.safetensors
     python -m gpt.interop import <GPT-2 folder> <out .pt>                   # a checkpoint infer.py loads
     python -m gpt.interop export-gguf <checkpoint or run> <out.gguf> [--type f32|f16|q8_0]  # gpt.gguf_export
-    python -m gpt.interop export-peft <LoRA checkpoint or run> <folder> [--base <folder>]  # gpt.peft_export
+    python -m gpt.interop export-peft <LoRA checkpoint or run> <folder> [--base <folder>]  # a PEFT adapter (+ base)
     python -m gpt.interop import <model.gguf> <out .pt>
 
 The layouts match name for name except that GPT-2 stores its Linear layers as Conv1D, whose weight
@@ -27,8 +27,10 @@ from pathlib import Path
 
 import torch
 
-from gpt.checkpoint import clean_state_dict, load_checkpoint, model_from_checkpoint, save_checkpoint
+from gpt.checkpoint import (adapter_ranks, clean_state_dict, load_checkpoint, model_from_checkpoint,
+                            save_checkpoint)
 from gpt.errors import cli_result, UserError
+from gpt.export_meta import CHAT_TEMPLATE, special_token_ids
 from gpt.model import GPT
 from gpt.tokenizer import _OFFLINE_FILES, from_identity
 
@@ -60,17 +62,6 @@ def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in out.items()}
 
 
-def special_token_ids(tok) -> dict:
-    """bos/eos ids for config.json from the tokenizer itself: end-of-text (and a chat model's <|end|>) ends
-    generation, begin-of-text is <|bos|> when a stage added it, else end-of-text as in GPT-2; None where the
-    tokenizer has no such token (a char model without special tokens)."""
-    from gpt.chat import END
-
-    eos = [i for i in (tok.eot_id, tok.special_id(END) if END in tok.special else None) if i is not None]
-    bos = tok.bos_id if tok.bos_id is not None else tok.eot_id
-    return {"bos_token_id": bos, "eos_token_id": (eos[0] if len(eos) == 1 else eos) if eos else None}
-
-
 def hf_config(model: GPT, tok=None) -> dict:
     """config.json of GPT2LMHeadModel for `model`; bos/eos from `tok` (see special_token_ids), None without one."""
     cfg = model.config
@@ -83,13 +74,6 @@ def hf_config(model: GPT, tok=None) -> dict:
         "attn_pdrop": cfg.dropout, "initializer_range": 0.02, "scale_attn_weights": True,
         "tie_word_embeddings": True, **ids,
     }
-
-
-# The chat template of gpt/chat.py in Jinja, for tokenizer_config.json: transformers' apply_chat_template and vLLM's
-# chat endpoint render messages with it. Each message is <|role|>content<|end|>; a generation prompt adds
-# <|assistant|>. The special tokens are added tokens of the exported tokenizer, so the text tokenizes to our ids.
-CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
-                 "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
 
 
 def hf_tokenizer(tok, block_size: int):
@@ -166,7 +150,7 @@ def export_hf(ckpt_path: str, out_dir: str) -> Path:
 
 
 def export_hf_checkpoint(ckpt: dict, out_dir: str | Path) -> Path:
-    """export_hf for a loaded checkpoint (gpt.peft_export exports a LoRA run's base weights through it)."""
+    """export_hf for a loaded checkpoint (export_peft writes a LoRA run's base weights through it)."""
     save_file = _safetensors().save_file
     if ckpt.get("quantized"):
         raise UserError(f"{ckpt['path']!r} is an int8 checkpoint; export the float checkpoint it was made from")
@@ -321,6 +305,85 @@ def import_hf(folder: str, out_path: str) -> Path:
     return save_checkpoint(ckpt, out_path)
 
 
+# ---- PEFT: a LoRA run as an adapter on the exported GPT-2 base -----------------------------------------
+# adapter_config.json + adapter_model.safetensors, which peft.PeftModel.from_pretrained(base, folder) loads onto a
+# GPT2LMHeadModel. The base is the LoRA checkpoint's own frozen weights (they hold any embedding rows the stage
+# trained for new tokens), exported to <folder>/base unless --base names an exported folder whose weights are
+# checked to be exactly those. lora_A (r, in) and lora_B (out, r) are the same matrices in PEFT; GPT-2's Conv1D
+# layers need fan_in_fan_out=True, and the scaling is lora_alpha / r in both.
+
+def adapter_config(ckpt: dict, base: Path) -> dict:
+    """adapter_config.json of PEFT's LoraConfig for the checkpoint's adapters (one rank, as apply_lora makes)."""
+    ranks = adapter_ranks(ckpt["model"])
+    node = (ckpt.get("config") or {}).get("lora") or {}
+    if "alpha" not in node:
+        raise UserError(f"{ckpt['path']!r} holds LoRA adapters but its config has no lora.alpha")
+    if len(set(ranks.values())) != 1:
+        raise UserError(f"{ckpt['path']!r}: adapters of different ranks {sorted(set(ranks.values()))}; "
+                        f"apply_lora gives every layer one rank")
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base),
+            "r": next(iter(ranks.values())), "lora_alpha": float(node["alpha"]),
+            "lora_dropout": float(node.get("dropout", 0.0)), "target_modules": sorted(ranks),
+            "fan_in_fan_out": True,  # GPT-2's Conv1D stores (in, out)
+            "bias": "none", "use_rslora": False, "modules_to_save": None, "init_lora_weights": True,
+            "inference_mode": True}
+
+
+def adapter_tensors(ckpt: dict) -> dict[str, torch.Tensor]:
+    """PEFT's saved names: base_model.model.<layer>.lora_A.weight (r, in), ...lora_B.weight (out, r)."""
+    sd = clean_state_dict(ckpt["model"])
+    out = {}
+    for layer in adapter_ranks(sd):
+        for part in ("lora_A", "lora_B"):
+            out[f"base_model.model.{layer}.{part}.weight"] = sd[f"{layer}.{part}"].detach().float().contiguous()
+    return out
+
+
+def base_checkpoint(ckpt: dict) -> dict:
+    """The LoRA checkpoint without its adapters: the frozen base weights the adapters were trained on."""
+    config = {k: v for k, v in (ckpt.get("config") or {}).items() if k != "lora"}
+    return {**ckpt, "config": config,
+            "model": {k: v for k, v in ckpt["model"].items() if not k.endswith((".lora_A", ".lora_B"))}}
+
+
+def _check_base(base_ckpt: dict, folder: Path) -> None:
+    """An exported folder given as --base must hold exactly the LoRA run's base weights (else the adapter
+    would sit on other weights and its logits would differ from ours)."""
+    want = to_hf_state_dict(model_from_checkpoint(base_ckpt))
+    have = _read_hf_weights(folder)
+    for name, t in want.items():
+        if name not in have or have[name].shape != t.shape or not torch.equal(have[name].float(), t):
+            raise UserError(f"--base {str(folder)!r}: weight {name!r} differs from the LoRA run's base weights "
+                            f"(the stage trains new token rows, or it is another model); omit --base to export "
+                            f"the run's own base to <folder>/base")
+
+
+def export_peft(ckpt_path: str, out_dir: str, base: str | None = None) -> Path:
+    """Write a PEFT LoRA adapter folder for a LoRA checkpoint (and its base model to <out_dir>/base without --base)."""
+    save_file = _safetensors().save_file
+    ckpt = load_checkpoint(ckpt_path, prefer="best")
+    if not adapter_ranks(ckpt["model"]):
+        raise UserError(f"{ckpt['path']!r} holds no LoRA adapters (no lora_A/lora_B weights); export a plain "
+                        f"model with `python -m gpt.interop export`")
+    target = ((ckpt.get("config") or {}).get("model") or {}).get("_target_")
+    if target != "gpt.model.GPT":
+        raise UserError(f"{ckpt['path']!r} is a {str(target)[:40]} model; PEFT export covers language models "
+                        f"(gpt.model.GPT) on GPT2LMHeadModel")
+    out = Path(out_dir).expanduser()
+    base_ckpt = base_checkpoint(ckpt)
+    if base is None:
+        base_dir = export_hf_checkpoint(base_ckpt, out / "base")
+    else:
+        base_dir = Path(base).expanduser()
+        _check_base(base_ckpt, base_dir)
+    config = adapter_config(ckpt, base_dir.resolve())
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(adapter_tensors(ckpt), str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    _umask_mode(out / "adapter_model.safetensors")
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gpt.interop", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -350,8 +413,6 @@ def _run(args) -> Path:
 
         return export_gguf(args.ckpt, args.out, args.type)
     if args.cmd == "export-peft":
-        from gpt.peft_export import export_peft
-
         return export_peft(args.ckpt, args.out, args.base)
     if Path(args.folder).expanduser().is_file():  # a file is GGUF (checked by its reader), a folder is transformers'
         from gpt.gguf_export import import_gguf

@@ -1,4 +1,4 @@
-"""PEFT adapter export of a LoRA run (gpt/peft_export.py): peft loads the adapter onto the exported GPT-2 base
+"""PEFT adapter export of a LoRA run (gpt/interop.py): peft loads the adapter onto the exported GPT-2 base
 and gives our merged model's logits; --base is checked against the run's base weights; bad inputs are one line."""
 
 import json
@@ -8,11 +8,10 @@ import torch
 
 from gpt.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from gpt.errors import UserError
-from gpt.interop import export_hf, main
+from gpt.interop import base_checkpoint, export_hf, export_peft, main
 from gpt.lora import apply_lora
 from gpt.model import GPT
 from gpt.parent import model_config
-from gpt.peft_export import base_checkpoint, export_peft
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
