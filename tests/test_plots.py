@@ -150,9 +150,9 @@ def test_plot_on_demand_overlays_the_sweep(sweep):
 def test_resumed_run_continues_its_wandb_run(sweep):
     cwd, folder, _ = sweep
     first = read_wandb_run(wandb_file(folder / "0"))
+    resumed = cwd / "resumed"  # a folder of its own (hydra.run.dir), so the sweep the other tests read stays as it was
     proc = run_script("train.py", *TINY, "trainer.max_iters=8", "logger=wandb", "logger.mode=offline",
-                      f"resume={folder / '0'}", cwd=cwd)
+                      f"resume={folder / '0'}", f"hydra.run.dir={resumed}", cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    (resumed,) = [Path(p) for p in glob.glob(str(cwd / "outputs" / "*-*-*" / "*"))]
     assert read_wandb_run(wandb_file(resumed))["id"] == first["id"]
     assert not [a for a in read_wandb_artifacts(wandb_file(resumed)) if a["type"] == "model"]  # off by default
