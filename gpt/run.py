@@ -189,11 +189,33 @@ def apply_hyperparameters(optimizer, scheduler, cfg: DictConfig) -> None:
 
 # ---- the run -------------------------------------------------------------------------------------
 
+def shard_for_fsdp(model, cfg: DictConfig, info: distributed.DistInfo, script: str):
+    """hardware=fsdp (hardware.data_parallel=fsdp) under torchrun: shard the model in place, block by block, before
+    the optimizer is built -> rank 0's plain copy to sample from (None elsewhere, and without FSDP)."""
+    if not info.enabled or cfg.hardware.get("data_parallel", "ddp") != "fsdp":
+        return None
+    if script != "train.py":  # the stages generate through the decode engine, which needs the whole model
+        raise UserError(f"hardware=fsdp runs pretraining (train.py) so far; run {script} with hardware=ddp")
+    import copy
+
+    from gpt import parallel
+    from gpt.model import Block
+
+    # rank 0's plain copy, taken before sharding (its weights are replaced by the gathered ones at each evaluation)
+    sampler = copy.deepcopy(model).eval() if info.is_main else None
+    parallel.shard(model, Block, mixed_precision=info.device.startswith("cuda"),
+                   reshard_after_forward=bool(cfg.hardware.get("reshard_after_forward", True)),
+                   cpu_offload=bool(cfg.hardware.get("cpu_offload", False)))
+    return sampler
+
+
 def check_memory(model, optimizer, cfg: DictConfig, precision: Precision, info: distributed.DistInfo) -> None:
     """Log the estimated memory of a training step per device (gpt.memory); on a GPU it clearly cannot hold,
     stop with one line now instead of an out-of-memory error in the first step."""
     seq_len = getattr(getattr(model, "config", None), "block_size", 0)
-    est = estimate(model, optimizer, int(cfg.trainer.batch_size), seq_len, precision.dtype, ddp=info.enabled)
+    fsdp = info.enabled and cfg.hardware.get("data_parallel", "ddp") == "fsdp"
+    est = estimate(model, optimizer, int(cfg.trainer.batch_size), seq_len, precision.dtype,
+                   shards=info.world_size if fsdp else 1, ddp=info.enabled and not fsdp)
     capacity = device_memory(info.device)
     log.info("%s%s", est.line(), f" of {capacity / GiB:.1f} GiB on {info.device}" if capacity else "")
     if capacity and est.total > 0.9 * capacity:
@@ -249,6 +271,7 @@ def execute(cfg: DictConfig, spec: RunSpec) -> float:
         for warning in schedule_warnings(cfg):
             log.warning(warning)
         parts = spec.build(cfg, info, resume)
+        sampler = shard_for_fsdp(parts.model, cfg, info, spec.script)
 
         optimizer = instantiate(cfg.optimizer)(param_groups(parts.model, cfg.optimizer.get("weight_decay", 0.0)))
         scheduler = instantiate(cfg.scheduler)(optimizer)
@@ -264,7 +287,7 @@ def execute(cfg: DictConfig, spec: RunSpec) -> float:
                 "resumed_from": resume["path"] if resume else None, **parts.meta}
         trainer = Trainer(parts.model, parts.objective, optimizer, scheduler, loop=Loop(**to_plain(cfg.trainer)),
                           precision=precision, dist_info=info, run_dir=out_dir, logger=logger, checkpoint_meta=meta,
-                          compile=cfg.hardware.compile, peak_flops=peak, resume_command=spec.script)
+                          compile=cfg.hardware.compile, peak_flops=peak, resume_command=spec.script, sampler=sampler)
         trainer.begin(resume, plain)
         if resume is not None:
             apply_hyperparameters(optimizer, scheduler, cfg)
@@ -285,7 +308,7 @@ def summarise(trainer: Trainer, parts: Parts, seconds: float, out_dir: Path) -> 
     """What every run ends with: samples, the script's own lines, loss / lr plots, the speed line, where the
     run folder, checkpoints and plots are; the summary/* metrics go to metrics.jsonl and the logger."""
     s = trainer.state
-    rows = trainer.objective.samples(trainer.raw_model, trainer.precision.autocast)
+    rows = trainer.objective.samples(trainer.sampling_model(), trainer.precision.autocast)
     print("\n" + "-" * 72)
     for r in rows:
         print(r["text"])

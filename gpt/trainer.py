@@ -37,6 +37,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from gpt import parallel
 from gpt.checkpoint import clean_state_dict, remove_stale_temps, save_checkpoint
 from gpt.distributed import DistInfo, all_reduce_mean
 from gpt.errors import Interrupted, UserError
@@ -153,7 +154,7 @@ def _monitored_value_of(path: Path, metric: str, mode: str) -> float | None:
     return float(value) if ok else None
 
 
-RESUME_STATE = ("optimizer", "scheduler", "scaler", "rng", "log_window")  # what only a resume point needs
+RESUME_STATE = ("optimizer", "scheduler", "scaler", "rng", "rng_ranks", "log_window")  # only a resume point needs
 
 
 def _cpu_copy(obj):
@@ -306,15 +307,19 @@ class Trainer:
     def __init__(self, model: torch.nn.Module, objective, optimizer: torch.optim.Optimizer, scheduler, loop: Loop, *,
                  precision: Precision, dist_info: DistInfo | None = None, run_dir: str | Path = ".", logger=None,
                  checkpoint_meta: dict | None = None, compile: bool = False, peak_flops: float | None = None,
-                 progress: bool = True, resume_command: str | None = None):
+                 progress: bool = True, resume_command: str | None = None, sampler: torch.nn.Module | None = None):
         """resume_command: the script an interrupted run tells the user to resume with (default finetune.py
-        for checkpoints with a lineage, train.py otherwise)."""
+        for checkpoints with a lineage, train.py otherwise). A model already sharded with FSDP
+        (gpt.parallel.shard, before its optimizer was built) trains as it is; `sampler` is then rank 0's plain copy
+        of it, which samples are drawn from (loaded with the gathered weights at each evaluation)."""
         self.raw_model = model
         self.dist = dist_info or DistInfo()
         self.model = model
+        self.sharded = parallel.is_sharded(model)
+        self._sampler = sampler
         if compile:
             self.model = torch.compile(self.model)
-        if self.dist.enabled:
+        if self.dist.enabled and not self.sharded:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.dist.local_rank] if self.dist.device.startswith("cuda") else None
@@ -334,13 +339,19 @@ class Trainer:
         self._agreed_signal = 0  # under DDP: the signal all ranks agreed on at the last step
         self._saved: tuple[int, Path, str] | None = None  # (step, last.pt, resume= value) of the newest save
         self._writer: threading.Thread | None = None  # a background checkpoint write (trainer.async_save)
+        self._last_step_saved: int | None = None  # the step of the newest last.pt save, on every rank
         self._write_error: BaseException | None = None
 
     # ---- checkpoints -------------------------------------------------------------------------
     def checkpoint(self) -> dict:
+        """The resume point of this step as one dict (under FSDP gathered whole on rank 0: every rank calls it)."""
         s = self.state
-        return {**self.meta, "model": clean_state_dict(self.raw_model.state_dict()),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+        if self.sharded:
+            model_state, optim_state = parallel.full_state(self.raw_model, self.optimizer)
+        else:
+            model_state, optim_state = self.raw_model.state_dict(), self.optimizer.state_dict()
+        return {**self.meta, "model": clean_state_dict(model_state),
+                "optimizer": optim_state, "scheduler": self.scheduler.state_dict(),
                 "scaler": self.precision.scaler.state_dict(), "step": s.step, "best_val_loss": s.best_val_loss,
                 "val_loss": s.last_val_loss, "rng": rng_state(self.objective), "logger": {"run_id": s.logger_id},
                 "skipped_steps": s.skipped, "log_window": dict(s.window), "monitor": self.monitor_record()}
@@ -361,12 +372,27 @@ class Trainer:
         weights and records without optimizer state: they are not resume points. Refuses weights that are not
         finite (the previous files stay). With trainer.async_save the write runs in a background thread from a
         CPU copy; the next save, the end of fit() and a stop wait for it."""
-        if not self.dist.is_main or not (best or last or top or dropped):
+        if not (best or last or top or dropped):
             return
-        ckpt = self.checkpoint()
+        ranks_rng = self._gather_rng() if self.dist.enabled else None  # a collective: every rank's data order
+        if last:  # known on every rank (only rank 0 writes): whether this step still needs a save
+            self._last_step_saved = self.state.step
+        if not (self.dist.is_main or self.sharded):
+            return
+        ckpt = self.checkpoint()  # under FSDP a collective: every rank gathers, rank 0 keeps the tensors
+        if ranks_rng is not None:
+            ckpt["rng_ranks"] = ranks_rng
         folder = self.run_dir / "checkpoints"
         bad = next((k for k, v in ckpt["model"].items() if v.is_floating_point() and not bool(v.isfinite().all())),
                    None)
+        if self.sharded and self.dist.enabled:  # every rank stops, or none
+            flag = torch.tensor([0 if bad is None else 1], device=self.dist.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            bad = bad or (f"rank 0's check" if int(flag) else None)
+        if not self.dist.is_main:
+            if bad is not None:
+                raise UserError(f"rank {self.dist.rank}: stopping with rank 0 (the weights are not finite)")
+            return
         if bad is not None:
             raise UserError(f"the weights are not finite at step {self.state.step} ({bad}); not writing them over "
                             f"{folder}; lower optimizer.lr or set trainer.grad_clip (now {self.loop.grad_clip})"
@@ -384,6 +410,12 @@ class Trainer:
         self._writer = threading.Thread(target=self._write_in_background, args=(ckpt, targets, dropped, saved),
                                         name="checkpoint-writer")
         self._writer.start()
+
+    def _gather_rng(self) -> list[dict]:
+        """Every rank's random and sampler state (each rank draws its own batches), on every rank."""
+        states = [None] * self.dist.world_size
+        dist.all_gather_object(states, rng_state(self.objective))
+        return states
 
     def _write(self, ckpt: dict, targets: list[Path], dropped, saved) -> None:
         if targets:
@@ -425,16 +457,20 @@ class Trainer:
                             f"or start from these weights with finetune.py ckpt=")
         part = "model weights"
         try:
-            self.raw_model.load_state_dict(ckpt["model"])
-            part = "optimizer state"
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+            if self.sharded:  # each rank takes its shard of the whole state the file holds
+                part = "model weights or optimizer state"
+                parallel.load_full_state(self.raw_model, self.optimizer, ckpt["model"], ckpt["optimizer"])
+            else:
+                self.raw_model.load_state_dict(ckpt["model"])
+                part = "optimizer state"
+                self.optimizer.load_state_dict(ckpt["optimizer"])
             part = "scheduler state"
             self.scheduler.load_state_dict(ckpt["scheduler"])
             part = "grad scaler state"
             if ckpt.get("scaler"):
                 self.precision.scaler.load_state_dict(ckpt["scaler"])
             part = "random number generator state"
-            set_rng_state(ckpt["rng"], self.objective)
+            set_rng_state(self._rank_rng(ckpt), self.objective)
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
             detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"resume={ckpt.get('path')!r}: its {part} does not fit this run ({detail[:200]}); "
@@ -469,6 +505,19 @@ class Trainer:
             log.warning("the resumed checkpoint chose best.pt by %s (%s); this run monitors %s (%s): the next "
                         "evaluation writes best.pt", rec.get("metric"), rec.get("mode"), loop.monitor, loop.direction)
 
+    def _rank_rng(self, ckpt: dict) -> dict:
+        """This rank's random and sampler state from a checkpoint: its own when the run had as many ranks (a
+        multi-process run saves every rank's), else rank 0's, with a warning that the data order changes."""
+        ranks = ckpt.get("rng_ranks")
+        if isinstance(ranks, list) and len(ranks) == self.dist.world_size and isinstance(ranks[self.dist.rank], dict):
+            return ranks[self.dist.rank]
+        if self.dist.world_size > 1 or isinstance(ranks, list):
+            saved = len(ranks) if isinstance(ranks, list) else 1
+            if self.dist.is_main:
+                log.warning("resuming on %d processes from a run of %d: every rank continues rank 0's data order "
+                            "(the losses will not match an uninterrupted run's)", self.dist.world_size, saved)
+        return ckpt["rng"]
+
     def begin(self, resume: dict | None, config: dict) -> None:
         """Before fit(): continue from `resume` (a checkpoint) if given, then start the logger's run with
         the resolved config (a resumed run continues its W&B run)."""
@@ -479,6 +528,7 @@ class Trainer:
         if resume is not None:
             self.restore(resume)
             self._saved = (self.state.step, Path(resume["path"]), resume["path"])
+            self._last_step_saved = self.state.step
             log.info("resumed from %s at step %d", resume["path"], self.state.step)
             self._check_best(Path(resume["path"]).with_name("best.pt"))
         if self.dist.is_main:
@@ -533,7 +583,8 @@ class Trainer:
             batch = self.objective.train_batch()
             tokens += self.objective.batch_tokens(batch)
             last = micro == self.loop.grad_accum_steps - 1
-            sync = contextlib.nullcontext() if (last or not self.dist.enabled) else self.model.no_sync()
+            # gradients are reduced across ranks on the last micro-step only (DDP no_sync, FSDP's gradient sync)
+            sync = parallel.micro_step(self.model, last) if self.dist.enabled else contextlib.nullcontext()
             with sync:
                 with self.precision.autocast():
                     loss, _ = self.objective.loss(self.model, batch)
@@ -542,7 +593,9 @@ class Trainer:
         self.precision.scaler.unscale_(self.optimizer)
         params = [p for p in self.raw_model.parameters() if p.grad is not None]
         if self.loop.grad_clip and self.loop.grad_clip > 0:
-            norm = float(torch.nn.utils.clip_grad_norm_(params, self.loop.grad_clip))
+            norm = parallel.full_norm(torch.nn.utils.clip_grad_norm_(params, self.loop.grad_clip))
+        elif self.sharded:  # the norm of the whole gradient, not of this rank's shard
+            norm = parallel.full_norm(torch.nn.utils.get_total_norm([p.grad for p in params]))
         else:
             norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
         finite = math.isfinite(total) and (self.precision.scaler.is_enabled() or math.isfinite(norm))
@@ -630,8 +683,9 @@ class Trainer:
             s.stale += 1
         dropped = self._rank_top(float(value))
         rows = []
+        sampler = self.sampling_model(refresh=True)  # under FSDP a collective: every rank takes part
         if self.dist.is_main:
-            rows = self.objective.samples(self.raw_model, self.precision.autocast)
+            rows = self.objective.samples(sampler, self.precision.autocast)
             self.logger.log_samples(s.step, rows)
             self.raw_model.train()
         self.record({**out, "val/best_loss": s.best_val_loss, "eval_seconds": time.perf_counter() - t0})
@@ -641,6 +695,17 @@ class Trainer:
             log.info("early stop at step %d: %s has not improved on %.4f (step %s) for %d evaluations "
                      "(trainer.patience=%d)", s.step, loop.monitor, s.best_metric, s.best_step, s.stale, loop.patience)
         return improved, dropped
+
+    def sampling_model(self, refresh: bool = False) -> torch.nn.Module:
+        """The model samples are drawn from: the trained one, or under FSDP rank 0's plain copy (`refresh`:
+        loaded with the weights gathered now, a collective every rank must call)."""
+        if not self.sharded:
+            return self.raw_model
+        if refresh:
+            state = parallel.full_model_state(self.raw_model)
+            if self._sampler is not None:
+                self._sampler.load_state_dict(state)
+        return self._sampler
 
     def _rank_top(self, value: float) -> list[int]:
         """trainer.keep_top_k: put this evaluation into the ranked top list (state.top, best first) when it
@@ -707,7 +772,7 @@ class Trainer:
                     signum = self._stop_signal()
                     if signum:  # between steps (a signal during the save above too): last.pt must hold this step
                         self.wait_for_saves()
-                        if self._saved is None or self._saved[0] != s.step:
+                        if self._last_step_saved != s.step:  # the same decision on every rank (collectives)
                             self.save(best=False)
                             self.wait_for_saves()
                         if self.dist.enabled:  # no rank exits (and makes torchrun stop the others) mid-save

@@ -1,0 +1,118 @@
+"""Data parallelism for the loop: DDP (every rank holds the whole model) or FSDP2 (`fully_shard`: each rank holds
+1/world of every weight, gradient and optimizer state; the weights of a block are gathered for its forward and
+backward), chosen by hardware.data_parallel under torchrun or a submitit job.
+
+What differs between the two is written here once: wrapping, the gradient sync of accumulated micro-steps,
+gathering the full state for the single-file checkpoint (rank 0 writes it), restoring from one on any number of
+processes. Checkpoints stay the one self-describing file infer.py, evaluate.py, serve.py and finetune.py load,
+in torch's own format (optimizer state keyed by position) whatever the run's parallelism. Under FSDP rank 0
+samples from a plain copy of the model (the decode engine calls the model's parts directly, which a sharded
+model cannot serve), loaded with the gathered weights at each evaluation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+
+
+
+def shard(model: nn.Module, block_type: type, mixed_precision: bool, reshard_after_forward: bool = True,
+          cpu_offload: bool = False) -> nn.Module:
+    """fully_shard each module of `block_type` (a Transformer block), then the root (embeddings, final norm,
+    output layer; the tied embedding and output weights stay one parameter), in place. Build the optimizer after
+    this: sharding replaces the parameters. On a GPU with `mixed_precision`: bf16 weights and compute, float32
+    gradient reduction."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    import torch.distributed as dist
+
+    with torch.no_grad():  # every rank starts from rank 0's weights (each rank's own seed initialised its copy;
+        for tensor in model.state_dict().values():  # DDP broadcasts at wrap time, fully_shard does not)
+            dist.broadcast(tensor, src=0)
+    kwargs = {"reshard_after_forward": reshard_after_forward}
+    if mixed_precision:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    for module in model.modules():
+        if isinstance(module, block_type):
+            fully_shard(module, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def micro_step(model: nn.Module, last: bool):
+    """The context of one micro-batch's forward and backward: gradients are reduced across ranks on the last
+    micro-step of an optimizer step only."""
+    if is_sharded(model):
+        model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+    if last or not hasattr(model, "no_sync"):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
+def full_norm(norm) -> float:
+    """A gradient norm as a float (under FSDP clip_grad_norm_ returns a DTensor of the global norm)."""
+    full = getattr(norm, "full_tensor", None)
+    return float(full() if full is not None else norm)
+
+
+def full_model_state(model: nn.Module) -> dict:
+    """The whole model state on the CPU of rank 0 (other ranks: an empty dict); a collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """(model state, optimizer state) whole, on the CPU of rank 0 (other ranks get empty dicts); a collective
+    every rank must call. The optimizer state is keyed by parameter name."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
+    optim_state = get_optimizer_state_dict(model, optimizer, options=options)
+    return model_state, (positional(model, optimizer, optim_state) if optim_state else {})
+
+
+def _order(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Parameter names in the optimizer's order: torch's own state dicts number parameters this way."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+def positional(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> dict:
+    """A full optimizer state keyed by parameter name (torch.distributed.checkpoint's) keyed by position instead,
+    as optimizer.state_dict() keys it: the checkpoint file has one format whatever the run's parallelism."""
+    order = {n: i for i, n in enumerate(_order(model, optimizer))}
+    return {"state": {order[n]: v for n, v in state["state"].items()},
+            "param_groups": [{**g, "params": [order[n] for n in g["params"]]} for g in state["param_groups"]]}
+
+
+def by_name(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> dict:
+    """The reverse of `positional`."""
+    order = _order(model, optimizer)
+    return {"state": {order[int(i)]: v for i, v in state["state"].items()},
+            "param_groups": [{**g, "params": [order[int(i)] for i in g["params"]]} for g in state["param_groups"]]}
+
+
+def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optim_state: dict) -> None:
+    """Put a whole model and optimizer state (a checkpoint file of any run of the script) into a sharded model:
+    each rank keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_state, options=options)
+    set_optimizer_state_dict(model, optimizer, by_name(model, optimizer, optim_state), options=options)

@@ -1,0 +1,82 @@
+"""hardware=fsdp (FSDP2 fully_shard per block + root) under torchrun on CPU (gloo): the same run as DDP, a single
+checkpoint file any script loads, resume exact and on another number of processes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import TINY, run_script
+from gpt.runs import read_metrics
+
+LOOP = [*TINY, "hardware.autocast_dtype=float32", "model.dropout=0.0", "trainer.log_interval=1"]
+TORCHRUN = ["torchrun", "--standalone", "--nproc_per_node=2"]
+
+
+def torchrun(cwd, *args):
+    proc = run_script("train.py", *args, cwd=cwd, env={"OMP_NUM_THREADS": "1"}, prefix=TORCHRUN)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def losses(folder) -> dict:
+    return {r["step"]: r["train/loss"] for r in read_metrics(folder / "metrics.jsonl") if "train/loss" in r}
+
+
+def weights(folder) -> dict:
+    return torch.load(folder / "checkpoints" / "last.pt", weights_only=True)["model"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("fsdp")
+    torchrun(base, "hardware=ddp", *LOOP, "hydra.run.dir=ddp")
+    torchrun(base, "hardware=fsdp", *LOOP, "hydra.run.dir=fsdp")
+    return base
+
+
+@pytest.mark.slow
+def test_fsdp_trains_as_ddp_does(runs):
+    """Two ranks, the same batches per rank: FSDP's 6 training losses and final weights equal DDP's up to
+    float32 summation order (reduce-scatter vs all-reduce), rtol 1e-5."""
+    a, b = losses(runs / "ddp"), losses(runs / "fsdp")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5), step
+    wa, wb = weights(runs / "ddp"), weights(runs / "fsdp")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.slow
+def test_an_fsdp_checkpoint_is_one_file_that_samples_and_resumes_anywhere(runs, tmp_path):
+    ckpt = torch.load(runs / "fsdp" / "checkpoints" / "last.pt", weights_only=True)
+    assert all(isinstance(k, int) for k in ckpt["optimizer"]["state"])  # torch's own format, not sharded
+    proc = run_script("infer.py", f"ckpt={runs / 'fsdp'}", "prompt=ROMEO:", "max_new_tokens=8", cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout.startswith("ROMEO:"), proc.stderr[-2000:]
+    # the same run stopped at step 3 and resumed under FSDP equals the uninterrupted one
+    torchrun(tmp_path, "hardware=fsdp", *LOOP, "trainer.max_iters=3", "scheduler.schedule.total_iters=6",
+             "hydra.run.dir=part")
+    torchrun(tmp_path, "hardware=fsdp", *LOOP, f"resume={tmp_path / 'part'}", "scheduler.schedule.total_iters=6")
+    assert losses(tmp_path / "part") == pytest.approx(losses(runs / "fsdp"), rel=1e-6)
+    for k, v in weights(runs / "fsdp").items():
+        torch.testing.assert_close(weights(tmp_path / "part")[k], v, rtol=1e-6, atol=1e-7, msg=k)
+    # and a single process (no FSDP) continues an FSDP checkpoint
+    one = run_script("train.py", *LOOP, "trainer.max_iters=8", f"resume={runs / 'fsdp' / 'checkpoints' / 'last.pt'}",
+                     f"hydra.run.dir={tmp_path / 'single'}", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert torch.load(tmp_path / "single" / "checkpoints" / "last.pt", weights_only=True)["step"] == 8
+
+
+def test_finetune_stages_are_refused_under_fsdp_in_one_line():
+    from omegaconf import OmegaConf
+
+    from gpt.distributed import DistInfo
+    from gpt.errors import UserError
+    from gpt.run import shard_for_fsdp
+
+    cfg = OmegaConf.create({"hardware": {"data_parallel": "fsdp"}})
+    with pytest.raises(UserError, match="hardware=fsdp runs pretraining .* run finetune.py with hardware=ddp"):
+        shard_for_fsdp(torch.nn.Linear(2, 2), cfg, DistInfo(0, 0, 2, "cpu"), "finetune.py")
+    assert shard_for_fsdp(torch.nn.Linear(2, 2), cfg, DistInfo(0, 0, 1, "cpu"), "train.py") is None  # one process
