@@ -2,8 +2,8 @@
 
     parameters   every weight, in its storage dtype (fp32 under autocast)
     gradients    the trainable weights', fp32
-    optimizer    its state: AdamW 2 fp32 moments per trainable weight, SGD with momentum 1, Adafactor a row and
-                 a column per matrix
+    optimizer    its state: AdamW 2 fp32 moments per trainable weight, SGD with momentum 1, Muon 1, Adafactor a
+                 row and a column per matrix; an optimizer made of others (gpt.optim.MuonAdamW) the sum of theirs
     activations  what the forward pass keeps for the backward pass, per micro-batch (formula below)
     overhead     autocast's low-precision weight copies, DDP's gradient buckets
 
@@ -47,6 +47,8 @@ class MemoryEstimate:
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """The state `optimizer` will hold once it has stepped, from its type and its parameters' shapes."""
+    if hasattr(optimizer, "optimizers"):  # a composite (gpt.optim.MuonAdamW): each part holds its own state
+        return sum(optimizer_state_bytes(part) for part in optimizer.optimizers)
     total = 0
     for group in optimizer.param_groups:
         for p in group["params"]:
@@ -57,6 +59,8 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
                 total += 2 * n
             elif isinstance(optimizer, torch.optim.SGD):
                 total += n if group.get("momentum", 0) else 0
+            elif hasattr(torch.optim, "Muon") and isinstance(optimizer, torch.optim.Muon):
+                total += n  # one momentum buffer
             elif hasattr(torch.optim, "Adafactor") and isinstance(optimizer, torch.optim.Adafactor):
                 total += 4 * (p.shape[0] + p.shape[1]) if p.dim() == 2 else n
             else:  # an optimizer this module does not know: counted like Adam, the common worst case

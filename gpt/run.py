@@ -30,7 +30,7 @@ from gpt.checkpoint import load_checkpoint
 from gpt.config import history_until, run_dir, to_plain
 from gpt.errors import UserError
 from gpt.memory import GiB, device_memory, estimate
-from gpt.optim import param_groups
+from gpt.optim import build_optimizer
 from gpt.plots import plot_folder
 from gpt.runs import peak_memory, read_metrics, run_summary
 from gpt.trainer import Loop, Precision, Trainer, measure_peak_flops
@@ -159,21 +159,20 @@ def continue_settings(cfg: DictConfig, resume: dict, groups: tuple[str, ...] = (
             cfg[group] = node
 
 
-def apply_hyperparameters(optimizer, scheduler, cfg: DictConfig) -> None:
+def apply_hyperparameters(optimizer, scheduler, cfg: DictConfig, model: torch.nn.Module) -> None:
     """After a resume restored the optimizer and scheduler state: the composed config's optimizer
     hyperparameters (lr, weight_decay, betas, ...) and schedule (warmup, total_iters, ...) replace the
     saved ones, so `optimizer.lr=` or `scheduler.schedule.total_iters=` on a resume command line take effect.
     With the run's own config this writes back the values already there (a resumed run stays bit-exact)."""
-    device = next((p.device for g in optimizer.param_groups for p in g["params"]), torch.device("cpu"))
-    fresh = instantiate(cfg.optimizer)([torch.zeros(1, device=device, requires_grad=True)]).defaults
-    for i, group in enumerate(optimizer.param_groups):
-        for key, value in fresh.items():
+    # a fresh optimizer over the same model has the same groups, each with its own settings (param_groups: the
+    # first decays, the rest do not; optimizer=muon: Muon's group its muon_lr); building one allocates no state
+    fresh = build_optimizer(instantiate(cfg.optimizer), model, cfg.optimizer.get("weight_decay", 0.0)).param_groups
+    for group, new in zip(optimizer.param_groups, fresh, strict=True):
+        for key, value in new.items():
             if key in ("lr", "params") or key not in group:
                 continue
-            if key == "weight_decay" and i > 0:  # gpt.optim.param_groups: group 0 decays, the rest never do
-                continue
             group[key] = value
-        group["initial_lr"] = fresh["lr"]
+        group["initial_lr"] = new["lr"]
     lambdas = getattr(scheduler, "lr_lambdas", None)
     if lambdas is None:  # not a LambdaLR (every conf/scheduler option is one): nothing more to re-apply
         return
@@ -181,7 +180,7 @@ def apply_hyperparameters(optimizer, scheduler, cfg: DictConfig) -> None:
     for mine, new in zip(lambdas, schedule.lr_lambdas):
         if type(mine) is type(new) and hasattr(new, "__dict__"):  # WarmupCosine / WarmupConstant settings
             mine.__dict__.update(new.__dict__)
-    scheduler.base_lrs = [fresh["lr"]] * len(optimizer.param_groups)
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
     scheduler._last_lr = [base * lam(scheduler.last_epoch) for base, lam in zip(scheduler.base_lrs, lambdas)]
     for group, lr in zip(optimizer.param_groups, scheduler._last_lr):
         group["lr"] = lr
@@ -273,7 +272,7 @@ def execute(cfg: DictConfig, spec: RunSpec) -> float:
         parts = spec.build(cfg, info, resume)
         sampler = shard_for_fsdp(parts.model, cfg, info, spec.script)
 
-        optimizer = instantiate(cfg.optimizer)(param_groups(parts.model, cfg.optimizer.get("weight_decay", 0.0)))
+        optimizer = build_optimizer(instantiate(cfg.optimizer), parts.model, cfg.optimizer.get("weight_decay", 0.0))
         scheduler = instantiate(cfg.scheduler)(optimizer)
         precision = Precision(info.device, cfg.hardware.autocast_dtype)
         check_memory(parts.model, optimizer, cfg, precision, info)
@@ -290,7 +289,7 @@ def execute(cfg: DictConfig, spec: RunSpec) -> float:
                           compile=cfg.hardware.compile, peak_flops=peak, resume_command=spec.script, sampler=sampler)
         trainer.begin(resume, plain)
         if resume is not None:
-            apply_hyperparameters(optimizer, scheduler, cfg)
+            apply_hyperparameters(optimizer, scheduler, cfg, parts.model)
         log.info("training on %s with %s: %d iters x %d tokens/iter", info.device, precision, trainer.loop.max_iters,
                  trainer.loop.tokens_per_iter(parts.model.config.block_size, info.world_size))
         val = trainer.fit()

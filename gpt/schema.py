@@ -200,6 +200,10 @@ RULES: dict[str, Rule] = {
     "optimizer.momentum": Number(0, 1, high_open=True),
     "optimizer.nesterov": Flag(),
     "optimizer.fused": Flag(null=True),
+    "optimizer.muon_lr": Number(0, low_open=True),  # optimizer=muon (gpt.optim.MuonAdamW)
+    "optimizer.muon_weight_decay": Number(0),
+    "optimizer.ns_steps": Int(1, 99),  # torch.optim.Muon refuses 100 or more
+    "optimizer.adjust_lr_fn": Choice(("original", "match_rms_adamw"), null=True),
     "scheduler.schedule.warmup_iters": Int(0),
     "scheduler.schedule.total_iters": Int(1),
     "scheduler.schedule.min_lr_ratio": Number(0, 1),

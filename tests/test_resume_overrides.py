@@ -38,7 +38,7 @@ def _restored(steps=5, **new):
     opt2.load_state_dict(state[0])
     sched2.load_state_dict(state[1])
     before = [dict((k, v) for k, v in g.items() if k != "params") for g in opt2.param_groups]
-    apply_hyperparameters(opt2, sched2, cfg)
+    apply_hyperparameters(opt2, sched2, cfg, model)
     return before, opt2, sched2
 
 
