@@ -1,7 +1,11 @@
-"""A decoder-only Transformer (GPT-2 style): token + position embeddings, pre-LN blocks with causal
-self-attention (scaled_dot_product_attention) and an MLP, tied input/output embeddings.
+"""A decoder-only Transformer: pre-norm blocks of causal self-attention (scaled_dot_product_attention)
+and an MLP. The defaults are GPT-2 (learned positions, LayerNorm, GELU MLP, tied input/output embeddings);
+config keys choose the modern parts (Llama / nanochat style): rotary positions (`pos=rope`), RMSNorm,
+SwiGLU or ReLU^2 MLPs, QK-norm, grouped-query attention (`n_kv_head`) and untied embeddings. Each option
+is a value looked up in a table here (NORMS, MLPS), never a model name.
 
-Shapes: B batch, T time (sequence), C channels (n_embd), H heads, D head size (C // H), V vocab.
+Shapes: B batch, T time (sequence), C channels (n_embd), H heads, Hkv key/value heads, D head size (C // H),
+F MLP hidden width, V vocab.
 """
 
 from __future__ import annotations
@@ -29,6 +33,14 @@ class GPTConfig:
     loss_chunk_size: int = 4096  # rows per chunk of the fused output-layer + cross-entropy (0: unfused)
     attn_impl: str = "sdpa"  # "sdpa" (F.scaled_dot_product_attention) or "eager" (explicit softmax(QK^T)V)
     activation_checkpointing: bool = False  # training: keep each block's input only, recompute it in backward
+    pos: str = "learned"  # "learned" (GPT-2: a position embedding table) or "rope" (rotary, applied to q and k)
+    rope_theta: float = 10000.0  # rotary base: position p turns pair i by p * theta^(-2i/D)
+    norm: str = "layernorm"  # "layernorm" or "rmsnorm" (both with a gain; LayerNorm's bias follows `bias`)
+    mlp: str = "gelu"  # "gelu" (GPT-2), "swiglu" (Llama: silu(gate) * up) or "relu2" (relu(x)^2)
+    mlp_hidden: int | None = None  # F; None: 4C (gelu, relu2), or 8C/3 rounded up to a multiple of 64 (swiglu)
+    qk_norm: bool = False  # normalise each head's queries and keys (the model's norm over D) before rotary
+    n_kv_head: int | None = None  # key/value heads (grouped-query attention); None: n_head (multi-head)
+    tie_embeddings: bool = True  # the output layer shares the token embedding's weights
 
     def __post_init__(self):
         for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -44,8 +56,31 @@ class GPTConfig:
             raise UserError(f"model.attn_impl={self.attn_impl!r} must be 'sdpa' or 'eager'")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"model.dropout={self.dropout} must be in [0, 1)")
-        if not isinstance(self.activation_checkpointing, bool):
-            raise UserError(f"model.activation_checkpointing={self.activation_checkpointing!r} must be true or false")
+        for key in ("activation_checkpointing", "qk_norm", "tie_embeddings"):
+            if not isinstance(getattr(self, key), bool):
+                raise UserError(f"model.{key}={getattr(self, key)!r} must be true or false")
+        for key, table in (("pos", POSITIONS), ("norm", NORMS), ("mlp", MLPS)):
+            if getattr(self, key) not in table:
+                raise UserError(f"model.{key}={getattr(self, key)!r} must be one of {', '.join(table)}")
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if not isinstance(self.n_kv_head, int) or self.n_kv_head <= 0 or self.n_head % self.n_kv_head:
+            divisors = [d for d in range(1, self.n_head + 1) if self.n_head % d == 0]
+            raise UserError(f"model.n_kv_head={self.n_kv_head!r} must divide model.n_head={self.n_head} "
+                            f"(one of {divisors}), or be null for n_head")
+        if self.pos == "rope" and self.head_dim % 2:
+            raise UserError(f"model.pos=rope needs an even head size, not n_embd/n_head={self.head_dim}; "
+                            f"change model.n_embd or model.n_head")
+        if not isinstance(self.rope_theta, (int, float)) or isinstance(self.rope_theta, bool) or not self.rope_theta > 1:
+            raise UserError(f"model.rope_theta={self.rope_theta!r} must be a number above 1 (e.g. 10000)")
+        if self.mlp_hidden is None:
+            self.mlp_hidden = 4 * self.n_embd if self.mlp != "swiglu" else -(-8 * self.n_embd // 3 // 64) * 64
+        if not isinstance(self.mlp_hidden, int) or isinstance(self.mlp_hidden, bool) or self.mlp_hidden <= 0:
+            raise UserError(f"model.mlp_hidden={self.mlp_hidden!r} must be a positive integer or null")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
 
 
 class KVCache:
@@ -116,22 +151,62 @@ class KVCache:
         self.pos = 0
 
 
+def _norm(cfg: GPTConfig, dim: int) -> nn.Module:
+    return NORMS[cfg.norm](cfg, dim)
+
+
+class RMSNorm(nn.RMSNorm):
+    """x / rms(x) * gain, computed in float32 whatever x's dtype (as Llama does; under bf16 autocast the queries
+    and keys that QK-norm sees are bf16, and torch's fused kernel wants input and gain of one dtype)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), self.normalized_shape, self.weight, self.eps).to(x.dtype)
+
+
+NORMS = {  # model.norm: a gain per channel in both (the exported models have one)
+    "layernorm": lambda cfg, dim: nn.LayerNorm(dim, bias=cfg.bias),
+    "rmsnorm": lambda cfg, dim: RMSNorm(dim, eps=1e-5),
+}
+POSITIONS = ("learned", "rope")
+
+
+def rotary(pos: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles for positions `pos` ((T,) or (B, T)) -> each (B or 1, 1, T, D/2), float32.
+    Pair i of a head (channels i and i + D/2, the "rotate half" layout Llama uses) turns by pos * theta^(-2i/D)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=pos.device).float() / head_dim))
+    angles = (pos if pos.dim() == 2 else pos[None]).float()[:, None, :, None] * inv_freq
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, H, T, D) queries or keys by the angles of `rotary` (in x's dtype, as Llama does)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.n_head = cfg.n_head
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v in one matmul
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        # q (H heads), k and v (Hkv heads each) in one matmul; GPT-2's c_attn when Hkv == H
+        self.c_attn = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.bias)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.q_norm = _norm(cfg, cfg.head_dim) if cfg.qk_norm else None
+        self.k_norm = _norm(cfg, cfg.head_dim) if cfg.qk_norm else None
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.eager = cfg.attn_impl == "eager"
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                causal: bool) -> torch.Tensor:
-        """q (B, H, Tq, D), k/v (B, H, Tk, D) -> (B, H, Tq, D). mask: (Tq, Tk) bool, True = may attend."""
+        """q (B, H, Tq, D), k/v (B, Hkv, Tk, D) -> (B, H, Tq, D). mask: (Tq, Tk) bool, True = may attend."""
         p = self.dropout if self.training else 0.0
+        gqa = self.n_kv_head != self.n_head
         if not self.eager:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal, enable_gqa=gqa)
+        if gqa:  # each key/value head serves n_head / n_kv_head query heads
+            k, v = (t.repeat_interleave(self.n_head // self.n_kv_head, dim=1) for t in (k, v))
         # explicit attention: on CPU in bf16 this is ~2x faster than SDPA's flash kernel for short T
         att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
         if causal:
@@ -142,14 +217,22 @@ class CausalSelfAttention(nn.Module):
         return att.to(v.dtype) @ v
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
-                mask: torch.Tensor | None = None, causal: bool = True) -> torch.Tensor:
+                mask: torch.Tensor | None = None, causal: bool = True,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x (B, T, C); mask None (then `causal` says whether to apply the plain causal mask) or a bool
-        mask, True = may attend, of shape (T, Tk) or (B, 1, T, Tk) over all keys so far."""
+        mask, True = may attend, of shape (T, Tk) or (B, 1, T, Tk) over all keys so far. rope: the cos and
+        sin of `rotary` for these T positions (pos=rope), else None."""
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.c_attn(x).split([H * D, Hkv * D, Hkv * D], dim=2)
+        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k, v = (t.view(B, T, Hkv, D).transpose(1, 2) for t in (k, v))  # (B, Hkv, T, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # all keys/values so far: (B, H, start + T, D)
+            k, v = cache.update(layer, k, v)  # all keys/values so far: (B, Hkv, start + T, D)
             # attention runs in the cache's dtype (float32 on CPU, see GPT.new_cache): the queries are cast,
             # never the whole cache; the output goes back to the activations' dtype
             y = self.attend(q.to(k.dtype), k, v, mask, causal=causal and mask is None).to(x.dtype)
@@ -159,28 +242,51 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
+def _relu2(x: torch.Tensor) -> torch.Tensor:
+    return F.relu(x).square()
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+MLPS = {  # model.mlp: (activation, gated). Gated: c_fc gives [gate | up] (2F), the block uses act(gate) * up
+    "gelu": (_gelu_tanh, False),
+    "swiglu": (F.silu, True),
+    "relu2": (_relu2, False),
+}
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.act, self.gated = MLPS[cfg.mlp]
+        self.c_fc = nn.Linear(cfg.n_embd, (2 if self.gated else 1) * cfg.mlp_hidden, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        h = self.c_fc(x)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = self.act(gate) * up
+        else:
+            h = self.act(h)
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_1 = _norm(cfg, cfg.n_embd)
         self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_2 = _norm(cfg, cfg.n_embd)
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
-                mask: torch.Tensor | None = None, causal: bool = True) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, layer, mask, causal)
+                mask: torch.Tensor | None = None, causal: bool = True,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer, mask, causal, rope)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -282,19 +388,22 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 class GPT(nn.Module):
     def __init__(self, vocab_size: int, block_size: int = 256, n_layer: int = 6, n_head: int = 6,
                  n_embd: int = 384, dropout: float = 0.0, bias: bool = False, loss_chunk_size: int = 4096,
-                 attn_impl: str = "sdpa", activation_checkpointing: bool = False):
+                 attn_impl: str = "sdpa", activation_checkpointing: bool = False, pos: str = "learned",
+                 rope_theta: float = 10000.0, norm: str = "layernorm", mlp: str = "gelu", mlp_hidden: int | None = None,
+                 qk_norm: bool = False, n_kv_head: int | None = None, tie_embeddings: bool = True):
         super().__init__()
         self.config = cfg = GPTConfig(vocab_size, block_size, n_layer, n_head, n_embd, dropout, bias, loss_chunk_size,
-                                      attn_impl, activation_checkpointing)
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
-            wpe=nn.Embedding(cfg.block_size, cfg.n_embd),
-            drop=nn.Dropout(cfg.dropout),
-            h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
-            ln_f=nn.LayerNorm(cfg.n_embd, bias=cfg.bias),
-        ))
+                                      attn_impl, activation_checkpointing, pos, rope_theta, norm, mlp, mlp_hidden,
+                                      qk_norm, n_kv_head, tie_embeddings)
+        parts = dict(wte=nn.Embedding(cfg.vocab_size, cfg.n_embd))
+        if cfg.pos == "learned":
+            parts["wpe"] = nn.Embedding(cfg.block_size, cfg.n_embd)
+        parts.update(drop=nn.Dropout(cfg.dropout), h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
+                     ln_f=_norm(cfg, cfg.n_embd))
+        self.transformer = nn.ModuleDict(parts)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        if cfg.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight  # weight tying
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
             if name.endswith("c_proj.weight"):
@@ -311,7 +420,7 @@ class GPT(nn.Module):
 
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+        return n - self.transformer.wpe.weight.numel() if non_embedding and "wpe" in self.transformer else n
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 L T C."""
@@ -345,16 +454,25 @@ class GPT(nn.Module):
             # a padding query attends to itself only, so its row stays finite (its output is never used)
             mask = (allowed & (real[:, None, :] | (keys[None, :] == pos[:, None])))[:, None]  # (B, 1, T, Tk)
             pos = (pos[None, :] - pad[:, None]).clamp(min=0)  # (B, T)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x, rope = self._embed(idx, pos)
         recompute = self.config.activation_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for i, block in enumerate(self.transformer.h):
             if recompute:  # backward runs the block's forward again instead of keeping its activations
-                x = torch.utils.checkpoint.checkpoint(block, x, None, i, mask, causal, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, None, i, mask, causal, rope, use_reentrant=False)
             else:
-                x = block(x, cache, i, mask, causal)
+                x = block(x, cache, i, mask, causal, rope)
         if cache is not None:
             cache.advance(T)
         return self.transformer.ln_f(x)
+
+    def _embed(self, idx: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, tuple | None]:
+        """Token embeddings of idx (B, T) at positions pos ((T,) or (B, T)) -> (x (B, T, C), rotary cos/sin or
+        None): learned positions are added here, rotary ones are applied to q and k in every layer."""
+        x = self.transformer.wte(idx)
+        if "wpe" in self.transformer:
+            x = x + self.transformer.wpe(pos)
+        rope = rotary(pos, self.config.head_dim, self.config.rope_theta) if self.config.pos == "rope" else None
+        return self.transformer.drop(x), rope
 
     def _ragged_step(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One new token per row (B, 1) over a ragged cache: row b's token sits at position lens[b] and
@@ -365,9 +483,9 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {cache.longest + 1} tokens exceeds block_size {self.config.block_size}")
         keys = torch.arange(cache.longest + 1, device=idx.device)
         mask = (keys[None, :] <= cache.lens[:, None])[:, None, None]  # (B, 1, 1, Tk)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(cache.lens[:, None]))
+        x, rope = self._embed(idx, cache.lens[:, None])
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cache, i, mask, False)
+            x = block(x, cache, i, mask, False, rope)
         cache.advance(1)
         return self.transformer.ln_f(x)
 
@@ -401,7 +519,7 @@ class GPT(nn.Module):
         p = self.transformer.wte.weight  # an embedding stays float even in an int8-quantized model
         if dtype is None:
             dtype = torch.promote_types(p.dtype, torch.float32) if p.device.type == "cpu" else p.dtype
-        return KVCache(cfg.n_layer, batch_size, cfg.n_head, cfg.n_embd // cfg.n_head,
+        return KVCache(cfg.n_layer, batch_size, cfg.n_kv_head, cfg.head_dim,
                        max_len or cfg.block_size, device=p.device, dtype=dtype)
 
     def hparams(self) -> dict:

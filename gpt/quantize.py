@@ -184,10 +184,11 @@ def _int8_linears(model: nn.Module) -> dict[str, Int8Linear]:
 def num_params(model: nn.Module, non_embedding: bool = True) -> int:
     """model.num_params() with an int8 model's Linear weights counted too (buffers of Int8Linear, not
     parameters): the count of the float model it was made from. The int8 output layer is a copy of the tied
-    embedding, which the float count already holds once."""
+    embedding, which the float count already holds once (an untied one is counted like any Linear)."""
     n = model.num_params(non_embedding)
+    tied = getattr(getattr(model, "config", None), "tie_embeddings", True)
     for name, m in _int8_linears(model).items():
-        if name != "lm_head":
+        if name != "lm_head" or not tied:
             n += m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
     return n
 

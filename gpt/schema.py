@@ -193,6 +193,7 @@ RULES: dict[str, Rule] = {
     "trainer.keep_top_k": Int(0),
     "trainer.save_interval": Int(1, null=True),
     "trainer.async_save": Flag(),
+    "trainer.layer_stats": Flag(),
     "optimizer.lr": Number(0, low_open=True),
     "optimizer.weight_decay": Number(0),
     "optimizer.betas": Numbers(2, Number(0, 1, high_open=True)),
@@ -230,6 +231,14 @@ RULES: dict[str, Rule] = {
     "model.loss_chunk_size": Int(0),
     "model.attn_impl": Choice(("sdpa", "eager")),
     "model.activation_checkpointing": Flag(),
+    "model.pos": Choice(("learned", "rope")),  # gpt.model.POSITIONS / NORMS / MLPS (tests/test_architecture.py)
+    "model.rope_theta": Number(1, low_open=True),
+    "model.norm": Choice(("layernorm", "rmsnorm")),
+    "model.mlp": Choice(("gelu", "swiglu", "relu2")),
+    "model.mlp_hidden": Int(1, null=True),
+    "model.qk_norm": Flag(),
+    "model.n_kv_head": Int(1, null=True),
+    "model.tie_embeddings": Flag(),
     "tokenizer.name": Text(),
     "tokenizer.vocab_size": Int(1, null=True),
     "data": Node(),
@@ -262,6 +271,8 @@ RULES: dict[str, Rule] = {
     "logger.name": Text(null=True),
     "logger.dir": Text(null=True),
     "logger.log_checkpoint": Flag(),
+    "logger.watch": Choice(("gradients", "parameters", "all"), null=True),
+    "logger.watch_interval": Int(1),
     # stages (conf/stage/*.yaml); stage=rlhf's stage.reward.* / stage.ppo.* use the same rules (ALIASES)
     "stage.batch_size": Int(1),
     "stage.val_fraction": Number(0, 1),
@@ -441,6 +452,10 @@ def check_values(cfg: DictConfig, script: str | None) -> None:
         if Int(1).ok(n_embd) and Int(1).ok(n_head) and n_embd % n_head:
             raise UserError(f"model.n_embd={n_embd} is not divisible by model.n_head={n_head}; choose n_embd as a "
                             f"multiple of n_head (e.g. n_embd={n_head * max(1, round(n_embd / n_head))})")
+        n_kv_head = model.get("n_kv_head")
+        if Int(1).ok(n_head) and Int(1).ok(n_kv_head) and n_head % n_kv_head:
+            raise UserError(f"model.n_kv_head={n_kv_head} must divide model.n_head={n_head} "
+                            f"(one of {[d for d in range(1, n_head + 1) if n_head % d == 0]}), or be null for n_head")
 
 
 def validate(cfg: DictConfig, script: str | None = None, choices: Mapping[str, Any] | None = None) -> None:
