@@ -51,7 +51,7 @@ class MuonAdamW(torch.optim.Optimizer):
     bfloat16); its `muon_weight_decay` is decoupled and multiplied by `muon_lr`.
     """
 
-    named_params = True  # build_optimizer passes (name, parameter) pairs: the hidden matrices are chosen by name
+    named_params = True  # build_optimizer passes (name, parameter) pairs: hidden matrices are chosen by name
 
     def __init__(self, params, lr: float = 3e-3, betas: tuple[float, float] = (0.9, 0.99), eps: float = 1e-8,
                  weight_decay: float = 0.1, fused: bool | None = None, muon_lr: float = 0.02, momentum: float = 0.95,
