@@ -64,6 +64,20 @@ def test_hidden_matrices_go_to_muon_the_rest_to_adamw(bias):
     assert isinstance(opt.muon, torch.optim.Muon) and isinstance(opt.adamw, torch.optim.AdamW)
 
 
+def test_llama_style_blocks_norm_gains_and_an_untied_head():
+    """rope/rmsnorm/swiglu/qk-norm/GQA with untied embeddings: Muon gets the blocks' projections whatever
+    their shapes, AdamW the embedding, the separate output layer and the (1-D) q/k norms."""
+    torch.manual_seed(0)
+    m = GPT(vocab_size=13, block_size=16, n_layer=2, n_head=2, n_embd=16, pos="rope", norm="rmsnorm", mlp="swiglu",
+            qk_norm=True, n_kv_head=1, tie_embeddings=False)
+    matrices, rest, hidden = muon(m).param_groups
+    in_blocks = {n for n, p in m.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2}
+    assert names_of(m, hidden) == in_blocks
+    assert len(hidden["params"]) == 2 * 4
+    assert names_of(m, matrices) == {"transformer.wte.weight", "lm_head.weight"}
+    assert "transformer.h.0.attn.q_norm.weight" in names_of(m, rest)
+
+
 def test_lora_factors_and_frozen_weights_stay_out_of_muon():
     m = tiny()
     apply_lora(m, r=2, alpha=4, targets=["attn.c_attn", "mlp.c_fc"])
