@@ -1,18 +1,25 @@
-"""Hugging Face transformers GPT-2 interop: export a checkpoint to a GPT-2 folder, import one back.
+"""Hugging Face transformers interop: export a checkpoint to a transformers folder, import one back.
 
     python -m gpt.interop export <checkpoint or run folder> <out folder>   # config.json + model.safetensors
-    python -m gpt.interop import <GPT-2 folder> <out .pt>                   # a checkpoint infer.py loads
+    python -m gpt.interop import <transformers folder> <out .pt>            # a checkpoint infer.py loads
     python -m gpt.interop export-gguf <checkpoint or run> <out.gguf> [--type f32|f16|q8_0]  # gpt.gguf_export
     python -m gpt.interop export-peft <LoRA checkpoint or run> <folder> [--base <folder>]  # a PEFT adapter (+ base)
     python -m gpt.interop import <model.gguf> <out .pt>
 
-The layouts match name for name except that GPT-2 stores its Linear layers as Conv1D, whose weight
-is the transpose of nn.Linear's. Models trained without biases export zero biases. Only local folders
-are read: real GPT-2 weights a user has on disk import the same way.
+The model's options choose the transformers class: GPT-2's (pos=learned, norm=layernorm, mlp=gelu) export as
+GPT2LMHeadModel, Llama-style ones (pos=rope, norm=rmsnorm, mlp=swiglu, bias=false; any n_kv_head, tied or not)
+as LlamaForCausalLM, or Qwen3ForCausalLM with qk_norm (Llama plus a per-head RMSNorm of q and k before rotary).
+Any other combination has no transformers class that computes it and is refused, naming the option.
 
-An imported folder is data, not code: config.json's values are checked as plain numbers of sane ranges
-and against the one architecture this GPT implements, the tokenizer file is rebuilt from plain values,
-and weights load without pickle (safetensors, or torch.load with weights_only=True).
+GPT-2's layouts match ours name for name except that GPT-2 stores its Linear layers as Conv1D, whose weight
+is the transpose of nn.Linear's; models trained without biases export zero biases. Llama's split our fused
+q/k/v and gate/up rows (gpt.llama_layout). Only local folders are read: real weights a user has on disk import
+the same way.
+
+An imported folder is data, not code: config.json's architecture picks one of our readers from a fixed table
+(anything else is refused), its values are checked as plain numbers of sane ranges and against what this GPT
+implements, the tokenizer file is rebuilt from plain values, and weights load without pickle (safetensors, or
+torch.load with weights_only=True).
 """
 
 from __future__ import annotations
@@ -31,18 +38,49 @@ from gpt.checkpoint import (adapter_ranks, clean_state_dict, load_checkpoint, mo
                             save_checkpoint)
 from gpt.errors import cli_result, UserError
 from gpt.export_meta import CHAT_TEMPLATE, special_token_ids
-from gpt.model import GPT
+from gpt.llama_layout import join, llama_parts, part_shapes, split
+from gpt.model import GPT, GPTConfig
 from gpt.tokenizer import _OFFLINE_FILES, from_identity
 
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 _ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model")
 _ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both the tanh GELU this GPT computes
 _LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which the model uses
+_RMS_NORM_EPS = 1e-5  # gpt.model.RMSNorm's
+_LLAMA, _QWEN3 = "LlamaForCausalLM", "Qwen3ForCausalLM"
+
+
+def _yaml(value) -> str:
+    return str(value).lower() if isinstance(value, bool) or value is None else str(value)
+
+
+def hf_architecture(cfg: GPTConfig) -> str:
+    """The transformers class that computes exactly what a model of `cfg` computes: GPT2LMHeadModel for learned
+    positions, LlamaForCausalLM (Qwen3ForCausalLM with qk_norm) for rotary ones; a UserError naming the first
+    option that class does not have."""
+    if cfg.pos == "rope":
+        arch = _QWEN3 if cfg.qk_norm else _LLAMA
+        needs = {"norm": "rmsnorm", "mlp": "swiglu", "bias": False}
+        other = "GPT2LMHeadModel needs model.pos=learned, model.norm=layernorm, model.mlp=gelu"
+    else:
+        arch = "GPT2LMHeadModel"
+        needs = {"norm": "layernorm", "mlp": "gelu", "qk_norm": False, "tie_embeddings": True,
+                 "n_kv_head": cfg.n_head, "mlp_hidden": 4 * cfg.n_embd}
+        other = "LlamaForCausalLM needs model.pos=rope, model.norm=rmsnorm, model.mlp=swiglu, model.bias=false"
+    for key, want in needs.items():
+        have = getattr(cfg, key)
+        if have != want:
+            raise UserError(f"model.{key}={_yaml(have)} has no transformers equivalent with model.pos={cfg.pos}: "
+                            f"{arch} needs model.{key}={_yaml(want)} ({other}); train the model with those options "
+                            f"to export it")
+    return arch
 
 
 def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    """Our state dict in GPT2LMHeadModel's names and layouts (biases filled with zeros where absent)."""
+    """Our state dict in the names and layouts of the model's transformers class (hf_architecture)."""
     cfg = model.config
+    if hf_architecture(cfg) != "GPT2LMHeadModel":
+        return split(clean_state_dict(model.state_dict()), llama_parts(cfg))
     sd = clean_state_dict(model.state_dict())
     out = {}
     for name, t in sd.items():
@@ -63,9 +101,12 @@ def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
 
 
 def hf_config(model: GPT, tok=None) -> dict:
-    """config.json of GPT2LMHeadModel for `model`; bos/eos from `tok` (see special_token_ids), None without one."""
+    """config.json of the model's transformers class; bos/eos from `tok` (see special_token_ids), None without one."""
     cfg = model.config
     ids = special_token_ids(tok) if tok is not None else {"bos_token_id": None, "eos_token_id": None}
+    arch = hf_architecture(cfg)
+    if arch != "GPT2LMHeadModel":
+        return llama_config(cfg, arch, ids)
     return {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
         "n_positions": cfg.block_size, "n_ctx": cfg.block_size, "n_embd": cfg.n_embd, "n_layer": cfg.n_layer,
@@ -74,6 +115,27 @@ def hf_config(model: GPT, tok=None) -> dict:
         "attn_pdrop": cfg.dropout, "initializer_range": 0.02, "scale_attn_weights": True,
         "tie_word_embeddings": True, **ids,
     }
+
+
+def llama_config(cfg: GPTConfig, arch: str, ids: dict) -> dict:
+    """config.json of LlamaForCausalLM / Qwen3ForCausalLM for `cfg`. The rotary base is written both as rope_theta
+    (transformers 4, vLLM, llama.cpp's converter) and rope_parameters (transformers 5); no scaling, no sliding
+    window, no biases; head_dim written out (Qwen3's default is 128, not hidden_size / heads)."""
+    out = {
+        "architectures": [arch], "model_type": "qwen3" if arch == _QWEN3 else "llama", "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.n_embd, "intermediate_size": cfg.mlp_hidden, "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim,
+        "hidden_act": "silu", "max_position_embeddings": cfg.block_size, "rms_norm_eps": _RMS_NORM_EPS,
+        "rope_theta": float(cfg.rope_theta), "rope_scaling": None,
+        "rope_parameters": {"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
+        "attention_bias": False, "attention_dropout": 0.0, "initializer_range": 0.02,
+        "tie_word_embeddings": cfg.tie_embeddings, "use_cache": True, "torch_dtype": "float32", **ids,
+    }
+    if arch == _QWEN3:  # all layers full attention
+        out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layer)
+    else:
+        out.update(mlp_bias=False, pretraining_tp=1)
+    return out
 
 
 def hf_tokenizer(tok, block_size: int):
@@ -199,15 +261,24 @@ def _int(hc: dict, key: str, folder: str, lo: int, hi: int, default=None) -> int
 
 
 def checked_config(hc: object, folder: str) -> dict:
-    """config.json -> the model arguments of our GPT, every value checked; anything this GPT does not
-    implement (another architecture, activation, MLP width, untied output layer, ...) is refused."""
+    """config.json -> the model arguments of our GPT, every value checked. model_type picks one of our readers
+    from a fixed table (GPT-2's, Llama's, Qwen3's) and architectures must name that reader's class; anything
+    this GPT does not implement (another architecture, activation, MLP width, rotary scaling, ...) is refused."""
     if not isinstance(hc, dict):
         raise UserError(f"{folder!r}: config.json holds a {type(hc).__name__}, not an object")
-    model_type, arch = hc.get("model_type", "gpt2"), hc.get("architectures", ["GPT2LMHeadModel"])
-    if model_type != "gpt2":
-        raise UserError(f"{folder!r} holds a {str(model_type)[:40]!r} model; only GPT-2 models can be imported")
-    if not (isinstance(arch, list) and arch and all(isinstance(a, str) and a in _ARCHITECTURES for a in arch)):
-        raise UserError(f"{folder!r}: config.json architectures={str(arch)[:80]} is not one of {list(_ARCHITECTURES)}")
+    model_type = hc.get("model_type", "gpt2")
+    reader = _READERS.get(model_type) if isinstance(model_type, str) else None
+    if reader is None:
+        raise UserError(f"{folder!r} holds a {str(model_type)[:40]!r} model; only GPT-2 models (model_type gpt2) "
+                        f"and Llama-style ones (llama, qwen3) can be imported")
+    architectures, read = reader
+    arch = hc.get("architectures", [architectures[0]])
+    if not (isinstance(arch, list) and arch and all(isinstance(a, str) and a in architectures for a in arch)):
+        raise UserError(f"{folder!r}: config.json architectures={str(arch)[:80]} is not one of {list(architectures)}")
+    return read(hc, folder)
+
+
+def _gpt2_args(hc: dict, folder: str) -> dict:
     act = hc.get("activation_function", "gelu_new")
     if act not in _ACTIVATIONS:
         raise UserError(f"{folder!r} uses activation {str(act)[:40]!r}; this GPT implements the tanh GELU "
@@ -218,25 +289,100 @@ def checked_config(hc: object, folder: str) -> dict:
         raise UserError(f"{folder!r}: config.json n_embd={n_embd} is not divisible by n_head={n_head}")
     args = {"vocab_size": _int(hc, "vocab_size", folder, 1, 1 << 20),
             "block_size": _int(hc, "n_positions", folder, 1, 1 << 20),
-            "n_layer": _int(hc, "n_layer", folder, 1, 1024), "n_head": n_head, "n_embd": n_embd}
+            "n_layer": _int(hc, "n_layer", folder, 1, 1024), "n_head": n_head, "n_embd": n_embd, "bias": True}
     n_inner = hc.get("n_inner")
     eps = hc.get("layer_norm_epsilon", _LAYER_NORM_EPS)
-    for ok, what in ((n_inner is None or n_inner == 4 * n_embd, f"n_inner={n_inner!r} (the MLP is 4 * n_embd wide)"),
-                     (type(eps) in (int, float) and abs(eps - _LAYER_NORM_EPS) <= 1e-7,
-                      f"layer_norm_epsilon={eps!r} (LayerNorm uses {_LAYER_NORM_EPS})"),
-                     (hc.get("tie_word_embeddings", True) is True, "tie_word_embeddings other than true"),
-                     (hc.get("scale_attn_weights", True) is True, "scale_attn_weights other than true"),
-                     (not hc.get("scale_attn_by_inverse_layer_idx", False), "scale_attn_by_inverse_layer_idx"),
-                     (not hc.get("add_cross_attention", False), "add_cross_attention")):
-        if not ok:
-            raise UserError(f"{folder!r}: config.json {str(what)[:120]} is not what this GPT implements")
+    _refuse_unless(folder, (
+        (n_inner is None or n_inner == 4 * n_embd, f"n_inner={n_inner!r} (the MLP is 4 * n_embd wide)"),
+        (type(eps) in (int, float) and abs(eps - _LAYER_NORM_EPS) <= 1e-7,
+         f"layer_norm_epsilon={eps!r} (LayerNorm uses {_LAYER_NORM_EPS})"),
+        (hc.get("tie_word_embeddings", True) is True, "tie_word_embeddings other than true"),
+        (hc.get("scale_attn_weights", True) is True, "scale_attn_weights other than true"),
+        (not hc.get("scale_attn_by_inverse_layer_idx", False), "scale_attn_by_inverse_layer_idx"),
+        (not hc.get("add_cross_attention", False), "add_cross_attention")))
     return args
 
 
-def checked_tokenizer(src: Path, folder: str, vocab_size: int) -> dict:
+def _refuse_unless(folder: str, checks) -> None:
+    """The first (ok, what) whose ok is false becomes one line naming `what`."""
+    for ok, what in checks:
+        if not ok:
+            raise UserError(f"{folder!r}: config.json {str(what)[:160]} is not what this GPT implements")
+
+
+def _number(value) -> bool:
+    return type(value) in (int, float)
+
+
+def _rope_theta(hc: dict, folder: str) -> float:
+    """The rotary base of a Llama-style config: rope_parameters (transformers 5) or rope_theta (4), plain rotary
+    only (no rope_scaling, no partial rotary)."""
+    params, theta = hc.get("rope_parameters"), hc.get("rope_theta")
+    if params is not None:
+        if not (isinstance(params, dict) and params.get("rope_type", "default") == "default"
+                and not set(params) - {"rope_type", "rope_theta", "partial_rotary_factor"}
+                and params.get("partial_rotary_factor", 1.0) == 1.0):
+            raise UserError(f"{folder!r}: config.json rope_parameters={str(params)[:80]} is not plain rotary "
+                            f"(rope_type default); this GPT implements no rotary scaling")
+        if theta is not None and params.get("rope_theta", theta) != theta:
+            raise UserError(f"{folder!r}: config.json rope_theta={theta!r} and rope_parameters.rope_theta="
+                            f"{params.get('rope_theta')!r} differ")
+        theta = params.get("rope_theta", theta)
+    theta = 10000.0 if theta is None else theta  # transformers' default for both classes
+    if not _number(theta) or not 1 < theta <= 1e12:
+        raise UserError(f"{folder!r}: config.json rope_theta={theta!r} must be a number in (1, 1e12]")
+    return float(theta)
+
+
+def _llama_args(hc: dict, folder: str, qk_norm: bool = False) -> dict:
+    n_embd = _int(hc, "hidden_size", folder, 1, 1 << 16)
+    n_head = _int(hc, "num_attention_heads", folder, 1, 1024)
+    if n_embd % n_head:
+        raise UserError(f"{folder!r}: config.json hidden_size={n_embd} is not divisible by num_attention_heads={n_head}")
+    n_kv = hc.get("num_key_value_heads")
+    n_kv = n_head if n_kv is None else _int(hc, "num_key_value_heads", folder, 1, n_head)
+    if n_head % n_kv:
+        raise UserError(f"{folder!r}: config.json num_key_value_heads={n_kv} does not divide "
+                        f"num_attention_heads={n_head}")
+    head_dim = hc.get("head_dim", 128 if qk_norm else None)  # Qwen3Config's default is 128, Llama's hidden / heads
+    eps, tie = hc.get("rms_norm_eps", 1e-6), hc.get("tie_word_embeddings", False)  # both classes' defaults
+    layer_types = hc.get("layer_types")
+    _refuse_unless(folder, (
+        (head_dim is None or head_dim == n_embd // n_head,
+         f"head_dim={head_dim!r} (this GPT's head size is hidden_size / num_attention_heads = {n_embd // n_head})"),
+        ((n_embd // n_head) % 2 == 0, f"head size {n_embd // n_head} (rotary needs an even head size)"),
+        (hc.get("hidden_act", "silu") == "silu", f"hidden_act={str(hc.get('hidden_act'))[:40]!r} (SwiGLU uses silu)"),
+        (_number(eps) and abs(eps - _RMS_NORM_EPS) <= 1e-12, f"rms_norm_eps={eps!r} (RMSNorm uses {_RMS_NORM_EPS})"),
+        (hc.get("rope_scaling") is None, f"rope_scaling={str(hc.get('rope_scaling'))[:80]} (rotary scaling)"),
+        (hc.get("attention_bias", False) is False, "attention_bias other than false"),
+        (hc.get("mlp_bias", False) is False, "mlp_bias other than false"),
+        (not hc.get("use_sliding_window", False) and (not qk_norm and hc.get("sliding_window") is None or qk_norm),
+         f"sliding_window={hc.get('sliding_window')!r} (sliding-window attention)"),
+        (layer_types is None or (isinstance(layer_types, list) and all(t == "full_attention" for t in layer_types)),
+         f"layer_types={str(layer_types)[:60]} (every layer is full attention)"),
+        (isinstance(tie, bool), f"tie_word_embeddings={tie!r}")))
+    return {"vocab_size": _int(hc, "vocab_size", folder, 1, 1 << 20),
+            "block_size": _int(hc, "max_position_embeddings", folder, 1, 1 << 20),
+            "n_layer": _int(hc, "num_hidden_layers", folder, 1, 1024), "n_head": n_head, "n_embd": n_embd,
+            "n_kv_head": n_kv, "mlp_hidden": _int(hc, "intermediate_size", folder, 1, 1 << 20), "bias": False,
+            "pos": "rope", "rope_theta": _rope_theta(hc, folder), "norm": "rmsnorm", "mlp": "swiglu",
+            "qk_norm": qk_norm, "tie_embeddings": tie}
+
+
+# model_type -> (the architectures it may name, our reader): nothing else in config.json selects code
+_READERS = {"gpt2": (_ARCHITECTURES, _gpt2_args), "llama": ((_LLAMA,), _llama_args),
+            "qwen3": ((_QWEN3,), lambda hc, folder: _llama_args(hc, folder, qk_norm=True))}
+
+
+def checked_tokenizer(src: Path, folder: str, vocab_size: int, gpt2_default: bool = True) -> dict:
     """The tokenizer identity of an imported folder: gpt_pipeline_tokenizer.json (written by export), rebuilt
-    from its plain values, or GPT-2's BPE without it; its ids must fit the model's vocabulary."""
+    from its plain values, or GPT-2's BPE without it for a GPT-2 folder; its ids must fit the model's vocabulary."""
     path = src / "gpt_pipeline_tokenizer.json"
+    if not path.is_file() and not gpt2_default:
+        raise UserError(f"{folder!r} has no gpt_pipeline_tokenizer.json: its own tokenizer is not one this "
+                        f"pipeline can rebuild; import a folder written by `python -m gpt.interop export`, or add "
+                        f"that file naming the tokenizer the weights were trained with, e.g. "
+                        f'{{"type": "tiktoken", "name": "gpt2"}}')
     identity = _read_json(path, folder) if path.is_file() else {"type": "tiktoken", "name": "gpt2"}
     special = identity.get("special", []) if isinstance(identity, dict) else None
     plain = (isinstance(identity, dict) and not set(identity) - {"type", "chars", "name", "special"}
@@ -269,24 +415,16 @@ def _read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
             raise ValueError("not a dict of tensors")
     except Exception as e:  # any unreadable weights file: header, pickle and format errors alike
         raise UserError(f"{str(folder)!r}: the weights file could not be read as tensors "
-                        f"({type(e).__name__}); pass a GPT-2 folder saved by transformers") from None
-    raise UserError(f"{str(folder)!r} has no model.safetensors or pytorch_model.bin; pass a GPT-2 model folder")
+                        f"({type(e).__name__}); pass a model folder saved by transformers") from None
+    raise UserError(f"{str(folder)!r} has no model.safetensors or pytorch_model.bin; pass a model folder saved by "
+                    f"transformers (one file; sharded weights are not read)")
 
 
-def import_hf(folder: str, out_path: str) -> Path:
-    """Build a checkpoint (our format, with embedded config) from a local GPT-2 folder."""
-    src = Path(folder).expanduser()
-    if not (src / "config.json").is_file():
-        raise UserError(f"{folder!r} has no config.json; pass a folder saved by transformers' save_pretrained "
-                        f"or by `python -m gpt.interop export`")
-    args = checked_config(_read_json(src / "config.json", folder), folder)
-    tokenizer = checked_tokenizer(src, folder, args["vocab_size"])
-    sd = {k.removeprefix("model."): v for k, v in _read_hf_weights(src).items()}
+def _gpt2_weights(sd: dict[str, torch.Tensor], model: GPT, folder: str) -> dict[str, torch.Tensor]:
+    """GPT2LMHeadModel's (or GPT2Model's) tensors -> our state dict (Conv1D transposed back)."""
+    sd = {k.removeprefix("model."): v for k, v in sd.items()}
     if "transformer.wte.weight" not in sd and "wte.weight" in sd:  # GPT2Model saves without the prefix
         sd = {("transformer." + k if not k.startswith("lm_head") else k): v for k, v in sd.items()}
-    model_cfg = {"_target_": "gpt.model.GPT", **args, "dropout": 0.0, "bias": True, "loss_chunk_size": 4096,
-                 "attn_impl": "sdpa"}
-    model = GPT(**args, dropout=0.0, bias=True, loss_chunk_size=4096, attn_impl="sdpa")
     ours = {}
     for name, want in model.state_dict().items():
         key = "transformer.wte.weight" if name == "lm_head.weight" else name
@@ -298,7 +436,36 @@ def import_hf(folder: str, out_path: str) -> Path:
             raise UserError(f"{folder!r}: weight {key!r} is {t.dtype} {tuple(t.shape)}, config.json implies "
                             f"{tuple(want.shape)}")
         ours[name] = t.float()
-    model.load_state_dict(ours)
+    return ours
+
+
+def _llama_weights(sd: dict[str, torch.Tensor], model: GPT, folder: str) -> dict[str, torch.Tensor]:
+    """LlamaForCausalLM's / Qwen3ForCausalLM's tensors -> our state dict (q/k/v and gate/up rows joined)."""
+    parts = llama_parts(model.config)
+    for name, shape in part_shapes(parts, {k: v.shape for k, v in model.state_dict().items()}).items():
+        t = sd.get(name)
+        if t is None:
+            raise UserError(f"{folder!r}: weight {name!r} is missing; config.json implies it")
+        if not t.is_floating_point() or tuple(t.shape) != shape:
+            raise UserError(f"{folder!r}: weight {name!r} is {t.dtype} {tuple(t.shape)}, config.json implies {shape}")
+    ours = {k: v.float() for k, v in join(sd, parts).items()}
+    if model.config.tie_embeddings:
+        ours["lm_head.weight"] = ours["transformer.wte.weight"]
+    return ours
+
+
+def import_hf(folder: str, out_path: str) -> Path:
+    """Build a checkpoint (our format, with embedded config) from a local GPT-2, Llama or Qwen3 folder."""
+    src = Path(folder).expanduser()
+    if not (src / "config.json").is_file():
+        raise UserError(f"{folder!r} has no config.json; pass a folder saved by transformers' save_pretrained "
+                        f"or by `python -m gpt.interop export`")
+    args = checked_config(_read_json(src / "config.json", folder), folder)
+    model_cfg = {"_target_": "gpt.model.GPT", **args, "dropout": 0.0, "loss_chunk_size": 4096, "attn_impl": "sdpa"}
+    model = GPT(**{k: v for k, v in model_cfg.items() if k != "_target_"})
+    gpt2 = hf_architecture(model.config) == "GPT2LMHeadModel"  # the layout the checked config implies
+    tokenizer = checked_tokenizer(src, folder, args["vocab_size"], gpt2_default=gpt2)
+    model.load_state_dict((_gpt2_weights if gpt2 else _llama_weights)(_read_hf_weights(src), model, folder))
     ckpt = {"model": model.state_dict(), "config": {"model": model_cfg, "tokenizer": {**tokenizer,
             "vocab_size": args["vocab_size"]}, "imported_from": str(src)},
             "tokenizer": tokenizer, "step": 0, "best_val_loss": float("inf")}

@@ -134,7 +134,8 @@ def hf_folder(tmp_path):
 
 
 @pytest.mark.parametrize("edit, message", [
-    ({"model_type": "llama"}, "holds a 'llama' model; only GPT-2"),
+    ({"model_type": "llama"}, "architectures=['GPT2LMHeadModel'] is not one of ['LlamaForCausalLM']"),
+    ({"model_type": "bert"}, "holds a 'bert' model; only GPT-2"),
     ({"architectures": ["LlamaForCausalLM"]}, "architectures=['LlamaForCausalLM'] is not one of"),
     ({"architectures": "GPT2LMHeadModel"}, "architectures=GPT2LMHeadModel is not one of"),
     ({"n_layer": "2"}, "n_layer='2' must be an integer"),
