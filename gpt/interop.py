@@ -25,6 +25,7 @@ torch.load with weights_only=True).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -472,12 +473,35 @@ def import_hf(folder: str, out_path: str) -> Path:
     return save_checkpoint(ckpt, out_path)
 
 
-# ---- PEFT: a LoRA run as an adapter on the exported GPT-2 base -----------------------------------------
-# adapter_config.json + adapter_model.safetensors, which peft.PeftModel.from_pretrained(base, folder) loads onto a
-# GPT2LMHeadModel. The base is the LoRA checkpoint's own frozen weights (they hold any embedding rows the stage
-# trained for new tokens), exported to <folder>/base unless --base names an exported folder whose weights are
-# checked to be exactly those. lora_A (r, in) and lora_B (out, r) are the same matrices in PEFT; GPT-2's Conv1D
-# layers need fan_in_fan_out=True, and the scaling is lora_alpha / r in both.
+# ---- PEFT: a LoRA run as an adapter on the exported base -------------------------------------------------
+# adapter_config.json + adapter_model.safetensors, which peft.PeftModel.from_pretrained(base, folder) loads onto the
+# exported GPT2LMHeadModel / LlamaForCausalLM / Qwen3ForCausalLM. The base is the LoRA checkpoint's own frozen weights
+# (they hold any embedding rows the stage trained for new tokens), exported to <folder>/base unless --base names an
+# exported folder whose weights are checked to be exactly those. lora_A (r, in) and lora_B (out, r) are the same
+# matrices in PEFT; GPT-2's Conv1D layers need fan_in_fan_out=True, and the scaling is lora_alpha / r in both.
+
+def _model_config(ckpt: dict) -> GPTConfig:
+    node = (ckpt.get("config") or {}).get("model") or {}
+    return GPTConfig(**{f.name: node[f.name] for f in dataclasses.fields(GPTConfig) if f.name in node})
+
+
+def peft_layers(ckpt: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{transformers layer name: (lora_A (r, in), lora_B (out, r))} of a LoRA checkpoint. On a Llama base the
+    adapter of our fused c_attn (c_fc) becomes one adapter per projection q/k/v (gate/up) with the same A and the
+    projection's rows of B: its output B_q A x is the q rows of B A x, so the split is exact (PEFT has no way to
+    share one A between layers)."""
+    sd = clean_state_dict(ckpt["model"])
+    layers = {name: (sd[f"{name}.lora_A"], sd[f"{name}.lora_B"]) for name in adapter_ranks(sd)}
+    cfg = _model_config(ckpt)
+    if hf_architecture(cfg) == "GPT2LMHeadModel":
+        return layers
+    out = {}
+    for p in llama_parts(cfg):
+        a_b = layers.get(p.ours.removesuffix(".weight"))
+        if a_b is not None:
+            out[p.theirs.removesuffix(".weight")] = (a_b[0], a_b[1][p.rows[0]:p.rows[1]] if p.rows else a_b[1])
+    return out
+
 
 def adapter_config(ckpt: dict, base: Path) -> dict:
     """adapter_config.json of PEFT's LoraConfig for the checkpoint's adapters (one rank, as apply_lora makes)."""
@@ -490,19 +514,18 @@ def adapter_config(ckpt: dict, base: Path) -> dict:
                         f"apply_lora gives every layer one rank")
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base),
             "r": next(iter(ranks.values())), "lora_alpha": float(node["alpha"]),
-            "lora_dropout": float(node.get("dropout", 0.0)), "target_modules": sorted(ranks),
-            "fan_in_fan_out": True,  # GPT-2's Conv1D stores (in, out)
+            "lora_dropout": float(node.get("dropout", 0.0)), "target_modules": sorted(peft_layers(ckpt)),
+            "fan_in_fan_out": hf_architecture(_model_config(ckpt)) == "GPT2LMHeadModel",  # Conv1D stores (in, out)
             "bias": "none", "use_rslora": False, "modules_to_save": None, "init_lora_weights": True,
             "inference_mode": True}
 
 
 def adapter_tensors(ckpt: dict) -> dict[str, torch.Tensor]:
     """PEFT's saved names: base_model.model.<layer>.lora_A.weight (r, in), ...lora_B.weight (out, r)."""
-    sd = clean_state_dict(ckpt["model"])
     out = {}
-    for layer in adapter_ranks(sd):
-        for part in ("lora_A", "lora_B"):
-            out[f"base_model.model.{layer}.{part}.weight"] = sd[f"{layer}.{part}"].detach().float().contiguous()
+    for layer, (a, b) in peft_layers(ckpt).items():  # copies: q/k/v share one A, which safetensors cannot store
+        out[f"base_model.model.{layer}.lora_A.weight"] = a.detach().float().clone()
+        out[f"base_model.model.{layer}.lora_B.weight"] = b.detach().float().clone()
     return out
 
 
@@ -535,7 +558,7 @@ def export_peft(ckpt_path: str, out_dir: str, base: str | None = None) -> Path:
     target = ((ckpt.get("config") or {}).get("model") or {}).get("_target_")
     if target != "gpt.model.GPT":
         raise UserError(f"{ckpt['path']!r} is a {str(target)[:40]} model; PEFT export covers language models "
-                        f"(gpt.model.GPT) on GPT2LMHeadModel")
+                        f"(gpt.model.GPT) on their exported transformers base")
     out = Path(out_dir).expanduser()
     base_ckpt = base_checkpoint(ckpt)
     if base is None:
@@ -554,18 +577,18 @@ def export_peft(ckpt_path: str, out_dir: str, base: str | None = None) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gpt.interop", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    e = sub.add_parser("export", help="checkpoint -> Hugging Face GPT-2 folder")
+    e = sub.add_parser("export", help="checkpoint -> Hugging Face folder (GPT-2, Llama or Qwen3 by the model's options)")
     e.add_argument("ckpt")
     e.add_argument("out")
     g = sub.add_parser("export-gguf", help="checkpoint -> GGUF file for llama.cpp (architecture gpt2)")
     g.add_argument("ckpt")
     g.add_argument("out")
     g.add_argument("--type", default="f32", help="tensor type of the weights: f32, f16 or q8_0 (default f32)")
-    p = sub.add_parser("export-peft", help="LoRA checkpoint -> PEFT adapter folder (+ its GPT-2 base in <out>/base)")
+    p = sub.add_parser("export-peft", help="LoRA checkpoint -> PEFT adapter folder (+ its exported base in <out>/base)")
     p.add_argument("ckpt")
     p.add_argument("out")
-    p.add_argument("--base", default=None, help="an exported GPT-2 folder holding the run's base weights")
-    i = sub.add_parser("import", help="Hugging Face GPT-2 folder or gpt2 GGUF file -> checkpoint")
+    p.add_argument("--base", default=None, help="an exported folder holding the run's base weights")
+    i = sub.add_parser("import", help="Hugging Face GPT-2/Llama/Qwen3 folder or GGUF file -> checkpoint")
     i.add_argument("folder")
     i.add_argument("out")
     args = parser.parse_args(argv)

@@ -94,3 +94,39 @@ def test_a_plain_checkpoint_is_one_line(tmp_path, capsys):
     assert main(["export-peft", str(parent), str(tmp_path / "adapter")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "holds no LoRA adapters" in err and "\n" not in err
+
+
+# ---- a Llama-style base: our fused q/k/v and gate/up adapters as PEFT adapters of each projection -------------
+
+LLAMA_HP = dict(vocab_size=20, block_size=16, n_layer=2, n_head=4, n_embd=16, n_kv_head=2, mlp_hidden=24, pos="rope",
+                norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False)
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_peft_adapter_on_a_llama_base_gives_the_merged_logits(tmp_path, qk_norm):
+    torch.manual_seed(0)
+    model = GPT(**LLAMA_HP, qk_norm=qk_norm)
+    lora = {**LORA, "targets": ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]}
+    apply_lora(model, **lora)
+    with torch.no_grad():  # adapters that moved (B != 0), as after training
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0.0, 0.2)
+    path = save_checkpoint({"model": model.state_dict(), "step": 1, "tokenizer": {"type": "char", "chars": "abcdefghijklmnopqrst"},
+                            "config": {"model": model_config(model), "lora": lora}}, tmp_path / "lora.pt")
+    out = export_peft(str(path), str(tmp_path / "adapter"))
+    config = json.loads((out / "adapter_config.json").read_text())
+    projections = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                   "mlp.up_proj", "mlp.down_proj")
+    assert config["target_modules"] == sorted(f"model.layers.{i}.{m}" for i in range(2) for m in projections)
+    assert config["fan_in_fan_out"] is False
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(out / "base"), dtype=torch.float32)
+    assert type(base).__name__ == ("Qwen3ForCausalLM" if qk_norm else "LlamaForCausalLM")
+    peft_model = peft.PeftModel.from_pretrained(base, str(out)).eval()
+    idx = torch.randint(0, 20, (2, 16), generator=torch.Generator().manual_seed(2))
+    merged = model_from_checkpoint(load_checkpoint(path))
+    plain = model_from_checkpoint(base_checkpoint(load_checkpoint(path)))
+    with torch.no_grad():
+        theirs, ours, before = peft_model(idx).logits, merged(idx)[0], plain(idx)[0]
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+    assert (theirs - before).abs().max() > 1e-2  # the adapters change the output: the test is not vacuous
