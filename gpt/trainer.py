@@ -43,6 +43,7 @@ from gpt.distributed import DistInfo, all_reduce_mean
 from gpt.errors import Interrupted, UserError
 from gpt.precision import ALIASES, DTYPES, cpu_has_fast_bf16
 from gpt.tracking import MetricsFile, NullLogger
+from gpt.watch import LayerStats
 
 log = logging.getLogger("gpt")
 
@@ -253,6 +254,7 @@ class Loop:
     keep_top_k: int = 0         # also keep checkpoints/step-<N>.pt of the k best evaluations (0: none)
     save_interval: int | None = None  # write last.pt every this many steps (None: at every evaluation)
     async_save: bool = False    # write checkpoints in a background thread from a CPU copy of the state
+    layer_stats: bool = True    # grad_norm/<group> and update_ratio/<group> at log steps (gpt.watch)
 
     def __post_init__(self):
         if not isinstance(self.monitor, str) or not self.monitor.strip("/"):
@@ -270,6 +272,8 @@ class Loop:
                             f"(null: write last.pt at every evaluation)")
         if not isinstance(self.async_save, bool):
             raise UserError(f"trainer.async_save={self.async_save!r} must be true or false")
+        if not isinstance(self.layer_stats, bool):
+            raise UserError(f"trainer.layer_stats={self.layer_stats!r} must be true or false")
         for name in ("patience", "keep_top_k"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -341,6 +345,13 @@ class Trainer:
         self._writer: threading.Thread | None = None  # a background checkpoint write (trainer.async_save)
         self._last_step_saved: int | None = None  # the step of the newest last.pt save, on every rank
         self._write_error: BaseException | None = None
+        # logger.watch: histograms every watch_interval steps (rank 0's logger decides; under FSDP every rank
+        # gathers, so fit() tells the others). Per-group scalars at log steps with trainer.layer_stats.
+        self.watch: str | None = getattr(self.logger, "watch", None)
+        self.watch_interval: int = getattr(self.logger, "watch_interval", 100)
+        self._stats: LayerStats | None = None  # built at the first step that takes statistics
+        self._observed: dict = {}     # this step's grad_norm/* and update_ratio/* (logged with train/*)
+        self._histograms: dict = {}   # this step's gradients/* and parameters/* histograms
 
     # ---- checkpoints -------------------------------------------------------------------------
     def checkpoint(self) -> dict:
@@ -577,7 +588,11 @@ class Trainer:
 
         A non-finite loss or gradient norm (on any rank) makes no update: gradients are dropped and only the
         schedule advances, so the step counts like any other (updated=False). Under float16 the GradScaler
-        skips overflowing gradients itself, so there only a non-finite loss counts."""
+        skips overflowing gradients itself, so there only a non-finite loss counts. At a step that is logged
+        (or watched) the per-group statistics and histograms go to self._observed / self._histograms; at any
+        other step nothing more is done than the update itself."""
+        stats, watch = self._observing(self.state.step + 1)
+        self._observed, self._histograms = {}, {}
         total, tokens = 0.0, 0
         for micro in range(self.loop.grad_accum_steps):
             batch = self.objective.train_batch()
@@ -591,6 +606,10 @@ class Trainer:
                 self.precision.scaler.scale(loss / self.loop.grad_accum_steps).backward()
             total += float(loss.detach())
         self.precision.scaler.unscale_(self.optimizer)
+        if stats:  # before clipping: the groups' squares sum to the squared global norm
+            self._observed.update(stats.grad_norms())
+        if watch in ("gradients", "all"):
+            self._histograms.update(self._stats_of().histograms("gradients"))
         params = [p for p in self.raw_model.parameters() if p.grad is not None]
         if self.loop.grad_clip and self.loop.grad_clip > 0:
             norm = parallel.full_norm(torch.nn.utils.clip_grad_norm_(params, self.loop.grad_clip))
@@ -601,11 +620,40 @@ class Trainer:
         finite = math.isfinite(total) and (self.precision.scaler.is_enabled() or math.isfinite(norm))
         finite = self._agree(finite)
         if finite:
+            if stats:
+                stats.snapshot()
             self.precision.scaler.step(self.optimizer)
+            if stats:
+                self._observed.update(stats.update_ratios())
+        if watch in ("parameters", "all"):  # the weights this step leaves (those a checkpoint of it holds)
+            self._histograms.update(self._stats_of().histograms("parameters"))
         self.precision.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return total / self.loop.grad_accum_steps, norm, tokens * self.dist.world_size, finite
+
+    def _stats_of(self) -> LayerStats:
+        if self._stats is None:  # under FSDP each rank sums its shards' squares, then all ranks together
+            self._stats = LayerStats(self.raw_model, reduce=self.sharded and self.dist.enabled)
+        return self._stats
+
+    def _observing(self, step: int) -> tuple[LayerStats | None, str | None]:
+        """What `step` takes besides the update: per-group statistics (a log step with trainer.layer_stats) and
+        which histograms (logger.watch at multiples of watch_interval). Under DDP only rank 0 (its gradients
+        are already reduced); under FSDP every rank, since each holds only shards."""
+        if not (self.dist.is_main or self.sharded):
+            return None, None
+        logged = step % self.loop.log_interval == 0 or step == self.loop.max_iters
+        stats = self._stats_of() if self.loop.layer_stats and logged else None
+        watch = self.watch if self.watch is not None and step % self.watch_interval == 0 else None
+        return stats, watch
+
+    def _share_watch(self) -> None:
+        """Under FSDP: rank 0's logger.watch settings to every rank (all gather what a histogram shows)."""
+        if self.sharded and self.dist.enabled:
+            settings = [self.watch, self.watch_interval]
+            dist.broadcast_object_list(settings, src=0)
+            self.watch, self.watch_interval = settings
 
     def _agree(self, finite: bool) -> bool:
         """Under DDP, one all_reduce per step makes every rank take the same two decisions: skip the update if
@@ -732,6 +780,7 @@ class Trainer:
         bar = tqdm(total=self.loop.max_iters, initial=s.step, desc="train", dynamic_ncols=True, disable=not tty,
                    unit="it")
         w = s.window  # the log window is part of the state, so a resumed run logs the same train/loss
+        self._share_watch()
         try:
             with self.signals, logging_redirect_tqdm():
                 while s.step < self.loop.max_iters:
@@ -756,11 +805,15 @@ class Trainer:
                         waited = getattr(self.objective, "data_seconds", None)
                         if waited is not None:  # seconds this log window waited for batches (input bound?)
                             m["train/data_seconds"] = waited()
+                        m.update(self._observed)
                         self.record(m)
                         if self.progress and not tty:
                             log.info("step %d/%d: train/loss %.4f  lr %.3g  %s tokens/s", s.step, self.loop.max_iters,
                                      m["train/loss"], m["train/lr"], f"{tok_s:,.0f}")
                         w.update(_new_window())
+                    if self._histograms and self.dist.is_main:
+                        self.logger.log_histograms(s.step, self._histograms)
+                    self._observed, self._histograms = {}, {}
                     evaluated = s.step % self.loop.eval_interval == 0 or s.step == self.loop.max_iters
                     improved, dropped = self.run_eval() if evaluated else (False, [])
                     due = (self.loop.save_interval is None and evaluated) or s.step == self.loop.max_iters or (
