@@ -1,13 +1,20 @@
-"""GGUF (llama.cpp's file format): export a checkpoint as architecture gpt2, import such a file back.
+"""GGUF (llama.cpp's file format): export a checkpoint, import such a file back.
 
     python -m gpt.interop export-gguf <checkpoint or run> model.gguf [--type f32|f16|q8_0]
     python -m gpt.interop import model.gguf out.pt
 
-Names and layouts are those llama.cpp's convert_hf_to_gguf.py writes for GPT-2: token_embd, position_embd,
-blk.N.{attn_norm, attn_qkv, attn_output, ffn_norm, ffn_up, ffn_down}, output_norm; weights (out, in) as in
-nn.Linear (the HF converter transposes GPT-2's Conv1D back to this); the tied output layer is not written
-(llama.cpp reuses token_embd). 1-D tensors (norms, biases) stay float32 at every --type, as the converter
-does; q8_0 needs rows of a multiple of 32 values and a tensor whose rows are not falls back to f16.
+The architecture follows the transformers class the model's options map onto (gpt.llama_layout.hf_architecture):
+GPT2LMHeadModel -> gpt2, LlamaForCausalLM -> llama, Qwen3ForCausalLM -> qwen3; other options are refused.
+Names and layouts are those llama.cpp's convert_hf_to_gguf.py writes from that transformers folder. gpt2:
+token_embd, position_embd, blk.N.{attn_norm, attn_qkv, attn_output, ffn_norm, ffn_up, ffn_down}, output_norm.
+llama / qwen3: token_embd, blk.N.{attn_norm, attn_q, attn_k, attn_v, attn_output, ffn_norm, ffn_gate, ffn_up,
+ffn_down} (+ attn_q_norm, attn_k_norm for qwen3), output_norm, output when untied; for llama the converter
+permutes the rows of attn_q and attn_k from transformers' rotate-half rotary layout (pairs i, i + D/2) to GGML's
+interleaved one (pairs 2i, 2i + 1) (LlamaModel.permute), and so does this export (and import undoes it); qwen3 runs
+rotate-half rotary (NEOX) in llama.cpp and is written unpermuted, as the converter does. Weights are (out, in) as in
+nn.Linear; a tied output layer is not written (llama.cpp reuses token_embd). 1-D tensors (norms, biases) stay
+float32 at every --type, as the converter does; q8_0 needs rows of a multiple of 32 values and a tensor whose
+rows are not falls back to f16.
 
 The tokenizer is GPT-2's byte-level BPE (tokenizer.ggml.model "gpt2", pre-tokenizer "gpt-2") with the
 stage's special tokens after it (control tokens, our ids) and unused [PADn] rows up to the model's vocabulary.
@@ -30,12 +37,15 @@ import torch
 from gpt.checkpoint import clean_state_dict, load_checkpoint, model_from_checkpoint, save_checkpoint
 from gpt.errors import UserError
 from gpt.export_meta import CHAT_TEMPLATE, special_token_ids
-from gpt.model import GPT
+from gpt.llama_layout import LLAMA, QWEN3, hf_architecture, join, llama_parts, split
+from gpt.model import GPT, GPTConfig
 from gpt.tokenizer import from_identity
 
 ARCH = "gpt2"
+ARCHES = {"GPT2LMHeadModel": "gpt2", LLAMA: "llama", QWEN3: "qwen3"}  # transformers class -> llama.cpp architecture
 TYPES = ("f32", "f16", "q8_0")
 _LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which the model uses
+_RMS_NORM_EPS = 1e-5  # gpt.model.RMSNorm's
 _GPT2_VOCAB = 50257
 _NORMAL, _CONTROL, _UNUSED = 1, 3, 5  # gguf.TokenType values
 
@@ -66,10 +76,55 @@ def gguf_name(name: str) -> str:
     raise KeyError(name)
 
 
+# transformers' Llama / Qwen3 names -> llama.cpp's (gguf-py's MODEL_TENSOR names); blocks: model.layers.N.<key>
+_LLAMA_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                "lm_head.weight": "output.weight"}
+_LLAMA_BLOCK = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+                "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+                "self_attn.k_norm": "attn_k_norm", "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate",
+                "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+
+
+def llama_gguf_name(name: str) -> str:
+    """llama.cpp's name for a transformers Llama tensor (model.layers.3.self_attn.q_proj.weight -> blk.3.attn_q.weight)."""
+    if name in _LLAMA_NAMES:
+        return _LLAMA_NAMES[name]
+    parts = name.split(".")
+    layer = ".".join(parts[3:-1])
+    if len(parts) >= 5 and parts[:2] == ["model", "layers"] and parts[2].isdigit() and layer in _LLAMA_BLOCK:
+        return f"blk.{parts[2]}.{_LLAMA_BLOCK[layer]}.{parts[-1]}"
+    raise KeyError(name)
+
+
+def permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Rows of q or k (n_head heads of D rows) from rotate-half order (pair i, i + D/2) to GGML's interleaved order
+    (pair 2i, 2i + 1): llama.cpp's convert_hf_to_gguf.py LlamaModel.permute."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """The inverse of `permute`."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _permuted(cfg: GPTConfig) -> dict[str, int]:
+    """{llama.cpp tensor suffix: heads} of the tensors stored permuted: q and k of the llama architecture."""
+    return {"attn_q.weight": cfg.n_head, "attn_k.weight": cfg.n_kv_head} if hf_architecture(cfg) == LLAMA else {}
+
+
 def gguf_tensors(model: GPT) -> dict[str, torch.Tensor]:
-    """Our float32 weights under llama.cpp's names, (out, in) layout; zero biases where the model has none
-    (llama.cpp's gpt2 graph always adds them: zeros are the exact equivalent)."""
+    """Our float32 weights under llama.cpp's names, (out, in) layout, for the model's architecture (ARCHES). gpt2:
+    zero biases where the model has none (llama.cpp's gpt2 graph always adds them: zeros are the exact
+    equivalent); llama: q and k rows permuted to GGML's rotary layout."""
     cfg = model.config
+    if hf_architecture(cfg) != "GPT2LMHeadModel":
+        heads = _permuted(cfg)
+        out = {}
+        for name, t in split(clean_state_dict(model.state_dict()), llama_parts(cfg)).items():
+            gname = llama_gguf_name(name)
+            n = heads.get(gname.split(".", 2)[-1])
+            out[gname] = permute(t, n).contiguous() if n else t
+        return out
     sd = {k: v for k, v in clean_state_dict(model.state_dict()).items() if k != "lm_head.weight"}
     out = {gguf_name(k): v.detach().float().contiguous() for k, v in sd.items()}
     widths = {"attn_norm": cfg.n_embd, "attn_qkv": 3 * cfg.n_embd, "attn_output": cfg.n_embd,
@@ -137,8 +192,28 @@ def _tensor_type(gguf, kind: str, t: torch.Tensor):
     return Q.F16  # f16, and q8_0's fallback for rows that are not whole blocks (as convert_hf_to_gguf.py)
 
 
+def _add_hyperparameters(w, arch: str, cfg: GPTConfig) -> None:
+    """<arch>.* keys, as convert_hf_to_gguf.py writes them for the architecture."""
+    w.add_block_count(cfg.n_layer)
+    w.add_context_length(cfg.block_size)
+    w.add_embedding_length(cfg.n_embd)
+    w.add_head_count(cfg.n_head)
+    if arch == ARCH:
+        w.add_feed_forward_length(4 * cfg.n_embd)
+        w.add_layer_norm_eps(_LAYER_NORM_EPS)
+        return
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_feed_forward_length(cfg.mlp_hidden)
+    w.add_head_count_kv(cfg.n_kv_head)
+    w.add_layer_norm_rms_eps(_RMS_NORM_EPS)
+    w.add_rope_freq_base(float(cfg.rope_theta))
+    w.add_rope_dimension_count(cfg.head_dim)  # rotary over the whole head
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+
+
 def export_gguf(ckpt_path: str, out_path: str, kind: str = "f32") -> Path:
-    """Write `out_path` (.gguf) from a checkpoint: gpt2 hyperparameters, tensors at `kind`, tokenizer metadata,
+    """Write `out_path` (.gguf) from a checkpoint: the architecture's hyperparameters, tensors at `kind`, tokenizer metadata,
     the chat template for a chat model. Written to a temp file and renamed, so a failed export leaves nothing."""
     from gpt.chat import END, SPECIAL
 
@@ -153,20 +228,16 @@ def export_gguf(ckpt_path: str, out_path: str, kind: str = "f32") -> Path:
         raise UserError(f"{ckpt['path']!r} holds a {type(model).__name__} (a model with a head); only a language "
                         f"model exports to GGUF")
     cfg = model.config
+    arch = ARCHES[hf_architecture(cfg)]  # a UserError naming the option for a model no architecture computes
     tok = from_identity(ckpt["tokenizer"])
     tokens, types = vocabulary(tok, cfg.vocab_size)
     out = Path(out_path).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    w = gguf.GGUFWriter(str(tmp), ARCH)
+    w = gguf.GGUFWriter(str(tmp), arch)
     try:
         w.add_name(Path(ckpt["path"]).stem)
-        w.add_block_count(cfg.n_layer)
-        w.add_context_length(cfg.block_size)
-        w.add_embedding_length(cfg.n_embd)
-        w.add_feed_forward_length(4 * cfg.n_embd)
-        w.add_head_count(cfg.n_head)
-        w.add_layer_norm_eps(_LAYER_NORM_EPS)
+        _add_hyperparameters(w, arch, cfg)
         w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[kind])
         w.add_tokenizer_model("gpt2")
@@ -204,7 +275,7 @@ def _field(reader, key: str, path: str, kind: type, required: bool = True):
     field = reader.fields.get(key)
     if field is None:
         if required:
-            raise UserError(f"{path!r}: GGUF key {key!r} is missing; pass a gpt2 GGUF written by "
+            raise UserError(f"{path!r}: GGUF key {key!r} is missing; pass a GGUF written by "
                             f"`python -m gpt.interop export-gguf`")
         return None
     try:
@@ -262,12 +333,7 @@ def _read(path: str):
                         f"`python -m gpt.interop export-gguf`") from None
 
 
-def import_gguf(path: str, out_path: str) -> Path:
-    """Build a checkpoint (our format) from a gpt2 GGUF: f32 tensors exactly, f16 / q8_0 dequantized."""
-    gguf, reader = _read(path)
-    arch = _field(reader, "general.architecture", path, str)
-    if arch != ARCH:
-        raise UserError(f"{path!r} holds architecture {arch[:40]!r}; only gpt2 GGUF files import")
+def _gpt2_args(reader, path: str) -> dict:
     n_embd = _int(reader, "gpt2.embedding_length", path, 1, 1 << 16)
     n_head = _int(reader, "gpt2.attention.head_count", path, 1, 1024)
     if n_embd % n_head:
@@ -277,21 +343,84 @@ def import_gguf(path: str, out_path: str) -> Path:
     if ff != 4 * n_embd or abs(eps - _LAYER_NORM_EPS) > 1e-7:
         raise UserError(f"{path!r}: feed_forward_length={ff}, layer_norm_epsilon={eps} are not what this GPT implements "
                         f"(4 * embedding_length, {_LAYER_NORM_EPS})")
+    return {"block_size": _int(reader, "gpt2.context_length", path, 1, 1 << 20),
+            "n_layer": _int(reader, "gpt2.block_count", path, 1, 1024), "n_head": n_head, "n_embd": n_embd,
+            "bias": True}
+
+
+def _llama_args(reader, path: str, arch: str) -> dict:
+    """The model arguments of a llama / qwen3 GGUF: plain rotary over whole heads, RMSNorm of our epsilon."""
+    n_embd = _int(reader, f"{arch}.embedding_length", path, 1, 1 << 16)
+    n_head = _int(reader, f"{arch}.attention.head_count", path, 1, 1024)
+    if n_embd % n_head:
+        raise UserError(f"{path!r}: {arch}.embedding_length={n_embd} is not divisible by head_count={n_head}")
+    n_kv = _int(reader, f"{arch}.attention.head_count_kv", path, 1, n_head)
+    head = n_embd // n_head
+    eps = _field(reader, f"{arch}.attention.layer_norm_rms_epsilon", path, float)
+    theta = _field(reader, f"{arch}.rope.freq_base", path, float)
+    optional = {key: _field(reader, f"{arch}.{key}", path, int, required=False)
+                for key in ("rope.dimension_count", "attention.key_length", "attention.value_length")}
+    scaling = _field(reader, f"{arch}.rope.scaling.type", path, str, required=False)
+    for ok, what in ((n_head % n_kv == 0, f"attention.head_count_kv={n_kv} (it must divide head_count={n_head})"),
+                     (head % 2 == 0, f"head size {head} (rotary needs an even head size)"),
+                     (abs(eps - _RMS_NORM_EPS) <= 1e-9, f"attention.layer_norm_rms_epsilon={eps} (RMSNorm uses 1e-5)"),
+                     (1 < theta <= 1e12, f"rope.freq_base={theta} (a rotary base above 1)"),
+                     (scaling in (None, "none"), f"rope.scaling.type={scaling!r} (rotary scaling)"),
+                     *((v in (None, head), f"{k}={v} (the head size is {head})") for k, v in optional.items())):
+        if not ok:
+            raise UserError(f"{path!r}: GGUF {arch}.{what} is not what this GPT implements")
+    return {"block_size": _int(reader, f"{arch}.context_length", path, 1, 1 << 20),
+            "n_layer": _int(reader, f"{arch}.block_count", path, 1, 1024), "n_head": n_head, "n_embd": n_embd,
+            "n_kv_head": n_kv, "mlp_hidden": _int(reader, f"{arch}.feed_forward_length", path, 1, 1 << 20),
+            "bias": False, "pos": "rope", "rope_theta": float(theta), "norm": "rmsnorm", "mlp": "swiglu",
+            "qk_norm": arch == "qwen3", "tie_embeddings": not any(t.name == "output.weight" for t in reader.tensors)}
+
+
+# general.architecture -> our reader of its hyperparameters: nothing else in the file selects code
+_READERS = {"gpt2": _gpt2_args, "llama": lambda r, p: _llama_args(r, p, "llama"),
+            "qwen3": lambda r, p: _llama_args(r, p, "qwen3")}
+
+
+def _from_gguf(tensors: dict[str, torch.Tensor], model: GPT) -> dict[str, torch.Tensor]:
+    """llama.cpp's tensors (checked to be gguf_tensors(model)'s names and shapes) -> our state dict."""
+    cfg = model.config
+    if hf_architecture(cfg) == "GPT2LMHeadModel":
+        ours = {k: tensors[gguf_name(k)] for k in model.state_dict() if k != "lm_head.weight"}
+    else:
+        heads, theirs, parts = _permuted(cfg), {}, llama_parts(cfg)
+        for p in parts:
+            gname = llama_gguf_name(p.theirs)
+            n = heads.get(gname.split(".", 2)[-1])
+            theirs[p.theirs] = unpermute(tensors[gname], n) if n else tensors[gname]
+        ours = join(theirs, parts)
+    if cfg.tie_embeddings:
+        ours["lm_head.weight"] = ours["transformer.wte.weight"]
+    return ours
+
+
+def import_gguf(path: str, out_path: str) -> Path:
+    """Build a checkpoint (our format) from a gpt2, llama or qwen3 GGUF: f32 tensors exactly, f16 / q8_0
+    dequantized; llama's q and k rows un-permuted."""
+    gguf, reader = _read(path)
+    arch = _field(reader, "general.architecture", path, str)
+    read = _READERS.get(arch)
+    if read is None:
+        raise UserError(f"{path!r} holds architecture {arch[:40]!r}; only {', '.join(_READERS)} GGUF files import")
+    args = read(reader, path)
     tokenizer, vocab_size = checked_identity(reader, path)
-    args = {"vocab_size": vocab_size, "block_size": _int(reader, "gpt2.context_length", path, 1, 1 << 20),
-            "n_layer": _int(reader, "gpt2.block_count", path, 1, 1024), "n_head": n_head, "n_embd": n_embd}
-    model = GPT(**args, dropout=0.0, bias=True, loss_chunk_size=4096, attn_impl="sdpa")
+    model_cfg = {"_target_": "gpt.model.GPT", "vocab_size": vocab_size, **args, "dropout": 0.0,
+                 "loss_chunk_size": 4096, "attn_impl": "sdpa"}
+    model = GPT(**{k: v for k, v in model_cfg.items() if k != "_target_"})
     allowed = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.Q8_0}
     tensors = {t.name: t for t in reader.tensors}
-    wanted = {gguf_name(k): k for k in model.state_dict() if k != "lm_head.weight"}
+    wanted = {name: tuple(t.shape) for name, t in gguf_tensors(model).items()}
     extra = set(tensors) - set(wanted)
     if extra:
-        raise UserError(f"{path!r}: GGUF tensor {sorted(extra)[0]!r} is not part of this GPT (tied output layer, "
-                        f"biases, no other tensors)")
-    ours = {}
-    for gname, name in wanted.items():
+        raise UserError(f"{path!r}: GGUF tensor {sorted(extra)[0]!r} is not part of this GPT (the tensors of "
+                        f"{arch} as this export writes them, no other tensors)")
+    loaded = {}
+    for gname, want in wanted.items():
         t = tensors.get(gname)
-        want = tuple(model.state_dict()[name].shape)
         if t is None:
             raise UserError(f"{path!r}: GGUF tensor {gname!r} is missing")
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists dimensions innermost first
@@ -299,11 +428,8 @@ def import_gguf(path: str, out_path: str) -> Path:
             raise UserError(f"{path!r}: GGUF tensor {gname!r} is {getattr(t.tensor_type, 'name', t.tensor_type)} "
                             f"{shape}; expected f32/f16/q8_0 {want}")
         data = gguf.quants.dequantize(t.data, t.tensor_type)
-        ours[name] = torch.from_numpy(np.array(data, dtype=np.float32).reshape(want))
-    ours["lm_head.weight"] = ours["transformer.wte.weight"]
-    model.load_state_dict(ours)
-    model_cfg = {"_target_": "gpt.model.GPT", **args, "dropout": 0.0, "bias": True, "loss_chunk_size": 4096,
-                 "attn_impl": "sdpa"}
+        loaded[gname] = torch.from_numpy(np.array(data, dtype=np.float32).reshape(want))
+    model.load_state_dict(_from_gguf(loaded, model))
     ckpt = {"model": model.state_dict(), "config": {"model": model_cfg, "tokenizer": {**tokenizer,
             "vocab_size": vocab_size}, "imported_from": str(Path(path).expanduser())},
             "tokenizer": tokenizer, "step": 0, "best_val_loss": float("inf")}

@@ -39,7 +39,7 @@ from gpt.checkpoint import (adapter_ranks, clean_state_dict, load_checkpoint, mo
                             save_checkpoint)
 from gpt.errors import cli_result, UserError
 from gpt.export_meta import CHAT_TEMPLATE, special_token_ids
-from gpt.llama_layout import join, llama_parts, part_shapes, split
+from gpt.llama_layout import LLAMA, QWEN3, hf_architecture, join, llama_parts, part_shapes, split
 from gpt.model import GPT, GPTConfig
 from gpt.tokenizer import _OFFLINE_FILES, from_identity
 
@@ -48,33 +48,6 @@ _ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model")
 _ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both the tanh GELU this GPT computes
 _LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which the model uses
 _RMS_NORM_EPS = 1e-5  # gpt.model.RMSNorm's
-_LLAMA, _QWEN3 = "LlamaForCausalLM", "Qwen3ForCausalLM"
-
-
-def _yaml(value) -> str:
-    return str(value).lower() if isinstance(value, bool) or value is None else str(value)
-
-
-def hf_architecture(cfg: GPTConfig) -> str:
-    """The transformers class that computes exactly what a model of `cfg` computes: GPT2LMHeadModel for learned
-    positions, LlamaForCausalLM (Qwen3ForCausalLM with qk_norm) for rotary ones; a UserError naming the first
-    option that class does not have."""
-    if cfg.pos == "rope":
-        arch = _QWEN3 if cfg.qk_norm else _LLAMA
-        needs = {"norm": "rmsnorm", "mlp": "swiglu", "bias": False}
-        other = "GPT2LMHeadModel needs model.pos=learned, model.norm=layernorm, model.mlp=gelu"
-    else:
-        arch = "GPT2LMHeadModel"
-        needs = {"norm": "layernorm", "mlp": "gelu", "qk_norm": False, "tie_embeddings": True,
-                 "n_kv_head": cfg.n_head, "mlp_hidden": 4 * cfg.n_embd}
-        other = "LlamaForCausalLM needs model.pos=rope, model.norm=rmsnorm, model.mlp=swiglu, model.bias=false"
-    for key, want in needs.items():
-        have = getattr(cfg, key)
-        if have != want:
-            raise UserError(f"model.{key}={_yaml(have)} has no transformers equivalent with model.pos={cfg.pos}: "
-                            f"{arch} needs model.{key}={_yaml(want)} ({other}); train the model with those options "
-                            f"to export it")
-    return arch
 
 
 def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
@@ -123,7 +96,7 @@ def llama_config(cfg: GPTConfig, arch: str, ids: dict) -> dict:
     (transformers 4, vLLM, llama.cpp's converter) and rope_parameters (transformers 5); no scaling, no sliding
     window, no biases; head_dim written out (Qwen3's default is 128, not hidden_size / heads)."""
     out = {
-        "architectures": [arch], "model_type": "qwen3" if arch == _QWEN3 else "llama", "vocab_size": cfg.vocab_size,
+        "architectures": [arch], "model_type": "qwen3" if arch == QWEN3 else "llama", "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.n_embd, "intermediate_size": cfg.mlp_hidden, "num_hidden_layers": cfg.n_layer,
         "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim,
         "hidden_act": "silu", "max_position_embeddings": cfg.block_size, "rms_norm_eps": _RMS_NORM_EPS,
@@ -132,7 +105,7 @@ def llama_config(cfg: GPTConfig, arch: str, ids: dict) -> dict:
         "attention_bias": False, "attention_dropout": 0.0, "initializer_range": 0.02,
         "tie_word_embeddings": cfg.tie_embeddings, "use_cache": True, "torch_dtype": "float32", **ids,
     }
-    if arch == _QWEN3:  # all layers full attention
+    if arch == QWEN3:  # all layers full attention
         out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layer)
     else:
         out.update(mlp_bias=False, pretraining_tp=1)
@@ -371,8 +344,8 @@ def _llama_args(hc: dict, folder: str, qk_norm: bool = False) -> dict:
 
 
 # model_type -> (the architectures it may name, our reader): nothing else in config.json selects code
-_READERS = {"gpt2": (_ARCHITECTURES, _gpt2_args), "llama": ((_LLAMA,), _llama_args),
-            "qwen3": ((_QWEN3,), lambda hc, folder: _llama_args(hc, folder, qk_norm=True))}
+_READERS = {"gpt2": (_ARCHITECTURES, _gpt2_args), "llama": ((LLAMA,), _llama_args),
+            "qwen3": ((QWEN3,), lambda hc, folder: _llama_args(hc, folder, qk_norm=True))}
 
 
 def checked_tokenizer(src: Path, folder: str, vocab_size: int, gpt2_default: bool = True) -> dict:

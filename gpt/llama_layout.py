@@ -1,5 +1,6 @@
-"""Llama-style models (pos=rope, norm=rmsnorm, mlp=swiglu) under transformers' names: LlamaForCausalLM, and
-Qwen3ForCausalLM when the model has QK-norm. Shared by the transformers, PEFT and GGUF exports and their imports.
+"""Which transformers class computes what a model computes (hf_architecture), and Llama-style models (pos=rope,
+norm=rmsnorm, mlp=swiglu) under transformers' names: LlamaForCausalLM, and Qwen3ForCausalLM when the model has
+QK-norm. Shared by the transformers, PEFT and GGUF exports and their imports.
 
 Our attention computes q, k and v with one fused `attn.c_attn` (rows: q for H heads, then k and v for Hkv heads
 each) and the gated MLP its gate and up with one fused `mlp.c_fc` (rows: gate, then up); transformers keeps each
@@ -14,7 +15,36 @@ from dataclasses import dataclass
 
 import torch
 
+from gpt.errors import UserError
 from gpt.model import GPTConfig
+
+LLAMA, QWEN3 = "LlamaForCausalLM", "Qwen3ForCausalLM"
+
+
+def _yaml(value) -> str:
+    return str(value).lower() if isinstance(value, bool) or value is None else str(value)
+
+
+def hf_architecture(cfg: GPTConfig) -> str:
+    """The transformers class that computes exactly what a model of `cfg` computes: GPT2LMHeadModel for learned
+    positions, LlamaForCausalLM (Qwen3ForCausalLM with qk_norm) for rotary ones; a UserError naming the first
+    option that class does not have."""
+    if cfg.pos == "rope":
+        arch = QWEN3 if cfg.qk_norm else LLAMA
+        needs = {"norm": "rmsnorm", "mlp": "swiglu", "bias": False}
+        other = "GPT2LMHeadModel needs model.pos=learned, model.norm=layernorm, model.mlp=gelu"
+    else:
+        arch = "GPT2LMHeadModel"
+        needs = {"norm": "layernorm", "mlp": "gelu", "qk_norm": False, "tie_embeddings": True,
+                 "n_kv_head": cfg.n_head, "mlp_hidden": 4 * cfg.n_embd}
+        other = "LlamaForCausalLM needs model.pos=rope, model.norm=rmsnorm, model.mlp=swiglu, model.bias=false"
+    for key, want in needs.items():
+        have = getattr(cfg, key)
+        if have != want:
+            raise UserError(f"model.{key}={_yaml(have)} has no transformers equivalent with model.pos={cfg.pos}: "
+                            f"{arch} needs model.{key}={_yaml(want)} ({other}); train the model with those options "
+                            f"to export it")
+    return arch
 
 
 @dataclass(frozen=True)

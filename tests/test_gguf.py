@@ -182,7 +182,8 @@ def _rewrite(reader, dst, *, arch="gpt2", drop=(), extra_tensor=None, tokens=Non
 
 @pytest.mark.slow
 @pytest.mark.parametrize("change, message", [
-    (dict(arch="llama"), "holds architecture 'llama'; only gpt2 GGUF files import"),
+    (dict(arch="falcon"), "holds architecture 'falcon'; only gpt2, llama, qwen3 GGUF files import"),
+    (dict(arch="llama"), "GGUF key 'llama.attention.head_count_kv' is missing"),  # a gpt2 file labelled llama
     (dict(drop=("gpt2.block_count",)), "GGUF key 'gpt2.block_count' is missing"),
     (dict(extra_tensor="output.weight"), "GGUF tensor 'output.weight' is not part of this GPT"),
     (dict(tokens=lambda t: ["x"] + t[1:]), "the GGUF vocabulary is not GPT-2's BPE"),
@@ -218,3 +219,93 @@ def test_llama_cpp_greedy_generation_equals_ours(tmp_path):
         for _ in range(32):
             ids = torch.cat([ids, model(ids)[0][:, -1:].argmax(-1)], dim=1)
     assert theirs == ids[0, len(prompt):].tolist()
+
+
+# ---- Llama-style models: llama.cpp's llama (q/k permuted) and qwen3 architectures --------------------------
+
+from gpt.gguf_export import permute, unpermute  # noqa: E402
+from gpt.model import apply_rotary, rotary  # noqa: E402
+from gpt.parent import model_config  # noqa: E402
+
+LLAMA = dict(vocab_size=50304, block_size=64, n_layer=2, n_head=4, n_embd=32, mlp_hidden=64, pos="rope",
+             rope_theta=500.0, norm="rmsnorm", mlp="swiglu", bias=False)
+
+
+def llama_checkpoint(tmp_path, n_kv_head=2, tie=False, qk_norm=False, **over):
+    torch.manual_seed(0)
+    model = GPT(**{**LLAMA, **over}, n_kv_head=n_kv_head, tie_embeddings=tie, qk_norm=qk_norm)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.normal_(1.0, 0.3)
+    path = save_checkpoint({"model": model.state_dict(), "config": {"model": model_config(model)},
+                            "tokenizer": CHAT, "step": 0}, tmp_path / "llama.pt")
+    return model.eval(), path
+
+
+def ggml_rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
+    """llama.cpp's LLAMA_ROPE_TYPE_NORM by its definition: pairs of adjacent channels (2i, 2i + 1) of each head
+    turn by pos * theta^(-2i/D). x (T, D)."""
+    D = x.size(-1)
+    angle = pos.float()[:, None] * theta ** (-torch.arange(0, D, 2).float() / D)
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2], out[..., 1::2] = x0 * angle.cos() - x1 * angle.sin(), x0 * angle.sin() + x1 * angle.cos()
+    return out
+
+
+def test_permuted_rows_under_ggml_rotary_equal_ours():
+    """Why the llama export permutes q and k: GGML's rotary pairs adjacent rows, ours (transformers') pairs i with
+    i + D/2. Rotating permuted rows the GGML way gives the permuted result of rotating ours; so attention scores
+    (q . k over a head, the same permutation on both) are unchanged."""
+    torch.manual_seed(0)
+    n_head, D, T = 2, 8, 5
+    w = torch.randn(n_head * D, 16)
+    x = torch.randn(T, 16)
+    pos = torch.arange(T)
+    cos, sin = rotary(pos, D, 500.0)
+    ours = apply_rotary((x @ w.t()).view(T, n_head, D).transpose(0, 1)[None], cos, sin)[0]  # (H, T, D)
+    theirs = (x @ permute(w, n_head).t()).view(T, n_head, D)
+    theirs = torch.stack([ggml_rope(theirs[:, h], pos, 500.0) for h in range(n_head)])  # (H, T, D)
+    back = unpermute(theirs.transpose(0, 1).reshape(T, n_head * D).t(), n_head).t().view(T, n_head, D).transpose(0, 1)
+    torch.testing.assert_close(back, ours, atol=1e-5, rtol=1e-5)
+    assert torch.equal(permute(w, n_head)[:4], w[[0, 4, 1, 5]])  # head 0: rows 0, 4 are a pair, then 1, 5, ...
+    assert torch.equal(unpermute(permute(w, n_head), n_head), w)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n_kv_head, tie, qk_norm, arch", [(2, False, False, "llama"), (1, True, True, "qwen3")])
+def test_llama_round_trip_through_the_cli_keeps_logits(tmp_path, n_kv_head, tie, qk_norm, arch):
+    model, path = llama_checkpoint(tmp_path, n_kv_head, tie, qk_norm)
+    assert main(["export-gguf", str(path), str(tmp_path / "m.gguf")]) == 0
+    reader, tensors = read(tmp_path / "m.gguf")
+    f = {k: v.contents() for k, v in reader.fields.items() if not k.startswith("GGUF.")}
+    assert (f["general.architecture"], f[f"{arch}.attention.head_count_kv"], f[f"{arch}.feed_forward_length"],
+            f[f"{arch}.rope.dimension_count"], f[f"{arch}.rope.freq_base"]) == (arch, n_kv_head, 64, 8, 500.0)
+    assert f[f"{arch}.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-5)
+    assert ("output.weight" in tensors) == (not tie) and ("blk.0.attn_q_norm.weight" in tensors) == qk_norm
+    q = model.transformer.h[1].attn.c_attn.weight[:32].detach()  # q's rows of the fused c_attn
+    want = permute(q, 4) if arch == "llama" else q  # llama.cpp's qwen3 rotates halves, as transformers does
+    np.testing.assert_array_equal(dequantized(tensors["blk.1.attn_q.weight"]), want.numpy())
+    np.testing.assert_array_equal(dequantized(tensors["blk.1.ffn_up.weight"]),
+                                  model.transformer.h[1].mlp.c_fc.weight[64:].detach().numpy())  # [gate | up]
+    assert main(["import", str(tmp_path / "m.gguf"), str(tmp_path / "back.pt")]) == 0
+    back = model_from_checkpoint(load_checkpoint(tmp_path / "back.pt"))
+    for name, t in model.state_dict().items():
+        assert torch.equal(back.state_dict()[name], t), name
+    idx = torch.randint(0, 50304, (2, 40))
+    with torch.no_grad():
+        assert torch.equal(back(idx)[0], model(idx)[0])
+
+
+@pytest.mark.parametrize("over, message", [
+    (dict(norm="layernorm"), "model.norm=layernorm has no transformers equivalent with model.pos=rope"),
+    (dict(mlp="relu2"), "model.mlp=relu2 has no transformers equivalent"),
+    (dict(pos="learned"), "GPT2LMHeadModel needs model.norm=layernorm"),
+])
+def test_options_without_a_llama_cpp_architecture_are_refused(tmp_path, capsys, over, message):
+    _, path = llama_checkpoint(tmp_path, **over)
+    assert main(["export-gguf", str(path), str(tmp_path / "m.gguf")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert not list(tmp_path.glob("*.gguf*"))
