@@ -321,6 +321,8 @@ def _llama_args(hc: dict, folder: str, qk_norm: bool = False) -> dict:
     head_dim = hc.get("head_dim", 128 if qk_norm else None)  # Qwen3Config's default is 128, Llama's hidden / heads
     eps, tie = hc.get("rms_norm_eps", 1e-6), hc.get("tie_word_embeddings", False)  # both classes' defaults
     layer_types = hc.get("layer_types")
+    # Qwen3 attends within sliding_window only with use_sliding_window; a Llama config has no such switch
+    window = hc.get("sliding_window") if hc.get("use_sliding_window", not qk_norm) else None
     _refuse_unless(folder, (
         (head_dim is None or head_dim == n_embd // n_head,
          f"head_dim={head_dim!r} (this GPT's head size is hidden_size / num_attention_heads = {n_embd // n_head})"),
@@ -330,8 +332,7 @@ def _llama_args(hc: dict, folder: str, qk_norm: bool = False) -> dict:
         (hc.get("rope_scaling") is None, f"rope_scaling={str(hc.get('rope_scaling'))[:80]} (rotary scaling)"),
         (hc.get("attention_bias", False) is False, "attention_bias other than false"),
         (hc.get("mlp_bias", False) is False, "mlp_bias other than false"),
-        (not hc.get("use_sliding_window", False) and (not qk_norm and hc.get("sliding_window") is None or qk_norm),
-         f"sliding_window={hc.get('sliding_window')!r} (sliding-window attention)"),
+        (window is None, f"sliding_window={window!r} (sliding-window attention)"),
         (layer_types is None or (isinstance(layer_types, list) and all(t == "full_attention" for t in layer_types)),
          f"layer_types={str(layer_types)[:60]} (every layer is full attention)"),
         (isinstance(tie, bool), f"tie_word_embeddings={tie!r}")))
