@@ -609,7 +609,7 @@ class Trainer:
         if stats:  # before clipping: the groups' squares sum to the squared global norm
             self._observed.update(stats.grad_norms())
         if watch in ("gradients", "all"):
-            self._histograms.update(self._stats_of().histograms("gradients"))
+            self._histograms.update(self._stats_of().histograms("gradients", keep=self.dist.is_main))
         params = [p for p in self.raw_model.parameters() if p.grad is not None]
         if self.loop.grad_clip and self.loop.grad_clip > 0:
             norm = parallel.full_norm(torch.nn.utils.clip_grad_norm_(params, self.loop.grad_clip))
@@ -626,7 +626,7 @@ class Trainer:
             if stats:
                 self._observed.update(stats.update_ratios())
         if watch in ("parameters", "all"):  # the weights this step leaves (those a checkpoint of it holds)
-            self._histograms.update(self._stats_of().histograms("parameters"))
+            self._histograms.update(self._stats_of().histograms("parameters", keep=self.dist.is_main))
         self.precision.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()

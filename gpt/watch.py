@@ -119,15 +119,17 @@ class LayerStats:
         updates, weights = self._group_norms(delta), self._group_norms(before)
         return {f"update_ratio/{g}": u / w for g, u, w in zip(self.groups, updates, weights) if w > 0}
 
-    def histograms(self, kind: str) -> dict[str, tuple[list[float], list[float]]]:
+    def histograms(self, kind: str, keep: bool = True) -> dict[str, tuple[list[float], list[float]]]:
         """{"gradients/<name>" or "parameters/<name>": (counts, edges)} for every parameter (`kind`: gradients
-        or parameters). Under FSDP every rank gathers each tensor; only rank 0 uses the result."""
+        or parameters). Under FSDP every rank gathers each tensor; a rank that does not `keep` them (not rank 0)
+        only takes part in the gathers."""
         out = {}
         for name, p in zip(self.names, self.params):
             t = p.grad if kind == "gradients" else p.detach()
             if t is None:
                 continue
-            h = histogram(_whole(t))
+            whole = _whole(t)
+            h = histogram(whole) if keep else None
             if h is not None:
                 out[f"{kind}/{name}"] = h
         return out
