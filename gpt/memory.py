@@ -10,7 +10,10 @@
 Activations of one pre-LN block per token, with a the autocast dtype's bytes (2 for bf16, 4 for float32): the
 two layer norms keep their float32 input (2 x 4C), and a x 14C for the tensors the matmuls, attention and GELU
 keep (c_attn's input C, q/k/v 3C, the attention output C, c_fc's input C, GELU's input 4C, c_proj's input 4C,
-the attention's c_proj input C); eager attention adds its (T, T) probabilities per head. The output
+the attention's c_proj input C); eager attention adds its (T, T) probabilities per head. The architecture
+options change the terms: F (mlp_hidden) for 4C, SwiGLU keeps 4F, grouped-query attention smaller k and v
+(SDPA), rotary the rotated q and k (SDPA), RMSNorm its float32 output, QK-norm its norms' copies (up to 15%
+over). The output
 layer keeps its weight's gradient (fused: computed in forward) or the float32 logits (unfused). tests/test_memory.py checks the formula against the bytes
 torch's saved-tensor hooks see on CPU. On a GPU the real peak also holds the CUDA context, the caching
 allocator's slack and temporaries, so a device that the estimate fills beyond about 90% will not do.
@@ -69,12 +72,28 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 def block_activation_bytes(config, batch_size: int, seq_len: int, dtype: torch.dtype | None) -> int:
-    """What one block's forward keeps for backward (see the module docstring)."""
+    """What one block's forward keeps for backward (see the module docstring; the architecture options' terms
+    were measured with saved-tensor hooks, tests/test_memory.py)."""
     a = 4 if dtype is None else torch.empty(0, dtype=dtype).element_size()
     C, H = config.n_embd, config.n_head
+    D = C // H
+    F = getattr(config, "mlp_hidden", None) or 4 * C
+    Hkv = getattr(config, "n_kv_head", None) or H
+    eager = config.attn_impl == "eager"
     tokens = batch_size * seq_len
-    block = tokens * (8 * C + 14 * a * C + 16)  # + the layer norms' statistics (2 x 2 floats per token)
-    if config.attn_impl == "eager":  # its (T, T) attention probabilities per head
+    # c_attn's input C, q/k/v (eager attention keeps full-size q, k, v whatever n_kv_head), the attention output
+    # C, c_fc's input C; the MLP: GELU/ReLU^2 keep their input and c_proj's (2F), SwiGLU its gate/up (2F), the
+    # activation's output and c_proj's input (4F)
+    qkv = 3 * C if eager else C + 2 * Hkv * D
+    mlp = 4 * F if getattr(config, "mlp", "gelu") == "swiglu" else 2 * F
+    block = tokens * (8 * C + a * (3 * C + qkv + mlp) + 16)  # + the layer norms' statistics (2 x 2 floats per token)
+    if getattr(config, "norm", "layernorm") == "rmsnorm":  # RMSNorm also keeps its float32 normalised output
+        block += tokens * 2 * 4 * C
+    if getattr(config, "pos", "learned") == "rope" and not eager:  # rotated q and k, kept by SDPA
+        block += tokens * a * 3 * C
+    if getattr(config, "qk_norm", False):  # each norm's float32 input and output over q's and k's channels
+        block += tokens * 4 * (C + Hkv * D) * (5 if getattr(config, "norm", "layernorm") == "rmsnorm" else 3) // 2
+    if eager:  # its (T, T) attention probabilities per head
         block += batch_size * H * seq_len * seq_len * a
     else:  # scaled_dot_product_attention's log-sum-exp, a float per head and token
         block += tokens * 4 * H
@@ -91,6 +110,8 @@ def saved_activation_bytes(config, batch_size: int, seq_len: int, dtype: torch.d
     # the embeddings' output and the last norm's input, the targets; the fused output layer builds its weight
     # gradient (V, C) in forward and keeps it, the unfused one keeps the (tokens, V) logits in float32
     head = tokens * (8 * C + 16) + (V * C * 4 if config.loss_chunk_size else tokens * 4 * V)
+    if getattr(config, "norm", "layernorm") == "rmsnorm":  # the final RMSNorm's float32 normalised output
+        head += tokens * 4 * C
     return blocks + head
 
 
