@@ -86,7 +86,8 @@ _LLAMA_BLOCK = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "s
 
 
 def llama_gguf_name(name: str) -> str:
-    """llama.cpp's name for a transformers Llama tensor (model.layers.3.self_attn.q_proj.weight -> blk.3.attn_q.weight)."""
+    """llama.cpp's name for a transformers Llama tensor (model.layers.3.self_attn.q_proj.weight ->
+    blk.3.attn_q.weight)."""
     if name in _LLAMA_NAMES:
         return _LLAMA_NAMES[name]
     parts = name.split(".")
@@ -213,8 +214,8 @@ def _add_hyperparameters(w, arch: str, cfg: GPTConfig) -> None:
 
 
 def export_gguf(ckpt_path: str, out_path: str, kind: str = "f32") -> Path:
-    """Write `out_path` (.gguf) from a checkpoint: the architecture's hyperparameters, tensors at `kind`, tokenizer metadata,
-    the chat template for a chat model. Written to a temp file and renamed, so a failed export leaves nothing."""
+    """Write `out_path` (.gguf) from a checkpoint: the architecture's hyperparameters, tensors at `kind`, tokenizer
+    metadata, the chat template for a chat model. Written to a temp file and renamed, so a failed export leaves nothing."""
     from gpt.chat import END, SPECIAL
 
     if kind not in TYPES:

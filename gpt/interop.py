@@ -312,7 +312,8 @@ def _llama_args(hc: dict, folder: str, qk_norm: bool = False) -> dict:
     n_embd = _int(hc, "hidden_size", folder, 1, 1 << 16)
     n_head = _int(hc, "num_attention_heads", folder, 1, 1024)
     if n_embd % n_head:
-        raise UserError(f"{folder!r}: config.json hidden_size={n_embd} is not divisible by num_attention_heads={n_head}")
+        raise UserError(f"{folder!r}: config.json hidden_size={n_embd} is not divisible by "
+                        f"num_attention_heads={n_head}")
     n_kv = hc.get("num_key_value_heads")
     n_kv = n_head if n_kv is None else _int(hc, "num_key_value_heads", folder, 1, n_head)
     if n_head % n_kv:
@@ -551,7 +552,7 @@ def export_peft(ckpt_path: str, out_dir: str, base: str | None = None) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gpt.interop", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    e = sub.add_parser("export", help="checkpoint -> Hugging Face folder (GPT-2, Llama or Qwen3 by the model's options)")
+    e = sub.add_parser("export", help="checkpoint -> Hugging Face folder (GPT-2, Llama or Qwen3 by its options)")
     e.add_argument("ckpt")
     e.add_argument("out")
     g = sub.add_parser("export-gguf", help="checkpoint -> GGUF file for llama.cpp (architecture gpt2)")

@@ -47,8 +47,10 @@ def test_export_loads_in_transformers_with_our_logits_and_greedy_text(tmp_path, 
     cfg = json.loads((out / "config.json").read_text())
     arch = "Qwen3ForCausalLM" if qk_norm else "LlamaForCausalLM"
     assert cfg["architectures"] == [arch]
-    assert (cfg["hidden_size"], cfg["intermediate_size"], cfg["num_key_value_heads"], cfg["head_dim"]) == (32, 48, n_kv_head, 8)
-    assert (cfg["rope_theta"], cfg["rms_norm_eps"], cfg["tie_word_embeddings"], cfg["max_position_embeddings"]) == (500.0, 1e-5, tie, 32)
+    sizes = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_key_value_heads"], cfg["head_dim"]
+    assert sizes == (32, 48, n_kv_head, 8)
+    rope_norm = cfg["rope_theta"], cfg["rms_norm_eps"], cfg["tie_word_embeddings"], cfg["max_position_embeddings"]
+    assert rope_norm == (500.0, 1e-5, tie, 32)
     assert cfg["attention_bias"] is False and cfg.get("mlp_bias", False) is False
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     assert type(hf).__name__ == arch

@@ -112,7 +112,8 @@ def test_peft_adapter_on_a_llama_base_gives_the_merged_logits(tmp_path, qk_norm)
         for name, p in model.named_parameters():
             if name.endswith("lora_B"):
                 p.normal_(0.0, 0.2)
-    path = save_checkpoint({"model": model.state_dict(), "step": 1, "tokenizer": {"type": "char", "chars": "abcdefghijklmnopqrst"},
+    path = save_checkpoint({"model": model.state_dict(), "step": 1,
+                            "tokenizer": {"type": "char", "chars": "abcdefghijklmnopqrst"},
                             "config": {"model": model_config(model), "lora": lora}}, tmp_path / "lora.pt")
     out = export_peft(str(path), str(tmp_path / "adapter"))
     config = json.loads((out / "adapter_config.json").read_text())
