@@ -160,7 +160,8 @@ class RMSNorm(nn.RMSNorm):
     and keys that QK-norm sees are bf16, and torch's fused kernel wants input and gain of one dtype)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), self.normalized_shape, self.weight, self.eps).to(x.dtype)
+        weight = self.weight.float() if self.weight is not None else None  # bf16 weights (inference dtype)
+        return F.rms_norm(x.float(), self.normalized_shape, weight, self.eps).to(x.dtype)
 
 
 NORMS = {  # model.norm: a gain per channel in both (the exported models have one)
