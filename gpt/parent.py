@@ -48,8 +48,9 @@ def require_same_tokenizer(a: dict, b: dict, role: str) -> None:
 
 
 def grow_vocab(model: GPT, vocab_size: int) -> GPT:
-    """A copy of `model` with `vocab_size` rows in its tied embedding / output layer: the parent's rows
-    are copied, new rows (special tokens) start at the mean embedding so their logits start ordinary."""
+    """A copy of `model` with `vocab_size` rows in its embedding and output layer (one tied matrix, or two):
+    the parent's rows are copied, new rows (special tokens) start at that matrix's mean row, so their logits
+    start ordinary."""
     old = model.lm_head.weight.data
     if vocab_size == old.size(0):
         return model
@@ -57,9 +58,11 @@ def grow_vocab(model: GPT, vocab_size: int) -> GPT:
     hp["vocab_size"] = vocab_size
     new = type(model)(**hp).to(old.device)
     state = model.state_dict()
-    w = old.mean(0, keepdim=True).repeat(vocab_size, 1)
-    w[: old.size(0)] = old
-    state["lm_head.weight"] = state["transformer.wte.weight"] = w
+    for key in ("transformer.wte.weight", "lm_head.weight"):  # a tied model's two keys hold the same matrix
+        rows = state[key]
+        grown = rows.mean(0, keepdim=True).repeat(vocab_size, 1)
+        grown[: rows.size(0)] = rows
+        state[key] = grown
     new.load_state_dict(state)
     return new
 

@@ -336,3 +336,30 @@ def test_the_config_rules_offer_exactly_the_model_tables_options():
     assert set(schema.RULES["model.pos"].options) == set(POSITIONS)
     assert set(schema.RULES["model.norm"].options) == set(NORMS)
     assert set(schema.RULES["model.mlp"].options) == set(MLPS)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_a_grown_vocabulary_keeps_each_matrix_and_trains_only_the_new_rows(tie):
+    """Fine-tuning adds special tokens: the embedding and the output layer (one matrix or two) keep their rows,
+    new rows start at that matrix's mean row, and with LoRA only the new rows of each move."""
+    from gpt.lora import apply_lora, merge_lora
+    from gpt.parent import grow_vocab
+
+    m = tiny(30, tie_embeddings=tie)
+    with torch.no_grad():
+        m.lm_head.weight.mul_(3.0)  # untied: the two matrices differ
+    g = grow_vocab(m, V + 3)
+    for key in ("transformer.wte.weight", "lm_head.weight"):
+        old, new = m.state_dict()[key], g.state_dict()[key]
+        torch.testing.assert_close(new[:V], old, rtol=0, atol=0)
+        torch.testing.assert_close(new[V:], old.mean(0, keepdim=True).expand(3, -1), rtol=0, atol=0)
+    assert (g.lm_head.weight is g.transformer.wte.weight) == tie
+    apply_lora(g, r=2, alpha=4, targets=["attn.c_attn"], new_rows_from=V)
+    x = torch.tensor([[V, V + 1, 3, V + 2, 5]])
+    g(x[:, :-1], x[:, 1:])[1].backward()
+    for w in {id(w): w for w in (g.transformer.wte.weight, g.lm_head.weight)}.values():
+        assert w.grad[:V].abs().sum() == 0 and w.grad[V:].abs().sum() > 0
+    merge_lora(g)  # removes every row hook
+    g.zero_grad()
+    g(x[:, :-1], x[:, 1:])[1].backward()
+    assert g.lm_head.weight.grad[:V].abs().sum() > 0

@@ -134,20 +134,33 @@ def resolve_targets(model: nn.Module, targets) -> list[str]:
 
 
 def train_new_rows(model: nn.Module, first_new: int):
-    """Make rows first_new.. of the tied embedding / output layer trainable and keep the others frozen:
-    a gradient hook zeroes the old rows' gradient and the Parameter is marked `no_weight_decay`
+    """Make rows first_new.. of the embedding and output layer (one tied matrix, or two) trainable and keep the
+    others frozen: a gradient hook zeroes the old rows' gradient and the Parameter is marked `no_weight_decay`
     (gpt.optim.param_groups), so AdamW never moves them (zero gradient, zero moments, no decay)."""
-    w = model.transformer.wte.weight
-    w.requires_grad_(True)
-    w.no_weight_decay = True
-    w.trainable_rows = w.size(0) - first_new
 
     def hook(grad: torch.Tensor) -> torch.Tensor:
         grad = grad.clone()
         grad[:first_new] = 0
         return grad
 
-    model._lora_rows_hook = w.register_hook(hook)
+    handles = []
+    for w in {id(w): w for w in (model.transformer.wte.weight, model.lm_head.weight)}.values():
+        w.requires_grad_(True)
+        w.no_weight_decay = True
+        w.trainable_rows = w.size(0) - first_new
+        handles.append(w.register_hook(hook))
+    model._lora_rows_hook = _Handles(handles)
+
+
+class _Handles:
+    """The row hooks of train_new_rows, removed together (merge_lora)."""
+
+    def __init__(self, handles: list):
+        self.handles = handles
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
