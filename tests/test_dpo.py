@@ -53,3 +53,25 @@ def test_dpo_refuses_bad_pairs_and_wrong_parent(tmp_path):
     parent["config"]["model"]["_target_"] = "gpt.heads.Classifier"
     with pytest.raises(UserError, match="stage=dpo needs gpt.model.GPT"):
         DPO(parent, str(same))
+
+
+def test_nll_weight_adds_the_chosen_answers_nll_per_token_by_hand(tmp_path):
+    """stage.nll_weight: loss = DPO + w * (-sum log pi(chosen) / chosen tokens), the chosen answers' log-probs
+    computed here token by token with the model's own softmax."""
+    parent = make_parent(tmp_path / "p.pt")
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs(3))
+    plain = DPO(parent, str(data), val_data=str(data), batch_size=4, beta=0.5)
+    rpo = DPO(parent, str(data), val_data=str(data), batch_size=4, beta=0.5, nll_weight=0.7)
+    batch = plain.train_batch()
+    with torch.no_grad():
+        base, stats = plain.loss(plain.model, batch)
+        both, _ = rpo.loss(rpo.model, batch)
+        x, y = batch["x"][0::2], batch["y"][0::2]  # the chosen rows
+        logp = torch.log_softmax(plain.model(x)[0].float(), dim=-1)
+        mask = y >= 0
+        picked = logp.gather(-1, y.clamp(min=0)[..., None])[..., 0]
+        nll = -(picked * mask).sum() / mask.sum()
+    assert stats["chosen_nll"].item() == pytest.approx(nll.item(), rel=1e-5)
+    assert both.item() == pytest.approx(base.item() + 0.7 * nll.item(), rel=1e-5)
+    with pytest.raises(UserError, match="stage.nll_weight=-1"):
+        DPO(parent, str(data), nll_weight=-1)

@@ -232,7 +232,9 @@ def test_resume_applies_new_settings_to_each_part():
                                            ("optimizer.muon_lr=0", "optimizer.muon_lr=0"),
                                            ("optimizer.adjust_lr_fn=rms", "optimizer.adjust_lr_fn='rms'")])
 def test_bad_muon_settings_are_one_line(tmp_path, override, key):
-    proc = run_here("train.py", *TINY, "optimizer=muon", override, cwd=tmp_path)
+    # a process of its own: in-process (tests/inprocess.py) after the earlier files of a full run, the refused
+    # run passes its checks and the test still fails on a closed sys.stderr (cause not found yet)
+    proc = run_script("train.py", *TINY, "optimizer=muon", override, cwd=tmp_path)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and key in lines[0], proc.stderr[-800:]
 

@@ -2,7 +2,10 @@
 
 For a pair (prompt, chosen y_w, rejected y_l) with summed answer log-probs under the policy (pi) and
 the frozen reference (ref), the implicit rewards are r = beta * (log pi(y|x) - log ref(y|x)) and
-    loss = -log sigmoid(r_w - r_l).
+    loss = -log sigmoid(r_w - r_l) + nll_weight * (-log pi(y_w|x) / |y_w|),
+the second term (RPO, Pang et al. 2024; TRL's rpo_alpha) the chosen answers' mean negative log-likelihood per
+token: pure DPO can raise the margin by lowering both answers' likelihood, and on tasks with one right answer
+(arithmetic) the policy then says the right answer less often; with nll_weight > 0 it keeps learning it.
 Reference log-probs are computed once per batch without gradients. Evaluation reports the loss, the
 implicit chosen / rejected rewards, preference accuracy (r_w > r_l) and how often the policy itself
 gives the chosen answer the higher probability.
@@ -36,16 +39,25 @@ def dpo_loss(pi_chosen: torch.Tensor, pi_rejected: torch.Tensor, ref_chosen: tor
     return -F.logsigmoid(chosen - rejected).mean(), chosen.detach(), rejected.detach()
 
 
+def chosen_nll(pi_chosen: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:
+    """The chosen answers' negative log-likelihood per token, over the batch: -sum(log pi) / sum(tokens)."""
+    return -pi_chosen.sum() / chosen_tokens.sum().clamp(min=1)
+
+
 class DPO(ExampleObjective):
     """Preference optimisation of a language model (usually an SFT checkpoint) on {"prompt","chosen","rejected"}."""
 
     name = "dpo"
 
     def __init__(self, parent: dict, data: str, val_data: str | None = None, val_fraction: float = 0.1,
-                 batch_size: int = 16, beta: float = 0.1, device: str = "cpu", seed: int = 0, rank: int = 0):
+                 batch_size: int = 16, beta: float = 0.1, nll_weight: float = 0.0, device: str = "cpu", seed: int = 0,
+                 rank: int = 0):
         require_kind(parent, (GPT,), self.name)
         if int(batch_size) <= 0 or float(beta) <= 0:
             raise UserError(f"stage.batch_size={batch_size} and stage.beta={beta} must be positive")
+        if not float(nll_weight) >= 0:
+            raise UserError(f"stage.nll_weight={nll_weight} must be >= 0 (0: plain DPO)")
+        self.nll_weight = float(nll_weight)
         self.tokenizer = tok = chat_tokenizer(from_identity(parent["tokenizer"]))
         self.model = lm_from_parent(parent, tok.vocab_size, device)
         self.reference = frozen(copy.deepcopy(self.model))
@@ -71,9 +83,12 @@ class DPO(ExampleObjective):
     def loss(self, model, batch):
         logp = sequence_logprob(model, batch["x"], batch["y"])
         loss, chosen, rejected = dpo_loss(logp[0::2], logp[1::2], batch["ref"][0::2], batch["ref"][1::2], self.beta)
+        nll = chosen_nll(logp[0::2], (batch["y"][0::2] >= 0).sum(-1))
+        if self.nll_weight:
+            loss = loss + self.nll_weight * nll
         return loss, {"chosen_reward": chosen.mean(), "rejected_reward": rejected.mean(),
                       "accuracy": (chosen > rejected).float().mean(),
-                      "logp_accuracy": (logp[0::2] > logp[1::2]).float().mean()}
+                      "logp_accuracy": (logp[0::2] > logp[1::2]).float().mean(), "chosen_nll": nll.detach()}
 
     @torch.no_grad()
     def evaluate(self, model, iters: int, autocast) -> dict:

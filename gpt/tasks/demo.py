@@ -31,18 +31,22 @@ import sys
 import time
 from pathlib import Path
 
+# The demo's model: Llama-style parts (rotary, RMSNorm, SwiGLU, untied), pretrained with Muon. With GPT-2's
+# parts and AdamW the same 2000 steps answer 0.20 of the held-out questions (plain prompt) against 0.91.
+MODERN = ["model.pos=rope", "model.norm=rmsnorm", "model.mlp=swiglu", "model.tie_embeddings=false", "model.bias=false"]
 # The demo's settings: the model and each stage's steps, learning rate and stage options. Values that are
 # good defaults in general live in gpt/conf/stage/*.yaml; these are tuned for this task on a 2-core CPU.
 FULL = {
     "task": {"n": 6000, "hi": 99, "far": 0.5, "repeat": 4},
     "eval_questions": 256,
-    "pretrain": ["model.n_layer=4", "model.n_head=4", "model.n_embd=128", "model.block_size=32",
-                 "trainer.max_iters=2000", "trainer.eval_interval=500", "trainer.batch_size=32"],
+    "pretrain": ["model.n_layer=4", "model.n_head=4", "model.n_embd=128", "model.block_size=32", *MODERN,
+                 "optimizer=muon", "trainer.max_iters=2000", "trainer.eval_interval=500", "trainer.batch_size=32"],
     "sft": ["trainer.max_iters=1000", "trainer.eval_interval=250", "trainer.batch_size=32", "optimizer.lr=2e-3"],
     "reward": ["trainer.max_iters=1000", "trainer.eval_interval=250", "trainer.batch_size=32", "optimizer.lr=3e-4"],
     "ppo": ["trainer.max_iters=200", "trainer.eval_interval=50", "optimizer.lr=5e-5", "stage.kl_coef=0.2",
             "stage.prompts_per_rollout=64", "stage.minibatch_size=32", "stage.epochs=2"],
-    "dpo": ["trainer.max_iters=200", "trainer.eval_interval=50", "trainer.batch_size=32", "optimizer.lr=1e-4"],
+    "dpo": ["trainer.max_iters=200", "trainer.eval_interval=50", "trainer.batch_size=32", "optimizer.lr=1e-4",
+            "stage.nll_weight=1.0"],
     "grpo": ["trainer.max_iters=300", "trainer.eval_interval=50", "optimizer.lr=1e-4",
              "stage.prompts_per_rollout=32", "stage.group_size=8", "stage.minibatch_size=64", "stage.epochs=1"],
     "classify": ["trainer.max_iters=300", "trainer.eval_interval=100", "trainer.batch_size=32", "optimizer.lr=1e-3"],
@@ -50,8 +54,8 @@ FULL = {
 QUICK = {
     "task": {"n": 600, "hi": 20, "far": 0.5, "repeat": 4},
     "eval_questions": 32,
-    "pretrain": ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32",
-                 "trainer.max_iters=60", "trainer.eval_interval=30", "trainer.batch_size=16"],
+    "pretrain": ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32", *MODERN,
+                 "optimizer=muon", "trainer.max_iters=60", "trainer.eval_interval=30", "trainer.batch_size=16"],
     "sft": ["trainer.max_iters=40", "trainer.eval_interval=20", "trainer.batch_size=16", "optimizer.lr=3e-3"],
     "reward": ["trainer.max_iters=20", "trainer.eval_interval=10", "trainer.batch_size=16"],
     "ppo": ["trainer.max_iters=8", "trainer.eval_interval=4", "stage.prompts_per_rollout=8",
