@@ -77,22 +77,21 @@ def block_activation_bytes(config, batch_size: int, seq_len: int, dtype: torch.d
     a = 4 if dtype is None else torch.empty(0, dtype=dtype).element_size()
     C, H = config.n_embd, config.n_head
     D = C // H
-    F = getattr(config, "mlp_hidden", None) or 4 * C
-    Hkv = getattr(config, "n_kv_head", None) or H
+    F, Hkv = config.mlp_hidden, config.n_kv_head  # GPTConfig fills both in (4C / n_head when null)
     eager = config.attn_impl == "eager"
     tokens = batch_size * seq_len
     # c_attn's input C, q/k/v (eager attention keeps full-size q, k, v whatever n_kv_head), the attention output
     # C, c_fc's input C; the MLP: GELU/ReLU^2 keep their input and c_proj's (2F), SwiGLU its gate/up (2F), the
     # activation's output and c_proj's input (4F)
     qkv = 3 * C if eager else C + 2 * Hkv * D
-    mlp = 4 * F if getattr(config, "mlp", "gelu") == "swiglu" else 2 * F
+    mlp = 4 * F if config.mlp == "swiglu" else 2 * F
     block = tokens * (8 * C + a * (3 * C + qkv + mlp) + 16)  # + the layer norms' statistics (2 x 2 floats per token)
-    if getattr(config, "norm", "layernorm") == "rmsnorm":  # RMSNorm also keeps its float32 normalised output
+    if config.norm == "rmsnorm":  # RMSNorm also keeps its float32 normalised output
         block += tokens * 2 * 4 * C
-    if getattr(config, "pos", "learned") == "rope" and not eager:  # rotated q and k, kept by SDPA
+    if config.pos == "rope" and not eager:  # rotated q and k, kept by SDPA
         block += tokens * a * 3 * C
-    if getattr(config, "qk_norm", False):  # each norm's float32 input and output over q's and k's channels
-        block += tokens * 4 * (C + Hkv * D) * (5 if getattr(config, "norm", "layernorm") == "rmsnorm" else 3) // 2
+    if config.qk_norm:  # each norm's float32 input and output over q's and k's channels
+        block += tokens * 4 * (C + Hkv * D) * (5 if config.norm == "rmsnorm" else 3) // 2
     if eager:  # its (T, T) attention probabilities per head
         block += batch_size * H * seq_len * seq_len * a
     else:  # scaled_dot_product_attention's log-sum-exp, a float per head and token
@@ -110,7 +109,7 @@ def saved_activation_bytes(config, batch_size: int, seq_len: int, dtype: torch.d
     # the embeddings' output and the last norm's input, the targets; the fused output layer builds its weight
     # gradient (V, C) in forward and keeps it, the unfused one keeps the (tokens, V) logits in float32
     head = tokens * (8 * C + 16) + (V * C * 4 if config.loss_chunk_size else tokens * 4 * V)
-    if getattr(config, "norm", "layernorm") == "rmsnorm":  # the final RMSNorm's float32 normalised output
+    if config.norm == "rmsnorm":  # the final RMSNorm's float32 normalised output
         head += tokens * 4 * C
     return blocks + head
 
