@@ -287,6 +287,7 @@ RULES: dict[str, Rule] = {
     "stage.prompt_fraction": Number(0, 1, high_open=True),
     "stage.beta": Number(0),  # DPO's beta must also be > 0 (gpt.stages.dpo); GRPO's KL weight may be 0
     "stage.nll_weight": Number(0),
+    "stage.lm_weight": Number(0),
     "stage.prompts_per_rollout": Int(1),
     "stage.group_size": Int(2),
     "stage.minibatch_size": Int(1),

@@ -7,6 +7,7 @@ import torch
 
 from gpt.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from gpt.encoding import score_batch
+from gpt.errors import UserError
 from gpt.heads import RewardModel
 from gpt.parent import model_config
 from gpt.stages.reward import Reward, bradley_terry_loss
@@ -51,5 +52,34 @@ def test_reward_model_learns_pairs_and_roundtrips_through_a_checkpoint(tmp_path)
                             "config": {"model": model_config(stage.model)}}, tmp_path / "r.pt")
     again = model_from_checkpoint(load_checkpoint(path))
     assert type(again) is RewardModel
-    batch = stage._batch(stage.val[:2])
-    assert torch.allclose(again.score(*batch), stage.model.eval().score(*batch), atol=1e-6)
+    idx, lengths, _ = stage._batch(stage.val[:2])
+    assert torch.allclose(again.score(idx, lengths), stage.model.eval().score(idx, lengths), atol=1e-6)
+
+
+def test_lm_weight_adds_the_chosen_answers_nll_from_the_same_pass(tmp_path):
+    """loss = Bradley-Terry on model.score + lm_weight x the chosen answers' masked next-token NLL, the latter
+    equal to the SFT loss of the chosen examples (gpt.encoding.lm_batch through the plain forward)."""
+    from gpt.encoding import lm_batch
+
+    parent = make_parent(tmp_path / "p.pt")
+    rows = [{"prompt": f"{a}+{b}=", "chosen": f"{a + b}", "rejected": f"{a + b + 10}"} for a in range(3) for b in range(4)]
+    data = write_jsonl(tmp_path / "t.jsonl", rows)
+    plain = Reward(parent, str(data), val_data=str(data), batch_size=6)
+    mixed = Reward(parent, str(data), val_data=str(data), batch_size=6, lm_weight=0.5)
+    torch.manual_seed(0)
+    torch.nn.init.normal_(mixed.model.head.weight)  # scores that differ, so the Bradley-Terry term is not ln 2
+    model = mixed.model.eval()
+    pairs = mixed.val[:6]
+    batch = mixed._batch(pairs)
+    with torch.no_grad():
+        loss, metrics = mixed.loss(model, batch)
+        bt, _ = plain.loss(model, batch)
+        r = model.score(*batch[:2])
+        x, y = lm_batch([chosen for chosen, _ in pairs], "cpu")
+        _, nll = model(x, y, ignore_index=-1)
+    assert bt.item() == pytest.approx(bradley_terry_loss(r[0::2], r[1::2]).item(), rel=1e-6)
+    assert metrics["chosen_nll"].item() == pytest.approx(nll.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(bt.item() + 0.5 * nll.item(), rel=1e-5)
+    assert (batch[2] >= 0).sum() == sum(sum(mask[1:]) for (_, mask), _ in pairs)  # answer and end marker only
+    with pytest.raises(UserError, match=r"stage.lm_weight=-1 must be >= 0"):
+        Reward(parent, str(data), lm_weight=-1)
