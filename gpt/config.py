@@ -133,6 +133,17 @@ def run_dir() -> Path:
 SETUP_FILES = (".hydra", "main.log", "train.log", "infer.log", "finetune.log", "evaluate.log")
 
 
+def close_log_files() -> None:
+    """Flush and close the job's log file (the FileHandler Hydra's job logging puts on the root logger), before
+    its folder is removed or the process exits. Not logging.shutdown(): that closes every handler of the process,
+    and some close the stream they were given (absl's, which rouge-score imports), so a process that goes on
+    (a test run) would lose its stderr."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+        root.removeHandler(handler)  # a record logged after this would reopen the file
+        handler.close()
+
+
 def remove_unused_run_dir(folder: str | Path) -> bool:
     """Delete a run folder that holds nothing but what Hydra set up (.hydra/, the job's log), and the folders
     above it that held only it (outputs/<date>/, outputs/), up to the working directory: never that, nor
@@ -140,7 +151,7 @@ def remove_unused_run_dir(folder: str | Path) -> bool:
     folder, cwd = Path(folder).resolve(), Path.cwd().resolve()
     if folder == cwd or not folder.is_dir() or not all(p.name in SETUP_FILES for p in folder.iterdir()):
         return False
-    logging.shutdown()  # the job's log handler holds its .log file open
+    close_log_files()
     shutil.rmtree(folder, ignore_errors=True)
     for parent in folder.parents:
         if parent == cwd or not parent.is_relative_to(cwd) or any(parent.iterdir()):
@@ -210,7 +221,7 @@ def entry(fn):
             validate_job(cfg)
             return fn(cfg)
         except Interrupted as e:  # a signal stopped training after saving: its line, exit 128 + signal
-            logging.shutdown()
+            close_log_files()
             if str(e):
                 print(e, file=sys.stderr)
             sys.exit(e.exit_code)
@@ -218,7 +229,7 @@ def entry(fn):
             e = user_error_in(exc) or _missing_value_in(exc)  # instantiate wraps errors raised by constructors
             if e is None:
                 raise
-            logging.shutdown()
+            close_log_files()
             remove_unused_run_dir(run_dir())
             remove_resume_record()
             print(f"error: {e}", file=sys.stderr)

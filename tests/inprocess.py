@@ -36,6 +36,34 @@ def _saved_logging():
             lg.propagate, lg.disabled = propagate, disabled
 
 
+@contextlib.contextmanager
+def _own_handler_list():
+    """The run sees only the log handlers it creates, as in a process of its own: Hydra's job logging
+    (logging.config.dictConfig) and logging.shutdown() close every handler in logging's process-wide list, and
+    some handlers close the stream they hold (absl's, which rouge-score imports); one made by a test earlier
+    holds pytest's capture of stderr, and closing it ends the session in 'I/O operation on closed file'. The
+    run's handlers are closed when it ends, as at the exit of its process, and leave the list."""
+    with logging._lock:
+        saved, named = logging._handlerList[:], dict(logging._handlers)
+        del logging._handlerList[:]
+    try:
+        yield
+    finally:
+        with logging._lock:
+            made = logging._handlerList[:]
+            logging._handlerList[:] = saved
+            logging._handlers.clear()
+            logging._handlers.update(named)
+        logging.shutdown(made)
+
+
+def _check_open(streams: dict, target: str) -> None:
+    """Fail the run that closed a stream it did not own (e.g. pytest's capture of stderr), naming it; later
+    tests would otherwise fail far from the cause, or pytest itself with 'lost sys.stderr'."""
+    closed = [name for name, stream in streams.items() if getattr(stream, "closed", False)]
+    assert not closed, f"running {target} closed {', '.join(closed)} of the test process"
+
+
 def run_here(target: str, *args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     """`target` is an entry script of the project (train.py, ...) or "-m" followed by a module in `args`."""
     from hydra.core.global_hydra import GlobalHydra
@@ -45,6 +73,8 @@ def run_here(target: str, *args: str, cwd: Path, env: dict | None = None) -> sub
     module = target == "-m"
     argv = [*args] if module else [str(ROOT / target), *args]
     out, err = io.StringIO(), io.StringIO()
+    streams = {"sys.stdout": sys.stdout, "sys.stderr": sys.stderr, "sys.__stdout__": sys.__stdout__,
+               "sys.__stderr__": sys.__stderr__}
     old_argv, old_cwd, old_env = sys.argv, os.getcwd(), dict(os.environ)
     code = 0
     config._claimed.clear()  # a new process would start with nothing claimed
@@ -57,7 +87,7 @@ def run_here(target: str, *args: str, cwd: Path, env: dict | None = None) -> sub
     atexit.register = lambda fn, *a, **k: at_exit.append((fn, a, k)) or fn
     try:
         with _saved_logging(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
-                warnings.catch_warnings():
+                _own_handler_list(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", ".*found in sys.modules", RuntimeWarning)  # runpy: gpt.x imported before
             try:
                 if module:
@@ -82,4 +112,5 @@ def run_here(target: str, *args: str, cwd: Path, env: dict | None = None) -> sub
         os.environ.clear()
         os.environ.update(old_env)
         GlobalHydra.instance().clear()
+    _check_open(streams, " ".join(argv))
     return subprocess.CompletedProcess([sys.executable, *argv], code, out.getvalue(), err.getvalue())
