@@ -166,7 +166,7 @@ def test_text_data_with_gpt2_tokenizer(tmp_path):
     (["model.n_embd=100", "model.n_head=3"], "n_embd=100 is not divisible by model.n_head=3"),
     (["data=text", "data.path=/no/such/file.txt"], "data.path='/no/such/file.txt' matches no file"),
     # one AdamW step of size ~lr moves every weight by ~1e30: the next loss overflows, whatever the seed or CPU
-    (["optimizer.lr=1e30", "trainer.grad_clip=0"], "at step 2; lower optimizer.lr or set trainer.grad_clip (now 0)"),
+    (["optimizer=adamw", "optimizer.lr=1e30", "trainer.grad_clip=0"], "at step 2; lower optimizer.lr or set trainer.grad_clip (now 0)"),
     (["trainer.max_iters=0"], "trainer.max_iters=0 must be a positive integer"),
     (["resume=/no/such/run"], "does not exist"),
 ])
@@ -228,7 +228,7 @@ def test_config_composes_every_option():
 
 def test_failing_job_still_closes_its_wandb_run(tmp_path):
     # a learning rate this large makes the loss non-finite within a few steps: the run fails cleanly
-    proc = run_script("train.py", *TINY, "logger=wandb", "logger.mode=offline", "optimizer.lr=1e12",
+    proc = run_script("train.py", *TINY, "logger=wandb", "logger.mode=offline", "optimizer=adamw", "optimizer.lr=1e12",
                       "trainer.grad_clip=0", "optimizer.weight_decay=0", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "training loss became" in proc.stderr.strip().splitlines()[-1]
