@@ -44,7 +44,7 @@ FULL = {
     "sft": ["trainer.max_iters=1000", "trainer.eval_interval=250", "trainer.batch_size=32", "optimizer.lr=2e-3"],
     "reward": ["trainer.max_iters=1000", "trainer.eval_interval=250", "trainer.batch_size=32", "optimizer.lr=1e-3",
                "stage.lm_weight=1.0"],
-    "ppo": ["trainer.max_iters=200", "trainer.eval_interval=50", "optimizer.lr=5e-5", "stage.kl_coef=0.2",
+    "ppo": ["trainer.max_iters=200", "trainer.eval_interval=50", "optimizer.lr=5e-5", "stage.kl_coef=0.5",
             "stage.prompts_per_rollout=64", "stage.minibatch_size=32", "stage.epochs=2"],
     "dpo": ["trainer.max_iters=200", "trainer.eval_interval=50", "trainer.batch_size=32", "optimizer.lr=1e-4",
             "stage.nll_weight=1.0"],
