@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from gpt.chat import chat_tokenizer
-from gpt.encoding import encode_pair, fit_block, right_pad, score_batch
+from gpt.encoding import encode_pair, fit_block, lm_batch, score_batch
 from gpt.errors import UserError
 from gpt.heads import RewardModel, last_token
 from gpt.jsonl import read_pairs, split_val
@@ -65,8 +65,8 @@ class Reward(ExampleObjective):
         """-> (idx (2B, T) rows chosen, rejected, ..., lengths (2B,), y (B, T): each chosen row's next token
         where the template trains on it (its answer and end marker), else -1)."""
         idx, lengths = score_batch([ids for pair in pairs for ids, _ in pair], self.device)
-        y = [[t if m else -1 for t, m in zip(ids[1:], mask[1:])] + [-1] for (ids, mask), _ in pairs]
-        return idx, lengths, right_pad(y, -1, self.device)[:, : idx.size(1)]
+        _, y = lm_batch([chosen for chosen, _ in pairs], self.device)  # position t predicts token t + 1
+        return idx, lengths, y
 
     @staticmethod
     def batch_tokens(batch) -> int:
