@@ -481,7 +481,8 @@ class Trainer:
             if ckpt.get("scaler"):
                 self.precision.scaler.load_state_dict(ckpt["scaler"])
             part = "random number generator state"
-            set_rng_state(self._rank_rng(ckpt), self.objective)
+            if (rng := self._rank_rng(ckpt)) is not None:
+                set_rng_state(rng, self.objective)
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
             detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"resume={ckpt.get('path')!r}: its {part} does not fit this run ({detail[:200]}); "
@@ -516,18 +517,23 @@ class Trainer:
             log.warning("the resumed checkpoint chose best.pt by %s (%s); this run monitors %s (%s): the next "
                         "evaluation writes best.pt", rec.get("metric"), rec.get("mode"), loop.monitor, loop.direction)
 
-    def _rank_rng(self, ckpt: dict) -> dict:
-        """This rank's random and sampler state from a checkpoint: its own when the run had as many ranks (a
-        multi-process run saves every rank's), else rank 0's, with a warning that the data order changes."""
+    def _rank_rng(self, ckpt: dict) -> dict | None:
+        """This rank's random and sampler state from a checkpoint (a multi-process run saves every rank's). On
+        another number of processes each rank the saved run had continues its own stream and a rank it did not
+        have keeps the fresh one it was seeded with (seed + rank), so no two ranks draw the same batches; None
+        means keep the fresh state."""
         ranks = ckpt.get("rng_ranks")
-        if isinstance(ranks, list) and len(ranks) == self.dist.world_size and isinstance(ranks[self.dist.rank], dict):
-            return ranks[self.dist.rank]
-        if self.dist.world_size > 1 or isinstance(ranks, list):
-            saved = len(ranks) if isinstance(ranks, list) else 1
-            if self.dist.is_main:
-                log.warning("resuming on %d processes from a run of %d: every rank continues rank 0's data order "
-                            "(the losses will not match an uninterrupted run's)", self.dist.world_size, saved)
-        return ckpt["rng"]
+        saved = ranks if isinstance(ranks, list) else [ckpt["rng"]]
+        rank, world = self.dist.rank, self.dist.world_size
+        if len(saved) != world and self.dist.is_main:
+            log.warning("resuming on %d processes from a run of %d: ranks below %d continue their own data order, "
+                        "the others start their own (the losses will not match an uninterrupted run's)",
+                        world, len(saved), min(world, len(saved)))
+        if rank >= len(saved):
+            return None
+        if not isinstance(saved[rank], dict):
+            raise TypeError(f"rank {rank}'s saved state is {type(saved[rank]).__name__}, not a dict")
+        return saved[rank]
 
     def begin(self, resume: dict | None, config: dict) -> None:
         """Before fit(): continue from `resume` (a checkpoint) if given, then start the logger's run with

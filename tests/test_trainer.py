@@ -363,3 +363,20 @@ def test_ddp_all_reduces_gradients_only_on_the_last_micro_step(tmp_path, monkeyp
         assert buckets >= 1 and len(calls) == buckets  # each bucket reduced once: on the last micro-batch only
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("saved,world", [(1, 2), (2, 4), (2, 1), (2, 2)])
+def test_resuming_on_another_number_of_processes_gives_no_two_ranks_the_same_stream(saved, world):
+    """Each rank the saved run had continues its own random/sampler state; a rank it did not have keeps its fresh
+    one (None). Before, every rank of a resized run took rank 0's state and all of them drew the same batches."""
+    from types import SimpleNamespace
+
+    from gpt.distributed import DistInfo
+    from gpt.trainer import Trainer
+
+    states = [{"rank": r} for r in range(saved)]
+    ckpt = {"rng": states[0], **({"rng_ranks": states} if saved > 1 else {})}
+    got = [Trainer._rank_rng(SimpleNamespace(dist=DistInfo(r, r, world, "cpu")), ckpt) for r in range(world)]
+    assert got == [states[r] if r < saved else None for r in range(world)]
+    with pytest.raises(TypeError, match="rank 1's saved state is str"):
+        Trainer._rank_rng(SimpleNamespace(dist=DistInfo(1, 1, 2, "cpu")), {"rng": {}, "rng_ranks": [{}, "x"]})
