@@ -219,8 +219,28 @@ def check_memory(model, optimizer, cfg: DictConfig, precision: Precision, info: 
     log.info("%s%s", est.line(), f" of {capacity / GiB:.1f} GiB on {info.device}" if capacity else "")
     if capacity and est.total > 0.9 * capacity:
         raise UserError(f"a training step needs about {est.total / GiB:.1f} GiB per device ({est.line()}), more than "
-                        f"{info.device} holds ({capacity / GiB:.1f} GiB); lower trainer.batch_size (now "
-                        f"{cfg.trainer.batch_size}) and raise trainer.grad_accum_steps, or use a smaller model")
+                        f"{info.device} holds ({capacity / GiB:.1f} GiB); "
+                        + "; or ".join(memory_remedies(model, optimizer, cfg, precision, info, fsdp, seq_len, est)))
+
+
+def memory_remedies(model, optimizer, cfg: DictConfig, precision: Precision, info: distributed.DistInfo,
+                    fsdp: bool, seq_len: int, est) -> list[str]:
+    """What would shrink a step that does not fit, each with its estimated total: activation checkpointing and
+    FSDP where the run does not use them yet, then a smaller micro-batch."""
+    out = []
+    batch = int(cfg.trainer.batch_size)
+    config = getattr(model, "config", None)
+    if config is not None and not getattr(config, "activation_checkpointing", False):
+        ckpt = estimate(model, optimizer, batch, seq_len, precision.dtype, shards=info.world_size if fsdp else 1,
+                        ddp=info.enabled and not fsdp, checkpointing=True)
+        out.append(f"set model.activation_checkpointing=true (about {ckpt.total / GiB:.1f} GiB)")
+    if not fsdp:
+        shards = max(info.world_size, 2)
+        sharded = estimate(model, optimizer, batch, seq_len, precision.dtype, shards=shards)
+        out.append(f"run under torchrun with hardware=fsdp to shard parameters, gradients and optimizer state "
+                   f"(about {sharded.total / GiB:.1f} GiB on each of {shards} devices)")
+    out.append(f"lower trainer.batch_size (now {batch}) and raise trainer.grad_accum_steps, or use a smaller model")
+    return out
 
 
 def precision_change(resume: dict, precision: Precision, setting: str | None) -> str | None:

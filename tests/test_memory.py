@@ -129,7 +129,15 @@ def test_a_device_too_small_is_one_line_before_the_first_step(monkeypatch, caplo
     assert "memory per device (estimate, GiB): parameters" in caplog.text
     monkeypatch.setattr(run, "device_memory", lambda device: int(need / 0.95))  # the estimate fills 95%
     with pytest.raises(UserError, match=r"a training step needs about 0\.0 GiB per device .* lower trainer.batch_size "
-                                        r"\(now 4\) and raise trainer.grad_accum_steps"):
+                                        r"\(now 4\) and raise trainer.grad_accum_steps") as e:
         run.check_memory(model, optimizer, cfg, Precision("cpu", "float32"), DistInfo())
+    # the remedies this run does not use yet, each with its own estimate, smaller than the step that did not fit
+    ckpt = estimate(model, optimizer, 4, 32, None, checkpointing=True).total
+    sharded = estimate(model, optimizer, 4, 32, None, shards=2).total
+    assert ckpt < need and sharded < need
+    assert (f"set model.activation_checkpointing=true (about {ckpt / 2**30:.1f} GiB)" in str(e.value)
+            and "hardware=fsdp to shard parameters, gradients and optimizer state (about "
+                f"{sharded / 2**30:.1f} GiB on each of 2 devices)" in str(e.value))
+    assert "\n" not in str(e.value)
     monkeypatch.setattr(run, "device_memory", lambda device: int(need / 0.5))
     run.check_memory(model, optimizer, cfg, Precision("cpu", "float32"), DistInfo())  # half full: goes ahead
