@@ -809,13 +809,17 @@ class Trainer:
                         if model_flops and self.peak_flops:
                             m["train/mfu"] = model_flops * tok_s / self.peak_flops
                         waited = getattr(self.objective, "data_seconds", None)
+                        data = ""
                         if waited is not None:  # seconds this log window waited for batches (input bound?)
                             m["train/data_seconds"] = waited()
+                            share = f"{m['train/data_seconds'] / max(w['seconds'], 1e-9):.0%}"
+                            data = f"  data {1e3 * m['train/data_seconds'] / w['steps']:.1f} ms/step ({share})"
+                            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", data=share, refresh=False)
                         m.update(self._observed)
                         self.record(m)
                         if self.progress and not tty:
-                            log.info("step %d/%d: train/loss %.4f  lr %.3g  %s tokens/s", s.step, self.loop.max_iters,
-                                     m["train/loss"], m["train/lr"], f"{tok_s:,.0f}")
+                            log.info("step %d/%d: train/loss %.4f  lr %.3g  %s tokens/s%s", s.step,
+                                     self.loop.max_iters, m["train/loss"], m["train/lr"], f"{tok_s:,.0f}", data)
                         w.update(_new_window())
                     if self._histograms and self.dist.is_main:
                         self.logger.log_histograms(s.step, self._histograms)

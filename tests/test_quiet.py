@@ -30,3 +30,5 @@ def test_no_progress_bar_redraws_when_not_a_terminal(piped_run):
     assert "\r" not in text, text[:2000]  # each redraw of a bar is a carriage return, a whole log line in a file
     assert "it/s" not in text
     assert re.search(r"step \d+/\d+: train/loss \d+\.\d{4}  lr ", text), text[:2000]  # progress as log lines
+    # with the time the loop waited for its batches, so a user sees whether input is the bottleneck
+    assert re.search(r"tokens/s  data \d+\.\d ms/step \(\d+%\)", text), text[:2000]
