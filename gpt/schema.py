@@ -240,7 +240,10 @@ RULES: dict[str, Rule] = {
     "model.n_kv_head": Int(1, null=True),
     "model.tie_embeddings": Flag(),
     "tokenizer.name": Text(),
-    "tokenizer.vocab_size": Int(1, null=True),
+    "tokenizer.vocab_size": Int(1, null=True),  # bpe: the size to train to (gpt.bpe refuses < 256 + special)
+    "tokenizer.train_bytes": Int(1),
+    "tokenizer.pattern": Choice(("cl100k",)),  # gpt.bpe.PATTERNS: a regex is chosen by name, never given
+    "tokenizer.file": OPTIONAL_PATH,
     "data": Node(),
     "data.path": PATH,
     "data.val_path": OPTIONAL_PATH,
