@@ -61,10 +61,10 @@ def micro_step(model: nn.Module, last: bool):
     return model.no_sync()
 
 
-def full_norm(norm) -> float:
-    """A gradient norm as a float (under FSDP clip_grad_norm_ returns a DTensor of the global norm)."""
+def full_tensor(norm: torch.Tensor) -> torch.Tensor:
+    """A gradient norm as a plain tensor (under FSDP clip_grad_norm_ returns a DTensor of the global norm)."""
     full = getattr(norm, "full_tensor", None)
-    return float(full() if full is not None else norm)
+    return full() if full is not None else norm
 
 
 def full_model_state(model: nn.Module) -> dict:

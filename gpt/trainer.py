@@ -599,7 +599,7 @@ class Trainer:
         other step nothing more is done than the update itself."""
         stats, watch = self._observing(self.state.step + 1)
         self._observed, self._histograms = {}, {}
-        total, tokens = 0.0, 0
+        losses, tokens = [], 0
         for micro in range(self.loop.grad_accum_steps):
             batch = self.objective.train_batch()
             tokens += self.objective.batch_tokens(batch)
@@ -610,7 +610,7 @@ class Trainer:
                 with self.precision.autocast():
                     loss, _ = self.objective.loss(self.model, batch)
                 self.precision.scaler.scale(loss / self.loop.grad_accum_steps).backward()
-            total += float(loss.detach())
+            losses.append(loss.detach().float())  # stays on the device: no synchronisation per micro-step
         self.precision.scaler.unscale_(self.optimizer)
         if stats:  # before clipping: the groups' squares sum to the squared global norm
             self._observed.update(stats.grad_norms())
@@ -618,11 +618,15 @@ class Trainer:
             self._histograms.update(self._stats_of().histograms("gradients", keep=self.dist.is_main))
         params = [p for p in self.raw_model.parameters() if p.grad is not None]
         if self.loop.grad_clip and self.loop.grad_clip > 0:
-            norm = parallel.full_norm(torch.nn.utils.clip_grad_norm_(params, self.loop.grad_clip))
+            norm = parallel.full_tensor(torch.nn.utils.clip_grad_norm_(params, self.loop.grad_clip))
         elif self.sharded:  # the norm of the whole gradient, not of this rank's shard
-            norm = parallel.full_norm(torch.nn.utils.get_total_norm([p.grad for p in params]))
+            norm = parallel.full_tensor(torch.nn.utils.get_total_norm([p.grad for p in params]))
         else:
-            norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+            norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))
+        # the step's one host-device synchronisation: the losses and the norm come back together, and the skip
+        # decision below needs them before the update
+        *values, norm = torch.stack([*losses, norm.detach().float().to(losses[0].device)]).tolist()
+        total = sum(values)
         finite = math.isfinite(total) and (self.precision.scaler.is_enabled() or math.isfinite(norm))
         finite = self._agree(finite)
         if finite:

@@ -380,3 +380,25 @@ def test_resuming_on_another_number_of_processes_gives_no_two_ranks_the_same_str
     assert got == [states[r] if r < saved else None for r in range(world)]
     with pytest.raises(TypeError, match="rank 1's saved state is str"):
         Trainer._rank_rng(SimpleNamespace(dist=DistInfo(1, 1, 2, "cpu")), {"rng": {}, "rng_ranks": [{}, "x"]})
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 1.0])
+def test_a_step_synchronises_with_the_device_once_whatever_the_accumulation(tmp_path, monkeypatch, grad_clip):
+    """On a GPU each read of a tensor's value on the host waits for the device. A step reads the micro-batches'
+    losses and the gradient norm once, together (the skip decision needs them); it used to read each micro-batch's
+    loss as it came. Counted here through every way a tensor becomes a Python number."""
+    torch.manual_seed(0)
+    model = GPT(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8)
+    x = torch.randint(0, 11, (8, 8))
+    trainer = make_trainer(model, FixedBatches([(x[i:i + 2], x[i:i + 2]) for i in range(0, 8, 2)]), tmp_path,
+                           lr=0.1, grad_accum_steps=4, grad_clip=grad_clip, max_iters=10)
+    with torch.no_grad():  # the step's loss: the mean of its micro-batches' losses before the update
+        expected = sum(float(model(x[i:i + 2], x[i:i + 2])[1]) for i in range(0, 8, 2)) / 4
+    reads = []
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _n=name, _o=original: reads.append(_n) or _o(self, *a))
+    loss, norm, tokens, updated = trainer.train_step()
+    monkeypatch.undo()
+    assert reads == ["tolist"] and updated and tokens == 64
+    assert loss == pytest.approx(expected, rel=1e-6) and math.isfinite(norm) and norm > 0
