@@ -345,6 +345,12 @@ RULES: dict[str, Rule] = {
     "samples.max_new_tokens": TOKENS,
     "samples.temperature": Number(0),
     "samples.top_k": TOP_K,
+    "harness.tasks": Texts(nonempty=True, null=True),  # lm-eval task names; null: no harness run
+    "harness.include_path": OPTIONAL_PATH,
+    "harness.limit": Int(1, null=True),
+    "harness.num_fewshot": Int(0, null=True),
+    "harness.batch_size": Int(1),
+    "harness.apply_chat_template": Flag(),
 }
 
 # Nested copies of other nodes: stage=rlhf overrides conf/stage/reward.yaml, ppo.yaml and trainer.*.
