@@ -9,6 +9,8 @@ prefixed metrics to one report:
     instructions        greedy answers to a JSONL of prompts (a chat model's in its chat template, ending at
                         <|end|>): `instruct/exact_match`, `bleu`, `rouge1/2/L`; needs no corpus
     samples             a few sampled continuations, saved to samples.txt
+    lm-eval tasks       harness.tasks=[...]: lm-evaluation-harness on the model (gpt.evaluation.harness):
+                        `harness/<task>/<metric>`, lm-eval's results in harness.json
 
 The report goes to metrics.json (plus generations.jsonl and samples.txt) and is printed as a table;
 `evaluate.py -m ckpt=a,b` ends with one comparison table across the jobs (`ComparisonTable`), and
@@ -71,6 +73,10 @@ def evaluate(cfg: DictConfig, out=sys.stdout) -> dict:
     folder = run_dir()
     report = {"checkpoint": checkpoint_info(ckpt, model), "data": {}, "metrics": {}, "files": {}}
     records = instruction_records(cfg.instructions, tokenizer) if cfg.get("instructions") else None  # fail early
+    harness_tasks = cfg.get("harness") is not None and bool(cfg.harness.get("tasks"))
+    if harness_tasks and isinstance(model, (Classifier, RewardModel)):
+        raise UserError("harness.tasks= applies to a language model; this checkpoint has a classifier or reward head")
+    harness = load_harness() if harness_tasks else None  # lm-eval installed? (fail early)
 
     if isinstance(model, Classifier):  # a classification head: accuracy and confusion matrix instead of perplexity
         if not cfg.get("labelled"):
@@ -94,9 +100,9 @@ def evaluate(cfg: DictConfig, out=sys.stdout) -> dict:
 
     ppl = cfg.perplexity
     source, split, fraction, note = lm_data(cfg, ckpt)
-    if source is None and records is None:
+    if source is None and records is None and not harness_tasks:
         raise UserError(note)
-    if source is None:  # instructions only: no corpus to score, which a chat or imported model needs not have
+    if source is None:  # instructions or lm-eval tasks only: no corpus to score (a chat or imported model has none)
         print(f"note: {note}; language-model metrics skipped", file=sys.stderr)
         report["data"] = {"source": None, "split": None, "note": note}
     else:
@@ -117,6 +123,10 @@ def evaluate(cfg: DictConfig, out=sys.stdout) -> dict:
                                                      folder / "generations.jsonl"))
         report["files"]["generations"] = "generations.jsonl"
 
+    if harness_tasks:
+        report["metrics"].update(harness.harness_metrics(model, tokenizer, cfg.harness, folder))
+        report["files"]["harness"] = "harness.json"
+
     s = cfg.samples
     if int(s.num) > 0:
         prompt = s.prompt if s.prompt is not None else checkpoint_sample_prompt(ckpt)
@@ -126,6 +136,17 @@ def evaluate(cfg: DictConfig, out=sys.stdout) -> dict:
         report["files"]["samples"] = "samples.txt"
 
     return finish(report, folder, out)
+
+
+def load_harness(needed_by: str = "harness.tasks"):
+    """gpt.evaluation.harness (it imports lm-eval, an optional dependency), or one line on how to install it."""
+    try:
+        from gpt.evaluation import harness
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("lm_eval"):
+            raise
+        raise UserError(f"{needed_by} needs lm-eval: pip install 'gpt-pipeline[eval]' (or lm-eval)") from None
+    return harness
 
 
 def checkpoint_sample_prompt(ckpt: dict) -> str:
