@@ -117,8 +117,22 @@ def runs() -> None:
     sys.exit(run(sys.argv[1:]))
 
 
+def lm_eval() -> None:
+    """lm-evaluation-harness's own command line with this package's model registered: gpt-lm-eval --model
+    gpt-pipeline --model_args ckpt=<run> --tasks <task> [lm-eval's options] (see gpt.evaluation.harness)."""
+    from gpt.errors import UserError
+    from gpt.evaluation import load_harness
+
+    try:
+        harness = load_harness("gpt-lm-eval")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(harness.main())
+
+
 COMMANDS = {"train": train, "finetune": finetune, "infer": infer, "evaluate": evaluate, "serve": serve, "runs": runs,
-            "prepare": prepare}
+            "prepare": prepare, "lm-eval": lm_eval}
 
 
 def main() -> None:
