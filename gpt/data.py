@@ -172,9 +172,13 @@ class TextSource:
                   for s in ("train", "val")}
         return TokenData(splits["train"], splits["val"], from_identity(meta["tokenizer"]), path, reused)
 
-    def _build(self, tokenizer, path: Path, launched: bool) -> None:
-        plan = prepare.Plan(self.pieces, self.val_pieces if self.val_pieces() is not None else None,
+    def plan(self) -> prepare.Plan:
+        """What a token cache (or a tokenizer trained on this text) reads: the pieces and the split rule."""
+        return prepare.Plan(self.pieces, self.val_pieces if self.val_pieces() is not None else None,
                             self.val_fraction, self.describe(), self.total_bytes())
+
+    def _build(self, tokenizer, path: Path, launched: bool) -> None:
+        plan = self.plan()
         failed = path.parent / f".{path.name}.failed"
         failed.unlink(missing_ok=True)
         try:

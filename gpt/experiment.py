@@ -8,12 +8,13 @@ from __future__ import annotations
 import logging
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
 from gpt import distributed
 from gpt.data import unigram_loss
 from gpt.errors import UserError
 from gpt.run import Parts, execute
+from gpt.tokenizer import from_config
 
 log = logging.getLogger("gpt")
 
@@ -31,8 +32,7 @@ class Pretrain:
                             f"continue it with finetune.py resume=<run>")
 
     def build(self, cfg: DictConfig, info: distributed.DistInfo, resume: dict | None) -> Parts:
-        tok_node = OmegaConf.masked_copy(cfg.tokenizer, [k for k in cfg.tokenizer if k != "vocab_size"])
-        tokenizer = instantiate(tok_node)  # vocab_size is an output (filled in below), not an argument
+        tokenizer = from_config(cfg.tokenizer)  # vocab_size: an output (filled in below), bpe's size to train to
         source = instantiate(cfg.data)
         data = source.load(tokenizer)
         tokenizer = data.tokenizer

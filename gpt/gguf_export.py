@@ -16,8 +16,10 @@ nn.Linear; a tied output layer is not written (llama.cpp reuses token_embd). 1-D
 float32 at every --type, as the converter does; q8_0 needs rows of a multiple of 32 values and a tensor whose
 rows are not falls back to f16.
 
-The tokenizer is GPT-2's byte-level BPE (tokenizer.ggml.model "gpt2", pre-tokenizer "gpt-2") with the
-stage's special tokens after it (control tokens, our ids) and unused [PADn] rows up to the model's vocabulary.
+The tokenizer is GPT-2's byte-level BPE (tokenizer.ggml.model "gpt2", pre-tokenizer "gpt-2"), or a trained bpe
+(gpt.bpe: model "gpt2", pre-tokenizer "llama-bpe", which splits by cl100k's pattern) with the stage's special
+tokens after it (control tokens, our ids) and unused [PADn] rows up to the model's vocabulary. Import reads
+GPT-2-vocabulary files only.
 A char vocabulary has no llama.cpp equivalent that tokenizes identically, so it is refused.
 
 A GGUF file is data: on import every value is checked (architecture, sizes, tensor names, shapes and types,
@@ -161,20 +163,40 @@ def gpt2_merges() -> list[str]:
     return [ln for ln in lines[1:] if ln]  # the first line is a "#version" header
 
 
+def bpe_rules(tok) -> tuple[str, list[str]]:
+    """(llama.cpp pre-tokenizer name, merges "a b") of a byte-level BPE: GPT-2's, or a trained bpe's. A trained
+    bpe splits text by cl100k's pattern, which llama.cpp's "llama-bpe" (Llama 3) pre-tokenizer implements, and
+    like it looks a whole piece up before merging (ignore_merges); its merges are gpt.bpe.merges_of(ranks)."""
+    identity = tok.identity()
+    if identity.get("type") == "bpe":
+        from gpt.bpe import merges_of, token_text
+
+        if tok.pattern != "cl100k":  # each pattern needs a llama.cpp pre-tokenizer that splits the same way
+            raise UserError(f"bpe pattern {tok.pattern!r} has no llama.cpp pre-tokenizer here; only cl100k exports")
+        return "llama-bpe", [f"{token_text(a)} {token_text(b)}" for a, b in merges_of(tok.ranks)]
+    return "gpt-2", gpt2_merges()
+
+
 def vocabulary(tok, vocab_size: int) -> tuple[list[str], list[int]]:
-    """(tokens, token types) for a model of `vocab_size` rows: GPT-2's tokens (<|endoftext|> a control token),
-    the stage's special tokens (control), [PADn] (unused) for rows no token reaches."""
+    """(tokens, token types) for a model of `vocab_size` rows: GPT-2's tokens (<|endoftext|> a control token)
+    or a trained bpe's ranks, the stage's special tokens (control), [PADn] (unused) for rows no token reaches."""
     identity = tok.identity()
     if identity.get("type") == "char":
         raise UserError("a char-tokenizer model cannot be exported to GGUF: llama.cpp has no character vocabulary "
                         "(its BPE would split non-ASCII characters into bytes); export it with "
                         "`python -m gpt.interop export` (transformers) instead")
-    if identity.get("type") != "tiktoken" or identity.get("name") != "gpt2":
+    if identity.get("type") == "bpe":
+        from gpt.bpe import token_text
+
+        tokens = [token_text(t) for t in tok.ranks]
+        types = [_NORMAL] * len(tokens)
+    elif identity.get("type") != "tiktoken" or identity.get("name") != "gpt2":
         raise UserError(f"tokenizer {str(identity.get('name', identity.get('type')))[:40]!r} has no GGUF export here; "
-                        f"only GPT-2's BPE (tokenizer gpt2) maps onto llama.cpp's gpt2 vocabulary")
-    tokens = gpt2_tokens()
-    types = [_NORMAL] * len(tokens)
-    types[tok.eot_id] = _CONTROL
+                        f"only byte-level BPE (tokenizer gpt2 or bpe) maps onto llama.cpp's gpt2 vocabulary")
+    else:
+        tokens = gpt2_tokens()
+        types = [_NORMAL] * len(tokens)
+        types[tok.eot_id] = _CONTROL
     tokens += list(tok.special)
     types += [_CONTROL] * len(tok.special)
     if len(tokens) > vocab_size:
@@ -241,11 +263,12 @@ def export_gguf(ckpt_path: str, out_path: str, kind: str = "f32") -> Path:
         _add_hyperparameters(w, arch, cfg)
         w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[kind])
+        pre, merges = bpe_rules(tok)
         w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("gpt-2")
+        w.add_tokenizer_pre(pre)
         w.add_token_list(tokens)
         w.add_token_types(types)
-        w.add_token_merges(gpt2_merges())
+        w.add_token_merges(merges)
         ids = special_token_ids(tok)
         eos = ids["eos_token_id"] if isinstance(ids["eos_token_id"], list) else [ids["eos_token_id"]]
         w.add_bos_token_id(ids["bos_token_id"])

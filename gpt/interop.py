@@ -136,6 +136,10 @@ def hf_tokenizer(tok, block_size: int):
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         backend.decoder = decoders.ByteLevel()
         backend.add_special_tokens(["<|endoftext|>"])  # GPT-2's own end of text, id 50256
+    elif identity["type"] == "bpe":  # a trained bpe: its ranks as vocabulary and merges, its special tokens
+        from gpt.bpe import hf_backend
+
+        backend = hf_backend(tok)
     else:
         return None
     fast = PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=block_size, clean_up_tokenization_spaces=False)
@@ -361,13 +365,14 @@ def checked_tokenizer(src: Path, folder: str, vocab_size: int, gpt2_default: boo
                         f'{{"type": "tiktoken", "name": "gpt2"}}')
     identity = _read_json(path, folder) if path.is_file() else {"type": "tiktoken", "name": "gpt2"}
     special = identity.get("special", []) if isinstance(identity, dict) else None
-    plain = (isinstance(identity, dict) and not set(identity) - {"type", "chars", "name", "special"}
+    bpe = isinstance(identity, dict) and identity.get("type") == "bpe"  # its values are checked by gpt.bpe
+    plain = bpe or (isinstance(identity, dict) and not set(identity) - {"type", "chars", "name", "special"}
              and {"char": "chars", "tiktoken": "name"}.get(identity.get("type")) in identity
              and all(isinstance(identity.get(k, ""), str) for k in ("chars", "name"))
              and isinstance(special, list) and all(isinstance(s, str) for s in special))
     if not plain:
-        raise UserError(f"{folder!r}: {path.name} is not a tokenizer identity (type char with chars, or tiktoken "
-                        f"with name; special a list of strings)")
+        raise UserError(f"{folder!r}: {path.name} is not a tokenizer identity (type char with chars, tiktoken "
+                        f"with name, or bpe; special a list of strings)")
     if identity["type"] == "tiktoken" and identity.get("name") not in _OFFLINE_FILES:  # nothing is downloaded
         raise UserError(f"{folder!r}: {path.name} names tiktoken encoding {str(identity.get('name'))[:40]!r}; "
                         f"choose one of {sorted(_OFFLINE_FILES)}")

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt.errors import UserError
-from gpt.tokenizer import CharTokenizer, from_identity
+from gpt.tokenizer import CharTokenizer, from_config, from_identity
 
 log = logging.getLogger("gpt")
 
@@ -243,18 +243,65 @@ def progress_bar(total: int | None, desc: str):
                 disable=not sys.stderr.isatty())
 
 
+def trained_tokenizer_path(path: Path, key: dict) -> Path:
+    """Where a tokenizer trained for the cache `path` (key `key`) is kept: beside the token caches, by the key
+    without the cache layout, so a new run, prepare.py or `python -m gpt.tokenizer train` finds it."""
+    digest = hashlib.sha256(json.dumps({k: v for k, v in key.items() if k != "format"}, sort_keys=True).encode())
+    return path.parent / "tokenizers" / f"{digest.hexdigest()[:16]}.json"
+
+
+def training_text(plan: Plan, limit: int) -> list[str]:
+    """About the first `limit` UTF-8 bytes of the training documents (what a bpe tokenizer is trained on).
+    Documents held out for validation are left out; where none is (one document: the cache holds out the tail
+    of the stream) or all are, the last val_fraction of what was read is left out instead."""
+    def read(skip_held_out: bool) -> tuple[list[str], bool, bool]:
+        texts, size, index, keep, held = [], 0, -1, True, False
+        for new_doc, text in plan.pieces():
+            if new_doc:
+                index += 1
+                keep = plan.val_pieces is not None or not (skip_held_out and in_val(index, plan.val_fraction))
+                held |= not keep
+            if keep and text:
+                texts.append(text[:limit - size])
+                size += len(text.encode("utf-8", "surrogatepass"))
+                if size >= limit:
+                    return texts, held, False
+        return texts, held, True
+
+    texts, held, whole = read(skip_held_out=True)
+    if not texts:
+        texts, held, whole = read(skip_held_out=False)
+        held = False
+    if plan.val_pieces is None and not held and whole:
+        text = "".join(texts)
+        texts = [text[:len(text) - int(len(text) * plan.val_fraction)]]
+    if not any(texts):
+        raise UserError(f"{plan.describe} contains no text; point it at non-empty text")
+    return texts
+
+
+def fit(tokenizer, plan: Plan, trained: Path) -> None:
+    """Fit a tokenizer whose vocabulary comes from the data. One trained on the training text (bpe, which has
+    `train_bytes`) is trained once and kept at `trained`; the char vocabulary takes every character of both
+    splits (one streaming pass)."""
+    if hasattr(tokenizer, "train_bytes"):
+        tokenizer.train(lambda: training_text(plan, tokenizer.train_bytes), trained)
+        return
+    chars: set[str] = set()
+    for pieces in (plan.pieces, plan.val_pieces):
+        for _, text in (pieces() if pieces else ()):
+            chars.update(text)
+    if not chars:
+        raise UserError(f"{plan.describe} contains no text; point it at non-empty text")
+    tokenizer.fit("".join(chars) + ("\n" if tokenizer.eot_id is None else ""))
+
+
 def build(plan: Plan, tokenizer, path: Path, key: dict, num_proc: int, shard_tokens: int = SHARD_TOKENS,
           batch_chars: int = BATCH_CHARS) -> dict:
     """Write the cache for `plan` to `path` (atomically) and return its meta."""
     t0 = time.perf_counter()
-    if tokenizer.needs_fit:  # the char vocabulary: one streaming pass collecting the characters
-        chars: set[str] = set()
-        for pieces in (plan.pieces, plan.val_pieces):
-            for _, text in (pieces() if pieces else ()):
-                chars.update(text)
-        if not chars:
-            raise UserError(f"{plan.describe} contains no text; point it at non-empty text")
-        tokenizer.fit("".join(chars) + ("\n" if tokenizer.eot_id is None else ""))
+    if tokenizer.needs_fit:
+        fit(tokenizer, plan, trained_tokenizer_path(path, key))
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
     sep = np.asarray([tokenizer.eot_id] if tokenizer.eot_id is not None else tokenizer.encode("\n\n"), dtype=dtype)
     identity = tokenizer.identity()
@@ -355,10 +402,8 @@ def prepare(cfg) -> dict:
     """python prepare.py [data=...] [tokenizer=...] [data.num_proc=N]: build (or find) the token cache that
     train.py would use with the same data= and tokenizer=, and print where it is and what it holds."""
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
-    tok_node = OmegaConf.masked_copy(cfg.tokenizer, [k for k in cfg.tokenizer if k != "vocab_size"])
-    tokenizer = instantiate(tok_node)
+    tokenizer = from_config(cfg.tokenizer)
     source = instantiate(cfg.data)
     t0 = time.perf_counter()
     data = source.load(tokenizer)

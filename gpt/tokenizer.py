@@ -1,4 +1,5 @@
-"""Tokenizers behind one small interface: a character vocabulary and tiktoken BPE encodings.
+"""Tokenizers behind one small interface: a character vocabulary, tiktoken BPE encodings, and a byte-level BPE
+trained on the run's own text (gpt.bpe).
 
 Every tokenizer can describe itself as a plain dict (`identity()`), which is stored in checkpoints and
 token caches, and rebuilt from it with `from_identity()`; nothing is downloaded at run time.
@@ -256,5 +257,27 @@ def from_identity(identity: dict):
             raise UserError(f"tokenizer identity in checkpoint: tiktoken encoding {str(name)[:40]!r} is not one of "
                             f"{sorted(_OFFLINE_FILES)}")
         return TiktokenTokenizer(name, special)
-    raise UserError(f"unknown tokenizer identity {str(identity)[:80]!r} in checkpoint; expected type 'char' or "
-                    f"'tiktoken'")
+    if kind == "bpe":
+        from gpt.bpe import checked_identity  # gpt.bpe builds on this module
+
+        return checked_identity(identity, special)
+    raise UserError(f"unknown tokenizer identity {str(identity)[:80]!r} in checkpoint; expected type 'char', "
+                    f"'tiktoken' or 'bpe'")
+
+
+def from_config(node):
+    """The tokenizer a `tokenizer` config node describes. Its vocab_size is an output for a fixed or fitted
+    vocabulary (filled in once known), but the size to train to for a class marked `sized` (bpe)."""
+    from hydra.utils import get_class, instantiate
+    from omegaconf import OmegaConf
+
+    sized = getattr(get_class(node._target_), "sized", False)
+    return instantiate(OmegaConf.masked_copy(node, [k for k in node if k != "vocab_size" or sized]))
+
+
+if __name__ == "__main__":  # python -m gpt.tokenizer train | compare (gpt.bpe)
+    import sys
+
+    from gpt.bpe import main
+
+    sys.exit(main())
