@@ -16,7 +16,7 @@ from gpt.bpe import BpeTokenizer, hf_backend, merges_of, ranks_of, token_text, t
 from gpt.chat import SPECIAL as CHAT_SPECIAL, chat_tokenizer, encode_chat
 from gpt.data import Shakespeare, TextFiles
 from gpt.errors import UserError
-from gpt.tokenizer import BOS, EOT, TiktokenTokenizer, from_identity, with_special_tokens
+from gpt.tokenizer import BOS, EOT, TiktokenTokenizer, Tokenizer, from_identity, with_special_tokens
 from inprocess import run_here
 
 PLAYS = ["tragedies/hamlet", "tragedies/macbeth"]
@@ -103,6 +103,7 @@ def test_decode_encode_round_trips_any_text(trained):
 
 def test_special_tokens_are_never_made_from_text(trained):
     _, tok = trained
+    assert isinstance(tok, Tokenizer) and not tok.needs_fit and BpeTokenizer(512).needs_fit
     assert tok.special == [EOT, BOS, *CHAT_SPECIAL]
     assert tok.vocab_size == 256 + 700 + len(tok.special)
     text = " ".join(tok.special) + "".join(tok.special) + "<|endoftext|"
