@@ -245,7 +245,7 @@ def progress_bar(total: int | None, desc: str):
 
 def trained_tokenizer_path(path: Path, key: dict) -> Path:
     """Where a tokenizer trained for the cache `path` (key `key`) is kept: beside the token caches, by the key
-    without the cache layout, so a new run, prepare.py or `python -m gpt.tokenizer train` finds it."""
+    without the cache layout, so a new run, prepare.py or `python -m gpt.bpe_cli train` finds it."""
     digest = hashlib.sha256(json.dumps({k: v for k, v in key.items() if k != "format"}, sort_keys=True).encode())
     return path.parent / "tokenizers" / f"{digest.hexdigest()[:16]}.json"
 

@@ -11,14 +11,18 @@ and the identity lists them, so they survive save/load.
 
 from __future__ import annotations
 
+import base64
 import gzip
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from gpt import bpe
 from gpt.errors import UserError
 
 EOT = "<|endoftext|>"
@@ -204,6 +208,131 @@ class TiktokenTokenizer:
         return f"tiktoken-{self.name}"
 
 
+# every special token a stage uses (<|endoftext|>, completion's <|bos|>, the chat template's, gpt.chat.SPECIAL):
+# a trained bpe has them all from the start, so no stage grows its vocabulary
+BPE_SPECIAL = [EOT, BOS, "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+MAX_BPE_FILE_BYTES = 64 << 20  # a tokenizer file larger than this is not one we wrote
+
+
+class BpeTokenizer(TiktokenTokenizer):
+    """Byte-level BPE trained on the run's training text (HF tokenizers, gpt.bpe), encoded by tiktoken built
+    from the trained ranks (the 256 bytes by byte value, then the merged tokens in the order training made
+    them); the stages' special tokens (BPE_SPECIAL) follow the ranks from the start. `file` loads one written
+    by `python -m gpt.bpe_cli train` instead (then vocab_size and train_bytes are unused).
+
+    vocab_size counts every token: 256 bytes + merges + the special tokens. Until it is trained
+    (`needs_fit`), it has only its settings; gpt.prepare trains it once per (data, settings) and keeps it."""
+
+    sized = True  # tokenizer.vocab_size is a setting here, not an output (gpt.tokenizer.from_config)
+
+    def __init__(self, vocab_size: int = 4096, train_bytes: int = bpe.TRAIN_BYTES, pattern: str = "cl100k",
+                 file: str | None = None, special: list[str] | None = None):
+        self.special = list(special or BPE_SPECIAL)
+        self.pattern = pattern
+        if pattern not in bpe.PATTERNS:
+            raise UserError(f"tokenizer.pattern={pattern!r} is not one of {sorted(bpe.PATTERNS)}")
+        least = 256 + len(self.special)
+        if not isinstance(vocab_size, int) or not least <= vocab_size <= bpe.MAX_VOCAB:
+            raise UserError(f"tokenizer.vocab_size={vocab_size} is out of range for bpe: it counts the 256 bytes and "
+                            f"{len(self.special)} special tokens, so use {least}..{bpe.MAX_VOCAB} (e.g. 4096)")
+        if not isinstance(train_bytes, int) or train_bytes < 1:
+            raise UserError(f"tokenizer.train_bytes={train_bytes} must be a positive number of bytes, e.g. 100000000")
+        self.requested, self.train_bytes = vocab_size, train_bytes
+        self.ranks: list[bytes] | None = None
+        if file:
+            self._use(read_bpe_file(file).ranks)
+
+    @classmethod
+    def trained(cls, ranks: list[bytes], pattern: str, special: list[str]) -> BpeTokenizer:
+        """A trained tokenizer from checked values (gpt.bpe.checked_ranks)."""
+        tok = cls(max(len(ranks) + len(special), 256 + len(special)), pattern=pattern, special=special)
+        tok._use(ranks)
+        return tok
+
+    def _use(self, ranks: list[bytes]) -> None:
+        import tiktoken
+
+        self.ranks = ranks
+        digest = hashlib.sha256(b"".join(len(t).to_bytes(2, "little") + t for t in ranks)).hexdigest()[:16]
+        self.name = f"bpe-{digest}"
+        self.enc = tiktoken.Encoding(self.name, pat_str=bpe.PATTERNS[self.pattern],
+                                     mergeable_ranks={t: r for r, t in enumerate(ranks)}, special_tokens={})
+        self.eot_id = self.special_id(EOT) if EOT in self.special else None
+
+    @property
+    def needs_fit(self) -> bool:
+        return self.ranks is None
+
+    @property
+    def base_vocab_size(self) -> int:
+        return len(self.ranks) if self.ranks is not None else self.requested - len(self.special)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.base_vocab_size + len(self.special)
+
+    def fit(self, text: str) -> None:
+        self.train(lambda: [text])
+
+    def train(self, texts: Callable[[], Iterable[str]], keep: Path | None = None) -> None:
+        """Train on texts() (reading the tokenizer `keep` instead when an earlier run wrote it there; writing
+        it there otherwise). Refuses text too small for the requested vocabulary."""
+        if keep is not None and keep.is_file():
+            self._use(read_bpe_file(keep).ranks)
+            return
+        n_merges = self.requested - len(self.special) - 256
+        ranks = bpe.ranks_of(bpe.train_backend(texts(), n_merges, self.pattern))
+        if len(ranks) < 256 + n_merges:
+            raise UserError(f"the training text has only {len(ranks) - 256} distinct merges, fewer than "
+                            f"tokenizer.vocab_size={self.requested} needs ({n_merges}); use a vocab_size of at most "
+                            f"{len(ranks) + len(self.special)} or more text (tokenizer.train_bytes, data=)")
+        self._use(ranks)
+        if keep is not None:
+            write_bpe_file(self, keep)
+
+    def identity(self) -> dict:
+        if self.ranks is None:
+            raise UserError("this bpe tokenizer is not trained yet; train it on data first (prepare.py, train.py)")
+        return {"type": "bpe", "pattern": self.pattern,
+                "ranks": [base64.b64encode(t).decode("ascii") for t in self.ranks], "special": list(self.special)}
+
+    def cache_key(self) -> str:
+        if self.ranks is not None:
+            return self.name
+        special = hashlib.sha256("\n".join(self.special).encode()).hexdigest()[:8]
+        return f"bpe-{self.pattern}-{self.requested}-{self.train_bytes}-{special}"
+
+
+
+def read_bpe_file(path: str | Path) -> BpeTokenizer:
+    """A tokenizer file written by write_bpe_file (`python -m gpt.bpe_cli train`), checked as data."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"tokenizer file {str(path)!r} does not exist; write one with `python -m gpt.bpe_cli train`")
+    if p.stat().st_size > MAX_BPE_FILE_BYTES:
+        raise UserError(f"tokenizer file {str(path)!r} is over {MAX_BPE_FILE_BYTES >> 20} MiB; it is not a bpe "
+                        f"tokenizer file")
+    try:
+        identity = json.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"tokenizer file {str(path)!r} is not JSON ({e}); write one with "
+                        f"`python -m gpt.bpe_cli train`") from None
+    tok = from_identity(identity)
+    if not isinstance(tok, BpeTokenizer):
+        raise UserError(f"tokenizer file {str(path)!r} holds a {identity.get('type')} tokenizer, not a bpe one")
+    return tok
+
+
+def write_bpe_file(tok: BpeTokenizer, path: str | Path) -> Path:
+    """Write tok's identity as JSON (temp file + rename: a reader never sees half a file)."""
+    p = Path(path).expanduser()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(tok.identity()))
+    os.replace(tmp, p)
+    return p
+
+
 def _bos_id(tok) -> int | None:
     """Begin-of-text: <|bos|> once stage=completion added it, else None (prompts start as typed)."""
     return tok.special_id(BOS) if BOS in tok.special else None
@@ -258,9 +387,8 @@ def from_identity(identity: dict):
                             f"{sorted(_OFFLINE_FILES)}")
         return TiktokenTokenizer(name, special)
     if kind == "bpe":
-        from gpt.bpe import checked_identity  # gpt.bpe builds on this module
-
-        return checked_identity(identity, special)
+        ranks, pattern = bpe.checked_ranks(identity, len(special))
+        return BpeTokenizer.trained(ranks, pattern, special)
     raise UserError(f"unknown tokenizer identity {str(identity)[:80]!r} in checkpoint; expected type 'char', "
                     f"'tiktoken' or 'bpe'")
 
@@ -274,10 +402,3 @@ def from_config(node):
     sized = getattr(get_class(node._target_), "sized", False)
     return instantiate(OmegaConf.masked_copy(node, [k for k in node if k != "vocab_size" or sized]))
 
-
-if __name__ == "__main__":  # python -m gpt.tokenizer train | compare (gpt.bpe)
-    import sys
-
-    from gpt.bpe import main
-
-    sys.exit(main())

@@ -12,11 +12,12 @@ import torch
 
 from conftest import TINY
 from gpt import bpe
-from gpt.bpe import BpeTokenizer, hf_backend, merges_of, ranks_of, token_text, train_backend
+from gpt.bpe import hf_backend, merges_of, ranks_of, token_text, train_backend
 from gpt.chat import SPECIAL as CHAT_SPECIAL, chat_tokenizer, encode_chat
 from gpt.data import Shakespeare, TextFiles
 from gpt.errors import UserError
-from gpt.tokenizer import BOS, EOT, TiktokenTokenizer, Tokenizer, from_identity, with_special_tokens
+from gpt.tokenizer import (BOS, BPE_SPECIAL, EOT, BpeTokenizer, TiktokenTokenizer, Tokenizer, from_identity,
+                           read_bpe_file, with_special_tokens)
 from inprocess import run_here
 
 PLAYS = ["tragedies/hamlet", "tragedies/macbeth"]
@@ -75,7 +76,7 @@ def plays_text() -> str:
 def trained(plays_text):
     """(the HF tokenizer as trained, our BpeTokenizer from its ranks): 700 merges on ~300 KB of plays + Chinese."""
     backend = train_backend([plays_text[:300_000], DAO_TRAIN], 700)
-    return backend, BpeTokenizer.trained(ranks_of(backend), "cl100k", bpe.SPECIAL)
+    return backend, BpeTokenizer.trained(ranks_of(backend), "cl100k", BPE_SPECIAL)
 
 
 def test_tiktoken_from_the_ranks_splits_text_as_the_trained_hf_tokenizer(trained, plays_text):
@@ -119,7 +120,7 @@ def test_special_tokens_are_never_made_from_text(trained):
 
 
 def test_bpe_trained_on_chinese_compresses_chinese_better_than_gpt2():
-    tok = BpeTokenizer(256 + len(bpe.SPECIAL) + 300)
+    tok = BpeTokenizer(256 + len(BPE_SPECIAL) + 300)
     tok.fit(DAO_TRAIN)
     gpt2 = TiktokenTokenizer("gpt2")
     nbytes = len(DAO_HELD_OUT.encode())
@@ -194,10 +195,10 @@ def test_trained_tokenizer_is_kept_and_reused(tmp_path, monkeypatch, plays_text)
     assert again.train.tolist() == first.train.tolist()
     # the command line finds the same tokenizer for the same data and settings (no training either)
     out = tmp_path / "tok.json"
-    proc = run_here("-m", "gpt.tokenizer", "train", "--data", str(corpus), "--vocab-size", "600", "--out", str(out),
+    proc = run_here("-m", "gpt.bpe_cli", "train", "--data", str(corpus), "--vocab-size", "600", "--out", str(out),
                     cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert bpe.read_file(out).identity() == first.tokenizer.identity()
+    assert read_bpe_file(out).identity() == first.tokenizer.identity()
     # other settings are another tokenizer: trained anew
     with pytest.raises(AssertionError, match="trained again"):
         TextFiles(str(corpus), cache_dir=str(cache)).load(BpeTokenizer(601))
@@ -225,16 +226,16 @@ def test_cli_train_then_compare(tmp_path, plays_text):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(plays_text[:150_000])
     out = tmp_path / "tok.json"
-    proc = run_here("-m", "gpt.tokenizer", "train", "--data", str(corpus), "--vocab-size", "500", "--out", str(out),
+    proc = run_here("-m", "gpt.bpe_cli", "train", "--data", str(corpus), "--vocab-size", "500", "--out", str(out),
                     cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    tok = bpe.read_file(out)
+    tok = read_bpe_file(out)
     assert tok.vocab_size == 500
     # a file trains nothing: tokenizer.file loads it as it is
     assert BpeTokenizer(file=str(out)).identity() == tok.identity() and not BpeTokenizer(file=str(out)).needs_fit
     text = tmp_path / "sample.txt"
     text.write_text(plays_text[-30_000:])
-    proc = run_here("-m", "gpt.tokenizer", "compare", "--text", str(text), "--tokenizer", str(out), cwd=tmp_path)
+    proc = run_here("-m", "gpt.bpe_cli", "compare", "--text", str(text), "--tokenizer", str(out), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     nbytes = len(text.read_text().encode())
     rows = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines() if line.startswith("| ")}
@@ -242,7 +243,7 @@ def test_cli_train_then_compare(tmp_path, plays_text):
     assert f"| {nbytes / len(gpt2.encode(text.read_text())):.2f} |" in rows["gpt2"]
     assert f"| {nbytes / len(tok.encode(text.read_text())):.2f} |" in rows["bpe tok.json"]
     assert "cl100k" in rows
-    bad = run_here("-m", "gpt.tokenizer", "compare", "--tokenizer", str(tmp_path / "none.json"), cwd=tmp_path)
+    bad = run_here("-m", "gpt.bpe_cli", "compare", "--tokenizer", str(tmp_path / "none.json"), cwd=tmp_path)
     assert bad.returncode == 2 and bad.stderr.startswith("error: tokenizer file") and bad.stderr.count("\n") == 1
 
 
@@ -309,7 +310,7 @@ def test_train_with_bpe_then_sample_from_the_checkpoint_alone(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt_path = next(run_dir.glob("outputs/*/*/checkpoints/last.pt"))
     ckpt = torch.load(ckpt_path, weights_only=True)
-    assert ckpt["tokenizer"]["type"] == "bpe" and len(ckpt["tokenizer"]["ranks"]) == 400 - len(bpe.SPECIAL)
+    assert ckpt["tokenizer"]["type"] == "bpe" and len(ckpt["tokenizer"]["ranks"]) == 400 - len(BPE_SPECIAL)
     assert ckpt["config"]["model"]["vocab_size"] == 400 == ckpt["config"]["tokenizer"]["vocab_size"]
     alone = tmp_path / "alone"
     alone.mkdir()
