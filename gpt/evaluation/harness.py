@@ -187,29 +187,34 @@ class PipelineLM(TemplateLM):
             at += n
         return out
 
-    def _window(self, context: list[int], continuation: list[int]) -> tuple[list[int], list[int]]:
-        """The model's input for scoring continuation after context: the last block_size tokens before the
-        last one (older context is cut, as HFLM cuts it)."""
-        if len(continuation) > self.block:
-            raise UserError(f"a continuation of {len(continuation)} tokens is longer than the model's "
-                            f"block_size={self.block}; this model cannot score it")
-        whole = (context + continuation)[-(self.block + 1):]
-        return whole[:-1], continuation
+    def _pieces(self, context: list[int], continuation: list[int]) -> list[tuple[list[int], list[int]]]:
+        """The model's inputs for scoring continuation after context -> [(input ids, the continuation ids it
+        predicts: its last ones)]. Each input is the last block_size tokens before its last target: older context
+        is cut, as HFLM cuts it. A continuation longer than block_size (which HFLM refuses) is scored in pieces
+        of block_size targets, each with as much context as fits, as loglikelihood_rolling scores a text."""
+        seq, out = context + continuation, []
+        for start in range(len(context), len(seq), self.block):
+            end = min(start + self.block, len(seq))
+            out.append((seq[max(0, end - 1 - self.block):end - 1], seq[start:end]))
+        return out
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None
                               ) -> list[tuple[float, bool]]:
         """requests: ((context, continuation) or None, context ids, continuation ids) -> (log-prob, greedy),
-        in batches of batch_size requests of similar length (longest first)."""
-        order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][1]) + len(requests[i][2])))
+        in batches of batch_size model inputs of similar length (longest first)."""
+        pieces = [(n, piece) for n, (_, ctx, cont) in enumerate(requests) for piece in self._pieces(ctx, cont)]
+        pieces.sort(key=lambda p: -len(p[1][0]))
         size = override_bs or self.batch_size
-        out: list[tuple[float, bool] | None] = [None] * len(requests)
-        for first in range(0, len(order), size):
-            chunk = order[first:first + size]
-            scores = self._score([self._window(requests[i][1], requests[i][2]) for i in chunk])
-            for i, score in zip(chunk, scores):
-                out[i] = score
-                if requests[i][0] is not None:
-                    self.cache_hook.add_partial("loglikelihood", requests[i][0], score)
+        logp, greedy = [0.0] * len(requests), [True] * len(requests)
+        for first in range(0, len(pieces), size):
+            chunk = pieces[first:first + size]
+            for (n, _), (lp, gr) in zip(chunk, self._score([piece for _, piece in chunk])):
+                logp[n] += lp
+                greedy[n] = greedy[n] and gr
+        out = list(zip(logp, greedy))
+        for req, score in zip(requests, out):
+            if req[0] is not None:
+                self.cache_hook.add_partial("loglikelihood", req[0], score)
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
@@ -357,8 +362,9 @@ def run_tasks(model, tokenizer, tasks: list[str], include_path=None, limit: int 
     from lm_eval import simple_evaluate
 
     lm = PipelineLM.from_model(model, tokenizer, batch_size)
-    if apply_chat_template and not lm.chat:
-        lm.apply_chat_template([])  # the one-line refusal, before any task is built
+    if apply_chat_template and not lm.chat:  # before any task is built
+        raise UserError("harness.apply_chat_template=true needs a chat model (finetune.py stage=sft); this "
+                        "checkpoint has no chat template tokens")
     return simple_evaluate(model=lm, tasks=list(tasks), task_manager=task_manager(list(tasks), include_path),
                            limit=limit, num_fewshot=num_fewshot, apply_chat_template=apply_chat_template,
                            log_samples=log_samples)

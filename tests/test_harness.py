@@ -1,0 +1,279 @@
+"""lm-evaluation-harness: the gpt-pipeline model class against hand computations and against lm-eval's own `hf`
+backend on the exported model, the shipped offline task, the wrapper command line and evaluate.py harness.*."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT
+from inprocess import run_here
+
+from gpt.checkpoint import save_checkpoint
+from gpt.errors import UserError
+from gpt.model import GPT
+
+harness = pytest.importorskip("gpt.evaluation.harness")  # lm-eval is in the dev extra: CI runs all of this
+from lm_eval import simple_evaluate  # noqa: E402
+from lm_eval.api.instance import Instance  # noqa: E402
+
+PipelineLM = harness.PipelineLM
+TASK = "shakespeare_word_order"
+DOCS = [json.loads(line) for line in (harness.TASKS / f"{TASK}.jsonl").read_text(encoding="utf-8").splitlines()]
+CHARS = "".join(sorted({c for d in DOCS for c in d["context"] + " ".join(d["choices"])} | set(" \nabcdefghij:")))
+GPT2 = {"type": "tiktoken", "name": "gpt2"}
+LLAMA = dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=1, tie_embeddings=False)  # the default's parts
+
+
+def save_model(path: Path, tokenizer: dict, vocab_size: int, block_size: int = 16, seed: int = 0, **arch) -> Path:
+    """A randomly initialised tiny model saved as a checkpoint; its 1-d weights (gains, biases) random too, so a
+    norm or bias handled differently anywhere shows in the scores."""
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=16, dropout=0.0,
+               bias=not arch, **arch)
+    model = GPT(**cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.normal_(1.0 if "ln" in name or "norm" in name else 0.0, 0.3)
+            else:
+                p.normal_(0.0, 0.3)  # larger than the init: greedy text that varies (for the stop-string test)
+    return save_checkpoint({"model": model.state_dict(), "config": {"model": {"_target_": "gpt.model.GPT", **cfg}},
+                            "tokenizer": tokenizer, "step": 0}, path)
+
+
+@pytest.fixture(scope="module")
+def char_ckpt(tmp_path_factory) -> Path:
+    return save_model(tmp_path_factory.mktemp("harness") / "char.pt", {"type": "char", "chars": CHARS}, len(CHARS),
+                      block_size=16, **LLAMA)
+
+
+def requests(kind: str, args: list[tuple]) -> list[Instance]:
+    return [Instance(kind, {}, a, i) for i, a in enumerate(args)]
+
+
+def logprobs(model: GPT, ids: list[int]) -> torch.Tensor:
+    """log p(ids[t+1] | ids[:t+1]) for every t by one plain forward pass over ids[:-1] (T-1,)."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids[:-1]]))[0][0].float()
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1)
+
+
+def by_hand(model: GPT, seq: list[int], first: int, block: int = 16) -> float:
+    """The log-probability of seq[first:] given seq[:first]: targets in runs of block_size, each run predicted by
+    one forward pass over the block_size tokens before its last target (older tokens cut)."""
+    total = 0.0
+    for start in range(first, len(seq), block):
+        end = min(start + block, len(seq))
+        lo = max(0, end - 1 - block)
+        total += float(logprobs(model, seq[lo:end])[start - lo - 1:].sum())
+    return total
+
+
+# ---- registration -------------------------------------------------------------------------------------------
+
+def test_gpt_pipeline_is_registered_next_to_lm_evals_own_models():
+    from lm_eval.api.registry import get_model
+
+    assert get_model("gpt-pipeline") is PipelineLM
+    assert get_model("hf").__name__ == "HFLM"  # registering ours first must not hide lm-eval's models
+
+
+# ---- the requests, by hand ----------------------------------------------------------------------------------
+
+def test_loglikelihood_is_the_sum_of_the_continuations_log_probs(char_ckpt):
+    lm = PipelineLM(ckpt=str(char_ckpt), batch_size=3, device="cpu")
+    tok = lm.tok
+    long_context = "abcdefghij: " * 2 + "abcdefghij"  # 34 characters, more than block_size=16: the oldest are cut
+    long_answer = " abc def: ghij" * 2  # 28 characters: scored in two runs of targets
+    cases = [("ab", " cd"), ("a", "bcdefg"), (long_context, " hij"), ("j", " a"), ("", "abc"), ("ij", long_answer)]
+    got = lm.loglikelihood(requests("loglikelihood", cases), disable_tqdm=True)
+    for (context, continuation), (logp, greedy) in zip(cases, got):
+        ctx = tok.encode(context) if context else [lm.prefix_token_id]  # lm-eval's empty-context rule
+        cont = tok.encode(continuation)
+        assert logp == pytest.approx(by_hand(lm.model, ctx + cont, len(ctx)), abs=1e-4)
+        if len(cont) <= 16:
+            ids = (ctx + cont)[-17:-1]
+            with torch.no_grad():
+                argmax = lm.model(torch.tensor([ids]))[0][0].argmax(-1)[-len(cont):]
+            assert greedy == bool((argmax == torch.tensor(cont)).all())
+    assert len(tok.encode(long_context + " hij")) > 16  # the truncated case was one
+
+
+def test_rolling_loglikelihood_of_a_long_text_is_the_sum_over_its_windows(char_ckpt):
+    lm = PipelineLM(ckpt=str(char_ckpt), batch_size=2, device="cpu")
+    text = "abc def: ghij\n" * 3  # 42 tokens: two full windows and a partial last one
+    seq = [lm.prefix_token_id] + lm.tok.encode(text)
+    assert (len(seq) - 1) % 16 and len(seq) - 1 > 2 * 16
+    (got,) = lm.loglikelihood_rolling(requests("loglikelihood_rolling", [(text,)]), disable_tqdm=True)
+    assert got == pytest.approx(by_hand(lm.model, seq, 1), abs=1e-4)
+    short, = lm.loglikelihood_rolling(requests("loglikelihood_rolling", [("abc",)]), disable_tqdm=True)
+    assert short == pytest.approx(float(logprobs(lm.model, seq[:4]).sum()), abs=1e-5)  # one window
+
+
+def test_generate_until_stops_at_the_until_string_and_batches_like_alone(char_ckpt):
+    lm = PipelineLM(ckpt=str(char_ckpt), batch_size=4, device="cpu")
+    contexts = ["abc", "hij: a", "d", "ghi ab"]
+    free = lm.generate_until(requests("generate_until", [(c, {"until": [], "max_gen_toks": 24}) for c in contexts]))
+    assert all(len(lm.tok.encode(t)) == 24 for t in free)  # no stop: max_gen_toks tokens each
+    alone = PipelineLM.from_model(lm.model, lm.tok, batch_size=1)
+    assert alone.generate_until(requests("generate_until", [(c, {"until": [], "max_gen_toks": 24})
+                                                            for c in contexts])) == free
+    stops = [t[6:8] for t in free]  # two characters the free text holds
+    cut = lm.generate_until(requests("generate_until", [(c, {"until": [s, "never"], "max_gen_toks": 24})
+                                                        for c, s in zip(contexts, stops)]))
+    assert cut == [t[:t.index(s)] for t, s in zip(free, stops)]
+    assert any(len(c) < len(t) for c, t in zip(cut, free))
+
+
+def test_chat_template_gives_the_ids_of_gpt_chat(tmp_path):
+    from gpt.chat import SPECIAL, encode_chat
+    from gpt.tokenizer import from_identity
+
+    identity = {"type": "char", "chars": CHARS, "special": ["<|endoftext|>", *SPECIAL]}
+    lm = PipelineLM(ckpt=str(save_model(tmp_path / "chat.pt", identity, len(CHARS) + 5)), device="cpu")
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi: a b"}]
+    text = lm.apply_chat_template(messages)
+    assert lm.tok_encode(text) == encode_chat(from_identity(identity), messages, generation_prompt=True)[0]
+    assert lm.stop_ids == (lm.tok.special_id("<|endoftext|>"), lm.tok.special_id("<|end|>"))
+    plain = PipelineLM(ckpt=str(save_model(tmp_path / "plain.pt", {"type": "char", "chars": CHARS}, len(CHARS))))
+    with pytest.raises(UserError, match="needs a chat model"):
+        plain.apply_chat_template(messages)
+
+
+# ---- against lm-eval's own hf backend on the exported model -------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["gpt2", "llama-char"])
+def test_hf_backend_on_the_export_gives_the_same_loglikelihoods_and_accuracy(tmp_path, kind):
+    from lm_eval.models.huggingface import HFLM
+
+    from gpt.interop import export_hf
+
+    if kind == "gpt2":
+        ckpt = save_model(tmp_path / "m.pt", GPT2, 50257, block_size=16)
+    else:
+        # with an end-of-text token: HFLM conditions on it (bos/eos) and fails on a tokenizer that has neither
+        ckpt = save_model(tmp_path / "m.pt", {"type": "char", "chars": CHARS, "special": ["<|endoftext|>"]},
+                          len(CHARS) + 1, block_size=48, **LLAMA)
+    folder = export_hf(str(ckpt), str(tmp_path / "hf"))
+    manager = harness.task_manager([TASK])
+    results = {}
+    for name, lm in (("ours", PipelineLM(ckpt=str(ckpt), batch_size=8, device="cpu")),
+                     ("hf", HFLM(pretrained=str(folder), dtype="float32", batch_size=8, device="cpu"))):
+        results[name] = simple_evaluate(model=lm, tasks=[TASK], task_manager=manager, limit=40, log_samples=True)
+    ours = [resp[0][0] for s in results["ours"]["samples"][TASK] for resp in s["resps"]]
+    hf = [resp[0][0] for s in results["hf"]["samples"][TASK] for resp in s["resps"]]
+    assert len(ours) == len(hf) == 160  # 40 questions x 4 choices
+    torch.testing.assert_close(torch.tensor(ours, dtype=torch.float64), torch.tensor(hf, dtype=torch.float64),
+                               atol=1e-4, rtol=0)
+    assert len(set(ours)) > 100  # scores that differ: a model that ignored its input would not pass
+    for metric in ("acc,none", "acc_norm,none"):
+        assert results["ours"]["results"][TASK][metric] == results["hf"]["results"][TASK][metric]
+    if kind == "gpt2":  # some questions are longer than block_size: both cut their oldest context tokens
+        lm = PipelineLM(ckpt=str(ckpt))
+        assert any(len(lm.tok_encode(d["context"] + " " + d["choices"][0])) > 16 for d in DOCS[:40])
+
+
+# ---- the shipped task ---------------------------------------------------------------------------------------
+
+def test_the_shipped_task_is_what_its_generator_writes_and_ships_in_the_wheel():
+    sys.path.insert(0, str(harness.TASKS))
+    try:
+        import make_shakespeare_word_order as make
+    finally:
+        sys.path.remove(str(harness.TASKS))
+    assert make.render(make.questions(make.held_out_text())) == (harness.TASKS / f"{TASK}.jsonl").read_text()
+    assert len(DOCS) == 200 and all(len(set(d["choices"])) == 4 and 0 <= d["label"] < 4 for d in DOCS)
+    assert {d["label"] for d in DOCS} == {0, 1, 2, 3}
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["gpt"]
+    shipped = {p for pattern in patterns for p in (ROOT / "gpt").glob(pattern)}
+    assert {harness.TASKS / f"{TASK}.yaml", harness.TASKS / f"{TASK}.jsonl"} <= shipped
+
+
+def test_accuracy_on_the_shipped_task_is_argmax_of_our_loglikelihoods(char_ckpt):
+    lm = PipelineLM(ckpt=str(char_ckpt), batch_size=8, device="cpu")
+    out = simple_evaluate(model=lm, tasks=[TASK], task_manager=harness.task_manager([TASK]), limit=12,
+                          log_samples=False)
+    scores = lm.loglikelihood(requests("loglikelihood", [(d["context"], " " + c) for d in DOCS[:12]
+                                                         for c in d["choices"]]), disable_tqdm=True)
+    picks = [max(range(4), key=lambda k: scores[4 * i + k][0]) for i in range(12)]
+    assert out["results"][TASK]["acc,none"] == pytest.approx(sum(p == d["label"] for p, d in zip(picks, DOCS)) / 12)
+
+
+# ---- command lines ------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_the_wrapper_runs_lm_evals_own_command_line(char_ckpt, tmp_path):
+    env = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "gpt.evaluation.harness", "--model", "gpt-pipeline", "--model_args",
+           f"ckpt={char_ckpt},batch_size=4", "--tasks", TASK, "--include_path", str(harness.TASKS), "--limit", "8",
+           "--output_path", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (written,) = (tmp_path / "out").rglob("results_*.json")
+    result = json.loads(written.read_text())["results"][TASK]
+    assert result["sample_len"] == 8 and 0.0 <= result["acc,none"] <= 1.0
+    assert "gpt-pipeline" in proc.stdout and "acc" in proc.stdout  # lm-eval's own table
+
+    bad = subprocess.run(cmd[:6] + [f"ckpt={char_ckpt},batch_size=auto"] + cmd[7:], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300, env={**os.environ, **env, "PYTHONPATH": str(ROOT)})
+    assert bad.returncode == 2 and "error: batch_size='auto' must be a positive integer" in bad.stderr
+
+
+def test_model_args_are_checked(char_ckpt, tmp_path):
+    with pytest.raises(UserError, match="unknown ckp; accepted: ckpt"):
+        PipelineLM.create_from_arg_string(f"ckp={char_ckpt}")
+    with pytest.raises(UserError, match="needs a checkpoint"):
+        PipelineLM.create_from_arg_string("batch_size=2")
+    with pytest.raises(UserError, match="no checkpoint|not found|does not exist|No such"):
+        PipelineLM.create_from_arg_string(f"ckpt={tmp_path / 'missing.pt'}")
+    lm = PipelineLM.create_from_arg_string(f"ckpt={char_ckpt},batch_size=3", {"batch_size": "1", "device": None})
+    assert lm.batch_size == 3  # --model_args wins over lm-eval's own --batch_size default
+
+
+def test_evaluate_puts_harness_metrics_in_metrics_json_and_the_comparison_table(char_ckpt, tmp_path):
+    other = save_model(tmp_path / "other.pt", {"type": "char", "chars": CHARS}, len(CHARS), seed=1, **LLAMA)
+    proc = run_here("evaluate.py", "-m", f"ckpt={char_ckpt},{other}", f"harness.tasks=[{TASK}]", "harness.limit=8",
+                    "harness.batch_size=4", "samples.num=0", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (sweep,) = (tmp_path / "evaluations" / "multirun").glob("*-*-*/*")
+    accuracy = []
+    for job, ckpt in (("0", char_ckpt), ("1", other)):
+        report = json.loads((sweep / job / "metrics.json").read_text())
+        assert report["files"]["harness"] == "harness.json"
+        lm_eval_results = json.loads((sweep / job / "harness.json").read_text())["results"][TASK]
+        assert report["metrics"][f"harness/{TASK}/acc"] == lm_eval_results["acc,none"]
+        assert report["metrics"][f"harness/{TASK}/acc_stderr"] == lm_eval_results["acc_stderr,none"]
+        lm = PipelineLM(ckpt=str(ckpt))
+        scores = lm.loglikelihood(requests("loglikelihood", [(d["context"], " " + c) for d in DOCS[:8]
+                                                             for c in d["choices"]]), disable_tqdm=True)
+        picks = [max(range(4), key=lambda k: scores[4 * i + k][0]) for i in range(8)]
+        assert report["metrics"][f"harness/{TASK}/acc"] == pytest.approx(
+            sum(p == d["label"] for p, d in zip(picks, DOCS)) / 8)
+        accuracy.append(str(report["metrics"][f"harness/{TASK}/acc"]))
+    rows = list(csv.DictReader((sweep / "comparison.csv").open()))
+    assert [r[f"harness/{TASK}/acc"] for r in rows] == accuracy
+
+
+@pytest.mark.parametrize("args, message", [
+    pytest.param([f"harness.tasks=[no_such_task_{'x' * 3}]"], "harness.tasks: lm-eval knows no task 'no_such_task_xxx'",
+                 marks=pytest.mark.slow),  # after indexing lm-eval's own tasks (~8 s)
+    ([f"harness.tasks=[{TASK}]", "harness.include_path=/no/such/folder"], "harness.include_path='/no/such/folder' "
+                                                                            "does not exist"),
+    ([f"harness.tasks=[{TASK}]", "harness.apply_chat_template=true"], "harness.apply_chat_template=true needs a chat model"),
+    (["harness.tasks=[]"], "harness.tasks=[] must be null or a non-empty list of non-empty strings"),
+    ([f"harness.tasks=[{TASK}]", "harness.limit=0"], "harness.limit=0 must be null or a positive integer"),
+])
+def test_bad_harness_settings_are_one_line(char_ckpt, tmp_path, args, message):
+    proc = run_here("evaluate.py", f"ckpt={char_ckpt}", "samples.num=0", *args, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"error: {message}" in proc.stderr
+    assert "Traceback" not in proc.stderr
