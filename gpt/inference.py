@@ -149,22 +149,23 @@ def is_quantized(model) -> bool:
     return not isinstance(model.lm_head, torch.nn.Linear)
 
 
-def encode_prompt(tokenizer, prompt: str, block_size: int, out=sys.stderr) -> list[int]:
-    """Prompt ids as the model saw its training text; a note on `out` (None: silent) when cropped."""
+def encode_prompt(tokenizer, prompt: str, block_size: int, note: bool = True) -> list[int]:
+    """Prompt ids as the model saw its training text; a note on stderr when cropped (unless `note` is False)."""
     ids = tokenizer.encode(prompt)
     if tokenizer.bos_id is not None:  # a stage=completion model: its documents start with <|bos|>
         ids = [tokenizer.bos_id] + ids
     elif not ids:  # an empty prompt starts from end-of-text (BPE) or a newline (char)
         ids = [tokenizer.eot_id] if tokenizer.eot_id is not None else tokenizer.encode("\n")
-    if len(ids) > block_size and out is not None:
+    if len(ids) > block_size and note:
         print(f"note: prompt has {len(ids)} tokens, more than block_size={block_size}; "
-              f"the model sees only its last {block_size} tokens", file=out)
+              f"the model sees only its last {block_size} tokens", file=sys.stderr)
     return ids
 
 
-def stream_samples(cfg: DictConfig, out=sys.stdout) -> list[str]:
-    """Generate cfg.num_samples continuations of cfg.prompt (one batch) and print each, prompt included;
-    a single sample is streamed token by token."""
+def stream_samples(cfg: DictConfig, out=None) -> list[str]:
+    """Generate cfg.num_samples continuations of cfg.prompt (one batch) and print each (to `out`, default the
+    sys.stdout of the moment), prompt included; a single sample is streamed token by token."""
+    out = out or sys.stdout
     for key in ("max_new_tokens", "num_samples"):
         if int(cfg[key]) < 0 or (key == "num_samples" and int(cfg[key]) < 1):
             raise UserError(f"{key}={cfg[key]} must be a positive integer")
@@ -217,9 +218,10 @@ def stream_samples(cfg: DictConfig, out=sys.stdout) -> list[str]:
 
 
 def stream_answer(model, tok, ids: list[int], sampling: Sampling, use_cache: bool = True,
-                  out=sys.stdout) -> tuple[str, list[int]]:
-    """Decode one row from prompt `ids`, writing its text to `out` as it grows; -> (the new text, its ids
-    without the stop token)."""
+                  out=None) -> tuple[str, list[int]]:
+    """Decode one row from prompt `ids`, writing its text to `out` (default sys.stdout) as it grows; -> (the
+    new text, its ids without the stop token)."""
+    out = out or sys.stdout
     shown, new = "", []
     if sampling.max_tokens > 0:
         engine = DecodeEngine(model, 1, use_cache)
@@ -253,7 +255,7 @@ def _read_line(inp, out, prompt: str) -> str | None:
         return None
 
 
-def interactive(cfg: DictConfig, model, tok, inp=sys.stdin, out=sys.stdout) -> list[dict] | str:
+def interactive(cfg: DictConfig, model, tok, inp=None, out=None) -> list[dict] | str:
     """infer.py interactive=true: a conversation in the terminal, the way nanochat's chat_cli works.
 
     A chat model (finetune.py stage=sft) answers each typed line; its prompt is the whole conversation so far
@@ -267,6 +269,7 @@ def interactive(cfg: DictConfig, model, tok, inp=sys.stdin, out=sys.stdout) -> l
     -> the conversation (chat: messages) or the text (base model)."""
     from gpt.chat import END, SPECIAL, encode_chat
 
+    inp, out = inp or sys.stdin, out or sys.stdout  # those of the moment, not of import time
     if isinstance(model, Classifier):
         raise UserError(f"interactive=true needs a language model; {cfg.ckpt!r} is a classifier (stage=classify): "
                         "drop interactive=true to get its label probabilities")
@@ -299,7 +302,7 @@ def interactive(cfg: DictConfig, model, tok, inp=sys.stdin, out=sys.stdout) -> l
             ids = conversation + encode_chat(tok, [{"role": "user", "content": line}], generation_prompt=True)[0]
         else:
             turn = text + line + "\n"
-            ids = encode_prompt(tok, turn, block, out=None)
+            ids = encode_prompt(tok, turn, block, note=False)
         if len(ids) > block and not cropped:  # said once: from here on the oldest turns fall out of view
             cropped = True
             print(f"note: the conversation is longer than block_size={block} tokens; the model sees only its "

@@ -117,7 +117,7 @@ class Engine:
                 raise UserError("chat=true needs a chat-tuned checkpoint (finetune.py stage=sft); this one has "
                                 "no chat template tokens")
             return prompt_ids(self.tokenizer, req.prompt)[-self.model.config.block_size:]
-        return encode_prompt(self.tokenizer, req.prompt, self.model.config.block_size, out=None)[
+        return encode_prompt(self.tokenizer, req.prompt, self.model.config.block_size, note=False)[
             -self.model.config.block_size:]
 
     def stop_id(self, req: GenerateRequest) -> int | None:
@@ -875,7 +875,7 @@ class OpenAIRoutes:
         max_tokens = self.max_tokens(body.max_tokens, 16)  # OpenAI's default for completions
         self.rows(body.n, len(texts))
         try:
-            prompts = [encode_prompt(tok, p, block, out=None) for p in texts]
+            prompts = [encode_prompt(tok, p, block, note=False) for p in texts]
         except UserError as e:
             raise ApiError(400, str(e), "prompt") from None
         stop_ids = () if tok.eot_id is None else (tok.eot_id,)

@@ -19,6 +19,8 @@ import sys
 import warnings
 from pathlib import Path
 
+import torch
+
 from conftest import ROOT
 
 
@@ -64,8 +66,11 @@ def _check_open(streams: dict, target: str) -> None:
     assert not closed, f"running {target} closed {', '.join(closed)} of the test process"
 
 
-def run_here(target: str, *args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`target` is an entry script of the project (train.py, ...) or "-m" followed by a module in `args`."""
+def run_here(target: str, *args: str, cwd: Path, env: dict | None = None,
+             timeout: int | None = None) -> subprocess.CompletedProcess:
+    """`target` is an entry script of the project (train.py, ...) or "-m" followed by a module in `args`.
+    `timeout` is accepted so that a call written for conftest.run_script reads the same, and not enforced: a run
+    that must be stopped from outside needs a process of its own."""
     from hydra.core.global_hydra import GlobalHydra
 
     from gpt import config
@@ -76,6 +81,10 @@ def run_here(target: str, *args: str, cwd: Path, env: dict | None = None) -> sub
     streams = {"sys.stdout": sys.stdout, "sys.stderr": sys.stderr, "sys.__stdout__": sys.__stdout__,
                "sys.__stderr__": sys.__stderr__}
     old_argv, old_cwd, old_env = sys.argv, os.getcwd(), dict(os.environ)
+    # one intra-op thread unless the caller says otherwise, as conftest.run_script gives a subprocess (a module
+    # fixture runs before the per-test one-thread fixture, with torch's default of one thread per core)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int({"OMP_NUM_THREADS": "1", **os.environ, **(env or {})}["OMP_NUM_THREADS"]))
     code = 0
     config._claimed.clear()  # a new process would start with nothing claimed
     GlobalHydra.instance().clear()
@@ -107,6 +116,7 @@ def run_here(target: str, *args: str, cwd: Path, env: dict | None = None) -> sub
                 fn(*a, **k)
     finally:
         atexit.register = real_register
+        torch.set_num_threads(threads)
         sys.argv = old_argv
         os.chdir(old_cwd)
         os.environ.clear()

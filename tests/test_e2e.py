@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import TINY, run_script
+from inprocess import run_here
 from gpt.runs import read_metrics
 from wandb_records import read_wandb_exit_code, read_wandb_history
 
@@ -24,7 +25,7 @@ def only_run_dir(base: Path) -> Path:
 def trained(tmp_path_factory):
     """One tiny training run shared by the tests that inspect or use its outputs."""
     cwd = tmp_path_factory.mktemp("train")
-    proc = run_script("train.py", *TINY, "seed=7", cwd=cwd)
+    proc = run_here("train.py", *TINY, "seed=7", cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return cwd, only_run_dir(cwd), proc
 
@@ -59,19 +60,19 @@ def test_infer_from_run_folder(trained):
     cwd, run, _ = trained
     args = [f"ckpt={run}", "prompt=ROMEO:", "max_new_tokens=30", "seed=3", "dtype=float32"]
     folders = sorted(p for p in cwd.rglob("*") if p.is_dir())
-    a = run_script("infer.py", *args, cwd=cwd)
+    a = run_here("infer.py", *args, cwd=cwd)
     assert a.returncode == 0, a.stderr
     assert a.stdout.startswith("ROMEO:") and len(a.stdout) >= len("ROMEO:") + 30
-    b = run_script("infer.py", *args, "use_cache=false", cwd=cwd)
+    b = run_here("infer.py", *args, "use_cache=false", cwd=cwd)
     assert b.stdout == a.stdout  # KV cache and uncached paths sample the same tokens
-    c = run_script("infer.py", *args, "num_samples=2", "top_p=0.9", cwd=cwd)
+    c = run_here("infer.py", *args, "num_samples=2", "top_p=0.9", cwd=cwd)
     assert c.returncode == 0 and c.stdout.count("ROMEO:") == 2
     assert sorted(p for p in cwd.rglob("*") if p.is_dir()) == folders  # infer.py makes no run folder (nor any)
 
 
 def test_infer_long_prompt_is_cropped(trained):
     cwd, run, _ = trained
-    proc = run_script("infer.py", f"ckpt={run}", "prompt=" + "a" * 100, "max_new_tokens=5", cwd=cwd)
+    proc = run_here("infer.py", f"ckpt={run}", "prompt=" + "a" * 100, "max_new_tokens=5", cwd=cwd)
     assert proc.returncode == 0, proc.stderr
     assert "block_size=32" in proc.stderr
 
@@ -80,14 +81,14 @@ def test_resume_equals_uninterrupted(tmp_path):
     common = [*TINY, "model.dropout=0.1", "trainer.eval_interval=4", "scheduler.schedule.total_iters=8",
               "scheduler.schedule.warmup_iters=2"]
     (tmp_path / "full").mkdir()
-    full = run_script("train.py", *common, "trainer.max_iters=8", cwd=tmp_path / "full")
+    full = run_here("train.py", *common, "trainer.max_iters=8", cwd=tmp_path / "full")
     assert full.returncode == 0, full.stderr[-2000:]
     half_dir = tmp_path / "half"
     half_dir.mkdir()
-    half = run_script("train.py", *common, "trainer.max_iters=4", cwd=half_dir)
+    half = run_here("train.py", *common, "trainer.max_iters=4", cwd=half_dir)
     assert half.returncode == 0, half.stderr[-2000:]
     first = only_run_dir(half_dir)
-    resumed = run_script("train.py", *common, "trainer.max_iters=8", f"resume={first}", cwd=half_dir)
+    resumed = run_here("train.py", *common, "trainer.max_iters=8", f"resume={first}", cwd=half_dir)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert only_run_dir(half_dir) == first  # continued in its own folder
     a = read_metrics(only_run_dir(tmp_path / "full") / "metrics.jsonl")
@@ -99,7 +100,7 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 
 def test_sweep_runs_each_job_in_its_own_folder(tmp_path):
-    proc = run_script("train.py", "-m", *TINY, "optimizer.lr=1e-3,3e-4", "trainer.max_iters=3", cwd=tmp_path)
+    proc = run_here("train.py", "-m", *TINY, "optimizer.lr=1e-3,3e-4", "trainer.max_iters=3", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     jobs = sorted(glob.glob(str(tmp_path / "multirun" / "*" / "*" / "[0-9]")))
     assert len(jobs) == 2
@@ -112,7 +113,7 @@ def test_sweep_runs_each_job_in_its_own_folder(tmp_path):
 
 def test_optuna_search_preset(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    proc = run_script("train.py", "hparams_search=optuna", *TINY, "trainer.max_iters=3",
+    proc = run_here("train.py", "hparams_search=optuna", *TINY, "trainer.max_iters=3",
                       "hydra.sweeper.n_trials=2", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = list((tmp_path / "multirun").glob("*/*/optimization_results.yaml"))
@@ -152,13 +153,13 @@ def test_text_data_with_gpt2_tokenizer(tmp_path):
     corpus.mkdir()
     for i in range(3):
         (corpus / f"doc{i}.txt").write_text("The quick brown fox jumps over the lazy dog. " * 200 + f"Doc {i}.")
-    proc = run_script("train.py", *TINY, "data=text", f"data.path={corpus}", "tokenizer=gpt2", "trainer.max_iters=3",
+    proc = run_here("train.py", *TINY, "data=text", f"data.path={corpus}", "tokenizer=gpt2", "trainer.max_iters=3",
                       cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     ckpt = torch.load(only_run_dir(tmp_path) / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["tokenizer"] == {"type": "tiktoken", "name": "gpt2"}
     assert ckpt["config"]["model"]["vocab_size"] == 50257
-    out = run_script("infer.py", f"ckpt={only_run_dir(tmp_path)}", "prompt=The quick", "max_new_tokens=5", cwd=tmp_path)
+    out = run_here("infer.py", f"ckpt={only_run_dir(tmp_path)}", "prompt=The quick", "max_new_tokens=5", cwd=tmp_path)
     assert out.returncode == 0 and out.stdout.startswith("The quick")
 
 
@@ -171,7 +172,7 @@ def test_text_data_with_gpt2_tokenizer(tmp_path):
     (["resume=/no/such/run"], "does not exist"),
 ])
 def test_bad_training_input_is_one_clear_line(tmp_path, args, message):
-    proc = run_script("train.py", *TINY, *args, cwd=tmp_path)
+    proc = run_here("train.py", *TINY, *args, cwd=tmp_path)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
@@ -180,7 +181,7 @@ def test_bad_training_input_is_one_clear_line(tmp_path, args, message):
 
 
 def test_unknown_group_option_lists_choices(tmp_path):
-    proc = run_script("train.py", "model=gpt5", cwd=tmp_path)
+    proc = run_here("train.py", "model=gpt5", cwd=tmp_path)
     assert proc.returncode != 0
     assert "Available options" in proc.stderr and "gpt2_small" in proc.stderr and "nano" in proc.stderr
     assert not (tmp_path / "outputs").exists()
@@ -194,7 +195,7 @@ def test_bad_checkpoint_for_infer(tmp_path, ckpt, message):
     if ckpt == "__self__":
         ckpt = str(tmp_path / "notes.pt")
         Path(ckpt).write_text("not a checkpoint")
-    proc = run_script("infer.py", f"ckpt={ckpt}", cwd=tmp_path)
+    proc = run_here("infer.py", f"ckpt={ckpt}", cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert message in proc.stderr.strip().splitlines()[-1]
 
@@ -202,7 +203,7 @@ def test_bad_checkpoint_for_infer(tmp_path, ckpt, message):
 def test_checkpoint_without_required_keys_is_refused(tmp_path):
     path = tmp_path / "weights.pt"
     torch.save({"weights": torch.zeros(2)}, path)
-    proc = run_script("infer.py", f"ckpt={path}", cwd=tmp_path)
+    proc = run_here("infer.py", f"ckpt={path}", cwd=tmp_path)
     assert proc.returncode == 2 and "is not a checkpoint of this project" in proc.stderr
 
 

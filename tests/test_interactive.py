@@ -62,8 +62,8 @@ def test_base_model_continues_the_typed_text(tmp_path):
     ckpt = _save(model, {"type": "char", "chars": CHARS}, tmp_path / "base.pt")
     r = _infer(ckpt, "ROMEO:\nand then\n")
     assert r.returncode == 0, r.stderr
-    first = _greedy(model, tok, encode_prompt(tok, "ROMEO:\n", 32, out=None), tok.eot_id)
-    second = _greedy(model, tok, encode_prompt(tok, f"ROMEO:\n{first}and then\n", 32, out=None), tok.eot_id)
+    first = _greedy(model, tok, encode_prompt(tok, "ROMEO:\n", 32, note=False), tok.eot_id)
+    second = _greedy(model, tok, encode_prompt(tok, f"ROMEO:\n{first}and then\n", 32, note=False), tok.eot_id)
     assert r.stdout == f"> {first}\n> {second}\n> \n"
     assert "text you type is continued" in r.stderr
 

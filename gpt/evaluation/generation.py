@@ -55,7 +55,7 @@ def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, st
         ids, end = [prompt_ids(tokenizer, p) for p in prompts], tokenizer.special_id(END)
         stop = [] if stop is None else stop
     else:
-        ids = [encode_prompt(tokenizer, p, model.config.block_size, out=None) for p in prompts]
+        ids = [encode_prompt(tokenizer, p, model.config.block_size, note=False) for p in prompts]
         end, stop = tokenizer.eot_id, ["\n\n"] if stop is None else stop
     outs: list[list[int]] = []
     for i in range(0, len(ids), batch_size):
