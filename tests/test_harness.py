@@ -213,8 +213,7 @@ def test_accuracy_on_the_shipped_task_is_argmax_of_our_loglikelihoods(char_ckpt)
 def test_the_wrapper_runs_lm_evals_own_command_line(char_ckpt, tmp_path):
     env = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "gpt.evaluation.harness", "--model", "gpt-pipeline", "--model_args",
-           f"ckpt={char_ckpt},batch_size=4", "--tasks", TASK, "--include_path", str(harness.TASKS), "--limit", "8",
-           "--output_path", str(tmp_path / "out")]
+           f"ckpt={char_ckpt},batch_size=4", "--tasks", TASK, "--limit", "8", "--output_path", str(tmp_path / "out")]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env={**os.environ, **env, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -226,6 +225,15 @@ def test_the_wrapper_runs_lm_evals_own_command_line(char_ckpt, tmp_path):
     bad = subprocess.run(cmd[:6] + [f"ckpt={char_ckpt},batch_size=auto"] + cmd[7:], cwd=tmp_path, capture_output=True,
                          text=True, timeout=300, env={**os.environ, **env, "PYTHONPATH": str(ROOT)})
     assert bad.returncode == 2 and "error: batch_size='auto' must be a positive integer" in bad.stderr
+
+
+def test_the_wrapper_adds_the_shipped_tasks_unless_given_a_folder():
+    shipped = ["--include_path", str(harness.TASKS)]
+    assert harness.with_shipped_tasks(["--model", "gpt-pipeline", "--tasks", TASK]) == ["--model", "gpt-pipeline",
+                                                                                       "--tasks", TASK, *shipped]
+    assert harness.with_shipped_tasks(["ls", "tasks"]) == ["ls", "tasks", *shipped]
+    for own in (["--tasks", "t", "--include_path", "mine"], ["--tasks", "t", "--include_path=mine"], ["-h"], []):
+        assert harness.with_shipped_tasks(own) == own
 
 
 def test_model_args_are_checked(char_ckpt, tmp_path):

@@ -5,14 +5,15 @@ lm-eval (0.4.x) finds models in its own registry only (no entry points, no plugi
 module registers the class when it is imported and then runs lm-eval's CLI unchanged:
 
     python -m gpt.evaluation.harness --model gpt-pipeline --model_args ckpt=<run>[,dtype=float32,batch_size=16] \
-        --tasks shakespeare_word_order --include_path <gpt/evaluation/tasks>     (console script: gpt-lm-eval)
+        --tasks shakespeare_word_order [--include_path <folder of task YAMLs>]    (console script: gpt-lm-eval)
     python evaluate.py ckpt=<run> harness.tasks=[shakespeare_word_order]          (metrics into metrics.json)
 
 From Python, `import gpt.evaluation.harness` registers the model; then lm_eval.simple_evaluate(model=
 "gpt-pipeline", model_args="ckpt=...") works, or pass a `PipelineLM` yourself.
 
 The requests lm-eval makes map onto our pieces: loglikelihood scores (context, continuation) token pairs in
-right-padded batches (a context longer than block_size loses its oldest tokens, as lm-eval's HFLM does);
+right-padded batches (a context longer than block_size loses its oldest tokens, as lm-eval's HFLM does; a
+continuation longer than block_size, which HFLM refuses, is scored in runs of block_size targets);
 loglikelihood_rolling scores a whole text in lm-eval's disjoint rolling windows; generate_until decodes on the
 KV-cache DecodeEngine (rows join as others finish; until-strings are stop strings, end-of-text and a chat
 model's <|end|> stop tokens). Tasks run with --apply_chat_template get gpt.chat's template (chat models only).
@@ -383,12 +384,20 @@ def harness_metrics(model, tokenizer, cfg, folder: Path) -> dict:
     return flat_metrics(results["results"])
 
 
+def with_shipped_tasks(args: list[str]) -> list[str]:
+    """lm-eval's arguments plus --include_path <the shipped tasks> when they name no folder of their own (lm-eval
+    takes one), so that `--tasks shakespeare_word_order` works as it is."""
+    if not args or args[0] in ("-h", "--help") or any(a.split("=")[0] == "--include_path" for a in args):
+        return args
+    return [*args, "--include_path", str(TASKS)]
+
+
 def main(argv: list[str] | None = None) -> int:
-    """lm-eval's own command line, with gpt-pipeline registered (this module's import did it)."""
+    """lm-eval's own command line, with gpt-pipeline registered (this module's import did it) and the shipped
+    tasks' folder as --include_path unless one is given."""
     from lm_eval.__main__ import cli_evaluate
 
-    if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
+    sys.argv = [sys.argv[0], *with_shipped_tasks(sys.argv[1:] if argv is None else list(argv))]
     try:
         cli_evaluate()
     except UserError as e:
