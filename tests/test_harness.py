@@ -276,7 +276,8 @@ def test_evaluate_puts_harness_metrics_in_metrics_json_and_the_comparison_table(
                  marks=pytest.mark.slow),  # after indexing lm-eval's own tasks (~8 s)
     ([f"harness.tasks=[{TASK}]", "harness.include_path=/no/such/folder"], "harness.include_path='/no/such/folder' "
                                                                             "does not exist"),
-    ([f"harness.tasks=[{TASK}]", "harness.apply_chat_template=true"], "harness.apply_chat_template=true needs a chat model"),
+    ([f"harness.tasks=[{TASK}]", "harness.apply_chat_template=true"],
+     "harness.apply_chat_template=true needs a chat model"),
     (["harness.tasks=[]"], "harness.tasks=[] must be null or a non-empty list of non-empty strings"),
     ([f"harness.tasks=[{TASK}]", "harness.limit=0"], "harness.limit=0 must be null or a positive integer"),
 ])
