@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY, run_script
+from conftest import ROOT, TINY
+from inprocess import run_here
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
@@ -162,7 +163,7 @@ def test_bad_value_is_one_line_naming_the_key(probe, capsys):
 
 @pytest.mark.parametrize("probe", [p for p in PROBES if p.e2e], ids=str)
 def test_bad_value_end_to_end(probe, tmp_path):
-    proc = run_script(f"{probe.script}.py", *probe.args, cwd=tmp_path, timeout=120)
+    proc = run_here(f"{probe.script}.py", *probe.args, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and probe.names in lines[0], proc.stderr[-2000:]
@@ -271,7 +272,7 @@ FILE_PROBES = [
 
 @pytest.mark.parametrize("script, args, names", FILE_PROBES)
 def test_bad_file_is_one_line(script, args, names, files, tmp_path):
-    proc = run_script(f"{script}.py", *(a.format(d=files) for a in args), cwd=tmp_path, timeout=120)
+    proc = run_here(f"{script}.py", *(a.format(d=files) for a in args), cwd=tmp_path, timeout=120)
     lines = error_lines(proc.stderr)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("error: ") and names in lines[0], proc.stderr[-2000:]
@@ -282,14 +283,14 @@ def test_bad_file_is_one_line(script, args, names, files, tmp_path):
 def test_resume_of_weights_that_do_not_fit_their_config_is_one_line(tmp_path):
     from gpt.checkpoint import save_checkpoint
 
-    run = run_script("train.py", *TINY, "trainer.max_iters=2", "trainer.eval_interval=2", "hydra.run.dir=run",
+    run = run_here("train.py", *TINY, "trainer.max_iters=2", "trainer.eval_interval=2", "hydra.run.dir=run",
                      cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]
     raw = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
     save_checkpoint({**raw, "config": {**raw["config"], "model": {**raw["config"]["model"], "n_embd": 64}}},
                     tmp_path / "misfit.pt")
     (tmp_path / "cwd").mkdir()
-    proc = run_script("train.py", "resume=../misfit.pt", *LOOP, cwd=tmp_path / "cwd")
+    proc = run_here("train.py", "resume=../misfit.pt", *LOOP, cwd=tmp_path / "cwd")
     lines = error_lines(proc.stderr)
     assert proc.returncode == 2 and len(lines) == 1 and "misfit.pt" in lines[0], proc.stderr[-2000:]
     assert not (tmp_path / "cwd" / "outputs").exists()
@@ -310,7 +311,7 @@ def test_prompt_reaches_the_model_as_typed(tmp_path):
                      "config": {"model": model_config(model), "seed": 0,
                                 "tokenizer": {"_target_": "gpt.tokenizer.CharTokenizer", "vocab_size": tok.vocab_size}}},
                     tmp_path / "chars.pt")
-    proc = run_script("infer.py", f"ckpt={tmp_path / 'chars.pt'}", f"prompt={prompt}", "max_new_tokens=3",
+    proc = run_here("infer.py", f"ckpt={tmp_path / 'chars.pt'}", f"prompt={prompt}", "max_new_tokens=3",
                       "temperature=0", "dtype=float32", cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith(prompt) and len(proc.stdout) == len(prompt) + 3 + 1  # 3 tokens and a newline

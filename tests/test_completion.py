@@ -108,16 +108,17 @@ def test_completion_refuses_a_headed_parent(tmp_path):
 def test_finetune_completion_then_infer_stops_at_end_of_text(tmp_path):
     import glob
 
-    from conftest import TINY, run_script
+    from conftest import TINY
+    from inprocess import run_here
     from gpt.runs import read_metrics
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the cat sat on the mat. " * 200)
-    proc = run_script("train.py", *TINY, "data=text", f"data.path={corpus}", cwd=tmp_path)
+    proc = run_here("train.py", *TINY, "data=text", f"data.path={corpus}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (pre,) = glob.glob(str(tmp_path / "outputs" / "*-*-*" / "*"))
     docs = write_jsonl(tmp_path / "docs.jsonl", [{"text": "the cat sat."}, {"text": "the mat."}] * 20)
-    proc = run_script("finetune.py", "stage=completion", f"ckpt={pre}", f"data={docs}", "trainer.max_iters=60",
+    proc = run_here("finetune.py", "stage=completion", f"ckpt={pre}", f"data={docs}", "trainer.max_iters=60",
                       "trainer.eval_interval=30", "trainer.eval_iters=2", "trainer.batch_size=8", "optimizer.lr=3e-3",
                       "scheduler.schedule.warmup_iters=5", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -129,7 +130,7 @@ def test_finetune_completion_then_infer_stops_at_end_of_text(tmp_path):
     evals = [r for r in read_metrics(f"{run}/metrics.jsonl") if "val/loss" in r]
     assert [r["step"] for r in evals] == [30, 60] and evals[-1]["val/loss"] < evals[0]["val/loss"]
     # the tuned model ends its documents: infer.py stops at <|endoftext|> long before max_new_tokens
-    proc = run_script("infer.py", f"ckpt={run}", 'prompt="the "', "temperature=0", "max_new_tokens=200", cwd=tmp_path)
+    proc = run_here("infer.py", f"ckpt={run}", 'prompt="the "', "temperature=0", "max_new_tokens=200", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     text = proc.stdout.rstrip("\n")
     assert text.startswith("the ") and len(text) < 40 and "<|" not in text, text

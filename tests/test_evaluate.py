@@ -15,7 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY, run_script
+from conftest import TINY
+from inprocess import run_here
 from gpt.data import TextFiles
 from gpt.errors import UserError
 from gpt.evaluation import check_settings
@@ -255,7 +256,7 @@ def test_evaluate_config_composes_with_or_without_data():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("evaluate")
-    proc = run_script("train.py", *TINY, cwd=cwd)
+    proc = run_here("train.py", *TINY, cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run,) = [Path(p) for p in glob.glob(str(cwd / "outputs" / "*-*-*" / "*"))]
     instructions = cwd / "instructions.jsonl"
@@ -273,7 +274,7 @@ def scored_by_hand(ckpt: Path, cwd: Path) -> None:
     text = "ROMEO:\nWhat say you, my lord? To be, or not to be.\n" * 9
     (cwd / "hand.txt").write_text(text)
     out = cwd / "hand_eval"
-    proc = run_script("evaluate.py", f"ckpt={ckpt}", "data=text", f"data.path={cwd / 'hand.txt'}", "samples.num=0",
+    proc = run_here("evaluate.py", f"ckpt={ckpt}", "data=text", f"data.path={cwd / 'hand.txt'}", "samples.num=0",
                       f"hydra.run.dir={out}", cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())["metrics"]
@@ -293,7 +294,7 @@ def scored_by_hand(ckpt: Path, cwd: Path) -> None:
 @pytest.mark.slow
 def test_evaluate_a_trained_run(trained):
     cwd, run, instructions = trained
-    proc = run_script("evaluate.py", f"ckpt={run}", f"instructions={instructions}", "perplexity.max_tokens=3000",
+    proc = run_here("evaluate.py", f"ckpt={run}", f"instructions={instructions}", "perplexity.max_tokens=3000",
                       "generation.max_new_tokens=12", "samples.num=2", "samples.max_new_tokens=16", cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (folder,) = [Path(p) for p in glob.glob(str(cwd / "evaluations" / "*-*-*" / "*"))]
@@ -319,7 +320,7 @@ def test_evaluate_int8_perplexity_is_close_to_float(trained, tmp_path):
     ppl, params = {}, {}
     for q in ("null", "int8"):
         out = tmp_path / q
-        proc = run_script("evaluate.py", f"ckpt={run}", f"quantize={q}", "perplexity.max_tokens=1000", "samples.num=0",
+        proc = run_here("evaluate.py", f"ckpt={run}", f"quantize={q}", "perplexity.max_tokens=1000", "samples.num=0",
                           f"hydra.run.dir={out}", cwd=cwd)
         assert proc.returncode == 0, proc.stderr[-3000:]
         report = json.loads((out / "metrics.json").read_text())
@@ -327,14 +328,14 @@ def test_evaluate_int8_perplexity_is_close_to_float(trained, tmp_path):
         assert f"{params[q]:,} parameters" in proc.stdout
     assert ppl["int8"] != ppl["null"] and abs(ppl["int8"] / ppl["null"] - 1) < 0.02, ppl
     assert params["int8"] == params["null"] > 20_000  # the int8 Linear weights count too
-    bad = run_script("evaluate.py", f"ckpt={run}", "quantize=int4", cwd=tmp_path)
+    bad = run_here("evaluate.py", f"ckpt={run}", "quantize=int4", cwd=tmp_path)
     assert bad.returncode == 2 and "quantize='int4'" in bad.stderr
 
 
 @pytest.mark.slow
 def test_evaluate_sweep_writes_one_comparison_table(trained):
     cwd, run, _ = trained
-    proc = run_script("evaluate.py", "-m", f"ckpt={run},{run}/checkpoints/last.pt", "perplexity.max_tokens=500",
+    proc = run_here("evaluate.py", "-m", f"ckpt={run},{run}/checkpoints/last.pt", "perplexity.max_tokens=500",
                       "samples.num=1", "samples.max_new_tokens=4", cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (sweep,) = [Path(p) for p in glob.glob(str(cwd / "evaluations" / "multirun" / "*-*-*" / "*"))]
@@ -362,7 +363,7 @@ def test_bad_evaluation_input_is_one_clear_line(trained, tmp_path, args, message
             "__cwd__": str(tmp_path)}
     for key, value in subs.items():
         args = [a.replace(key, value) for a in args]
-    proc = run_script("evaluate.py", *args, cwd=tmp_path)
+    proc = run_here("evaluate.py", *args, cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and message in proc.stderr, proc.stderr
     assert not (tmp_path / "evaluations").exists()  # no half-written run folder, no empty date folder
@@ -584,7 +585,7 @@ def test_evaluate_scores_a_whole_file_from_the_command_line(trained, tmp_path):
     counts = {}
     for extra in ([], ["perplexity.split=val", "data.val_fraction=1.0"], ["perplexity.split=val"]):
         out = tmp_path / str(len(counts))
-        proc = run_script("evaluate.py", f"ckpt={run}", "data=text", f"data.path={tmp_path / 'other.txt'}",
+        proc = run_here("evaluate.py", f"ckpt={run}", "data=text", f"data.path={tmp_path / 'other.txt'}",
                           "samples.num=0", f"hydra.run.dir={out}", *extra, cwd=cwd)
         assert proc.returncode == 0, proc.stderr[-3000:]
         report = json.loads((out / "metrics.json").read_text())

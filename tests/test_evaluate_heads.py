@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from conftest import run_script
+
+from inprocess import run_here
 from gpt.chat import chat_tokenizer
 from gpt.checkpoint import save_checkpoint
 from gpt.evaluation.heads import classifier_metrics, reward_metrics
@@ -58,10 +59,10 @@ def test_evaluate_py_on_a_classifier_checkpoint(tmp_path):
     data = write_jsonl(tmp_path / "c.jsonl", [{"text": t, "label": lab} for t, lab in
                                               [("1+1=2", "yes"), ("1+1=3", "no"), ("2+2=4", "yes"), ("9", "no")]])
     expected = classifier_metrics(model, tok, ["no", "yes"], data, 8, torch.no_grad)
-    proc = run_script("evaluate.py", f"ckpt={ckpt}", f"labelled={data}", "samples.num=0", cwd=tmp_path)
+    proc = run_here("evaluate.py", f"ckpt={ckpt}", f"labelled={data}", "samples.num=0", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(next(tmp_path.glob("evaluations/*/*/metrics.json")).read_text())
     assert report["metrics"]["classify/accuracy"] == pytest.approx(expected["classify/accuracy"])
     assert report["metrics"]["classify/confusion"] == expected["classify/confusion"]
-    missing = run_script("evaluate.py", f"ckpt={ckpt}", cwd=tmp_path)
+    missing = run_here("evaluate.py", f"ckpt={ckpt}", cwd=tmp_path)
     assert missing.returncode == 2 and "pass labelled=" in missing.stderr.strip().splitlines()[-1]

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_script
+
+from inprocess import run_here
 from gpt.checkpoint import file_sha256
 from gpt.tasks.arithmetic import write_task
 from gpt.tasks.demo import exact_match
@@ -69,10 +70,10 @@ def chain(tmp_path_factory):
     """Task files, a tiny pretrained model and an SFT run from it (shared by the tests below)."""
     cwd = tmp_path_factory.mktemp("ft")
     files = write_task(cwd / "task", n=441, seed=0, hi=20)
-    proc = run_script("train.py", *PRETRAIN, "data=text", f"data.path={files['pretrain']}", cwd=cwd)
+    proc = run_here("train.py", *PRETRAIN, "data=text", f"data.path={files['pretrain']}", cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (pre,) = runs(cwd)
-    proc = run_script("finetune.py", "stage=sft", f"ckpt={pre}", f"data={files['sft_train']}",
+    proc = run_here("finetune.py", "stage=sft", f"ckpt={pre}", f"data={files['sft_train']}",
                       f"data.val_path={files['sft_val']}", *SFT, cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     sft = [r for r in runs(cwd) if r != pre][0]
@@ -99,7 +100,7 @@ def test_sft_run_writes_checkpoint_with_lineage_and_chat_tokens(chain):
 
 def evaluate_answers(cwd: Path, ckpt: Path, questions: Path, out: Path, max_new_tokens: int) -> tuple[dict, list]:
     """evaluate.py ckpt=<ckpt> instructions=<questions> -> (its metrics, its generations.jsonl rows)."""
-    proc = run_script("evaluate.py", f"ckpt={ckpt}", f"instructions={questions}", "samples.num=0",
+    proc = run_here("evaluate.py", f"ckpt={ckpt}", f"instructions={questions}", "samples.num=0",
                       f"generation.max_new_tokens={max_new_tokens}", f"hydra.run.dir={out}", cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
@@ -142,12 +143,12 @@ def test_sft_answers_more_questions_than_the_pretrained_model(chain, tmp_path):
 
 def test_infer_chat_applies_template_and_stops_at_end_of_answer(chain):
     cwd, _, pre, sft, _ = chain
-    proc = run_script("infer.py", f"ckpt={sft}", 'prompt="3+4="', "chat=true", "temperature=0",
+    proc = run_here("infer.py", f"ckpt={sft}", 'prompt="3+4="', "chat=true", "temperature=0",
                       "max_new_tokens=20", cwd=cwd)
     assert proc.returncode == 0, proc.stderr
     answer = proc.stdout.rstrip("\n")
     assert "<|" not in answer and len(answer) < 20  # stopped at <|end|>, which is not printed
-    proc = run_script("infer.py", f"ckpt={pre}", 'prompt="3+4="', "chat=true", cwd=cwd)
+    proc = run_here("infer.py", f"ckpt={pre}", 'prompt="3+4="', "chat=true", cwd=cwd)
     assert proc.returncode == 2 and "needs a chat-tuned checkpoint" in proc.stderr
 
 
@@ -155,18 +156,18 @@ def test_bad_jsonl_names_file_and_line_and_writes_nothing(chain, tmp_path):
     _, _, pre, _, _ = chain
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "1+1=", "completion": "2"}\n{"prompt": "1+2="}\n')
-    proc = run_script("finetune.py", "stage=sft", f"ckpt={pre}", f"data={bad}", *FT, cwd=tmp_path)
+    proc = run_here("finetune.py", "stage=sft", f"ckpt={pre}", f"data={bad}", *FT, cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {bad}:2: missing key 'completion' (has ['prompt'])"
     assert not (tmp_path / "outputs").exists()  # no run folder, no empty date folder
-    proc = run_script("finetune.py", "stage=sft", f"ckpt={tmp_path / 'nope.pt'}", f"data={bad}", cwd=tmp_path)
+    proc = run_here("finetune.py", "stage=sft", f"ckpt={tmp_path / 'nope.pt'}", f"data={bad}", cwd=tmp_path)
     assert proc.returncode == 2 and "does not exist" in proc.stderr and runs(tmp_path) == []
 
 
 def finetune(cwd: Path, *args: str) -> tuple[Path, object]:
     """Run finetune.py in `cwd`; -> (its new run folder, the finished process)."""
     before = set(runs(cwd))
-    proc = run_script("finetune.py", *args, cwd=cwd)
+    proc = run_here("finetune.py", *args, cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (new,) = set(runs(cwd)) - before
     return new, proc
@@ -213,7 +214,7 @@ def test_reward_model_reports_pairwise_accuracy_and_refuses_to_be_a_policy(chain
     every = tmp_path / "pairs.jsonl"
     every.write_text(files["pairs_train"].read_text() + files["pairs_val"].read_text())
     out = tmp_path / "eval"
-    proc = run_script("evaluate.py", f"ckpt={run / 'checkpoints' / 'last.pt'}", f"pairs={every}",
+    proc = run_here("evaluate.py", f"ckpt={run / 'checkpoints' / 'last.pt'}", f"pairs={every}",
                       f"hydra.run.dir={out}", cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())["metrics"]
@@ -221,7 +222,7 @@ def test_reward_model_reports_pairwise_accuracy_and_refuses_to_be_a_policy(chain
     assert above_chance(metrics["reward/pairwise_accuracy"], 441) < LEVEL, metrics
     # a reward model is not a language model to fine-tune: refused, and no run folder is left behind
     before = runs(cwd)
-    proc = run_script("finetune.py", "stage=sft", f"ckpt={run}", f"data={files['sft_train']}", *FT, cwd=cwd)
+    proc = run_here("finetune.py", "stage=sft", f"ckpt={run}", f"data={files['sft_train']}", *FT, cwd=cwd)
     assert proc.returncode == 2 and "holds a gpt.heads.RewardModel (stage=reward); stage=sft needs" in proc.stderr
     assert runs(cwd) == before
 
@@ -266,7 +267,7 @@ def test_grpo_from_sft_raises_the_exact_match_reward(chain):
     z = (reward[-1] - reward[0]) / math.sqrt(pooled * (1 - pooled) * 2 / 192)
     assert z > 1.645, (reward, z)  # the 95th percentile of the standard normal
     # a GRPO checkpoint is a plain language model: infer.py chats with it
-    proc = run_script("infer.py", f"ckpt={run}", 'prompt="3+4="', "chat=true", "max_new_tokens=5", cwd=cwd)
+    proc = run_here("infer.py", f"ckpt={run}", 'prompt="3+4="', "chat=true", "max_new_tokens=5", cwd=cwd)
     assert proc.returncode == 0, proc.stderr
 
 
@@ -298,10 +299,10 @@ def test_ppo_from_sft_with_the_reward_model(chain, reward_run):
                       "stage.minibatch_size=16", "stage.epochs=2")
     (first,) = evals(one, "train/kl")
     assert first["step"] == 1 and first["train/kl"] == 0.0 and first["train/clip_fraction"] == 0.0, first
-    proc = run_script("infer.py", f"ckpt={run}", 'prompt="3+4="', "chat=true", "max_new_tokens=5", cwd=cwd)
+    proc = run_here("infer.py", f"ckpt={run}", 'prompt="3+4="', "chat=true", "max_new_tokens=5", cwd=cwd)
     assert proc.returncode == 0, proc.stderr
     # the reward model's place must hold a reward model
-    proc = run_script("finetune.py", "stage=ppo", f"ckpt={sft}", f"stage.reward_ckpt={sft}",
+    proc = run_here("finetune.py", "stage=ppo", f"ckpt={sft}", f"stage.reward_ckpt={sft}",
                       f"data={files['prompts_train']}", *RL, cwd=cwd)
     assert proc.returncode == 2 and "stage.reward_ckpt=" in proc.stderr and "needs gpt.heads.RewardModel" in proc.stderr
 
@@ -321,7 +322,7 @@ def test_rlhf_runs_reward_then_ppo_in_one_command(chain):
     # without prompts=, PPO samples answers to the prompts of the preference pairs
     assert ppo["config"]["data"]["path"] == str(files["pairs_train"])
     assert ppo["config"]["data"]["val_path"] == str(files["pairs_val"])
-    proc = run_script("finetune.py", "stage=rlhf", f"ckpt={sft}", f"data={files['prompts_train']}", cwd=cwd)
+    proc = run_here("finetune.py", "stage=rlhf", f"ckpt={sft}", f"data={files['prompts_train']}", cwd=cwd)
     assert proc.returncode == 2 and "missing key 'chosen'" in proc.stderr
 
 
@@ -332,24 +333,24 @@ def test_classify_reports_accuracy_and_infer_prints_label_probabilities(chain):
     ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["labels"] == ["correct", "wrong"] and ckpt["config"]["model"]["num_labels"] == 2
     assert "val/accuracy" in proc.stdout
-    proc = run_script("infer.py", f"ckpt={run}", 'prompt="3+4=7"', cwd=cwd)
+    proc = run_here("infer.py", f"ckpt={run}", 'prompt="3+4=7"', cwd=cwd)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert sorted(line.split("\t")[0] for line in lines) == ["correct", "wrong"]
     assert abs(sum(float(line.split("\t")[1]) for line in lines) - 1) < 1e-3
     # a classifier is refused as the policy of ppo
-    proc = run_script("finetune.py", "stage=ppo", f"ckpt={run}", f"stage.reward_ckpt={run}",
+    proc = run_here("finetune.py", "stage=ppo", f"ckpt={run}", f"stage.reward_ckpt={run}",
                       f"data={files['prompts_train']}", cwd=cwd)
     assert proc.returncode == 2 and "holds a gpt.heads.Classifier (stage=classify); stage=ppo needs" in proc.stderr
 
 
 def test_demo_quick_runs_the_whole_chain_and_prints_the_table(tmp_path):
     """python -m gpt.tasks.demo <folder> --quick: every stage as a printed command, then the results table."""
-    proc = run_script("gpt/tasks/demo.py", str(tmp_path / "demo"), "--quick", cwd=tmp_path)
+    proc = run_here("gpt/tasks/demo.py", str(tmp_path / "demo"), "--quick", cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for stage in ("pretrain", "sft", "reward", "ppo", "dpo", "grpo", "classify"):
         assert f"hydra.run.dir=runs/{stage}" in proc.stdout and f"| {stage} | " in proc.stdout
     assert "python -m gpt.cli finetune stage=sft" in proc.stdout
     assert (tmp_path / "demo" / "results.md").read_text().startswith("| stage |")
-    proc = run_script("gpt/tasks/demo.py", str(tmp_path / "demo"), "--quick", cwd=tmp_path)  # never overwrites
+    proc = run_here("gpt/tasks/demo.py", str(tmp_path / "demo"), "--quick", cwd=tmp_path)  # never overwrites
     assert proc.returncode != 0 and "pass a new folder" in proc.stderr

@@ -5,7 +5,8 @@ import glob
 import pytest
 import torch
 
-from conftest import TINY, run_script
+from conftest import TINY
+from inprocess import run_here
 from gpt.stages.completion import Completion
 from gpt.tasks.arithmetic import write_task
 from gpt.runs import read_metrics
@@ -34,7 +35,7 @@ def _runs(base):
 @pytest.mark.slow
 def test_finetune_resume_continues_exactly(tmp_path):
     files = write_task(tmp_path / "task", n=200, seed=0, hi=20)
-    proc = run_script("train.py", *TINY, "data=text", f"data.path={files['pretrain']}", cwd=tmp_path)
+    proc = run_here("train.py", *TINY, "data=text", f"data.path={files['pretrain']}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (pre,) = _runs(tmp_path)
     common = [f"data={files['sft_train']}", "trainer.eval_interval=6", "trainer.eval_iters=2", "trainer.log_interval=1",
@@ -43,7 +44,7 @@ def test_finetune_resume_continues_exactly(tmp_path):
 
     def finetune(*args):
         before = _runs(tmp_path)
-        proc = run_script("finetune.py", *args, *common, cwd=tmp_path)
+        proc = run_here("finetune.py", *args, *common, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-2000:]
         new = _runs(tmp_path) - before
         if any(a.startswith("resume=") for a in args):
@@ -66,8 +67,8 @@ def test_finetune_resume_continues_exactly(tmp_path):
     assert loss(full) == loss(resumed)  # one history in one folder: steps 1-6, then 7-12
     # what the checkpoint fixes (stage, data, lora, seed) cannot change on resume: refused, never dropped
     for bad in ("data=/other/file.jsonl",):  # lora, seed and ckpt follow the same rule (gpt.run.adopt)
-        proc = run_script("finetune.py", f"resume={half}", "trainer.max_iters=12", bad, cwd=tmp_path)
+        proc = run_here("finetune.py", f"resume={half}", "trainer.max_iters=12", bad, cwd=tmp_path)
         assert proc.returncode == 2 and "cannot apply on resume" in proc.stderr, (bad, proc.stderr[-800:])
     # a pretraining run is not a finetune.py run
-    proc = run_script("finetune.py", f"resume={pre}", cwd=tmp_path)
+    proc = run_here("finetune.py", f"resume={pre}", cwd=tmp_path)
     assert proc.returncode == 2 and "is not a finetune.py checkpoint" in proc.stderr

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import gpt.inference as inference
-from conftest import run_script
+
+from inprocess import run_here
 from gpt.checkpoint import save_checkpoint
 from gpt.errors import UserError
 from gpt.generate import generate, last_logits
@@ -139,14 +140,14 @@ def test_bf16_cached_greedy_generation_agrees_with_uncached_logits(ckpt_path):
 
 @pytest.mark.slow
 def test_infer_dtype_option(ckpt_path, tmp_path):
-    bad = run_script("infer.py", f"ckpt={ckpt_path}", "dtype=int4", cwd=tmp_path)
+    bad = run_here("infer.py", f"ckpt={ckpt_path}", "dtype=int4", cwd=tmp_path)
     assert bad.returncode == 2
     err = bad.stderr.strip().splitlines()
     assert len(err) == 1 and "dtype='int4'" in err[0] and "bfloat16" in err[0], bad.stderr
     common = [f"ckpt={ckpt_path}", "prompt=abc", "max_new_tokens=40", "seed=1"]
-    a = run_script("infer.py", *common, "dtype=float32", cwd=tmp_path)
-    b = run_script("infer.py", *common, "dtype=float32", "use_cache=false", cwd=tmp_path)
-    d = run_script("infer.py", *common, "dtype=bfloat16", cwd=tmp_path)
+    a = run_here("infer.py", *common, "dtype=float32", cwd=tmp_path)
+    b = run_here("infer.py", *common, "dtype=float32", "use_cache=false", cwd=tmp_path)
+    d = run_here("infer.py", *common, "dtype=bfloat16", cwd=tmp_path)
     assert all(p.returncode == 0 for p in (a, b, d)), a.stderr + b.stderr + d.stderr
     assert a.stdout == b.stdout and a.stdout.startswith("abc")
     assert d.stdout.startswith("abc") and len(d.stdout) > 3

@@ -12,7 +12,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import ROOT, TINY, run_script
+from conftest import ROOT, TINY
+from inprocess import run_here
 from gpt.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from gpt.errors import UserError
 from gpt.finetuning import add_lora
@@ -311,11 +312,11 @@ def test_finetune_sft_with_lora_then_infer_and_merge(tmp_path):
     from gpt.tasks.arithmetic import write_task
 
     files = write_task(tmp_path / "task", n=200, seed=0, hi=20)
-    proc = run_script("train.py", *TINY, "trainer.max_iters=10", "trainer.eval_interval=10", "data=text",
+    proc = run_here("train.py", *TINY, "trainer.max_iters=10", "trainer.eval_interval=10", "data=text",
                       f"data.path={files['pretrain']}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (pre,) = runs(tmp_path)
-    proc = run_script("finetune.py", "stage=sft", f"ckpt={pre}", f"data={files['sft_train']}",
+    proc = run_here("finetune.py", "stage=sft", f"ckpt={pre}", f"data={files['sft_train']}",
                       f"data.val_path={files['sft_val']}", "lora.r=4", "lora.targets=[attn.c_attn,mlp.*]",
                       "trainer.max_iters=10", "trainer.eval_interval=10", "trainer.eval_iters=1",
                       "trainer.batch_size=8", "stage.eval_examples=4", "stage.num_samples=1",
@@ -334,7 +335,7 @@ def test_finetune_sft_with_lora_then_infer_and_merge(tmp_path):
             assert torch.equal(ckpt["model"][k][:n_old], v), k
         else:
             assert torch.equal(ckpt["model"][k], v), k
-    answer = run_script("infer.py", f"ckpt={sft}", 'prompt="3+4="', "chat=true", "temperature=0",
+    answer = run_here("infer.py", f"ckpt={sft}", 'prompt="3+4="', "chat=true", "temperature=0",
                         "max_new_tokens=8", cwd=tmp_path)
     assert answer.returncode == 0 and answer.stdout.strip(), answer.stderr[-3000:]
     out = tmp_path / "merged.pt"
@@ -346,11 +347,11 @@ def test_finetune_sft_with_lora_then_infer_and_merge(tmp_path):
     with torch.no_grad():  # the merged file and the LoRA run load as the same plain model
         a, b = (model_from_checkpoint(load_checkpoint(p))(x)[0] for p in (out, sft))
     assert torch.allclose(a, b, atol=1e-5, rtol=0)
-    rm = run_script("finetune.py", "stage=reward", f"ckpt={sft}", f"data={files['pairs_train']}", "lora.r=2",
+    rm = run_here("finetune.py", "stage=reward", f"ckpt={sft}", f"data={files['pairs_train']}", "lora.r=2",
                     "trainer.max_iters=2", "trainer.eval_interval=2", "trainer.eval_iters=1",
                     "trainer.batch_size=4", cwd=tmp_path)  # a later stage starts from the LoRA run
     assert rm.returncode == 0, rm.stderr[-3000:]
-    proc = run_script("finetune.py", "stage=sft", f"ckpt={pre}", f"data={files['sft_train']}", "lora.r=4",
+    proc = run_here("finetune.py", "stage=sft", f"ckpt={pre}", f"data={files['sft_train']}", "lora.r=4",
                       "lora.targets=[attn.qkv]", cwd=tmp_path)
     assert proc.returncode == 2 and "lora.targets pattern 'attn.qkv' matches no Linear layer" in proc.stderr
     assert len(runs(tmp_path)) == 3  # the refused run left no folder

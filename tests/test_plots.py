@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY, run_script
+from inprocess import run_here
 from gpt.errors import UserError
 from gpt.plots import curves, plot_folder
 from gpt.runs import job_labels, read_metrics, run_summary
@@ -138,7 +139,7 @@ def test_sweep_jobs_share_a_wandb_group_and_log_their_checkpoint(sweep):
 @pytest.mark.slow
 def test_plot_on_demand_overlays_the_sweep(sweep):
     cwd, folder, _ = sweep
-    proc = run_script("evaluate.py", f"plot={folder}", cwd=cwd)
+    proc = run_here("evaluate.py", f"plot={folder}", cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == [str(folder / "loss.png"), str(folder / "lr.png")]
     for name in ("loss.png", "lr.png"):

@@ -4,7 +4,8 @@ old-format checkpoints, infer.py support."""
 import pytest
 import torch
 
-from conftest import run_script
+
+from inprocess import run_here
 from gpt.checkpoint import load_checkpoint, save_checkpoint
 from gpt.errors import UserError
 from gpt.generate import generate
@@ -143,10 +144,10 @@ def test_bad_quantize_option(ckpt_path):
 @pytest.mark.slow
 def test_quantize_cli_and_infer(ckpt_path, tmp_path):
     out = tmp_path / "q.pt"
-    proc = run_script("gpt/quantize.py", str(ckpt_path), str(out), cwd=tmp_path)
+    proc = run_here("gpt/quantize.py", str(ckpt_path), str(out), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    a = run_script("infer.py", f"ckpt={out}", "prompt=abc", "max_new_tokens=10", "seed=1", cwd=tmp_path)
-    b = run_script("infer.py", f"ckpt={ckpt_path}", "quantize=int8", "prompt=abc", "max_new_tokens=10", "seed=1",
+    a = run_here("infer.py", f"ckpt={out}", "prompt=abc", "max_new_tokens=10", "seed=1", cwd=tmp_path)
+    b = run_here("infer.py", f"ckpt={ckpt_path}", "quantize=int8", "prompt=abc", "max_new_tokens=10", "seed=1",
                    cwd=tmp_path)
     assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
     assert a.stdout == b.stdout and a.stdout.startswith("abc")

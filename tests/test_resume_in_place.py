@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, run_script
+from conftest import TINY
+from inprocess import run_here
 from gpt.config import history_until, resume_in_place
 from gpt.runs import read_metrics
 
@@ -60,12 +61,12 @@ def test_history_until_keeps_the_rows_up_to_the_checkpoint_and_drops_summaries(t
 def test_a_resumed_run_continues_in_its_folder_and_equals_the_uninterrupted_run(tmp_path):
     common = [*TINY, "trainer.eval_interval=4", "trainer.log_interval=2", "scheduler.schedule.total_iters=8",
               "scheduler.schedule.warmup_iters=2"]
-    full = run_script("train.py", *common, "trainer.max_iters=8", "hydra.run.dir=full", cwd=tmp_path)
+    full = run_here("train.py", *common, "trainer.max_iters=8", "hydra.run.dir=full", cwd=tmp_path)
     assert full.returncode == 0, full.stderr[-2000:]
-    half = run_script("train.py", *common, "trainer.max_iters=4", cwd=tmp_path)
+    half = run_here("train.py", *common, "trainer.max_iters=4", cwd=tmp_path)
     assert half.returncode == 0, half.stderr[-2000:]
     (run,) = [p.parent.parent for p in tmp_path.glob("outputs/*-*-*/*/checkpoints/last.pt")]
-    rest = run_script("train.py", *common, "trainer.max_iters=8", f"resume={run}", cwd=tmp_path)
+    rest = run_here("train.py", *common, "trainer.max_iters=8", f"resume={run}", cwd=tmp_path)
     assert rest.returncode == 0, rest.stderr[-2000:]
     assert [p.parent.parent for p in tmp_path.glob("outputs/*-*-*/*/checkpoints/last.pt")] == [run]  # no new folder
     assert (run / ".hydra" / "resume-1" / "overrides.yaml").is_file()

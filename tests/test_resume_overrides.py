@@ -6,7 +6,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from conftest import TINY, run_script
+from conftest import TINY
+from inprocess import run_here
 from gpt.run import apply_hyperparameters
 from gpt.optim import param_groups
 from gpt.runs import read_metrics
@@ -63,18 +64,18 @@ def test_new_lr_and_schedule_take_effect():
 def test_train_py_resume_applies_lr_and_refuses_model_changes(tmp_path):
     common = [*TINY, "trainer.max_iters=4", "trainer.eval_interval=4", "trainer.log_interval=1",
               "scheduler=constant", "scheduler.schedule.warmup_iters=0"]
-    first = run_script("train.py", *common, "optimizer.lr=2e-3", cwd=tmp_path)
+    first = run_here("train.py", *common, "optimizer.lr=2e-3", cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-1500:]
     (run,) = [p.parent.parent for p in tmp_path.glob("outputs/*/*/checkpoints/last.pt")]
     for bad, key in (("model.n_layer=3", "model"), ("seed=5", "seed")):  # data, tokenizer: the same rule
-        proc = run_script("train.py", *common, "trainer.max_iters=6", f"resume={run}", bad, cwd=tmp_path)
+        proc = run_here("train.py", *common, "trainer.max_iters=6", f"resume={run}", bad, cwd=tmp_path)
         lines = [line for line in proc.stderr.splitlines() if line.strip()]
         assert proc.returncode == 2 and len(lines) == 1 and "cannot apply on resume" in lines[0], proc.stderr[-800:]
         assert f"fixes {key}" in lines[0]
     assert not (run / ".hydra" / "resume-1").exists()  # a refused resume leaves no record in the run folder
     for extra, lr in (([], 2e-3), (["optimizer.lr=1e-4"], 1e-4)):  # the run's own lr unless one is typed
         new = tmp_path / f"resumed-{lr}"  # a folder of its own each time (hydra.run.dir): both start at step 4
-        resumed = run_script("train.py", *common, "trainer.max_iters=6", f"resume={run}", *extra,
+        resumed = run_here("train.py", *common, "trainer.max_iters=6", f"resume={run}", *extra,
                              f"hydra.run.dir={new}", cwd=tmp_path)
         assert resumed.returncode == 0, resumed.stderr[-1500:]
         lrs = {r["step"]: r["train/lr"] for r in read_metrics(new / "metrics.jsonl") if "train/lr" in r}

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, TINY, run_script
+from conftest import ROOT, TINY
+from inprocess import run_here
 from gpt.checkpoint import choose_checkpoint, load_checkpoint, save_checkpoint
 from gpt.runs import (_restore_latest, describe_run, main, point_latest, rank_jobs, run_folders, runs_table,
                       summarise_sweep)
@@ -170,19 +171,19 @@ def test_older_checkpoints_give_their_val_loss_as_the_reason(tmp_path, caplog):
 # ---- end to end ------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_latest_run_and_sweep_end_to_end(tmp_path):
-    first = run_script("train.py", *TINY, cwd=tmp_path)
+    first = run_here("train.py", *TINY, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-2000:]
     (run,) = (tmp_path / "outputs").glob("*-*-*/*")
     assert os.readlink(tmp_path / "outputs" / "latest") == str(run.relative_to(tmp_path / "outputs"))
-    bad = run_script("train.py", "trainer.max_iters=0", cwd=tmp_path)  # refused: its folder is removed
+    bad = run_here("train.py", "trainer.max_iters=0", cwd=tmp_path)  # refused: its folder is removed
     assert bad.returncode == 2 and (tmp_path / "outputs" / "latest").resolve() == run.resolve()
 
-    infer = run_script("infer.py", "ckpt=outputs/latest", "max_new_tokens=5", "prompt=AB", cwd=tmp_path)
+    infer = run_here("infer.py", "ckpt=outputs/latest", "max_new_tokens=5", "prompt=AB", cwd=tmp_path)
     assert infer.returncode == 0, infer.stderr[-2000:]
     assert f"checkpoint: {run.relative_to(tmp_path)}/checkpoints/best.pt (best.pt of the run folder" in infer.stderr
     assert "checkpoint:" not in infer.stdout
 
-    sweep = run_script("train.py", "-m", *TINY, "optimizer.lr=1e-3,3e-3", cwd=tmp_path)
+    sweep = run_here("train.py", "-m", *TINY, "optimizer.lr=1e-3,3e-3", cwd=tmp_path)
     assert sweep.returncode == 0, sweep.stderr[-2000:]
     (folder,) = (tmp_path / "multirun").glob("*-*-*/*")
     assert (tmp_path / "multirun" / "latest").resolve() == folder.resolve()

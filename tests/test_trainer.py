@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, run_script
+from conftest import TINY
+from inprocess import run_here
 from gpt.model import GPT
 from gpt.trainer import Loop, Precision, Trainer
 
@@ -227,11 +228,11 @@ def test_train_py_resume_refuses_a_corpus_whose_tokenizer_changed(tmp_path):
     corpus.write_text("abcdefgh\n" * 300)
     args = [*TINY, "trainer.max_iters=2", "trainer.eval_interval=2", "data=text", f"data.path={corpus}",
             "hardware.autocast_dtype=float32"]
-    first = run_script("train.py", *args, cwd=tmp_path)
+    first = run_here("train.py", *args, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-2000:]
     (run,) = runs(tmp_path)
     corpus.write_text("abcdefgh\nxyz\n" * 300)  # three new characters
-    proc = run_script("train.py", *args, "trainer.max_iters=4", f"resume={run}", cwd=tmp_path)
+    proc = run_here("train.py", *args, "trainer.max_iters=4", f"resume={run}", cwd=tmp_path)
     line = one_error_line(proc)
     assert "was trained with tokenizer char" in line and "use the same data= and tokenizer=" in line
     assert runs(tmp_path) == [run]
@@ -248,11 +249,11 @@ def test_finetune_py_resume_refuses_a_parent_that_changed(tmp_path):
     args = ["stage=sft", f"ckpt={parent}", f"data={data}", "trainer.max_iters=2", "trainer.eval_interval=2",
             "trainer.eval_iters=1", "trainer.batch_size=4", "stage.eval_examples=2", "stage.num_samples=1",
             "hardware.autocast_dtype=float32"]
-    first = run_script("finetune.py", *args, cwd=tmp_path)
+    first = run_here("finetune.py", *args, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-2000:]
     (run,) = runs(tmp_path)
     make_parent(parent, seed=1)  # same shape, other weights: the file's hash changes
-    proc = run_script("finetune.py", f"resume={run}", "trainer.max_iters=4", cwd=tmp_path)
+    proc = run_here("finetune.py", f"resume={run}", "trainer.max_iters=4", cwd=tmp_path)
     line = one_error_line(proc)
     assert "changed since the run started" in line and str(parent) in line
     assert runs(tmp_path) == [run]
@@ -284,17 +285,17 @@ def grpo_runs(tmp_path_factory) -> dict:
         return torch.load(run / "checkpoints" / "last.pt", weights_only=True)
 
     (tmp_path / "full").mkdir()
-    full = run_script("finetune.py", *common, "trainer.max_iters=8", cwd=tmp_path / "full")
+    full = run_here("finetune.py", *common, "trainer.max_iters=8", cwd=tmp_path / "full")
     assert full.returncode == 0, full.stderr[-2000:]
     (full_run,) = runs(tmp_path / "full")
     out = {"full": last(full_run), "full_rows": train_rows(full_run)}
     for stop in (3,):  # inside a rollout (4 steps each): the harder case; a rollout's end is a special one
         cwd = tmp_path / f"stop{stop}"
         cwd.mkdir()
-        part = run_script("finetune.py", *common, f"trainer.max_iters={stop}", cwd=cwd)
+        part = run_here("finetune.py", *common, f"trainer.max_iters={stop}", cwd=cwd)
         assert part.returncode == 0, part.stderr[-2000:]
         (first,) = runs(cwd)
-        resumed = run_script("finetune.py", f"resume={first}", *RL_LOOP, "trainer.max_iters=8", cwd=cwd)
+        resumed = run_here("finetune.py", f"resume={first}", *RL_LOOP, "trainer.max_iters=8", cwd=cwd)
         assert resumed.returncode == 0, resumed.stderr[-2000:]
         assert runs(cwd) == [first]  # continued in its own folder
         out[stop] = (first, last(first), train_rows(first))

@@ -64,9 +64,11 @@ def check_settings(cfg: DictConfig) -> None:
         raise UserError(f"generation.stop={stop} must be a list of strings (or null)")
 
 
-def evaluate(cfg: DictConfig, out=sys.stdout) -> dict:
+def evaluate(cfg: DictConfig, out=None) -> dict:
     """Evaluate cfg.ckpt (see conf/evaluate.yaml), write metrics.json, generations.jsonl and samples.txt into
-    the run folder, print the table; -> the report {"checkpoint", "data", "metrics", "files"}."""
+    the run folder, print the table (to `out`, default the sys.stdout of the moment); -> the report
+    {"checkpoint", "data", "metrics", "files"}."""
+    out = out or sys.stdout
     check_settings(cfg)
     model, tokenizer, ckpt = load_for_inference(cfg.ckpt, cfg.device, cfg.get("quantize"), dtype_option(cfg))
     autocast = contextlib.nullcontext  # the weights are already in the chosen dtype (cfg.dtype): no autocast
@@ -157,9 +159,10 @@ def checkpoint_sample_prompt(ckpt: dict) -> str:
     return prompt if isinstance(prompt, str) else "\n"
 
 
-def plot(folder: str, out=sys.stdout) -> list[Path]:
-    """evaluate.py plot=<run or sweep folder>: write its plots there, print their paths; keep no evaluation
-    run folder (nothing was evaluated)."""
+def plot(folder: str, out=None) -> list[Path]:
+    """evaluate.py plot=<run or sweep folder>: write its plots there, print their paths (to `out`, default
+    sys.stdout); keep no evaluation run folder (nothing was evaluated)."""
+    out = out or sys.stdout
     from gpt.plots import plot_folder
 
     paths = plot_folder(folder)
