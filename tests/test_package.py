@@ -21,7 +21,7 @@ from conftest import ROOT
 pytestmark = pytest.mark.slow
 
 SCRIPTS = ("gpt-train", "gpt-finetune", "gpt-infer", "gpt-evaluate", "gpt-serve", "gpt-lora", "gpt-quantize",
-           "gpt-interop", "gpt-runs", "gpt-prepare", "gpt-lm-eval")
+           "gpt-interop", "gpt-runs", "gpt-prepare", "gpt-lm-eval", "gpt-tokenizer")
 TINY = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.block_size=32", "trainer.max_iters=2",
         "trainer.eval_interval=2", "trainer.eval_iters=1", "trainer.batch_size=2", "stage.sample_tokens=5"]
 
