@@ -7,15 +7,21 @@ gathering the full state for the single-file checkpoint (rank 0 writes it), rest
 processes. Checkpoints stay the one self-describing file infer.py, evaluate.py, serve.py and finetune.py load,
 in torch's own format (optimizer state keyed by position) whatever the run's parallelism. Under FSDP rank 0
 samples from a plain copy of the model (the decode engine calls the model's parts directly, which a sharded
-model cannot serve), loaded with the gathered weights at each evaluation.
+model cannot serve), loaded with the gathered weights at each evaluation; code that decodes on every rank (RL
+rollouts, a stage's exact-match evaluation) does so on a plain module holding the gathered weights (`gathered`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import weakref
 
 import torch
 import torch.nn as nn
+
+# a sharded model -> a copy of it on the meta device (no memory): `gathered` fills it with the whole weights
+_PLAIN: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
 
 
 
@@ -29,6 +35,7 @@ def shard(model: nn.Module, block_type: type, mixed_precision: bool, reshard_aft
 
     import torch.distributed as dist
 
+    _PLAIN[model] = copy.deepcopy(model).to("meta")  # its structure (LoRA layers, heads), before sharding
     with torch.no_grad():  # every rank starts from rank 0's weights (each rank's own seed initialised its copy;
         for tensor in model.state_dict().values():  # DDP broadcasts at wrap time, fully_shard does not)
             dist.broadcast(tensor, src=0)
@@ -37,17 +44,91 @@ def shard(model: nn.Module, block_type: type, mixed_precision: bool, reshard_aft
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     if cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
+    kept = param_settings(model)
     for module in model.modules():
         if isinstance(module, block_type):
             fully_shard(module, **kwargs)
     fully_shard(model, **kwargs)
+    restore_param_settings(model, kept)
     return model
+
+
+def param_settings(model: nn.Module) -> dict:
+    """name -> (attributes, gradient hooks) of each parameter that has any: LoRA's trainable new rows of the
+    embedding are a Parameter marked `no_weight_decay` whose hook zeroes the old rows' gradient (gpt.lora)."""
+    out = {}
+    for name, p in model.named_parameters():
+        attrs, hooks = dict(vars(p)), list((p._backward_hooks or {}).values())
+        if attrs or hooks:
+            out[name] = (attrs, hooks)
+    return out
+
+
+def restore_param_settings(model: nn.Module, kept: dict) -> None:
+    """Give the sharded parameters the settings `param_settings` read before sharding (fully_shard replaces every
+    Parameter): the attributes on the sharded Parameter (gpt.optim reads them when the optimizer is built), the
+    gradient hooks on the whole Parameter each forward runs with (FSDP reduces that one's gradient; a hook on the
+    shard would never run), registered once per such tensor from a pre-hook of the module that holds it."""
+    params = dict(model.named_parameters())
+    for name, (attrs, hooks) in kept.items():
+        for key, value in attrs.items():
+            setattr(params[name], key, value)
+        if not hooks:
+            continue
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+
+        def register(module, args, attr=attr, hooks=hooks):
+            weight = getattr(module, attr)  # under FSDP's forward: the whole Parameter, kept across steps
+            if weight.requires_grad and not getattr(weight, "_settings_hooked", False):
+                for hook in hooks:
+                    weight.register_hook(hook)
+                weight._settings_hooked = True
+
+        owner.register_forward_pre_hook(register)
 
 
 def is_sharded(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module):
+    """`with gathered(model) as plain:` a plain module holding `model`'s whole weights on this rank, for code that
+    calls a model's parts directly (the decode engine: `hidden_states`, `lm_head`, a KV cache), which a sharded
+    model cannot serve; without FSDP, `model` itself. Under FSDP the weights are gathered once on entry (a
+    collective every rank calls at the same point) and freed on exit: the decode inside runs no collective, so
+    ranks whose rows finish after different numbers of steps cannot deadlock, and FSDP's own forward state is
+    not touched. Memory: one whole float copy of the weights per rank while inside."""
+    if not is_sharded(model):
+        yield model
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    plain = _PLAIN[model]
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))  # whole on every rank
+    plain.load_state_dict(state, assign=True)
+    del state
+    plain.train(model.training)
+    try:
+        yield plain
+    finally:
+        plain.to("meta")  # frees the gathered copy
+
+
+def call(model: nn.Module, fn, *args, **kwargs):
+    """fn(module, *args, **kwargs) run as the forward of `model` (a plain, DDP-wrapped or FSDP-sharded model):
+    for a head's method (Classifier.classify, a reward score) that is not the module's forward. DDP synchronises
+    gradients and FSDP gathers the root's weights (embeddings, final norm, heads) only around a call of the model
+    itself, so the function runs inside one, with the inner module's forward shadowed by it for that call."""
+    inner = getattr(model, "module", model)  # DDP wraps the module; FSDP2 is the module itself
+    inner.forward = lambda *a, **k: fn(inner, *a, **k)  # an instance attribute shadows the class's forward
+    try:
+        return model(*args, **kwargs)
+    finally:
+        del inner.forward
 
 
 def micro_step(model: nn.Module, last: bool):

@@ -13,15 +13,18 @@ from gpt.encoding import lm_batch
 from gpt.errors import UserError
 from gpt.engine import Sampling, complete
 from gpt.jsonl import read_prompts, split_val
+from gpt.parallel import gathered
 
 
 @torch.no_grad()
 def sample_answers(model, prompts: list[list[int]], max_new_tokens: int, end_id: int, temperature: float = 1.0,
                    top_k: int | None = None, generator: torch.Generator | None = None) -> list[list[int]]:
     """One batch of KV-cache sampling (the decode engine, one group) -> each prompt's answer ids, up to and
-    including its first end id."""
-    rows = complete(model, prompts, Sampling(max_new_tokens, temperature, top_k, stop_ids=(end_id,),
-                                             generator=generator))
+    including its first end id. A model sharded with FSDP decodes on its gathered weights (each rank its own
+    prompts, for as many steps as its rows need)."""
+    with gathered(model) as plain:
+        rows = complete(plain, prompts, Sampling(max_new_tokens, temperature, top_k, stop_ids=(end_id,),
+                                                 generator=generator))
     return [r.new + ([r.stop_token] if r.stop_token is not None else []) for r in rows]
 
 

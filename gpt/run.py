@@ -188,13 +188,19 @@ def apply_hyperparameters(optimizer, scheduler, cfg: DictConfig, model: torch.nn
 
 # ---- the run -------------------------------------------------------------------------------------
 
-def shard_for_fsdp(model, cfg: DictConfig, info: distributed.DistInfo, script: str):
-    """hardware=fsdp (hardware.data_parallel=fsdp) under torchrun: shard the model in place, block by block, before
-    the optimizer is built -> rank 0's plain copy to sample from (None elsewhere, and without FSDP)."""
+def shard_for_fsdp(model, cfg: DictConfig, info: distributed.DistInfo):
+    """hardware=fsdp (hardware.data_parallel=fsdp) under torchrun: shard the model that trains in place, block by
+    block, before the optimizer is built -> rank 0's plain copy to sample from (None elsewhere, and without FSDP).
+
+    Any script and stage: pretraining, and every finetune.py stage with or without LoRA (frozen base weights and
+    trained adapters share a block's shard; only the adapters have gradients and optimizer state). A stage's
+    frozen models (the DPO / GRPO / PPO reference, PPO's reward model) stay whole on every rank, unsharded: they
+    run forward only, without gradients or optimizer state, so each costs 4 bytes per parameter per rank against
+    the 16 that training one costs before sharding, and they run without collectives, so ranks need not call
+    them in lockstep. Rollouts and exact-match evaluations decode on a plain module holding the gathered weights
+    (gpt.parallel.gathered)."""
     if not info.enabled or cfg.hardware.get("data_parallel", "ddp") != "fsdp":
         return None
-    if script != "train.py":  # the stages generate through the decode engine, which needs the whole model
-        raise UserError(f"hardware=fsdp runs pretraining (train.py) so far; run {script} with hardware=ddp")
     import copy
 
     from gpt import parallel
@@ -290,7 +296,7 @@ def execute(cfg: DictConfig, spec: RunSpec) -> float:
         for warning in schedule_warnings(cfg):
             log.warning(warning)
         parts = spec.build(cfg, info, resume)
-        sampler = shard_for_fsdp(parts.model, cfg, info, spec.script)
+        sampler = shard_for_fsdp(parts.model, cfg, info)
 
         optimizer = build_optimizer(instantiate(cfg.optimizer), parts.model, cfg.optimizer.get("weight_decay", 0.0))
         scheduler = instantiate(cfg.scheduler)(optimizer)

@@ -71,14 +71,17 @@ def test_an_fsdp_checkpoint_is_one_file_that_samples_and_resumes_anywhere(runs, 
     assert torch.load(tmp_path / "single" / "checkpoints" / "last.pt", weights_only=True)["step"] == 8
 
 
-def test_finetune_stages_are_refused_under_fsdp_in_one_line():
+def test_fsdp_shards_any_script_and_only_under_torchrun_with_hardware_fsdp():
+    """Nothing is refused under hardware=fsdp any more (every finetune.py stage runs: tests/test_fsdp_finetune.py);
+    without torchrun, or with hardware=ddp, the model is left as it is."""
     from omegaconf import OmegaConf
 
     from gpt.distributed import DistInfo
-    from gpt.errors import UserError
     from gpt.run import shard_for_fsdp
 
-    cfg = OmegaConf.create({"hardware": {"data_parallel": "fsdp"}})
-    with pytest.raises(UserError, match="hardware=fsdp runs pretraining .* run finetune.py with hardware=ddp"):
-        shard_for_fsdp(torch.nn.Linear(2, 2), cfg, DistInfo(0, 0, 2, "cpu"), "finetune.py")
-    assert shard_for_fsdp(torch.nn.Linear(2, 2), cfg, DistInfo(0, 0, 1, "cpu"), "train.py") is None  # one process
+    fsdp = OmegaConf.create({"hardware": {"data_parallel": "fsdp"}})
+    ddp = OmegaConf.create({"hardware": {"data_parallel": "ddp"}})
+    model = torch.nn.Linear(2, 2)
+    assert shard_for_fsdp(model, fsdp, DistInfo(0, 0, 1, "cpu")) is None  # one process
+    assert shard_for_fsdp(model, ddp, DistInfo(0, 0, 2, "cpu")) is None
+    assert type(model) is torch.nn.Linear

@@ -14,6 +14,7 @@ from gpt.errors import UserError
 from gpt.heads import Classifier
 from gpt.jsonl import read_labelled, split_val
 from gpt.model import GPT
+from gpt.parallel import call
 from gpt.parent import model_config, require_kind, with_head
 from gpt.stages.common import ExampleObjective, positive_batch_size, validation_means
 from gpt.tokenizer import from_identity
@@ -59,7 +60,7 @@ class Classify(ExampleObjective):
     @staticmethod
     def loss(model, batch):
         idx, lengths, labels = batch
-        logits = model.classify(idx, lengths)
+        logits = call(model, Classifier.classify, idx, lengths)  # through the forward of a DDP / FSDP model
         return F.cross_entropy(logits, labels), {"accuracy": (logits.argmax(-1) == labels).float().mean()}
 
     @torch.no_grad()

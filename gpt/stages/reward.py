@@ -24,6 +24,7 @@ from gpt.errors import UserError
 from gpt.heads import RewardModel, last_token
 from gpt.jsonl import read_pairs, split_val
 from gpt.model import GPT
+from gpt.parallel import call
 from gpt.parent import model_config, require_kind, with_head
 from gpt.stages.common import ExampleObjective, positive_batch_size, validation_means
 from gpt.tokenizer import from_identity
@@ -34,6 +35,14 @@ log = logging.getLogger("gpt")
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
     """Rewards (B,) each -> mean -log sigmoid(chosen - rejected)."""
     return -F.logsigmoid(chosen - rejected).mean()
+
+
+def scores_and_logits(model: RewardModel, idx: torch.Tensor, lengths: torch.Tensor, lm_len: int):
+    """idx (2B, T) rows chosen, rejected, ..., lengths (2B,) -> (rewards (2B,) float32, the chosen rows' LM
+    logits over their first lm_len positions (B, lm_len, V) float32, or None for lm_len 0), from one backbone pass."""
+    h = model.hidden_states(idx)
+    r = model.head(last_token(h, lengths)).squeeze(-1).float()
+    return r, (model.lm_head(h[0::2, :lm_len]).float() if lm_len else None)
 
 
 class Reward(ExampleObjective):
@@ -74,12 +83,10 @@ class Reward(ExampleObjective):
 
     def loss(self, model, batch):
         idx, lengths, y = batch
-        h = model.hidden_states(idx)
-        r = model.head(last_token(h, lengths)).squeeze(-1).float()
+        r, logits = call(model, scores_and_logits, idx, lengths, y.size(1) if self.lm_weight else 0)
         loss = bradley_terry_loss(r[0::2], r[1::2])
         metrics = {"accuracy": (r[0::2] > r[1::2]).float().mean(), "margin": (r[0::2] - r[1::2]).mean()}
         if self.lm_weight:
-            logits = model.lm_head(h[0::2, : y.size(1)]).float()
             nll = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1)
             loss = loss + self.lm_weight * nll
             metrics["chosen_nll"] = nll.detach()

@@ -17,6 +17,7 @@ from gpt.errors import UserError
 from gpt.generate import generate_batch
 from gpt.jsonl import read_instructions, split_val
 from gpt.model import GPT
+from gpt.parallel import gathered
 from gpt.parent import lm_from_parent, model_config, require_kind
 from gpt.scoring import chat_exact_match
 from gpt.stages.common import MaskedLMObjective, positive_batch_size
@@ -53,7 +54,9 @@ class SFT(MaskedLMObjective):
     # ---- the objective interface (gpt.trainer; batches and loss from MaskedLMObjective) --------
     @torch.no_grad()
     def evaluate(self, model, iters: int, autocast) -> dict:
-        em = chat_exact_match(model, self.tokenizer, self.val_convs[: self.eval_examples], autocast, self.max_new_tokens)
+        with gathered(model) as plain:  # FSDP: the decode engine needs the whole weights
+            em = chat_exact_match(plain, self.tokenizer, self.val_convs[: self.eval_examples], autocast,
+                                  self.max_new_tokens)
         return {"val/loss": self.val_loss(model, iters, autocast), "val/exact_match": em}
 
     def samples(self, model, autocast) -> list[dict]:
