@@ -239,6 +239,7 @@ RULES: dict[str, Rule] = {
     "model.qk_norm": Flag(),
     "model.n_kv_head": Int(1, null=True),
     "model.tie_embeddings": Flag(),
+    "model.vocab_multiple": Int(1, 4096),  # gpt.model.MAX_VOCAB_MULTIPLE
     "tokenizer.name": Text(),
     "tokenizer.vocab_size": Int(1, null=True),  # bpe: the size to train to (gpt.bpe refuses < 256 + special)
     "tokenizer.train_bytes": Int(1),
