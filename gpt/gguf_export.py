@@ -40,7 +40,7 @@ from gpt.checkpoint import clean_state_dict, load_checkpoint, model_from_checkpo
 from gpt.errors import UserError
 from gpt.export_meta import CHAT_TEMPLATE, special_token_ids
 from gpt.llama_layout import LLAMA, QWEN3, hf_architecture, join, llama_parts, split
-from gpt.model import GPT, GPTConfig
+from gpt.model import GPT, GPTConfig, without_padding
 from gpt.tokenizer import from_identity
 
 ARCH = "gpt2"
@@ -120,15 +120,16 @@ def gguf_tensors(model: GPT) -> dict[str, torch.Tensor]:
     zero biases where the model has none (llama.cpp's gpt2 graph always adds them: zeros are the exact
     equivalent); llama: q and k rows permuted to GGML's rotary layout."""
     cfg = model.config
+    state = without_padding(clean_state_dict(model.state_dict()), cfg)  # token_embd: one row per real token
     if hf_architecture(cfg) != "GPT2LMHeadModel":
         heads = _permuted(cfg)
         out = {}
-        for name, t in split(clean_state_dict(model.state_dict()), llama_parts(cfg)).items():
+        for name, t in split(state, llama_parts(cfg)).items():
             gname = llama_gguf_name(name)
             n = heads.get(gname.split(".", 2)[-1])
             out[gname] = permute(t, n).contiguous() if n else t
         return out
-    sd = {k: v for k, v in clean_state_dict(model.state_dict()).items() if k != "lm_head.weight"}
+    sd = {k: v for k, v in state.items() if k != "lm_head.weight"}
     out = {gguf_name(k): v.detach().float().contiguous() for k, v in sd.items()}
     widths = {"attn_norm": cfg.n_embd, "attn_qkv": 3 * cfg.n_embd, "attn_output": cfg.n_embd,
               "ffn_norm": cfg.n_embd, "ffn_up": 4 * cfg.n_embd, "ffn_down": cfg.n_embd}
@@ -433,7 +434,7 @@ def import_gguf(path: str, out_path: str) -> Path:
     args = read(reader, path)
     tokenizer, vocab_size = checked_identity(reader, path)
     model_cfg = {"_target_": "gpt.model.GPT", "vocab_size": vocab_size, **args, "dropout": 0.0,
-                 "loss_chunk_size": 4096, "attn_impl": "sdpa"}
+                 "loss_chunk_size": 4096, "attn_impl": "sdpa", "vocab_multiple": 1}  # the file's own rows
     model = GPT(**{k: v for k, v in model_cfg.items() if k != "_target_"})
     allowed = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.Q8_0}
     tensors = {t.name: t for t in reader.tensors}

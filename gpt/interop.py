@@ -40,7 +40,7 @@ from gpt.checkpoint import (adapter_ranks, clean_state_dict, load_checkpoint, mo
 from gpt.errors import cli_result, UserError
 from gpt.export_meta import CHAT_TEMPLATE, special_token_ids
 from gpt.llama_layout import LLAMA, QWEN3, hf_architecture, join, llama_parts, part_shapes, split
-from gpt.model import GPT, GPTConfig
+from gpt.model import GPT, GPTConfig, without_padding
 from gpt.tokenizer import _OFFLINE_FILES, from_identity
 
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -53,9 +53,9 @@ _RMS_NORM_EPS = 1e-5  # gpt.model.RMSNorm's
 def to_hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     """Our state dict in the names and layouts of the model's transformers class (hf_architecture)."""
     cfg = model.config
+    sd = without_padding(clean_state_dict(model.state_dict()), cfg)  # config.json's vocab_size is the true one
     if hf_architecture(cfg) != "GPT2LMHeadModel":
-        return split(clean_state_dict(model.state_dict()), llama_parts(cfg))
-    sd = clean_state_dict(model.state_dict())
+        return split(sd, llama_parts(cfg))
     out = {}
     for name, t in sd.items():
         if name == "lm_head.weight":
@@ -442,7 +442,8 @@ def import_hf(folder: str, out_path: str) -> Path:
         raise UserError(f"{folder!r} has no config.json; pass a folder saved by transformers' save_pretrained "
                         f"or by `python -m gpt.interop export`")
     args = checked_config(_read_json(src / "config.json", folder), folder)
-    model_cfg = {"_target_": "gpt.model.GPT", **args, "dropout": 0.0, "loss_chunk_size": 4096, "attn_impl": "sdpa"}
+    model_cfg = {"_target_": "gpt.model.GPT", **args, "dropout": 0.0, "loss_chunk_size": 4096, "attn_impl": "sdpa",
+                 "vocab_multiple": 1}  # the folder's own rows, as they are
     model = GPT(**{k: v for k, v in model_cfg.items() if k != "_target_"})
     gpt2 = hf_architecture(model.config) == "GPT2LMHeadModel"  # the layout the checked config implies
     tokenizer = checked_tokenizer(src, folder, args["vocab_size"], gpt2_default=gpt2)

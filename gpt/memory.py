@@ -99,11 +99,16 @@ def block_activation_bytes(config, batch_size: int, seq_len: int, dtype: torch.d
     return block
 
 
+def _rows(config) -> int:
+    """The output layer's rows: the padded vocabulary (model.vocab_multiple), which its matmuls compute."""
+    return getattr(config, "padded_vocab_size", config.vocab_size)
+
+
 def saved_activation_bytes(config, batch_size: int, seq_len: int, dtype: torch.dtype | None,
                            checkpointing: bool = False) -> int:
     """The tensors one micro-batch's forward pass keeps for backward: every block's activations, or with
     activation checkpointing each block's input only (4C per token)."""
-    C, L, V = config.n_embd, config.n_layer, config.vocab_size
+    C, L, V = config.n_embd, config.n_layer, _rows(config)
     tokens = batch_size * seq_len
     blocks = L * tokens * 4 * C if checkpointing else L * block_activation_bytes(config, batch_size, seq_len, dtype)
     # the embeddings' output and the last norm's input, the targets; the fused output layer builds its weight
@@ -119,7 +124,7 @@ def activation_bytes(config, batch_size: int, seq_len: int, dtype: torch.dtype |
     """The peak: the saved tensors, the fused output layer's chunk of logits on top of them, and with activation
     checkpointing the one block whose activations backward rebuilds at a time."""
     a = 4 if dtype is None else torch.empty(0, dtype=dtype).element_size()
-    chunk = min(batch_size * seq_len, config.loss_chunk_size) * config.vocab_size * a if config.loss_chunk_size else 0
+    chunk = min(batch_size * seq_len, config.loss_chunk_size) * _rows(config) * a if config.loss_chunk_size else 0
     rebuilt = block_activation_bytes(config, batch_size, seq_len, dtype) if checkpointing else 0
     return saved_activation_bytes(config, batch_size, seq_len, dtype, checkpointing) + chunk + rebuilt
 
@@ -165,9 +170,11 @@ def device_memory(device: str) -> int | None:
     return int(torch.cuda.get_device_properties(device).total_memory)
 
 
-def table(batch_size: int = 8, seq_len: int = 1024, vocab_size: int = 50304, gpus: int = 8) -> str:
+def table(batch_size: int = 8, seq_len: int = 1024, vocab_size: int = 50257, gpus: int = 8,
+          vocab_multiple: int = 64) -> str:
     """A markdown table of the estimate per device for the conf/model sizes (AdamW, bf16 autocast, micro-batch
-    `batch_size` x `seq_len`): one device (or DDP), with activation checkpointing, FSDP over `gpus`, and both."""
+    `batch_size` x `seq_len`, GPT-2's vocabulary padded as the presets do: 50304 rows): one device (or DDP), with
+    activation checkpointing, FSDP over `gpus`, and both."""
     from gpt.model import GPT
 
     sizes = {"nano": (4, 4, 256), "gpt2_small": (12, 12, 768), "gpt2_medium": (24, 16, 1024),
@@ -176,7 +183,8 @@ def table(batch_size: int = 8, seq_len: int = 1024, vocab_size: int = 50304, gpu
             f"activation checkpointing |", "|---|---|---|---|---|---|"]
     for name, (layers, heads, width) in sizes.items():
         with torch.device("meta"):
-            model = GPT(vocab_size=vocab_size, block_size=seq_len, n_layer=layers, n_head=heads, n_embd=width)
+            model = GPT(vocab_size=vocab_size, block_size=seq_len, n_layer=layers, n_head=heads, n_embd=width,
+                        vocab_multiple=vocab_multiple)
             optimizer = torch.optim.AdamW(model.parameters())
         cells = [estimate(model, optimizer, batch_size, seq_len, torch.bfloat16, shards=n, checkpointing=c).total / GiB
                  for n, c in ((1, False), (1, True), (gpus, False), (gpus, True))]

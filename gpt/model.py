@@ -41,6 +41,7 @@ class GPTConfig:
     qk_norm: bool = False  # normalise each head's queries and keys (the model's norm over D) before rotary
     n_kv_head: int | None = None  # key/value heads (grouped-query attention); None: n_head (multi-head)
     tie_embeddings: bool = True  # the output layer shares the token embedding's weights
+    vocab_multiple: int = 1  # embedding / output rows rounded up to a multiple of this (64: GPU-friendly matmuls)
 
     def __post_init__(self):
         for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -77,10 +78,23 @@ class GPTConfig:
             self.mlp_hidden = 4 * self.n_embd if self.mlp != "swiglu" else -(-8 * self.n_embd // 3 // 64) * 64
         if not isinstance(self.mlp_hidden, int) or isinstance(self.mlp_hidden, bool) or self.mlp_hidden <= 0:
             raise UserError(f"model.mlp_hidden={self.mlp_hidden!r} must be a positive integer or null")
+        m = self.vocab_multiple
+        if not isinstance(m, int) or isinstance(m, bool) or not 1 <= m <= MAX_VOCAB_MULTIPLE:
+            raise UserError(f"model.vocab_multiple={m!r} must be an integer in 1..{MAX_VOCAB_MULTIPLE} "
+                            f"(1: no padding; 64 pads GPT-2's 50257 to 50304)")
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and output layer: vocab_size rounded up to a multiple of vocab_multiple. The
+        padding rows are never looked up and never scored: logits and the loss cover the first vocab_size ids."""
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
+
+
+MAX_VOCAB_MULTIPLE = 4096  # a file cannot make us allocate an embedding of an arbitrary size through padding
 
 
 class KVCache:
@@ -291,6 +305,33 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+VOCAB_ROWS = ("transformer.wte.weight", "lm_head.weight")  # the state-dict tensors with one row per token id
+
+
+def without_padding(state: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
+    """A (clean) state dict with the token embedding and output layer cut to cfg.vocab_size rows: what an export
+    writes, since another runtime would otherwise score (and sample) the padding ids."""
+    return {k: (v[: cfg.vocab_size] if k in VOCAB_ROWS else v) for k, v in state.items()}
+
+
+class OutputHead(nn.Linear):
+    """The output layer: a (padded V, C) weight (GPTConfig.padded_vocab_size rows, tied to the token embedding or
+    not) whose forward scores the first `vocab_size` rows only, so every caller (decoding, evaluation, the stages'
+    heads) gets logits (..., V) over ids a tokenizer can decode and never sees a padding id. The slice of the
+    weight's first rows is a view: no copy, and the logits come out contiguous."""
+
+    def __init__(self, n_embd: int, vocab_size: int, padded_vocab_size: int):
+        super().__init__(n_embd, padded_vocab_size, bias=False)
+        self.vocab_size = vocab_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., C) -> logits (..., V)."""
+        return F.linear(x, self.weight[: self.vocab_size])
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, vocab_size={self.vocab_size}"
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of (h @ W^T) against targets, computed in row chunks.
 
@@ -299,14 +340,17 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     softmax - onehot (softmax and loss in float32; on CPU a few rows at a time, while they are in
     cache); the chunk's gradients with respect to h and W are then two matmuls, all in the forward
     pass. The backward pass only scales them. Rows whose target is `ignore_index` contribute nothing.
-    h: (N, C), weight: (V, C), targets: (N,).
+    h: (N, C), weight: (Vp, C), targets: (N,) in [0, vocab). The matmul runs over all Vp rows of a padded
+    weight (GPTConfig.vocab_multiple: the GPU-friendly shape) and the columns from `vocab` on are set to -inf
+    before the softmax, so the loss is exactly the cross-entropy over the true V ids and the padding rows get
+    a zero gradient.
     """
 
     MM_BLOCK = 1 << 23  # CPU: logits elements per matmul (V = 50304: 166 rows)
     SOFTMAX_BLOCK = 1 << 21  # CPU: logits elements per softmax step; its float32 copy (8 MiB) stays in cache
 
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk_size: int, ignore_index: int, grad_enabled: bool):
+    def forward(ctx, h, weight, targets, chunk_size: int, ignore_index: int, grad_enabled: bool, vocab: int):
         dev = h.device
         compute_dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else h.dtype
         acc_dtype = torch.promote_types(compute_dtype, torch.float32)  # softmax, loss, grad_w accumulation
@@ -338,6 +382,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                     b1 = min(b0 + mm_rows, end - start)
                     blk = g[b0:b1] if need_grad else buf[: b1 - b0]
                     torch.mm(hc[b0:b1], w.t(), out=blk)
+                    if vocab < V:  # padding ids: probability 0, so no loss and no gradient
+                        blk[:, vocab:].fill_(float("-inf"))
                     for s0 in range(0, b1 - b0, sm_rows):
                         s1 = min(s0 + sm_rows, b1 - b0)
                         rows = slice(start + b0 + s0, start + b0 + s1)
@@ -383,7 +429,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                                  dtype=torch.promote_types(grad_w_raw.dtype, ctx.weight_dtype))
             grad_w.copy_(grad_w_raw).mul_(grad_loss.to(grad_w.dtype) / n_valid)
             grad_w = grad_w.to(ctx.weight_dtype)
-        return (grad_h * grad_loss if grad_h is not None else None), grad_w, None, None, None, None
+        return (grad_h * grad_loss if grad_h is not None else None), grad_w, None, None, None, None, None
 
 
 class GPT(nn.Module):
@@ -391,18 +437,19 @@ class GPT(nn.Module):
                  n_embd: int = 384, dropout: float = 0.0, bias: bool = False, loss_chunk_size: int = 4096,
                  attn_impl: str = "sdpa", activation_checkpointing: bool = False, pos: str = "learned",
                  rope_theta: float = 10000.0, norm: str = "layernorm", mlp: str = "gelu", mlp_hidden: int | None = None,
-                 qk_norm: bool = False, n_kv_head: int | None = None, tie_embeddings: bool = True):
+                 qk_norm: bool = False, n_kv_head: int | None = None, tie_embeddings: bool = True,
+                 vocab_multiple: int = 1):
         super().__init__()
         self.config = cfg = GPTConfig(vocab_size, block_size, n_layer, n_head, n_embd, dropout, bias, loss_chunk_size,
                                       attn_impl, activation_checkpointing, pos, rope_theta, norm, mlp, mlp_hidden,
-                                      qk_norm, n_kv_head, tie_embeddings)
-        parts = dict(wte=nn.Embedding(cfg.vocab_size, cfg.n_embd))
+                                      qk_norm, n_kv_head, tie_embeddings, vocab_multiple)
+        parts = dict(wte=nn.Embedding(cfg.padded_vocab_size, cfg.n_embd))
         if cfg.pos == "learned":
             parts["wpe"] = nn.Embedding(cfg.block_size, cfg.n_embd)
         parts.update(drop=nn.Dropout(cfg.dropout), h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
                      ln_f=_norm(cfg, cfg.n_embd))
         self.transformer = nn.ModuleDict(parts)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = OutputHead(cfg.n_embd, cfg.vocab_size, cfg.padded_vocab_size)
         if cfg.tie_embeddings:
             self.transformer.wte.weight = self.lm_head.weight  # weight tying
         self.apply(self._init_weights)
@@ -492,7 +539,8 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
                 ignore_index: int = -1, pad: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """idx (B, T) -> (logits (B, T, V), None) without targets.
+        """idx (B, T) -> (logits (B, T, V), None) without targets. V is config.vocab_size, the tokenizer's
+        vocabulary, also when the output layer has padding rows (config.vocab_multiple).
 
         With targets (B, T) -> (logits or None, mean cross-entropy over targets != ignore_index). The
         output layer and loss are computed in chunks of config.loss_chunk_size rows without materialising
@@ -503,13 +551,16 @@ class GPT(nn.Module):
         h = self.hidden_states(idx, cache, pad)
         if targets is None:
             return self.lm_head(h), None
-        chunk = self.config.loss_chunk_size
+        chunk, V = self.config.loss_chunk_size, self.config.vocab_size
         if chunk <= 0 or not isinstance(self.lm_head, nn.Linear):  # unfused: also for a quantized lm_head
-            logits = self.lm_head(h)
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index)
+            if isinstance(self.lm_head, OutputHead):  # the padded matmul (aligned shape), then the true V columns
+                logits = F.linear(h, self.lm_head.weight)[..., :V]
+            else:
+                logits = self.lm_head(h)
+            loss = F.cross_entropy(logits.float().reshape(-1, V), targets.reshape(-1), ignore_index=ignore_index)
             return logits, loss
         loss = _FusedLinearCrossEntropy.apply(h.reshape(-1, h.size(-1)), self.lm_head.weight, targets.reshape(-1),
-                                              chunk, ignore_index, torch.is_grad_enabled())
+                                              chunk, ignore_index, torch.is_grad_enabled(), V)
         return None, loss
 
     def new_cache(self, batch_size: int, max_len: int | None = None, dtype=None) -> KVCache:

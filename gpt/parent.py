@@ -50,18 +50,20 @@ def require_same_tokenizer(a: dict, b: dict, role: str) -> None:
 def grow_vocab(model: GPT, vocab_size: int) -> GPT:
     """A copy of `model` with `vocab_size` rows in its embedding and output layer (one tied matrix, or two):
     the parent's rows are copied, new rows (special tokens) start at that matrix's mean row, so their logits
-    start ordinary."""
-    old = model.lm_head.weight.data
-    if vocab_size == old.size(0):
+    start ordinary. With model.vocab_multiple the new tokens take padding rows while they fit, else the padding
+    grows; padding rows (never scored) get the mean row too."""
+    old_vocab = model.config.vocab_size
+    if vocab_size == old_vocab:
         return model
     hp = model.hparams()
     hp["vocab_size"] = vocab_size
-    new = type(model)(**hp).to(old.device)
+    new = type(model)(**hp).to(model.lm_head.weight.device)
+    rows_now = new.config.padded_vocab_size
     state = model.state_dict()
     for key in ("transformer.wte.weight", "lm_head.weight"):  # a tied model's two keys hold the same matrix
-        rows = state[key]
-        grown = rows.mean(0, keepdim=True).repeat(vocab_size, 1)
-        grown[: rows.size(0)] = rows
+        rows = state[key][:old_vocab]  # the parent's real tokens, not its padding
+        grown = rows.mean(0, keepdim=True).repeat(rows_now, 1)
+        grown[:old_vocab] = rows
         state[key] = grown
     new.load_state_dict(state)
     return new

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from gpt.checkpoint import build_model, load_checkpoint, model_from_checkpoint, save_checkpoint
 from gpt.errors import cli_result, UserError
+from gpt.model import OutputHead
 
 log = logging.getLogger(__name__)
 
@@ -173,8 +174,18 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     embedding keeps its float weight)."""
     model = copy.deepcopy(model).cpu().float().eval()
     for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
-        _replace(model, name, Int8Linear.from_linear(m, _kernels_for(name)))
+        _replace(model, name, Int8Linear.from_linear(_unpadded(m), _kernels_for(name)))
     return model.requires_grad_(False)
+
+
+def _unpadded(linear: nn.Linear) -> nn.Linear:
+    """The output layer without its padding rows (gpt.model.OutputHead: logits over the true vocabulary only), so
+    the int8 copy scores exactly the ids the float model does; any other Linear as it is."""
+    if not isinstance(linear, OutputHead) or linear.vocab_size == linear.out_features:
+        return linear
+    trimmed = nn.Linear(linear.in_features, linear.vocab_size, bias=False, device="meta")
+    trimmed.weight = nn.Parameter(linear.weight.detach()[: linear.vocab_size], requires_grad=False)
+    return trimmed
 
 
 def _int8_linears(model: nn.Module) -> dict[str, Int8Linear]:

@@ -144,10 +144,11 @@ def train_new_rows(model: nn.Module, first_new: int):
         return grad
 
     handles = []
+    vocab = model.config.vocab_size  # rows past it are padding (model.vocab_multiple): never scored, not counted
     for w in {id(w): w for w in (model.transformer.wte.weight, model.lm_head.weight)}.values():
         w.requires_grad_(True)
         w.no_weight_decay = True
-        w.trainable_rows = w.size(0) - first_new
+        w.trainable_rows = vocab - first_new
         handles.append(w.register_hook(hook))
     model._lora_rows_hook = _Handles(handles)
 
@@ -187,7 +188,7 @@ def apply_lora(model: nn.Module, r: int, alpha: float, targets, dropout: float =
     for name, p in model.named_parameters():
         if name.endswith((".lora_A", ".lora_B")) or name.startswith("head."):
             p.requires_grad_(True)
-    vocab = model.transformer.wte.weight.size(0)
+    vocab = model.config.vocab_size  # the tokenizer's ids; the embedding may hold padding rows past them
     if new_rows_from is not None and new_rows_from < vocab:
         train_new_rows(model, int(new_rows_from))
     trainable, total = count_parameters(model)
