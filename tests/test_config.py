@@ -179,14 +179,3 @@ def test_torchrun_run_folder_note_is_removed_once_every_local_rank_read_it(tmp_p
     assert names == ["outputs/day/time"] * 3
 
 
-@pytest.mark.slow
-def test_torchrun_leaves_no_run_folder_note(tmp_path):
-    from conftest import TINY, run_script
-
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    proc = run_script("train.py", *TINY, "hardware=ddp", cwd=tmp_path, env={"OMP_NUM_THREADS": "1", "TMPDIR": str(tmp)},
-                      prefix=["torchrun", "--standalone", "--nproc_per_node=2"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert len(list((tmp_path / "outputs").glob("*-*-*/*"))) == 1  # both ranks wrote into one run folder
-    assert not list(tmp.glob("gpt-rundir-*"))

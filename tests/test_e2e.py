@@ -121,10 +121,14 @@ def test_optuna_search_preset(tmp_path):
 
 
 def test_ddp_two_processes_on_cpu(tmp_path):
+    tmp = tmp_path / "tmp"  # where local rank 0 publishes the run folder for the other local ranks
+    tmp.mkdir()
     proc = run_script("train.py", *TINY, "hardware=ddp", cwd=tmp_path,
-                      prefix=["torchrun", "--standalone", "--nproc_per_node=2"], env={"OMP_NUM_THREADS": "1"})
+                      prefix=["torchrun", "--standalone", "--nproc_per_node=2"],
+                      env={"OMP_NUM_THREADS": "1", "TMPDIR": str(tmp)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = only_run_dir(tmp_path)  # one run folder for both ranks
+    assert not list(tmp.glob("gpt-rundir-*"))  # and the note that named it is gone
     ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["step"] == 6
     rows = read_metrics(run / "metrics.jsonl")

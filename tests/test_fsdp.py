@@ -3,11 +3,17 @@ checkpoint file any script loads, resume exact and on another number of processe
 
 from __future__ import annotations
 
+import glob
+import math
+
 import pytest
 import torch
 
 from conftest import TINY, run_script
 from gpt.runs import read_metrics
+from inprocess import run_here
+from test_watch import group_rows
+from wandb_records import read_wandb_history
 
 # AdamW: these runs must agree to float32 summation order. Muon (the default) orthogonalises in bfloat16, where
 # such differences become bfloat16 roundings; tests/test_muon_parallel.py covers Muon under DDP and FSDP.
@@ -29,11 +35,16 @@ def weights(folder) -> dict:
     return torch.load(folder / "checkpoints" / "last.pt", weights_only=True)["model"]
 
 
+# the runs also watch the model (per-group norms at log steps, histograms every 3 steps), which changes no number
+# of the training: one pair of torchrun runs serves both kinds of test
+WATCH = ["logger=wandb", "logger.mode=offline", "logger.watch=all", "logger.watch_interval=3"]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("fsdp")
-    torchrun(base, "hardware=ddp", *LOOP, "hydra.run.dir=ddp")
-    torchrun(base, "hardware=fsdp", *LOOP, "hydra.run.dir=fsdp")
+    torchrun(base, "hardware=ddp", *LOOP, *WATCH, "hydra.run.dir=ddp")
+    torchrun(base, "hardware=fsdp", *LOOP, *WATCH, "hydra.run.dir=fsdp")
     return base
 
 
@@ -53,22 +64,37 @@ def test_fsdp_trains_as_ddp_does(runs):
 
 @pytest.mark.slow
 def test_an_fsdp_checkpoint_is_one_file_that_samples_and_resumes_anywhere(runs, tmp_path):
+    """(Resume under FSDP equal to the uninterrupted run, bit for bit: tests/test_muon_parallel.py, whose
+    default optimizer holds both Muon and AdamW state.)"""
     ckpt = torch.load(runs / "fsdp" / "checkpoints" / "last.pt", weights_only=True)
     assert all(isinstance(k, int) for k in ckpt["optimizer"]["state"])  # torch's own format, not sharded
-    proc = run_script("infer.py", f"ckpt={runs / 'fsdp'}", "prompt=ROMEO:", "max_new_tokens=8", cwd=tmp_path)
+    proc = run_here("infer.py", f"ckpt={runs / 'fsdp'}", "prompt=ROMEO:", "max_new_tokens=8", cwd=tmp_path)
     assert proc.returncode == 0 and proc.stdout.startswith("ROMEO:"), proc.stderr[-2000:]
-    # the same run stopped at step 3 and resumed under FSDP equals the uninterrupted one
-    torchrun(tmp_path, "hardware=fsdp", *LOOP, "trainer.max_iters=3", "scheduler.schedule.total_iters=6",
-             "hydra.run.dir=part")
-    torchrun(tmp_path, "hardware=fsdp", *LOOP, f"resume={tmp_path / 'part'}", "scheduler.schedule.total_iters=6")
-    assert losses(tmp_path / "part") == pytest.approx(losses(runs / "fsdp"), rel=1e-6)
-    for k, v in weights(runs / "fsdp").items():
-        torch.testing.assert_close(weights(tmp_path / "part")[k], v, rtol=1e-6, atol=1e-7, msg=k)
-    # and a single process (no FSDP) continues an FSDP checkpoint
-    one = run_script("train.py", *LOOP, "trainer.max_iters=8", f"resume={runs / 'fsdp' / 'checkpoints' / 'last.pt'}",
-                     f"hydra.run.dir={tmp_path / 'single'}", cwd=tmp_path)
+    # a single process (no FSDP) continues an FSDP checkpoint
+    one = run_here("train.py", *LOOP, "trainer.max_iters=8", f"resume={runs / 'fsdp' / 'checkpoints' / 'last.pt'}",
+                   f"hydra.run.dir={tmp_path / 'single'}", cwd=tmp_path)
     assert one.returncode == 0, one.stderr[-2000:]
     assert torch.load(tmp_path / "single" / "checkpoints" / "last.pt", weights_only=True)["step"] == 8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("hardware", ["ddp", "fsdp"])
+def test_group_norms_under_ddp_and_fsdp(runs, hardware):
+    """Watching under torchrun: rank 0 logs; under FSDP each rank's shards are summed: the groups make the global
+    norm, and match DDP's (the same batches: float32 summation order apart, rtol 1e-4); histograms at the watched
+    steps (tests/test_watch.py covers one process)."""
+    rows = group_rows(runs / hardware / "metrics.jsonl")
+    assert sorted(rows) == [1, 2, 3, 4, 5, 6]
+    ddp = group_rows(runs / "ddp" / "metrics.jsonl")
+    for step, row in rows.items():
+        norms = {k: v for k, v in row.items() if k.startswith(("grad_norm/", "update_ratio/"))}
+        assert math.sqrt(sum(v ** 2 for k, v in norms.items() if k.startswith("grad_norm/"))) == pytest.approx(
+            row["train/grad_norm"], rel=1e-5)
+        assert norms == pytest.approx({k: ddp[step][k] for k in norms}, rel=1e-4) and len(norms) == 10
+    files = glob.glob(str(runs / hardware / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert len(files) == 1  # rank 0's
+    steps = {r["_step"] for r in read_wandb_history(files[0]) if any(k.startswith("gradients/") for k in r)}
+    assert steps == {3, 6}
 
 
 def test_fsdp_shards_any_script_and_only_under_torchrun_with_hardware_fsdp():

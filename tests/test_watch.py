@@ -1,7 +1,7 @@
 """Watching a model train: logger.watch histograms of each parameter in the (offline) W&B run file at the
 watched steps, per-group grad_norm/* and update_ratio/* in metrics.jsonl at log steps only (the groups'
 gradient norms make up the global one; an SGD update ratio is lr * ||g|| / ||w||), nothing extra with
-watch=null, and the same numbers under DDP and FSDP."""
+watch=null (the same numbers under DDP and FSDP: tests/test_fsdp.py)."""
 
 from __future__ import annotations
 
@@ -224,38 +224,3 @@ def test_watch_needs_a_wandb_logger(tmp_path):
         WandbLogger(watch="all", watch_interval=0)
     proc = run_here("train.py", *TINY, "logger=wandb", "logger.mode=offline", "logger.watch=weights", cwd=tmp_path)
     assert proc.returncode == 2 and "logger.watch='weights'" in proc.stderr
-
-
-TORCHRUN = ["torchrun", "--standalone", "--nproc_per_node=2"]
-# AdamW: DDP and FSDP agree to float32 summation order (Muon orthogonalises in bfloat16; tests/test_fsdp.py)
-LOOP = [*TINY, "optimizer=adamw", "hardware.autocast_dtype=float32", "model.dropout=0.0", "trainer.log_interval=1"]
-
-
-@pytest.fixture(scope="module")
-def parallel_runs(tmp_path_factory):
-    base = tmp_path_factory.mktemp("watch-parallel")
-    for hardware in ("ddp", "fsdp"):
-        proc = run_script("train.py", f"hardware={hardware}", *LOOP, f"hydra.run.dir={hardware}", "logger=wandb",
-                          "logger.mode=offline", "logger.watch=all", "logger.watch_interval=3", cwd=base,
-                          env={"OMP_NUM_THREADS": "1"}, prefix=TORCHRUN)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return base
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("hardware", ["ddp", "fsdp"])
-def test_group_norms_under_ddp_and_fsdp(parallel_runs, hardware):
-    """Rank 0 logs; under FSDP each rank's shards are summed: the groups make the global norm, and match DDP's
-    (the same batches: float32 summation order apart, rtol 1e-4); histograms at the watched steps."""
-    rows = group_rows(parallel_runs / hardware / "metrics.jsonl")
-    assert sorted(rows) == [1, 2, 3, 4, 5, 6]
-    ddp = group_rows(parallel_runs / "ddp" / "metrics.jsonl")
-    for step, row in rows.items():
-        norms = {k: v for k, v in row.items() if k.startswith(("grad_norm/", "update_ratio/"))}
-        assert math.sqrt(sum(v ** 2 for k, v in norms.items() if k.startswith("grad_norm/"))) == pytest.approx(
-            row["train/grad_norm"], rel=1e-5)
-        assert norms == pytest.approx({k: ddp[step][k] for k in norms}, rel=1e-4) and len(norms) == 10
-    files = glob.glob(str(parallel_runs / hardware / "wandb" / "offline-run-*" / "run-*.wandb"))
-    assert len(files) == 1  # rank 0's
-    steps = {r["_step"] for r in read_wandb_history(files[0]) if any(k.startswith("gradients/") for k in r)}
-    assert steps == {3, 6}
