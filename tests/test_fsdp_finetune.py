@@ -56,7 +56,8 @@ def runs(tmp_path_factory):
     parent = base / "parent.pt"
     make_parent(parent, seed=1)
     sums = [(a, b) for a in range(4) for b in range(4)]
-    files = {"sft": write_jsonl(base / "sft.jsonl", [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a, b in sums]),
+    files = {"sft": write_jsonl(base / "sft.jsonl", [{"prompt": f"{a}+{b}=", "completion": str(a + b)}
+                                                     for a, b in sums]),
              "pairs": write_jsonl(base / "pairs.jsonl", [{"prompt": f"{a}+{b}=", "chosen": str(a + b),
                                                           "rejected": str(a + b + 1)} for a, b in sums]),
              "prompts": write_jsonl(base / "q.jsonl", [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a, b in sums])}
