@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from gpt import bpe
-from gpt.errors import UserError, cli_result
+from gpt.errors import UserError, cli_result, exit_code
 from gpt.tokenizer import BpeTokenizer, TiktokenTokenizer, read_bpe_file, write_bpe_file
 
 
@@ -99,12 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.command == "train":
         return cli_result(lambda: train_command(args.data, args.vocab_size, args.train_bytes, args.out))
-    try:
-        print(compare_command(args.text, args.tokenizer, args.vocab_size))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code(lambda: print(compare_command(args.text, args.tokenizer, args.vocab_size)))
 
 
 if __name__ == "__main__":

@@ -17,13 +17,17 @@ class Interrupted(KeyboardInterrupt):
         self.exit_code = exit_code
 
 
-def cli_result(action) -> int:
-    """Run a command-line tool's `action` (returns the path it wrote): print the path and return 0, or print
-    a UserError as one `error: ...` line on stderr and return 2 (the exit code the entry scripts use)."""
+def exit_code(action) -> int:
+    """Run a command-line tool's `action`: 0, or for a UserError one `error: ...` line on stderr and 2 (the exit
+    code the entry scripts use)."""
     try:
-        path = action()
+        action()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(path)
     return 0
+
+
+def cli_result(action) -> int:
+    """exit_code of `action` (which returns the path it wrote), printing the path."""
+    return exit_code(lambda: print(action()))

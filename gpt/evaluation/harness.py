@@ -37,7 +37,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simpl
 
 from gpt.chat import END, SPECIAL
 from gpt.engine import DecodeEngine, Sampling, text_stop
-from gpt.errors import UserError
+from gpt.errors import UserError, exit_code
 from gpt.evaluation.generation import cut_at_stop, is_chat
 from gpt.inference import load_for_inference
 
@@ -398,12 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     from lm_eval.__main__ import cli_evaluate
 
     sys.argv = [sys.argv[0], *with_shipped_tasks(sys.argv[1:] if argv is None else list(argv))]
-    try:
-        cli_evaluate()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code(cli_evaluate)
 
 
 if __name__ == "__main__":
