@@ -3,8 +3,6 @@ backend on the exported model, the shipped offline task, the wrapper command lin
 
 import csv
 import json
-import os
-import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -211,19 +209,17 @@ def test_accuracy_on_the_shipped_task_is_argmax_of_our_loglikelihoods(char_ckpt)
 
 @pytest.mark.slow
 def test_the_wrapper_runs_lm_evals_own_command_line(char_ckpt, tmp_path):
-    env = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "gpt.evaluation.harness", "--model", "gpt-pipeline", "--model_args",
-           f"ckpt={char_ckpt},batch_size=4", "--tasks", TASK, "--limit", "8", "--output_path", str(tmp_path / "out")]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **env, "PYTHONPATH": str(ROOT)})
+    """python -m gpt.evaluation.harness (run in the test process: the same code from sys.argv on)."""
+    args = ["gpt.evaluation.harness", "--model", "gpt-pipeline", "--model_args", f"ckpt={char_ckpt},batch_size=4",
+            "--tasks", TASK, "--limit", "8", "--output_path", str(tmp_path / "out")]
+    proc = run_here("-m", *args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (written,) = (tmp_path / "out").rglob("results_*.json")
     result = json.loads(written.read_text())["results"][TASK]
     assert result["sample_len"] == 8 and 0.0 <= result["acc,none"] <= 1.0
     assert "gpt-pipeline" in proc.stdout and "acc" in proc.stdout  # lm-eval's own table
 
-    bad = subprocess.run(cmd[:6] + [f"ckpt={char_ckpt},batch_size=auto"] + cmd[7:], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=300, env={**os.environ, **env, "PYTHONPATH": str(ROOT)})
+    bad = run_here("-m", *args[:4], f"ckpt={char_ckpt},batch_size=auto", *args[5:], cwd=tmp_path)
     assert bad.returncode == 2 and "error: batch_size='auto' must be a positive integer" in bad.stderr
 
 

@@ -303,8 +303,10 @@ class PipelineLM(TemplateLM):
 
 
 # By name first: `python -m gpt.evaluation.harness` runs this file as __main__, and lm-eval then imports it as
-# gpt.evaluation.harness; both register this same entry (two class objects under one name would be refused).
-model_registry.register("gpt-pipeline", target="gpt.evaluation.harness:PipelineLM")
+# gpt.evaluation.harness; both register this same entry (two class objects under one name would be refused), and
+# a process that imported the module before running it as __main__ already has the class registered.
+if "gpt-pipeline" not in model_registry:
+    model_registry.register("gpt-pipeline", target="gpt.evaluation.harness:PipelineLM")
 if __name__ == "gpt.evaluation.harness":
     register_model("gpt-pipeline")(PipelineLM)
 
