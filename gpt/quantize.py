@@ -197,10 +197,13 @@ def num_params(model: nn.Module, non_embedding: bool = True) -> int:
     parameters): the count of the float model it was made from. The int8 output layer is a copy of the tied
     embedding, which the float count already holds once (an untied one is counted like any Linear)."""
     n = model.num_params(non_embedding)
-    tied = getattr(getattr(model, "config", None), "tie_embeddings", True)
+    config = getattr(model, "config", None)
+    tied = getattr(config, "tie_embeddings", True)
     for name, m in _int8_linears(model).items():
         if name != "lm_head" or not tied:
             n += m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
+        if name == "lm_head" and not tied:  # the float layer's padding rows, which the int8 copy leaves out
+            n += (getattr(config, "padded_vocab_size", m.out_features) - m.out_features) * m.in_features
     return n
 
 

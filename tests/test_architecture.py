@@ -28,6 +28,7 @@ VARIANTS = {
     "untied": dict(tie_embeddings=False),
     "llama": dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, tie_embeddings=False, bias=False),
     "modern_eager": dict(pos="rope", norm="rmsnorm", mlp="relu2", qk_norm=True, n_kv_head=1, attn_impl="eager"),
+    "padded_vocab": dict(vocab_multiple=64, pos="rope", norm="rmsnorm", mlp="swiglu", tie_embeddings=False),
 }
 
 
