@@ -337,3 +337,32 @@ def test_train_resume_and_infer_with_a_padded_vocabulary(tmp_path):
     run = max(steps, key=steps.get)
     out = run_here("infer.py", f"ckpt={run}", "prompt=ROMEO:", "max_new_tokens=30", "temperature=2.0", cwd=tmp_path)
     assert out.returncode == 0 and out.stdout.startswith("ROMEO:"), out.stderr[-2000:]
+
+
+def test_peft_adapter_of_a_padded_lora_run_with_new_tokens(tmp_path):
+    """A LoRA run on a padded parent that trained new token rows: the exported base holds the true vocabulary
+    (new rows included, padding cut) and peft on it gives our merged logits."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from gpt.interop import export_peft
+
+    lora = {"r": 2, "alpha": 4, "dropout": 0.0, "targets": ["attn.c_attn", "mlp.c_fc"]}
+    model = grow_vocab(poison(padded(bias=True)), V + 4)
+    apply_lora(model, **lora, new_rows_from=V)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x = ids(n=4, t=12, vocab=V + 4, seed=5)
+    for _ in range(3):
+        loss = model(x[:, :-1], x[:, 1:])[1]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    tok = {"type": "char", "chars": "".join(chr(32 + i) for i in range(V + 4))}
+    path = save_checkpoint({"model": model.state_dict(), "step": 3, "tokenizer": tok,
+                            "config": {"model": model_config(model), "lora": lora}}, tmp_path / "lora.pt")
+    out = export_peft(str(path), str(tmp_path / "adapter"))
+    base = transformers.GPT2LMHeadModel.from_pretrained(str(out / "base"), dtype=torch.float32)
+    assert base.config.vocab_size == V + 4
+    theirs_model = peft.PeftModel.from_pretrained(base, str(out)).eval()
+    with torch.no_grad():
+        ours, theirs = model_from_checkpoint(load_checkpoint(path))(x)[0], theirs_model(x).logits
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
