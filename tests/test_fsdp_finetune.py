@@ -10,6 +10,7 @@ import torch
 
 from conftest import run_script
 from gpt.runs import read_metrics
+from inprocess import run_here
 from stage_helpers import make_parent, write_jsonl
 
 pytestmark = pytest.mark.slow
@@ -28,7 +29,6 @@ def stages(files: dict, parent) -> dict:
         "sft_lora": ["stage=sft", f"ckpt={parent}", f"data={files['sft']}", f"data.val_path={files['sft']}", *LORA,
                      "trainer.grad_accum_steps=2", "stage.eval_examples=3", "stage.max_new_tokens=4",
                      "stage.num_samples=1"],
-        "dpo": ["stage=dpo", f"ckpt={parent}", f"data={files['pairs']}", f"data.val_path={files['pairs']}"],
         # rollouts of 4 answers, 2 per minibatch: a rollout every other step, each rank's own prompts and lengths
         "grpo_lora": ["stage=grpo", f"ckpt={parent}", f"data={files['prompts']}", f"data.val_path={files['prompts']}",
                       *LORA, "stage.prompts_per_rollout=2", "stage.group_size=2", "stage.minibatch_size=2",
@@ -58,8 +58,6 @@ def runs(tmp_path_factory):
     sums = [(a, b) for a in range(4) for b in range(4)]
     files = {"sft": write_jsonl(base / "sft.jsonl", [{"prompt": f"{a}+{b}=", "completion": str(a + b)}
                                                      for a, b in sums]),
-             "pairs": write_jsonl(base / "pairs.jsonl", [{"prompt": f"{a}+{b}=", "chosen": str(a + b),
-                                                          "rejected": str(a + b + 1)} for a, b in sums]),
              "prompts": write_jsonl(base / "q.jsonl", [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a, b in sums])}
     for name, args in stages(files, parent).items():
         for hw in ("ddp", "fsdp"):
@@ -71,7 +69,9 @@ def runs(tmp_path_factory):
     return base, parent
 
 
-@pytest.mark.parametrize("stage", ["sft_lora", "dpo", "grpo_lora"])
+# (DPO under FSDP equalled DDP here too; its pair of runs left the suite for time: its frozen reference model is
+# the same unsharded replica GRPO's KL uses, checked below)
+@pytest.mark.parametrize("stage", ["sft_lora", "grpo_lora"])
 def test_a_stage_trains_under_fsdp_as_under_ddp(runs, stage):
     """The 4 training losses and the final weights equal DDP's up to float32 summation order (reduce-scatter vs
     all-reduce), rtol 1e-5."""
@@ -106,7 +106,7 @@ def test_an_fsdp_finetune_checkpoint_samples_with_infer(runs, tmp_path):
     base, _ = runs
     ckpt = last(base / "sft_lora_fsdp")
     assert all(isinstance(k, int) for k in ckpt["optimizer"]["state"])  # torch's own format, one file
-    proc = run_script("infer.py", f"ckpt={base / 'sft_lora_fsdp'}", "prompt=1+2=", "max_new_tokens=4", cwd=tmp_path)
+    proc = run_here("infer.py", f"ckpt={base / 'sft_lora_fsdp'}", "prompt=1+2=", "max_new_tokens=4", cwd=tmp_path)
     assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr[-2000:]
 
 
