@@ -57,12 +57,17 @@ def _nucleus(logits: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Te
         k = min(4 * k, V)
 
 
+Generators = list[tuple[torch.Generator | None, int]]  # (generator, rows) runs that split a batch's rows, in order
+
+
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                top_p: float | None = None, generator: torch.Generator | Generators | None = None) -> torch.Tensor:
     """logits (B, V) -> next token ids (B,). temperature 0 means greedy (argmax).
 
     The filters and the softmax run in float32 whatever the logits' dtype; top-k and top-p use torch.topk
-    (no full sort of the vocabulary).
+    (no full sort of the vocabulary). generator may be a list of (generator, n) runs: the first n rows draw
+    from the first generator, and so on, exactly what each run draws when sampled alone (the filters are
+    row by row), so groups with equal settings share one top-k over the vocabulary.
     """
     logits = logits.float()
     if temperature <= 0:
@@ -80,8 +85,24 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     if use_p:  # after top-k: probabilities over the top_k tokens
         vals = _top_p_filter(vals, top_p)
     probs = torch.softmax(vals, dim=-1)
-    choice = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    if isinstance(generator, list):
+        choice, start = [], 0
+        for gen, n in generator:
+            choice.append(torch.multinomial(probs[start:start + n], num_samples=1, generator=gen))
+            start += n
+        choice = torch.cat(choice).squeeze(-1)
+    else:
+        choice = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
     return choice if idx is None else idx.gather(-1, choice[:, None]).squeeze(-1)
+
+
+def _shared(s: Sampling, vocab: int) -> tuple | None:
+    """The settings under which groups may share one sampling call (None: sample alone). A nucleus without
+    top-k is searched with a k that depends on every row of the call, and the softmax over a wider row may
+    round differently: such a group samples alone, so it draws what it draws alone."""
+    if s.top_p is not None and s.top_p < 1.0 and s.temperature > 0 and not (s.top_k is not None and 0 < s.top_k < vocab):
+        return None
+    return (s.temperature, s.top_k, s.top_p)
 
 
 def last_logits(model: GPT, idx: torch.Tensor, cache=None, pad: torch.Tensor | None = None) -> torch.Tensor:
@@ -177,7 +198,7 @@ class DecodeEngine:
         if max_rows < 1:
             raise ValueError(f"max_rows={max_rows} must be >= 1")
         self.model, self.max_rows = model.eval(), max_rows
-        self.block = model.config.block_size
+        self.block, self.vocab = model.config.block_size, model.config.vocab_size
         self.device = model.transformer.wte.weight.device
         self.cache = model.new_cache(max_rows, self.block) if use_cache else None
         if self.cache is not None and max_rows > 1:  # rows at different positions read beyond their own
@@ -233,10 +254,19 @@ class DecodeEngine:
         self.steps += 1
         logits = self._logits()
         events = []
-        for group in self.groups:
-            events += self._sample(group, logits)
+        for groups in self._batches():
+            events += self._sample(groups, logits)
         self._release()
         return events
+
+    def _batches(self) -> list[list[_Group]]:
+        """The running groups, those with equal settings together: one sampling call each (a top-k over the
+        vocabulary for all their rows at once, each group drawing from its own generator)."""
+        batches: dict = {}
+        for group in self.groups:
+            key = _shared(group.sampling, self.vocab)
+            batches.setdefault(id(group) if key is None else key, []).append(group)
+        return list(batches.values())
 
     def _admit(self) -> None:
         """Move waiting groups into free slots, in order; a group whose rows were all cancelled is dropped."""
@@ -328,18 +358,45 @@ class DecodeEngine:
         for i, r in enumerate(sorted(fill, key=lambda r: len(self._window(r)))):
             self.active[d + i], r.slot = r, d + i
 
-    def _sample(self, group: _Group, logits: torch.Tensor) -> list[tuple[Row, int]]:
-        """One sampling call for the group's rows; rows that already finished take their stop id."""
-        s, rows = group.sampling, group.rows
-        slots = [r.slot for r in rows]
+    def _sample(self, groups: list[_Group], logits: torch.Tensor) -> list[tuple[Row, int]]:
+        """One sampling call for the rows of groups with equal settings, each group drawing from its own
+        generator; if it fails, each group samples alone, so that one group's failure (its settings, a NaN
+        in its logits) fails no other."""
+        s = groups[0].sampling
+        slots = [r.slot for g in groups for r in g.rows]
         mine = logits if slots == list(range(logits.size(0))) else logits[torch.tensor(slots, device=logits.device)]
-        try:
-            nxt = self.sample(mine, s.temperature, s.top_k, s.top_p, group.generator)
-        except Exception as e:  # one group's settings must not fail the others
-            for r in rows:
-                r.finish("error", e)
-            group.last = None
-            return []
+        if len(groups) > 1:
+            # a failed call may have drawn for the groups before the failing one: they draw again alone
+            states = _rng_states(groups, logits.device)
+            try:
+                nxt = self.sample(mine, s.temperature, s.top_k, s.top_p, [(g.generator, len(g.rows)) for g in groups])
+            except Exception:
+                nxt = None
+                _restore(states, logits.device)
+            if nxt is not None:
+                events, start = [], 0
+                for g in groups:
+                    events += self._take(g, nxt[start:start + len(g.rows)])
+                    start += len(g.rows)
+                return events
+            mine = list(mine.split([len(g.rows) for g in groups]))
+        else:
+            mine = [mine]
+        events = []
+        for g, lg in zip(groups, mine):
+            try:
+                nxt = self.sample(lg, s.temperature, s.top_k, s.top_p, g.generator)
+            except Exception as e:  # one group's settings must not fail the others
+                for r in g.rows:
+                    r.finish("error", e)
+                g.last = None
+                continue
+            events += self._take(g, nxt)
+        return events
+
+    def _take(self, group: _Group, nxt: torch.Tensor) -> list[tuple[Row, int]]:
+        """The group's sampled ids (its rows, in order) -> events; rows that already finished take their stop id."""
+        s, rows = group.sampling, group.rows
         done = [r.done for r in rows]
         if s.stop_ids and any(done):
             nxt = nxt.masked_fill(torch.tensor(done, device=nxt.device), s.stop_ids[0])
@@ -360,6 +417,23 @@ class DecodeEngine:
             elif len(r.new) >= s.max_tokens:
                 r.finish("length")
         return events
+
+
+def _rng_states(groups: list[_Group], device: torch.device) -> list[tuple[torch.Generator | None, torch.Tensor]]:
+    """The state of every generator the groups draw from (None: torch's global one on `device`)."""
+    gens = {id(g.generator): g.generator for g in groups}
+    default = torch.cuda.get_rng_state if device.type == "cuda" else torch.get_rng_state
+    return [(gen, default() if gen is None else gen.get_state()) for gen in gens.values()]
+
+
+def _restore(states: list[tuple[torch.Generator | None, torch.Tensor]], device: torch.device) -> None:
+    for gen, state in states:
+        if gen is not None:
+            gen.set_state(state)
+        elif device.type == "cuda":
+            torch.cuda.set_rng_state(state)
+        else:
+            torch.set_rng_state(state)
 
 
 def complete(model: GPT, prompts: list[list[int]], sampling: Sampling, use_cache: bool = True,

@@ -219,12 +219,18 @@ class Batcher:
         self.most = 0
 
     def _sample(self, logits: torch.Tensor, temperature, top_k, top_p, generator) -> torch.Tensor:
-        """One row's sampling call (a request is a group of one); a job that asked for logprobs is shown
-        the logits its token was sampled from."""
+        """The sampling call of the requests with these settings (a request is a group of one row; generator:
+        its generator, or a list of (generator, 1) runs, one per request); a job that asked for logprobs is
+        shown the logits its token was sampled from."""
         ids = _sample(logits, temperature, top_k, top_p, generator)
-        job = self.watch.get(id(generator)) if generator is not None else None
-        if job is not None:
-            job.note(logits, ids)
+        if self.watch:
+            runs = generator if isinstance(generator, list) else [(generator, logits.size(0))]
+            start = 0
+            for gen, n in runs:
+                job = self.watch.get(id(gen)) if gen is not None else None
+                if job is not None:
+                    job.note(logits[start:start + n], ids[start:start + n])
+                start += n
         return ids
 
     def submit(self, job: Job) -> None:

@@ -231,6 +231,59 @@ def test_a_group_whose_sampling_fails_leaves_alone():
     assert good.new == alone(m, ids(3, 2), Sampling(6, temperature=0.0))
 
 
+def test_requests_with_equal_settings_share_one_sampling_call_and_draw_their_tokens_alone():
+    """Three one-row requests with equal settings and seeds of their own: one sampling call per step over all
+    three (one top-k over the vocabulary), each row drawing from its own generator, so each gives the tokens
+    it gives alone; a nucleus without top-k samples alone (its k depends on the rows of the call)."""
+    from gpt.engine import sample_next
+
+    m = tiny(11)
+    calls = []
+
+    def sample(logits, *rest):
+        calls.append(logits.size(0))
+        return sample_next(logits, *rest)
+
+    def sampling(seed, **kw):
+        return Sampling(10, **{"temperature": 0.9, "top_k": 20, **kw}, seed=seed)
+
+    engine = DecodeEngine(m, max_rows=4, sample=sample)
+    rows = [engine.add([ids(3 + i, i)], sampling(i))[0] for i in range(3)]
+    nucleus = engine.add([ids(4, 9)], sampling(9, top_k=None, top_p=0.9))[0]
+    run_to_end(engine, rows + [nucleus])
+    assert calls.count(3) == 10 and calls.count(1) == 10 and len(calls) == 20
+    for i, r in enumerate(rows):
+        assert r.new == alone(m, ids(3 + i, i), sampling(i))
+    assert nucleus.new == alone(m, ids(4, 9), sampling(9, top_k=None, top_p=0.9))
+
+
+def test_a_failed_shared_sampling_call_falls_back_to_each_group_alone():
+    """The shared call fails after the first group drew (its generator advanced): the generators are rewound
+    and each group samples alone, so the good one keeps its exact tokens and only the bad one fails."""
+    from gpt.engine import sample_next
+
+    m = tiny(12)
+    bad_gen = torch.Generator().manual_seed(7)
+
+    def sample(logits, temperature, top_k, top_p, generator):
+        if isinstance(generator, list):
+            sample_next(logits[:1], temperature, top_k, top_p, generator[0][0])  # draws for the first group
+            raise RuntimeError("probability tensor contains nan")
+        if generator is bad_gen:
+            raise RuntimeError("probability tensor contains nan")
+        return sample_next(logits, temperature, top_k, top_p, generator)
+
+    def sampling(gen):
+        return Sampling(6, temperature=1.0, top_k=10, generator=gen)
+
+    engine = DecodeEngine(m, max_rows=2, sample=sample)
+    good = engine.add([ids(3, 1)], sampling(torch.Generator().manual_seed(3)))[0]
+    bad = engine.add([ids(3, 2)], sampling(bad_gen))[0]
+    run_to_end(engine, [good, bad])
+    assert bad.finish_reason == "error" and bad.new == [] and "nan" in str(bad.error)
+    assert good.new == alone(m, ids(3, 1), sampling(torch.Generator().manual_seed(3))) and len(good.new) == 6
+
+
 def test_bad_rows_are_refused():
     engine = DecodeEngine(tiny(), max_rows=2)
     with pytest.raises(ValueError, match="empty prompt"):
