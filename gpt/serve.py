@@ -163,11 +163,13 @@ class Job:
         self.cancelled = True
         self.queue.put_nowait(("cancelled", None, None))
 
+    outbox: list | None = None  # the worker's items of this step (Batcher): sent with one wake-up per event loop
+
     def emit(self, *item) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # the request's event loop is closed
-            self.cancelled = True
+        if self.outbox is not None:
+            self.outbox.append((self, item))
+        else:
+            _send(self.loop, [(self, item)])
 
     def push(self, t: int) -> None:
         """The row's text grew by token t: stream what is complete of it."""
@@ -185,6 +187,20 @@ class Job:
 
     def fail(self, e: Exception) -> None:
         self.emit("error", f"{type(e).__name__}: {e}", None)
+
+
+def _put(items: list) -> None:
+    for job, item in items:
+        job.queue.put_nowait(item)
+
+
+def _send(loop: asyncio.AbstractEventLoop, items: list) -> None:
+    """Queue (job, item) pairs on their requests' event loop `loop`, in order, with one wake-up of that loop."""
+    try:
+        loop.call_soon_threadsafe(_put, items)
+    except RuntimeError:  # the requests' event loop is closed
+        for job, _ in items:
+            job.cancelled = True
 
 
 def _sample(*args):
@@ -217,6 +233,9 @@ class Batcher:
         self.thread: threading.Thread | None = None
         self.sizes: Counter = Counter()  # requests that joined at one step -> number of such steps
         self.most = 0
+        # the items a step emits go out together, one wake-up per event loop: waking a request's loop for
+        # every row's token costs the worker thread more (GIL hand-offs) than a step's share of the token
+        self.outbox: list = []
 
     def _sample(self, logits: torch.Tensor, temperature, top_k, top_p, generator) -> torch.Tensor:
         """The sampling call of the requests with these settings (a request is a group of one row; generator:
@@ -270,7 +289,7 @@ class Batcher:
         t0 = time.perf_counter()
         for job in joined:
             job.row, job.t0 = self.decoder.add([job.ids], job.sampling)[0], t0
-            job.row.data = job
+            job.row.data, job.outbox = job, self.outbox
             if getattr(job, "top_logprobs", None) is not None:
                 self.watch[id(job.gen)] = job
         if joined:
@@ -313,15 +332,27 @@ class Batcher:
                 job.finish()
         self.running = still
 
+    def _flush(self) -> None:
+        """Send the step's items, one wake-up per event loop."""
+        by_loop: dict = {}
+        for job, item in self.outbox:
+            by_loop.setdefault(job.loop, []).append((job, item))
+        self.outbox.clear()
+        for loop, items in by_loop.items():
+            _send(loop, items)
+
     def _loop(self) -> None:
         while True:
             with self.cv:
                 while not self.pending and not self.running:
                     self.cv.wait()
             with self.engine.lock:
-                self._admit()
-                if self.running:
-                    self._step()
+                try:
+                    self._admit()
+                    if self.running:
+                        self._step()
+                finally:
+                    self._flush()
 
 
 class SafeJSONResponse(JSONResponse):
