@@ -302,6 +302,40 @@ def test_gguf_export_writes_the_ranks_as_a_llama_bpe_vocabulary(trained, tmp_pat
 
 
 @pytest.mark.slow
+def test_llama_cpp_tokenizes_a_bpe_gguf_as_we_do_and_generates_our_tokens(trained, tmp_path, plays_text):
+    """llama.cpp itself (llama-cpp-python) on the exported file: its llama-bpe pre-tokenizer with our merges gives
+    our ids, and its greedy generation our 16 tokens."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (it compiles llama.cpp)")
+    from gpt.checkpoint import load_checkpoint, save_checkpoint
+    from gpt.gguf_export import export_gguf
+    from gpt.model import GPT
+
+    _, tok = trained
+    path = _bpe_checkpoint(tok, tmp_path)
+    ckpt = load_checkpoint(str(path))
+    model = GPT(**{k: v for k, v in ckpt["config"]["model"].items() if k != "_target_"})
+    model.load_state_dict(ckpt["model"])
+    with torch.no_grad():  # sharpen the logits so float32 vs llama.cpp's kernels cannot flip a near tie
+        model.transformer.wte.weight.mul_(8.0)
+    out = export_gguf(str(save_checkpoint({**ckpt, "model": model.state_dict()}, tmp_path / "sharp.pt")),
+                      str(tmp_path / "m.gguf"))
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, n_threads=1, verbose=False, logits_all=False)
+    for text in PLAIN + random_texts(100, seed=5) + [plays_text[-2000:]]:
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text), text
+    prompt = tok.encode("ROMEO: But soft")
+    theirs = []
+    for t in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+        theirs.append(t)
+        if len(theirs) == 16:
+            break
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(16):
+            ids = torch.cat([ids, model(ids)[0][:, -1:].argmax(-1)], dim=1)
+    assert theirs == ids[0, len(prompt):].tolist()
+
+
+@pytest.mark.slow
 def test_train_with_bpe_then_sample_from_the_checkpoint_alone(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
