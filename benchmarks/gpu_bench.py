@@ -1,23 +1,73 @@
 #!/usr/bin/env python
 """Training throughput and MFU of gpt2_small, and decode speed at batch 1 and 32, on one device.
 
-    python benchmarks/gpu_bench.py                       # CUDA: gpt2_small (124M, vocab 50304, block 1024), bf16, compile
+    python benchmarks/gpu_bench.py                       # CUDA: gpt2_small (124M, vocab 50257 padded to 50304,
+                                                         # block 1024), the preset's optimizer, bf16, compile
     python benchmarks/gpu_bench.py --device cpu --tiny   # the same code on a tiny model (a smoke run anywhere)
 
-Training: the model of gpt/conf/model/gpt2_small.yaml, AdamW (fused on CUDA), bf16 autocast, torch.compile on
-CUDA, random token batches (the input pipeline is not what is measured), warm-up steps excluded; tokens/s over
-the timed steps and MFU = model.flops_per_token(T) * tokens/s / the bf16 matmul peak measured on this device in
-the same process (gpt.trainer.measure_peak_flops). Decoding: gpt.engine through gpt.generate.generate_tokens
-(KV cache, top-k 50), bf16 weights, new tokens/s at batch 1 and 32. One JSON line per result, and a summary.
+Training is what train.py runs: the config composed from gpt/conf/train.yaml with model=gpt2_small tokenizer=gpt2
+hardware=gpu (hardware=cpu on a CPU), the model, the preset's default optimizer (train.yaml's, MuonAdamW with fused
+AdamW on CUDA) and schedule built from it as gpt.run does, and gpt.trainer.Trainer.train_step timed (autocast,
+torch.compile per hardware.compile, gradient clipping, the step's one host-device synchronisation, the optimizer
+and schedule step). Batches are random token ids already on the device (the input pipeline is not what is
+measured); warm-up steps (compilation) are excluded. MFU = model.flops_per_token(T) * tokens/s / the chip's
+bf16 dense peak from its spec sheet (SPEC_BF16_TFLOPS, by device name) where the name is known, else the bf16
+matmul peak measured here (gpt.trainer.measure_peak_flops); the output says which. Decoding: gpt.engine through
+gpt.generate.generate_tokens (KV cache, top-k 50), bf16 weights, new tokens/s at batch 1 and 32.
+One JSON line per result, and a summary.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
+from pathlib import Path
 
 import torch
+
+CONF = Path(__file__).resolve().parents[1] / "gpt" / "conf"
+
+# bf16 dense tensor-core peak (no sparsity), TFLOP/s, from the vendors' spec sheets; the first entry whose words all
+# appear in torch.cuda.get_device_name() wins, so the specific names come before the general ones
+SPEC_BF16_TFLOPS = (
+    (("GH200",), 989.0),
+    (("H200",), 989.0),
+    (("H100", "PCIe"), 756.0),
+    (("H100", "NVL"), 835.0),
+    (("H100",), 989.0),  # SXM ("NVIDIA H100 80GB HBM3")
+    (("H800",), 989.0),
+    (("B200",), 2250.0),
+    (("A100",), 312.0),
+    (("A800",), 312.0),
+    (("L40S",), 362.0),
+    (("L40",), 181.0),
+    (("L4",), 121.0),
+    (("RTX 4090",), 165.0),
+    (("RTX 6000 Ada",), 364.0),
+)
+
+
+def spec_peak_flops(name: str) -> float | None:
+    """The bf16 dense peak FLOP/s of a device named `name` (e.g. "NVIDIA H100 80GB HBM3"), None when unknown."""
+    for words, tflops in SPEC_BF16_TFLOPS:
+        if all(w.lower() in name.lower() for w in words):
+            return tflops * 1e12
+    return None
+
+
+def peak_flops(device: str) -> tuple[float, str]:
+    """(peak FLOP/s, where it came from): the spec sheet's bf16 dense peak of this device, else the bf16 matmul
+    peak measured now."""
+    from gpt.trainer import measure_peak_flops
+
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(torch.device(device))
+        spec = spec_peak_flops(name)
+        if spec is not None:
+            return spec, f"spec sheet bf16 dense peak of {name}"
+    return measure_peak_flops(device, torch.bfloat16, seconds=1.0), f"measured bf16 matmul peak on {device}"
 
 
 def sync(device: str) -> None:
@@ -25,51 +75,100 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def compose(args):
+    """train.py's config for the benchmark: gpt2_small (or a tiny shape) with the GPT-2 vocabulary, the hardware
+    preset of the device, train.yaml's default optimizer and schedule."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    overrides = ["model=gpt2_small", "tokenizer=gpt2", "hardware=" + ("gpu" if args.device.startswith("cuda") else "cpu"),
+                 f"hardware.compile={str(args.compile).lower()}", f"trainer.batch_size={args.batch_size}"]
+    if args.tiny:
+        overrides += ["model.n_layer=2", "model.n_head=2", "model.n_embd=64", "model.block_size=64"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = hydra_compose(config_name="train", overrides=overrides)
+    with open_dict(cfg):
+        cfg.tokenizer.vocab_size = args.vocab  # what the run builder fills in from the tokenizer
+        if args.device.startswith("cuda"):
+            cfg.hardware.device = args.device
+    return cfg
+
+
+class RandomTokens:
+    """A pretraining objective over random ids already on the device: the trainer's step without the input
+    pipeline (gpt.stages.pretrain computes the same loss, model(x, y))."""
+
+    def __init__(self, vocab: int, batch_size: int, block_size: int, device: str):
+        g = torch.Generator().manual_seed(0)
+        self.batches = [torch.randint(0, vocab, (batch_size, block_size + 1), generator=g).to(device) for _ in range(4)]
+        self.i = 0
+
+    def train_batch(self):
+        self.i += 1
+        b = self.batches[self.i % len(self.batches)]
+        return b[:, :-1], b[:, 1:]
+
+    @staticmethod
+    def loss(model, batch):
+        _, loss = model(*batch)
+        return loss, {}
+
+    @staticmethod
+    def batch_tokens(batch) -> int:
+        return batch[0].numel()
+
+    state_dict = staticmethod(lambda: {})
+    load_state_dict = staticmethod(lambda state: None)
+
+
 def train_speed(args) -> dict:
-    from gpt.model import GPT
-    from gpt.trainer import measure_peak_flops
+    from hydra.utils import instantiate
 
+    from gpt.optim import build_optimizer
+    from gpt.run import configure_hardware
+    from gpt.trainer import Loop, Precision, Trainer
+
+    cfg = compose(args)
+    configure_hardware(cfg.hardware)  # TF32, threads: as train.py sets them
     torch.manual_seed(0)
-    model = GPT(vocab_size=args.vocab, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
-                n_embd=args.n_embd).to(args.device)
-    fused = args.device.startswith("cuda")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=fused)
-    step_model = torch.compile(model) if args.compile else model
-    x = torch.randint(0, args.vocab, (args.batch_size, args.block_size), device=args.device)
-    device_type = torch.device(args.device).type
-
-    def step():
-        with torch.autocast(device_type, dtype=torch.bfloat16):
-            _, loss = step_model(x, x)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
-
-    for _ in range(args.warmup):
-        step()
-    sync(args.device)
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        loss = step()
-    sync(args.device)
-    seconds = time.perf_counter() - t0
-    tokens_per_sec = args.steps * args.batch_size * args.block_size / seconds
-    peak = measure_peak_flops(args.device, torch.bfloat16, seconds=1.0)
-    mfu = model.flops_per_token(args.block_size) * tokens_per_sec / peak
-    return {"what": "train", "device": args.device, "params": model.num_params(), "batch": args.batch_size,
-            "block": args.block_size, "compile": args.compile, "tokens_per_sec": tokens_per_sec,
-            "bf16_peak_tflops": peak / 1e12, "mfu": mfu, "loss": float(loss)}
+    model = instantiate(cfg.model).to(args.device)
+    optimizer = build_optimizer(instantiate(cfg.optimizer), model, cfg.optimizer.get("weight_decay", 0.0))
+    scheduler = instantiate(cfg.scheduler)(optimizer)
+    T = model.config.block_size
+    never = 10**9  # no evaluation, no per-layer statistics: the plain training step
+    loop = Loop(max_iters=never, eval_interval=never, eval_iters=1, log_interval=never, batch_size=args.batch_size,
+                grad_clip=cfg.trainer.grad_clip, layer_stats=False)
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = Trainer(model, RandomTokens(model.config.vocab_size, args.batch_size, T, args.device), optimizer,
+                          scheduler, loop, precision=Precision(args.device, cfg.hardware.autocast_dtype),
+                          run_dir=run_dir, compile=bool(cfg.hardware.compile), progress=False)
+        for _ in range(args.warmup):
+            trainer.train_step()
+        sync(args.device)
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            loss, *_ = trainer.train_step()
+        sync(args.device)
+        seconds = time.perf_counter() - t0
+    tokens_per_sec = args.steps * args.batch_size * T / seconds
+    peak, source = peak_flops(args.device)
+    fused = getattr(optimizer, "adamw", optimizer).defaults.get("fused")  # MuonAdamW's AdamW part, or AdamW
+    return {"what": "train", "device": args.device, "params": model.num_params(), "vocab": model.config.vocab_size,
+            "vocab_rows": model.config.padded_vocab_size, "batch": args.batch_size, "block": T,
+            "compile": bool(cfg.hardware.compile), "optimizer": type(optimizer).__name__, "fused_adamw": bool(fused),
+            "precision": str(trainer.precision), "tokens_per_sec": tokens_per_sec, "step_ms": 1e3 * seconds / args.steps,
+            "peak_tflops": peak / 1e12, "peak_source": source,
+            "mfu": model.flops_per_token(T) * tokens_per_sec / peak, "loss": float(loss)}
 
 
 def decode_speed(args, batch: int) -> dict:
+    from hydra.utils import instantiate
+
     from gpt.generate import generate_tokens
-    from gpt.model import GPT
 
     torch.manual_seed(0)
-    model = GPT(vocab_size=args.vocab, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
-                n_embd=args.n_embd).to(args.device, dtype=torch.bfloat16).eval()
-    idx = torch.randint(0, args.vocab, (batch, 16), device=args.device)
+    model = instantiate(compose(args).model).to(args.device, dtype=torch.bfloat16).eval()
+    idx = torch.randint(0, model.config.vocab_size, (batch, 16), device=args.device)
     g = torch.Generator(device=args.device).manual_seed(0)
     list(generate_tokens(model, idx, 8, top_k=50, generator=g))  # warm-up
     sync(args.device)
@@ -86,26 +185,26 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiny", action="store_true", help="a 2-layer, 64-wide model with block 64 (a smoke run)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the training step (default: on CUDA)")
+                   help="torch.compile the training step (default: on CUDA, as hardware=gpu does)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--new-tokens", type=int, default=256)
     args = p.parse_args()
     if args.compile is None:
         args.compile = args.device.startswith("cuda")
+    args.vocab = 50257  # GPT-2's tokenizer; the preset pads the model's rows to 50304 (model.vocab_multiple)
     if args.tiny:
-        args.n_layer, args.n_head, args.n_embd, args.block_size, args.vocab = 2, 2, 64, 64, 512
+        args.vocab = 500
         args.batch_size, args.steps, args.warmup, args.new_tokens = min(args.batch_size, 4), min(args.steps, 3), 1, 16
-    else:  # gpt2_small with the vocabulary padded to a multiple of 64
-        args.n_layer, args.n_head, args.n_embd, args.block_size, args.vocab = 12, 12, 768, 1024, 50304
     results = [train_speed(args), decode_speed(args, 1), decode_speed(args, 32 if not args.tiny else 4)]
     for r in results:
         print(json.dumps(r))
     t = results[0]
-    print(f"\ntraining: {t['tokens_per_sec']:,.0f} tokens/s, MFU {100 * t['mfu']:.1f}% of the measured bf16 peak "
-          f"({t['bf16_peak_tflops']:.0f} TFLOP/s), {t['params'] / 1e6:.0f}M parameters, batch {t['batch']} x "
-          f"{t['block']}, compile {t['compile']}")
+    print(f"\ntraining: {t['tokens_per_sec']:,.0f} tokens/s ({t['step_ms']:.1f} ms/step), MFU {100 * t['mfu']:.1f}% "
+          f"of {t['peak_tflops']:.0f} TFLOP/s ({t['peak_source']}), {t['params'] / 1e6:.0f}M parameters, "
+          f"vocab {t['vocab']} in {t['vocab_rows']} rows, batch {t['batch']} x {t['block']}, {t['precision']}, "
+          f"compile {t['compile']}, {t['optimizer']} (fused AdamW {t['fused_adamw']})")
     for r in results[1:]:
         print(f"decode batch {r['batch']}: {r['tokens_per_sec']:,.0f} new tokens/s")
 

@@ -1,13 +1,23 @@
-"""benchmarks/gpu_bench.py's code path on the CPU (--device cpu --tiny), so the GPU check script's benchmark is
-exercised where there is no GPU."""
+"""The parts of the GPU check that run without a GPU: benchmarks/gpu_bench.py's code path on the CPU (--device cpu
+--tiny: the trainer's own step with the preset's optimizer), its table of spec-sheet peaks, and gpu_check.sh's time
+limits against its 8-minute budget."""
 
+import importlib.util
 import json
+import re
 import subprocess
 import sys
 
 import pytest
 
 from conftest import ROOT
+
+
+def bench_module():
+    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "benchmarks" / "gpu_bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.slow
@@ -19,4 +29,27 @@ def test_gpu_bench_runs_on_cpu_with_a_tiny_model(tmp_path):
     assert [r["what"] for r in rows] == ["train", "decode", "decode"]
     train = rows[0]
     assert train["tokens_per_sec"] > 0 and 0 < train["mfu"] < 1 and train["compile"] is False
+    # train.yaml's default optimizer, through the trainer; the vocabulary padded as the preset says (500 -> 512)
+    assert train["optimizer"] == "MuonAdamW" and train["fused_adamw"] is False
+    assert (train["vocab"], train["vocab_rows"], train["block"]) == (500, 512, 64)
+    assert train["peak_source"].startswith("measured") and "measured bf16 matmul peak" in proc.stdout
     assert [r["batch"] for r in rows[1:]] == [1, 4] and all(r["new_tokens"] == 16 for r in rows[1:])
+
+
+@pytest.mark.parametrize("name, tflops", [
+    ("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756), ("NVIDIA H100 NVL", 835), ("NVIDIA H200", 989),
+    ("NVIDIA GH200 480GB", 989), ("NVIDIA A100-SXM4-80GB", 312), ("NVIDIA A100-PCIE-40GB", 312), ("NVIDIA L4", 121),
+    ("NVIDIA L40S", 362), ("NVIDIA GeForce RTX 4090", 165), ("Tesla T4", None), ("cpu", None)])
+def test_spec_peak_by_device_name(name, tflops):
+    peak = bench_module().spec_peak_flops(name)
+    assert peak == (None if tflops is None else tflops * 1e12)
+
+
+def test_gpu_check_time_limits_fit_its_budget():
+    text = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
+    limits = {k: int(v) for k, v in re.findall(r"^(\w+_S)=(\d+)", text, re.M)}
+    assert limits["BUDGET_S"] <= 480  # 8 minutes on one H100/H200
+    # every command of the script runs under `timeout`, and the parts' limits leave the environment lines room
+    assert '"$PYTEST_TIMEOUT_S" python -m pytest' in text and '"$BENCH_TIMEOUT_S" python benchmarks/gpu_bench.py' in text
+    fixed = sum(int(t) for t in re.findall(r"timeout (\d+) ", text))
+    assert fixed + limits["PYTEST_TIMEOUT_S"] + limits["BENCH_TIMEOUT_S"] <= limits["BUDGET_S"]
