@@ -41,16 +41,24 @@ def submitit_local(*args: str) -> list[str]:
     return ["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=30", *args]
 
 
-def test_a_submitit_job_of_two_tasks_trains_as_one_ddp_run(tmp_path):
-    """tasks_per_node=2 with hardware=ddp: both tasks join one process group from submitit's environment (no
-    torchrun); each optimizer step covers both ranks' batches."""
+def test_a_submitit_sweep_of_two_task_jobs_trains_each_as_one_ddp_run(tmp_path):
+    """A -m sweep of 2 points whose jobs are multi-process (the supported way: tasks_per_node=2 with hardware=ddp):
+    each job's tasks join one process group from submitit's environment (no torchrun), each optimizer step covers
+    both ranks' batches, each job has its own folder in the one sweep folder, with its own setting."""
     proc = run_script("train.py", *submitit_local("hydra.launcher.tasks_per_node=2"), "hardware=ddp", *TINY,
-                      "trainer.max_iters=2", "trainer.eval_interval=2", "trainer.batch_size=4", cwd=tmp_path)
+                      "trainer.max_iters=2", "trainer.eval_interval=2", "trainer.batch_size=4", "optimizer.lr=1e-3,3e-4",
+                      cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    (job,) = [p for p in (tmp_path / "multirun").glob("*-*-*/*/0")]
-    rows = [r for r in read_metrics(job / "metrics.jsonl") if "train/tokens" in r]
-    block = torch.load(job / "checkpoints" / "last.pt", weights_only=True)["config"]["model"]["block_size"]
-    assert rows[-1]["train/tokens"] == 2 * 4 * block * 2  # steps x batch x block x world size 2
+    (sweep,) = [p for p in (tmp_path / "multirun").glob("*-*-*/*") if p.is_dir()]
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()) == ["0", "1"]
+    lrs = []
+    for job in (sweep / "0", sweep / "1"):
+        rows = [r for r in read_metrics(job / "metrics.jsonl") if "train/tokens" in r]
+        ckpt = torch.load(job / "checkpoints" / "last.pt", weights_only=True)
+        assert rows[-1]["train/tokens"] == 2 * 4 * ckpt["config"]["model"]["block_size"] * 2  # steps x batch x block x 2
+        lrs.append(ckpt["config"]["optimizer"]["lr"])
+    assert sorted(lrs) == [3e-4, 1e-3]
+    assert json.loads((sweep / "best_job.json").read_text())["folder"].endswith(("/0", "/1"))
 
 
 def test_a_preempted_submitit_job_saves_is_requeued_and_continues(tmp_path):
