@@ -332,6 +332,11 @@ class OutputHead(nn.Linear):
         return f"{super().extra_repr()}, vocab_size={self.vocab_size}"
 
 
+# module constants, not class attributes: torch.compile (dynamo) cannot read a class attribute of an autograd.Function
+MM_BLOCK = 1 << 23  # CPU: logits elements per matmul (V = 50304: 166 rows)
+SOFTMAX_BLOCK = 1 << 21  # CPU: logits elements per softmax step; its float32 copy (8 MiB) stays in cache
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of (h @ W^T) against targets, computed in row chunks.
 
@@ -345,9 +350,6 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     before the softmax, so the loss is exactly the cross-entropy over the true V ids and the padding rows get
     a zero gradient.
     """
-
-    MM_BLOCK = 1 << 23  # CPU: logits elements per matmul (V = 50304: 166 rows)
-    SOFTMAX_BLOCK = 1 << 21  # CPU: logits elements per softmax step; its float32 copy (8 MiB) stays in cache
 
     @staticmethod
     def forward(ctx, h, weight, targets, chunk_size: int, ignore_index: int, grad_enabled: bool, vocab: int):
@@ -364,8 +366,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         safe_t = torch.where(valid, targets, 0)[:, None]
         chunk = max(1, min(chunk_size, N))
         cpu = dev.type == "cpu"
-        mm_rows = max(1, min(_FusedLinearCrossEntropy.MM_BLOCK // V, chunk)) if cpu else chunk
-        sm_rows = max(1, min(_FusedLinearCrossEntropy.SOFTMAX_BLOCK // V, mm_rows)) if cpu else mm_rows
+        mm_rows = max(1, min(MM_BLOCK // V, chunk)) if cpu else chunk
+        sm_rows = max(1, min(SOFTMAX_BLOCK // V, mm_rows)) if cpu else mm_rows
         nll = torch.empty(N, device=dev, dtype=acc_dtype)
         grad_h = torch.empty_like(h) if want_h else None
         grad_w = None

@@ -366,3 +366,16 @@ def test_peft_adapter_of_a_padded_lora_run_with_new_tokens(tmp_path):
     with torch.no_grad():
         ours, theirs = model_from_checkpoint(load_checkpoint(path))(x)[0], theirs_model(x).logits
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_padded_llama_style_model_has_no_graph_break():
+    """torch.compile (dynamo) traces the padded output layer, the fused loss with its masked padding columns and
+    the Llama-style parts as one graph, with and without targets (tests/test_gpu.py checks the same on CUDA)."""
+    import torch._dynamo as dynamo
+
+    model = padded(**LLAMA, n_head=4, n_embd=64, vocab_size=500).train()
+    x = ids(t=32, vocab=500)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for args in ((x, x), (x,)):
+            explanation = dynamo.explain(model)(*args)
+            assert explanation.graph_break_count == 0, explanation.break_reasons
