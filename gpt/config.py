@@ -109,11 +109,21 @@ def unique_dir(base: str) -> str:
     return path
 
 
+def cuda_available() -> bool:
+    """${cuda_available:} in a preset: what a setting is worth only on a GPU (fused AdamW, pinned batches) follows
+    the machine the run starts on, as hardware.device=auto does."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("unique_dir"):
         # cached in the config: the jobs of a launcher that runs them in other processes (joblib, submitit)
         # receive the pickled config with the folder the launcher claimed, instead of claiming one each
         OmegaConf.register_new_resolver("unique_dir", unique_dir, use_cache=True)
+    if not OmegaConf.has_resolver("cuda_available"):
+        OmegaConf.register_new_resolver("cuda_available", cuda_available)
 
 
 def to_plain(cfg: DictConfig) -> dict:

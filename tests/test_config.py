@@ -179,3 +179,18 @@ def test_torchrun_run_folder_note_is_removed_once_every_local_rank_read_it(tmp_p
     assert names == ["outputs/day/time"] * 3
 
 
+
+
+@pytest.mark.parametrize("hardware", ["ddp", "fsdp"])
+def test_multi_process_presets_use_gpu_only_settings_on_a_gpu_only(hardware, monkeypatch):
+    """hardware=ddp/fsdp: fused AdamW and pinned batches follow the machine (as device=auto does): off on this CPU,
+    on where CUDA is available; the optimizer receives the resolved value."""
+    import torch
+
+    cpu = _compose("train", [f"hardware={hardware}", "optimizer=adamw"])
+    assert (cpu.hardware.fused_adamw, cpu.hardware.pin_memory, cpu.optimizer.fused, cpu.stage.pin_memory) == (
+        False, False, False, False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gpu = _compose("train", [f"hardware={hardware}", "optimizer=adamw"])
+    assert (gpu.hardware.fused_adamw, gpu.hardware.pin_memory, gpu.optimizer.fused, gpu.stage.pin_memory) == (
+        True, True, True, True)
