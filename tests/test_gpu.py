@@ -15,6 +15,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not ava
 pytestmark = [pytest.mark.gpu, cuda]
 
 GPU = ["hardware=gpu", "hardware.compile=false", *TINY]
+CONF = Path(__file__).resolve().parents[1] / "gpt" / "conf"
 
 
 def one_run(base: Path) -> Path:
@@ -96,6 +97,82 @@ def test_compiled_forward_and_loss_have_no_graph_break():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         explanation = dynamo.explain(model)(x, x)
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_compiled_llama_style_model_with_a_padded_vocabulary_has_no_graph_break():
+    """The same for the Llama-style parts (rotary, RMSNorm, SwiGLU, grouped-query attention, untied) with the output
+    layer padded to a multiple of 64 (the masked padding columns in the fused loss), with and without targets."""
+    import torch._dynamo as dynamo
+
+    from gpt.model import GPT
+
+    model = GPT(vocab_size=500, block_size=64, n_layer=2, n_head=4, n_embd=64, pos="rope", norm="rmsnorm", mlp="swiglu",
+                n_kv_head=2, tie_embeddings=False, bias=False, vocab_multiple=64).cuda()
+    x = torch.randint(0, 500, (2, 64), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        for args in ((x, x), (x,)):
+            explanation = dynamo.explain(model)(*args)
+            assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_fused_adamw_is_fused_on_cuda(monkeypatch):
+    """hardware=gpu builds the AdamW part of the default optimizer (MuonAdamW) and optimizer=adamw with fused=True,
+    and a step goes through torch's fused kernel (counted), not the for-each loop."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from gpt.model import GPT
+    from gpt.optim import build_optimizer
+
+    calls = []
+    fused_kernel = torch._fused_adamw_
+    monkeypatch.setattr(torch, "_fused_adamw_", lambda *a, **k: calls.append(1) or fused_kernel(*a, **k))
+    model = GPT(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32).cuda()
+    for choice in ("muon", "adamw"):
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose(config_name="train", overrides=["hardware=gpu", f"optimizer={choice}"])
+        optimizer = build_optimizer(instantiate(cfg.optimizer), model, cfg.optimizer.get("weight_decay", 0.0))
+        assert getattr(optimizer, "adamw", optimizer).defaults["fused"] is True, choice
+        x = torch.randint(0, 64, (2, 16), device="cuda")
+        model(x, x)[1].backward()
+        before = len(calls)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        assert len(calls) > before, choice
+
+
+def test_a_cpu_checkpoint_resumes_on_cuda(tmp_path):
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cuda").mkdir()
+    proc = run_script("train.py", *TINY, "trainer.max_iters=4", "trainer.eval_interval=2", cwd=tmp_path / "cpu")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cpu_run = one_run(tmp_path / "cpu")
+    proc = run_script("train.py", *GPU, "trainer.max_iters=8", "trainer.eval_interval=2", f"resume={cpu_run}",
+                      cwd=tmp_path / "cuda")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = torch.load(one_run(tmp_path / "cuda") / "checkpoints" / "last.pt", weights_only=True, map_location="cpu")
+    assert ckpt["step"] == 8 and ckpt["precision"] == "bfloat16 autocast"
+
+
+def test_serve_answers_the_openai_api_from_a_cuda_checkpoint(cuda_run):
+    """serve.py's app (OpenAI API, through TestClient) on CUDA, from the checkpoint trained on CUDA: a greedy
+    completion equals the library's greedy generation from the same weights."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+    from omegaconf import OmegaConf
+
+    from gpt.generate import generate_batch
+    from gpt.inference import load_for_inference
+    from gpt.serve import Limits, create_app, engine_from_config
+
+    cfg = OmegaConf.create({"ckpt": str(cuda_run), "device": "cuda", "dtype": "float32", "quantize": None})
+    client = TestClient(create_app(engine_from_config(cfg), Limits(max_new_tokens=16)))
+    name = client.get("/v1/models").json()["data"][0]["id"]
+    r = client.post("/v1/completions", json={"model": name, "prompt": "ROMEO:", "max_tokens": 12, "temperature": 0})
+    assert r.status_code == 200, r.text
+    model, tok, _ = load_for_inference(str(cuda_run), "cuda", None, "float32")
+    want = tok.decode(generate_batch(model, [tok.encode("ROMEO:")], 12, temperature=0.0)[0])
+    assert r.json()["choices"][0]["text"] == want and next(model.parameters()).is_cuda
 
 
 def test_compiled_training_runs(tmp_path):
