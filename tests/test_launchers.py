@@ -101,34 +101,42 @@ def test_a_preempted_submitit_job_saves_is_requeued_and_continues(tmp_path):
 def test_two_nodes_share_one_run_folder_and_equal_one_node_of_two(tmp_path):
     """Two torchrun invocations of one process each (two "nodes" on 127.0.0.1, c10d rendezvous) are one run:
     one folder (global rank 0 names it through torchrun's store; the nodes' clocks would each name their own),
-    written by global rank 0 only, with the weights of the same two ranks started by one torchrun."""
-    common = [str(ROOT / "train.py"), *TINY, "hardware=ddp", "hardware.autocast_dtype=float32", "trainer.max_iters=4",
-              "trainer.eval_interval=2"]
+    written by global rank 0 only, with the weights of the same two ranks started by one torchrun: exactly under
+    DDP, to float32 summation order under FSDP (sharded across the nodes; AdamW, float32)."""
+    common = [str(ROOT / "train.py"), *TINY, "optimizer=adamw", "hardware.autocast_dtype=float32", "model.dropout=0.0",
+              "trainer.max_iters=4", "trainer.eval_interval=2"]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     (tmp_path / "one").mkdir()
-    one = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", *common], cwd=tmp_path / "one", env=env,
-                         capture_output=True, text=True, timeout=300)
+    one = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", *common, "hardware=ddp"],
+                         cwd=tmp_path / "one", env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    (tmp_path / "two").mkdir()
-    nodes = [subprocess.Popen(["torchrun", "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
-                               f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-nodes", *common],
-                              cwd=tmp_path / "two", env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
-    for node in nodes:
-        _, err = node.communicate(timeout=300)
-        assert node.returncode == 0, err[-2000:]
-    runs = [p for p in (tmp_path / "two" / "outputs").glob("*-*-*/*") if p.is_dir()]
-    assert len(runs) == 1, runs
-    (run,) = runs
     (single,) = [p for p in (tmp_path / "one" / "outputs").glob("*-*-*/*") if p.is_dir()]
-    assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if "val/loss" in r] == [2, 4]  # rank 0 only
     a = torch.load(single / "checkpoints" / "last.pt", weights_only=True)
-    b = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
+    for hardware in ("ddp", "fsdp"):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        where = tmp_path / hardware
+        where.mkdir()
+        nodes = [subprocess.Popen(["torchrun", "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
+                                   f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=two-nodes-{hardware}", *common,
+                                   f"hardware={hardware}"], cwd=where, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+        for node in nodes:
+            _, err = node.communicate(timeout=300)
+            assert node.returncode == 0, err[-2000:]
+        runs = [p for p in (where / "outputs").glob("*-*-*/*") if p.is_dir()]
+        assert len(runs) == 1, runs
+        (run,) = runs
+        assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if "val/loss" in r] == [2, 4]  # rank 0 only
+        b = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+        assert b["config"]["hardware"].get("data_parallel", "ddp") == hardware
+        for k in a["model"]:
+            if hardware == "ddp":
+                assert torch.equal(a["model"][k], b["model"][k]), k
+            else:
+                torch.testing.assert_close(b["model"][k], a["model"][k], rtol=1e-5, atol=1e-6, msg=k)
 
 
 def test_ddp_gradient_accumulation_equals_the_big_batch_step(tmp_path):
