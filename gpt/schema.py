@@ -352,6 +352,7 @@ RULES: dict[str, Rule] = {
     "harness.num_fewshot": Int(0, null=True),
     "harness.batch_size": Int(1),
     "harness.apply_chat_template": Flag(),
+    "harness.trust_task_code": Flag(),  # true: run include_path task files unchecked (they are code)
 }
 
 # Nested copies of other nodes: stage=rlhf overrides conf/stage/reward.yaml, ppo.yaml and trainer.*.
