@@ -69,6 +69,14 @@ class Classifier(GPT):
         return {**super().hparams(), "num_labels": self.num_labels}
 
 
+def freeze_unused_output(model: GPT) -> None:
+    """For a head model whose loss never reads the language-model output layer (a classifier, a reward model
+    without lm_weight): an untied lm_head gets no gradient, which DDP refuses at the next step (every trainable
+    parameter must take part in each backward), so it is frozen; a tied one is the embedding, which trains."""
+    if model.lm_head.weight is not model.transformer.wte.weight:
+        model.lm_head.requires_grad_(False)
+
+
 def model_classes() -> dict:
     """The model classes a checkpoint may name (its config's model._target_): the registry that
     gpt.checkpoint builds from and gpt.trust allows."""

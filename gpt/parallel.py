@@ -124,11 +124,16 @@ def call(model: nn.Module, fn, *args, **kwargs):
     gradients and FSDP gathers the root's weights (embeddings, final norm, heads) only around a call of the model
     itself, so the function runs inside one, with the inner module's forward shadowed by it for that call."""
     inner = getattr(model, "module", model)  # DDP wraps the module; FSDP2 is the module itself
-    inner.forward = lambda *a, **k: fn(inner, *a, **k)  # an instance attribute shadows the class's forward
+    head = getattr(inner, "_orig_mod", inner)  # under torch.compile the function runs uncompiled, never recompiled
+    own = inner.__dict__.get("forward")  # torch.compile's module keeps its compiled forward here: put it back
+    inner.forward = lambda *a, **k: fn(head, *a, **k)  # an instance attribute shadows the class's forward
     try:
         return model(*args, **kwargs)
     finally:
-        del inner.forward
+        if own is None:
+            del inner.forward
+        else:
+            inner.forward = own
 
 
 def micro_step(model: nn.Module, last: bool):

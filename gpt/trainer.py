@@ -790,6 +790,7 @@ class Trainer:
         bar = tqdm(total=self.loop.max_iters, initial=s.step, desc="train", dynamic_ncols=True, disable=not tty,
                    unit="it")
         w = s.window  # the log window is part of the state, so a resumed run logs the same train/loss
+        shown: dict[str, str] = {}  # the last log window's share of step time spent waiting for batches
         self._share_watch()
         try:
             with self.signals, logging_redirect_tqdm():
@@ -805,7 +806,7 @@ class Trainer:
                         w["loss"], w["steps"] = w["loss"] + loss, w["steps"] + 1
                     tok_s = w["tokens"] / max(w["seconds"], 1e-9)
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", **shown, refresh=False)
                     if (s.step % self.loop.log_interval == 0 or s.step == self.loop.max_iters) and w["steps"]:
                         m = {"train/loss": w["loss"] / w["steps"], "train/lr": self.scheduler.get_last_lr()[0],
                              "train/grad_norm": norm, "train/tokens_per_sec": tok_s,
@@ -818,7 +819,7 @@ class Trainer:
                             m["train/data_seconds"] = waited()
                             share = f"{m['train/data_seconds'] / max(w['seconds'], 1e-9):.0%}"
                             data = f"  data {1e3 * m['train/data_seconds'] / w['steps']:.1f} ms/step ({share})"
-                            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}", data=share, refresh=False)
+                            shown = {"data": share}  # on the bar until the next log step replaces it
                         m.update(self._observed)
                         self.record(m)
                         if self.progress and not tty:

@@ -15,15 +15,15 @@ CHARS = "0123456789+-=?abcdefghijklmnopqrstuvwxyz \n"
 
 
 def make_parent(path: Path, seed: int = 0, block_size: int = 32, model_cls=GPT, stage: str = "pretrain",
-                chat: bool = False) -> dict:
+                chat: bool = False, **model_args) -> dict:
     """Write a tiny random checkpoint (as train.py or finetune.py would) and load it back; chat=True gives
-    its tokenizer the chat template's special tokens."""
+    its tokenizer the chat template's special tokens; model_args go to the model (e.g. tie_embeddings=False)."""
     torch.manual_seed(seed)
     tok = CharTokenizer(CHARS)
     if chat:
         tok = chat_tokenizer(tok)
     model = model_cls(vocab_size=tok.vocab_size, block_size=block_size, n_layer=1, n_head=2, n_embd=16,
-                      loss_chunk_size=0)
+                      loss_chunk_size=0, **model_args)
     if hasattr(model, "head"):
         torch.nn.init.normal_(model.head.weight)
     ckpt = {"model": model.state_dict(), "step": 0, "stage": stage, "tokenizer": tok.identity(),

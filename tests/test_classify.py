@@ -63,3 +63,32 @@ def test_classify_refuses_unseen_val_labels_and_one_label(tmp_path):
     bad = write_jsonl(tmp_path / "b.jsonl", [{"text": "1", "label": "a"}, {"text": "2", "label": [1]}])
     with pytest.raises(UserError, match=r"b\.jsonl:2: 'label' must be"):
         Classify(parent, str(bad))
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_an_untied_output_layer_the_loss_never_reads_is_frozen(tmp_path, tie):
+    """Every trainable parameter must get a gradient in each backward under DDP (else it stops at the next step):
+    a classifier (and a reward model without lm_weight: tests/test_reward.py) freezes an untied lm_head it never
+    reads; tied, it is the embedding, which trains. After a backward every trainable parameter has a gradient."""
+    parent = make_parent(tmp_path / "p.pt", tie_embeddings=tie)
+    stage = Classify(parent, str(write_jsonl(tmp_path / "c.jsonl", rows(4))), batch_size=4)
+    assert stage.model.lm_head.weight.requires_grad is tie
+    loss, _ = stage.loss(stage.model, stage.train_batch())
+    loss.backward()
+    assert all(p.grad is not None for p in stage.model.parameters() if p.requires_grad)
+
+
+def test_a_head_call_runs_the_head_and_leaves_a_compiled_forward_in_place():
+    """gpt.parallel.call runs a head's method as the forward of the (DDP/FSDP/compiled) model for one call; a
+    torch.compile'd model keeps its compiled forward afterwards (the call used to delete it)."""
+    from gpt.parallel import call
+
+    torch.manual_seed(0)
+    model = Classifier(num_labels=2, vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16)
+    idx, lengths = torch.randint(0, 11, (2, 8)), torch.tensor([8, 5])
+    compiled = torch.compile(model, backend="eager")
+    own = compiled.__dict__.get("forward")
+    assert torch.equal(call(compiled, Classifier.classify, idx, lengths), model.classify(idx, lengths))
+    assert compiled.__dict__.get("forward") is own
+    assert torch.equal(call(model, Classifier.classify, idx, lengths), model.classify(idx, lengths))
+    assert "forward" not in model.__dict__  # a plain model: nothing left behind

@@ -83,3 +83,15 @@ def test_lm_weight_adds_the_chosen_answers_nll_from_the_same_pass(tmp_path):
     assert (batch[2] >= 0).sum() == sum(sum(mask[1:]) for (_, mask), _ in pairs)  # answer and end marker only
     with pytest.raises(UserError, match=r"stage.lm_weight=-1 must be >= 0"):
         Reward(parent, str(data), lm_weight=-1)
+
+
+@pytest.mark.parametrize("lm_weight, frozen", [(0.0, True), (1.0, False)])
+def test_an_untied_output_layer_is_frozen_unless_lm_weight_reads_it(tmp_path, lm_weight, frozen):
+    """(DDP needs a gradient for every trainable parameter in each backward; see tests/test_classify.py.)"""
+    parent = make_parent(tmp_path / "p.pt", tie_embeddings=False)
+    rows = [{"prompt": f"{a}+{b}=", "chosen": f"{a + b}", "rejected": f"{a + b + 1}"} for a in range(4) for b in range(4)]
+    stage = Reward(parent, str(write_jsonl(tmp_path / "t.jsonl", rows)), batch_size=4, lm_weight=lm_weight)
+    assert stage.model.lm_head.weight.requires_grad is not frozen
+    loss, _ = stage.loss(stage.model, stage.train_batch())
+    loss.backward()
+    assert all(p.grad is not None for p in stage.model.parameters() if p.requires_grad)

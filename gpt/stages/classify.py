@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from gpt.encoding import encode_texts, score_batch
 from gpt.errors import UserError
-from gpt.heads import Classifier
+from gpt.heads import Classifier, freeze_unused_output
 from gpt.jsonl import read_labelled, split_val
 from gpt.model import GPT
 from gpt.parallel import call
@@ -40,6 +40,7 @@ class Classify(ExampleObjective):
             raise UserError(f"{val_data or data}: validation labels {unseen} never occur in the training data "
                             f"(labels {self.labels})")
         self.model = with_head(Classifier, parent, tok.vocab_size, device, num_labels=len(self.labels))
+        freeze_unused_output(self.model)
         block = self.model.config.block_size
         index = {lab: i for i, lab in enumerate(self.labels)}
         self.train = list(zip(encode_texts(tok, [t for t, _ in train], block, str(data)), [index[lab] for _, lab in train]))

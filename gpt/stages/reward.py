@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from gpt.chat import chat_tokenizer
 from gpt.encoding import encode_pair, fit_block, lm_batch, score_batch
 from gpt.errors import UserError
-from gpt.heads import RewardModel, last_token
+from gpt.heads import RewardModel, freeze_unused_output, last_token
 from gpt.jsonl import read_pairs, split_val
 from gpt.model import GPT
 from gpt.parallel import call
@@ -59,6 +59,8 @@ class Reward(ExampleObjective):
         self.lm_weight = float(lm_weight)
         self.tokenizer = tok = chat_tokenizer(from_identity(parent["tokenizer"]))
         self.model = with_head(RewardModel, parent, tok.vocab_size, device)
+        if not self.lm_weight:
+            freeze_unused_output(self.model)
         block = self.model.config.block_size
         train, val = split_val(read_pairs(data), read_pairs(val_data) if val_data else None, val_fraction, seed,
                                str(data))
