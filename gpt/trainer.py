@@ -483,6 +483,13 @@ class Trainer:
             part = "random number generator state"
             if (rng := self._rank_rng(ckpt)) is not None:
                 set_rng_state(rng, self.objective)
+            ranks = ckpt.get("rng_ranks")
+            if (len(ranks) if isinstance(ranks, list) else 1) != self.dist.world_size:
+                # work a rank had half served (an RL objective's rollout) is dropped on every rank, so that all
+                # start their next piece of work (a rollout's collectives) at the same step
+                drop = getattr(self.objective, "drop_partial", None)
+                if drop is not None:
+                    drop()
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
             detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"resume={ckpt.get('path')!r}: its {part} does not fit this run ({detail[:200]}); "

@@ -403,3 +403,36 @@ def test_a_step_synchronises_with_the_device_once_whatever_the_accumulation(tmp_
     monkeypatch.undo()
     assert reads == ["tolist"] and updated and tokens == 64
     assert loss == pytest.approx(expected, rel=1e-6) and math.isfinite(norm) and norm > 0
+
+
+@pytest.mark.parametrize("saved_ranks, dropped", [(2, True), (1, False)])
+def test_resuming_on_another_number_of_ranks_drops_half_served_work(tmp_path, saved_ranks, dropped):
+    """An RL objective's rollout half served on some ranks only would put the ranks' rollouts (collectives) at
+    different steps: on another number of ranks every rank drops it (drop_partial) and all start the next one
+    together; on as many ranks it is kept (a resume mid-rollout equals the uninterrupted run)."""
+    from gpt.trainer import rng_state
+
+    class Partial(FixedBatches):
+        def __init__(self):
+            super().__init__([])
+            self.buffer = "half a rollout"
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+        def drop_partial(self):
+            self.buffer = None
+
+    torch.manual_seed(0)
+    model = GPT(vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=8)
+    objective = Partial()
+    trainer = make_trainer(model, objective, tmp_path)
+    state = rng_state(objective)
+    ckpt = {"model": model.state_dict(), "optimizer": trainer.optimizer.state_dict(), "step": 3, "path": "last.pt",
+            "scheduler": trainer.scheduler.state_dict(), "rng": state,
+            **({"rng_ranks": [state] * saved_ranks} if saved_ranks > 1 else {})}
+    trainer.restore(ckpt)
+    assert (objective.buffer is None) is dropped and trainer.state.step == 3

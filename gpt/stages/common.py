@@ -136,6 +136,11 @@ class RolloutObjective(SeededObjective):
         saved = state.get("buffer")
         self.buffer = RolloutBuffer.restored(saved["data"], saved["order"]) if saved else None
 
+    def drop_partial(self) -> None:
+        """A run resumed on another number of ranks: the rest of a rollout only some ranks had is dropped, so
+        every rank samples its next rollout (gathers, collectives) at the same step."""
+        self.buffer = None
+
     def train_batch(self):
         batch = self.buffer.next() if self.buffer is not None else None
         if batch is None:
