@@ -106,10 +106,10 @@ def hf_backend(tok):
     return backend
 
 
-def checked_ranks(identity: dict, n_special: int) -> tuple[list[bytes], str]:
+def checked_ranks(identity: dict, n_special: int, where: str = "tokenizer identity (bpe)") -> tuple[list[bytes], str]:
     """(ranks, pattern) of a bpe identity read from a file, every value checked as data: the pattern by name,
-    the ranks a list of distinct base64 tokens whose first 256 are the bytes in order."""
-    where = "tokenizer identity (bpe)"
+    the ranks a list of distinct base64 tokens whose first 256 are the bytes in order. Errors start with
+    `where` (which file or checkpoint)."""
     extra = set(identity) - {"type", "pattern", "ranks", "special"}
     if extra:
         raise UserError(f"{where}: unexpected keys {sorted(extra)[:5]}; refusing it")

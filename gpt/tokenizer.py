@@ -208,46 +208,58 @@ class TiktokenTokenizer:
         return f"tiktoken-{self.name}"
 
 
-# every special token a stage uses (<|endoftext|>, completion's <|bos|>, the chat template's, gpt.chat.SPECIAL):
-# a trained bpe has them all from the start, so no stage grows its vocabulary
+# the special tokens a bpe tokenizer may hold: <|endoftext|>, completion's <|bos|> and the chat template's
+# (gpt.chat.SPECIAL). Training reserves only <|endoftext|> (pretraining separates documents with it); a stage
+# adds the others after it as it does for gpt2 and char (gpt.parent.grow_vocab gives them rows), so which of
+# them a tokenizer holds tells what kind of model it belongs to: <|bos|> a completion model, the chat tokens
+# a chat model (gpt.inference, gpt.evaluation).
 BPE_SPECIAL = [EOT, BOS, "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+BPE_TRAINED_SPECIAL = [EOT]
 MAX_BPE_FILE_BYTES = 64 << 20  # a tokenizer file larger than this is not one we wrote
 
 
 class BpeTokenizer(TiktokenTokenizer):
     """Byte-level BPE trained on the run's training text (HF tokenizers, gpt.bpe), encoded by tiktoken built
     from the trained ranks (the 256 bytes by byte value, then the merged tokens in the order training made
-    them); the stages' special tokens (BPE_SPECIAL) follow the ranks from the start. `file` loads one written
-    by `python -m gpt.bpe_cli train` instead (then vocab_size and train_bytes are unused).
+    them); its special tokens follow the ranks: <|endoftext|> from training, the others as stages add them.
+    `file` loads one written by `python -m gpt.bpe_cli train` instead: its ranks, special tokens and pattern
+    (then vocab_size, train_bytes and pattern are unused).
 
-    vocab_size counts every token: 256 bytes + merges + the special tokens. Until it is trained
-    (`needs_fit`), it has only its settings; gpt.prepare trains it once per (data, settings) and keeps it."""
+    vocab_size counts every token: 256 bytes + merges + <|endoftext|>. Until it is trained (`needs_fit`), it
+    has only its settings; gpt.prepare trains it once per (data, settings) and keeps it."""
 
     sized = True  # tokenizer.vocab_size is a setting here, not an output (gpt.tokenizer.from_config)
 
     def __init__(self, vocab_size: int = 4096, train_bytes: int = bpe.TRAIN_BYTES, pattern: str = "cl100k",
                  file: str | None = None, special: list[str] | None = None):
-        self.special = list(special or BPE_SPECIAL)
+        self.ranks: list[bytes] | None = None
+        if file:
+            self._adopt(read_bpe_file(file))
+            return
+        self.special = list(BPE_TRAINED_SPECIAL if special is None else special)
         self.pattern = pattern
         if pattern not in bpe.PATTERNS:
             raise UserError(f"tokenizer.pattern={pattern!r} is not one of {sorted(bpe.PATTERNS)}")
         least = 256 + len(self.special)
         if not isinstance(vocab_size, int) or not least <= vocab_size <= bpe.MAX_VOCAB:
             raise UserError(f"tokenizer.vocab_size={vocab_size} is out of range for bpe: it counts the 256 bytes and "
-                            f"{len(self.special)} special tokens, so use {least}..{bpe.MAX_VOCAB} (e.g. 4096)")
+                            f"the special tokens {self.special}, so use {least}..{bpe.MAX_VOCAB} (e.g. 4096)")
         if not isinstance(train_bytes, int) or train_bytes < 1:
             raise UserError(f"tokenizer.train_bytes={train_bytes} must be a positive number of bytes, e.g. 100000000")
         self.requested, self.train_bytes = vocab_size, train_bytes
-        self.ranks: list[bytes] | None = None
-        if file:
-            self._use(read_bpe_file(file).ranks)
 
     @classmethod
     def trained(cls, ranks: list[bytes], pattern: str, special: list[str]) -> BpeTokenizer:
-        """A trained tokenizer from checked values (gpt.bpe.checked_ranks)."""
+        """A trained tokenizer from checked values (gpt.bpe.checked_ranks, from_identity's special)."""
         tok = cls(max(len(ranks) + len(special), 256 + len(special)), pattern=pattern, special=special)
         tok._use(ranks)
         return tok
+
+    def _adopt(self, other: BpeTokenizer) -> None:
+        """Become `other` (a trained tokenizer read from a file): its ranks, pattern and special tokens."""
+        self.special, self.pattern = list(other.special), other.pattern
+        self.requested, self.train_bytes = other.vocab_size, other.train_bytes
+        self._use(other.ranks)
 
     def _use(self, ranks: list[bytes]) -> None:
         import tiktoken
@@ -278,7 +290,7 @@ class BpeTokenizer(TiktokenTokenizer):
         """Train on texts() (reading the tokenizer `keep` instead when an earlier run wrote it there; writing
         it there otherwise). Refuses text too small for the requested vocabulary."""
         if keep is not None and keep.is_file():
-            self._use(read_bpe_file(keep).ranks)
+            self._use(read_bpe_file(keep).ranks)  # kept under a key of these settings, special tokens included
             return
         n_merges = self.requested - len(self.special) - 256
         ranks = bpe.ranks_of(bpe.train_backend(texts(), n_merges, self.pattern))
@@ -297,39 +309,51 @@ class BpeTokenizer(TiktokenTokenizer):
                 "ranks": [base64.b64encode(t).decode("ascii") for t in self.ranks], "special": list(self.special)}
 
     def cache_key(self) -> str:
-        if self.ranks is not None:
-            return self.name
+        # the special tokens decide the documents' separator id (<|endoftext|>, or "\n\n" without it)
         special = hashlib.sha256("\n".join(self.special).encode()).hexdigest()[:8]
+        if self.ranks is not None:
+            return f"{self.name}-{special}"
         return f"bpe-{self.pattern}-{self.requested}-{self.train_bytes}-{special}"
 
 
-
 def read_bpe_file(path: str | Path) -> BpeTokenizer:
-    """A tokenizer file written by write_bpe_file (`python -m gpt.bpe_cli train`), checked as data."""
+    """A tokenizer file written by write_bpe_file (`python -m gpt.bpe_cli train`), checked as data; an error
+    names the file."""
     p = Path(path).expanduser()
+    name = f"tokenizer file {str(path)!r}"
     if not p.is_file():
-        raise UserError(f"tokenizer file {str(path)!r} does not exist; write one with `python -m gpt.bpe_cli train`")
+        raise UserError(f"{name} does not exist; write one with `python -m gpt.bpe_cli train`")
     if p.stat().st_size > MAX_BPE_FILE_BYTES:
-        raise UserError(f"tokenizer file {str(path)!r} is over {MAX_BPE_FILE_BYTES >> 20} MiB; it is not a bpe "
-                        f"tokenizer file")
+        raise UserError(f"{name} is over {MAX_BPE_FILE_BYTES >> 20} MiB; it is not a bpe tokenizer file")
     try:
         identity = json.loads(p.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"tokenizer file {str(path)!r} is not JSON ({e}); write one with "
+        raise UserError(f"{name} is not JSON ({e}); write one with `python -m gpt.bpe_cli train`") from None
+    except RecursionError:  # nesting deep enough to exhaust the parser's stack, well under the size cap
+        raise UserError(f"{name} is JSON nested too deeply to be a tokenizer file; write one with "
                         f"`python -m gpt.bpe_cli train`") from None
-    tok = from_identity(identity)
+    except OSError as e:
+        raise UserError(f"{name} cannot be read ({e.strerror}); check its permissions") from None
+    tok = from_identity(identity, source=name)
     if not isinstance(tok, BpeTokenizer):
-        raise UserError(f"tokenizer file {str(path)!r} holds a {identity.get('type')} tokenizer, not a bpe one")
+        raise UserError(f"{name} holds a {identity.get('type')} tokenizer, not a bpe one")
     return tok
 
 
 def write_bpe_file(tok: BpeTokenizer, path: str | Path) -> Path:
     """Write tok's identity as JSON (temp file + rename: a reader never sees half a file)."""
     p = Path(path).expanduser()
-    p.parent.mkdir(parents=True, exist_ok=True)
+    if p.is_dir():
+        raise UserError(f"tokenizer file {str(path)!r} is a directory; give a file path, e.g. {str(p / 'tok.json')!r}")
     tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(tok.identity()))
-    os.replace(tmp, p)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(tok.identity()))
+        os.replace(tmp, p)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write tokenizer file {str(path)!r} ({e.strerror}); choose a writable file "
+                        f"path") from None
     return p
 
 
@@ -361,35 +385,39 @@ def with_special_tokens(tok, tokens: list[str]):
     return from_identity(identity)
 
 
-def from_identity(identity: dict):
-    """Rebuild a tokenizer from the dict stored in a checkpoint or token cache.
+def from_identity(identity: dict, source: str = "checkpoint"):
+    """Rebuild a tokenizer from the dict stored in a checkpoint or token cache (`source` names where it was
+    read, for errors).
 
-    The dict only describes the tokenizer (its characters, or which of the encodings shipped offline,
-    its added special tokens); this code picks the class, and every value is checked first."""
+    The dict only describes the tokenizer (its characters, or which of the encodings shipped offline, or a
+    trained bpe's ranks; its added special tokens); this code picks the class, and every value is checked first."""
     if not isinstance(identity, dict):
-        raise UserError(f"tokenizer identity {str(identity)[:80]!r} in checkpoint is not a dict")
+        raise UserError(f"tokenizer identity {str(identity)[:80]!r} in {source} is not a dict")
     kind = identity.get("type")
+    where = f"tokenizer identity in {source}"
     special = identity.get("special") or []
     if not isinstance(special, list) or not all(isinstance(t, str) and t for t in special) \
             or len(set(special)) != len(special):
-        raise UserError(f"tokenizer identity in checkpoint: special={str(special)[:80]!r} is not a list of "
-                        f"distinct non-empty strings")
+        raise UserError(f"{where}: special={str(special)[:80]!r} is not a list of distinct non-empty strings")
     if kind == "char":
         chars = identity.get("chars")
         if not isinstance(chars, str) or not chars:
-            raise UserError(f"tokenizer identity in checkpoint: a char tokenizer with chars={str(chars)[:40]!r}; "
-                            f"it needs a non-empty string of characters (the checkpoint is damaged)")
+            raise UserError(f"{where}: a char tokenizer with chars={str(chars)[:40]!r}; it needs a non-empty string "
+                            f"of characters (the {source} is damaged)")
         return CharTokenizer(chars, special)
     if kind == "tiktoken":
         name = identity.get("name")
         if not isinstance(name, str) or name not in _OFFLINE_FILES:  # never a name lookup beyond the encodings this package ships
-            raise UserError(f"tokenizer identity in checkpoint: tiktoken encoding {str(name)[:40]!r} is not one of "
-                            f"{sorted(_OFFLINE_FILES)}")
+            raise UserError(f"{where}: tiktoken encoding {str(name)[:40]!r} is not one of {sorted(_OFFLINE_FILES)}")
         return TiktokenTokenizer(name, special)
     if kind == "bpe":
-        ranks, pattern = bpe.checked_ranks(identity, len(special))
+        # identity() always writes the list (an empty one too): a missing one is not defaulted
+        if not isinstance(identity.get("special"), list) or not set(special) <= set(BPE_SPECIAL):
+            raise UserError(f"{where} (bpe): special={str(identity.get('special'))[:80]!r} must be a list of "
+                            f"distinct names from {BPE_SPECIAL} (the tokens training and the stages add)")
+        ranks, pattern = bpe.checked_ranks(identity, len(special), f"{where} (bpe)")
         return BpeTokenizer.trained(ranks, pattern, special)
-    raise UserError(f"unknown tokenizer identity {str(identity)[:80]!r} in checkpoint; expected type 'char', "
+    raise UserError(f"unknown tokenizer identity {str(identity)[:80]!r} in {source}; expected type 'char', "
                     f"'tiktoken' or 'bpe'")
 
 

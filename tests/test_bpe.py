@@ -1,5 +1,8 @@
 """The byte-level BPE trained on the run's own text (gpt.bpe): tiktoken ids equal to the HF tokenizer it was
-trained as, round trips, special tokens, the trained-tokenizer cache, checkpoints, HF and GGUF export."""
+trained as, round trips, special tokens (only <|endoftext|> from training; the stages add theirs, so a pretrained
+bpe model is a base model), the trained-tokenizer cache, checkpoints, HF and GGUF export, one-line refusals."""
+
+import io
 
 import base64
 import json
@@ -13,11 +16,13 @@ import torch
 from conftest import TINY
 from gpt import bpe
 from gpt.bpe import hf_backend, merges_of, ranks_of, token_text, train_backend
-from gpt.chat import SPECIAL as CHAT_SPECIAL, chat_tokenizer, encode_chat
+from gpt.chat import END, SPECIAL as CHAT_SPECIAL, chat_tokenizer, encode_chat
 from gpt.data import Shakespeare, TextFiles
 from gpt.errors import UserError
-from gpt.tokenizer import (BOS, BPE_SPECIAL, EOT, BpeTokenizer, TiktokenTokenizer, Tokenizer, from_identity,
-                           read_bpe_file, with_special_tokens)
+from gpt.evaluation.generation import is_chat
+from gpt.inference import encode_prompt
+from gpt.tokenizer import (BOS, BPE_SPECIAL, BPE_TRAINED_SPECIAL, EOT, BpeTokenizer, TiktokenTokenizer, Tokenizer,
+                           from_identity, read_bpe_file, with_special_tokens, write_bpe_file)
 from inprocess import run_here
 
 PLAYS = ["tragedies/hamlet", "tragedies/macbeth"]
@@ -74,9 +79,10 @@ def plays_text() -> str:
 
 @pytest.fixture(scope="module")
 def trained(plays_text):
-    """(the HF tokenizer as trained, our BpeTokenizer from its ranks): 700 merges on ~300 KB of plays + Chinese."""
+    """(the HF tokenizer as trained, our BpeTokenizer from its ranks): 700 merges on ~300 KB of plays + Chinese;
+    its special tokens are training's (<|endoftext|> only)."""
     backend = train_backend([plays_text[:300_000], DAO_TRAIN], 700)
-    return backend, BpeTokenizer.trained(ranks_of(backend), "cl100k", BPE_SPECIAL)
+    return backend, BpeTokenizer.trained(ranks_of(backend), "cl100k", BPE_TRAINED_SPECIAL)
 
 
 def test_tiktoken_from_the_ranks_splits_text_as_the_trained_hf_tokenizer(trained, plays_text):
@@ -103,24 +109,63 @@ def test_decode_encode_round_trips_any_text(trained):
 
 
 def test_special_tokens_are_never_made_from_text(trained):
-    _, tok = trained
+    _, base = trained
+    tok = chat_tokenizer(base)
     assert isinstance(tok, Tokenizer) and not tok.needs_fit and BpeTokenizer(512).needs_fit
-    assert tok.special == [EOT, BOS, *CHAT_SPECIAL]
+    assert tok.special == [EOT, *CHAT_SPECIAL]
     assert tok.vocab_size == 256 + 700 + len(tok.special)
-    text = " ".join(tok.special) + "".join(tok.special) + "<|endoftext|"
+    text = " ".join(BPE_SPECIAL) + "".join(BPE_SPECIAL) + "<|endoftext|"
     assert max(tok.encode(text)) < tok.base_vocab_size
     assert tok.decode(tok.encode(text)) == text
     ids = [tok.special_id(t) for t in tok.special]
     assert ids == list(range(tok.base_vocab_size, tok.vocab_size))
     assert tok.decode(ids) == "".join(tok.special)
-    assert tok.bos_id == tok.special_id(BOS)
-    # the stages' tokens are there from the start: adding them changes nothing
-    assert chat_tokenizer(tok) is tok
-    assert with_special_tokens(tok, [EOT, BOS]).identity() == tok.identity()
+
+
+def test_a_pretrained_bpe_is_a_base_model_until_a_stage_adds_tokens(trained):
+    """Training reserves only <|endoftext|> (documents are separated by it): no <|bos|> in prompts, no chat
+    template. The stages add theirs after it, as for gpt2 and char: their presence tells the model's kind."""
+    _, tok = trained
+    n = tok.base_vocab_size
+    assert tok.special == [EOT] and tok.eot_id == n and tok.vocab_size == n + 1
+    assert tok.bos_id is None and not is_chat(tok)
+    assert encode_prompt(tok, "hi", 32) == tok.encode("hi") and encode_prompt(tok, "", 32) == [n]
+    chat = chat_tokenizer(tok)  # what finetune.py stage=sft (and the RL stages) use
+    assert is_chat(chat) and chat.bos_id is None and chat.eot_id == n
+    assert [chat.special_id(t) for t in CHAT_SPECIAL] == [n + 1, n + 2, n + 3, n + 4]
+    user, end, assistant = chat.special_id("<|user|>"), chat.special_id(END), chat.special_id("<|assistant|>")
+    assert encode_chat(chat, [{"role": "user", "content": "hi"}], generation_prompt=True)[0] == \
+        [user, *tok.encode("hi"), end, assistant]
+    assert chat_tokenizer(chat) is chat
+    completion = with_special_tokens(tok, [BOS, EOT])  # what finetune.py stage=completion uses
+    assert completion.special == [EOT, BOS] and completion.bos_id == n + 1 and not is_chat(completion)
+    assert encode_prompt(completion, "hi", 32) == [n + 1, *tok.encode("hi")]
+    assert with_special_tokens(completion, [EOT, BOS]).identity() == completion.identity()
+
+
+def test_infer_interactive_on_a_pretrained_bpe_is_base_model_mode(trained, capsys):
+    from omegaconf import OmegaConf
+
+    from gpt.engine import Sampling, complete
+    from gpt.inference import interactive
+    from gpt.model import GPT
+
+    _, tok = trained
+    torch.manual_seed(0)
+    model = GPT(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=32, dropout=0.0).eval()
+    cfg = OmegaConf.create({"ckpt": "m.pt", "num_samples": 1, "chat": False, "max_new_tokens": 4, "temperature": 0.0,
+                            "top_k": None, "top_p": None, "seed": 0, "device": "cpu", "use_cache": True})
+    text = interactive(cfg, model, tok, io.StringIO("ROMEO:\n"), io.StringIO())
+    assert "base model: the text you type is continued" in capsys.readouterr().err
+    ids = tok.encode("ROMEO:\n")  # no <|bos|> in front
+    want = tok.decode(complete(model, [ids], Sampling(4, 0.0, stop_ids=(tok.eot_id,)))[0].new)
+    assert text == "ROMEO:\n" + want
+    with pytest.raises(UserError, match="chat=true needs a chat-tuned checkpoint"):
+        interactive(OmegaConf.merge(cfg, {"chat": True}), model, tok, io.StringIO(""), io.StringIO())
 
 
 def test_bpe_trained_on_chinese_compresses_chinese_better_than_gpt2():
-    tok = BpeTokenizer(256 + len(BPE_SPECIAL) + 300)
+    tok = BpeTokenizer(256 + len(BPE_TRAINED_SPECIAL) + 300)
     tok.fit(DAO_TRAIN)
     gpt2 = TiktokenTokenizer("gpt2")
     nbytes = len(DAO_HELD_OUT.encode())
@@ -153,6 +198,8 @@ def _tampered(identity: dict, **change) -> dict:
     (dict(ranks=[base64.b64encode(bytes([b])).decode() for b in range(256)] * 2), "hold a token twice"),
     (dict(ranks=[base64.b64encode(bytes([b])).decode() for b in range(200)]), "list of 256.."),
     (dict(special=[1]), "special='[1]' is not a list"),
+    (dict(special=["<|foo|>"]), "special=\"['<|foo|>']\" must be a list of distinct names from ['<|endoftext|>'"),
+    (dict(special=None), "special='None' must be a list of distinct names"),  # not rebuilt with defaults
     (dict(extra=1), "unexpected keys ['extra']"),
 ])
 def test_tampered_identity_is_refused_in_one_line(trained, change, message):
@@ -162,8 +209,26 @@ def test_tampered_identity_is_refused_in_one_line(trained, change, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+def test_identity_and_file_keep_their_special_tokens(trained, tmp_path):
+    """An identity's special list is taken as written (an empty one too); tokenizer.file= takes the file's
+    ranks, special tokens and pattern, and its errors name the file."""
+    _, tok = trained
+    bare = from_identity({**tok.identity(), "special": []})
+    assert bare.special == [] and bare.eot_id is None and bare.vocab_size == len(tok.ranks)
+    assert bare.cache_key() != tok.cache_key()  # the documents' separator differs: another token cache
+    completion = with_special_tokens(tok, [BOS, EOT])
+    path = write_bpe_file(completion, tmp_path / "completion.json")
+    loaded = BpeTokenizer(file=str(path))
+    assert loaded.identity() == completion.identity() and loaded.bos_id == tok.base_vocab_size + 1
+    assert loaded.pattern == "cl100k" and loaded.vocab_size == tok.vocab_size + 1
+    path.write_text(json.dumps({**tok.identity(), "special": ["<|pad|>"]}))
+    with pytest.raises(UserError, match=r"^tokenizer identity in tokenizer file '.*completion.json' \(bpe\): "
+                                        r"special=.*<\|pad\|>"):
+        BpeTokenizer(file=str(path))
+
+
 def test_vocab_size_below_bytes_and_special_tokens_is_refused(tmp_path):
-    with pytest.raises(UserError, match=r"tokenizer.vocab_size=200 is out of range for bpe.*use 262\.\."):
+    with pytest.raises(UserError, match=r"tokenizer.vocab_size=200 is out of range for bpe.*use 257\.\."):
         BpeTokenizer(200)
     proc = run_here("prepare.py", "tokenizer=bpe", "tokenizer.vocab_size=100", cwd=tmp_path)
     assert proc.returncode == 2 and "tokenizer.vocab_size=100 is out of range" in proc.stderr
@@ -247,7 +312,7 @@ def test_cli_train_then_compare(tmp_path, plays_text):
     assert bad.returncode == 2 and bad.stderr.startswith("error: tokenizer file") and bad.stderr.count("\n") == 1
 
 
-def _bpe_checkpoint(tok, tmp_path: Path) -> Path:
+def _bpe_checkpoint(tok, tmp_path: Path, name: str = "bpe.pt") -> Path:
     from gpt.checkpoint import save_checkpoint
     from gpt.model import GPT
 
@@ -255,24 +320,31 @@ def _bpe_checkpoint(tok, tmp_path: Path) -> Path:
     cfg = dict(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=32, dropout=0.0, bias=True)
     model = GPT(**cfg)
     return save_checkpoint({"model": model.state_dict(), "config": {"model": {"_target_": "gpt.model.GPT", **cfg}},
-                            "tokenizer": tok.identity(), "step": 0}, tmp_path / "bpe.pt")
+                            "tokenizer": tok.identity(), "step": 0}, tmp_path / name)
 
 
-def test_hf_export_tokenizer_gives_our_ids_and_chat(trained, tmp_path, plays_text):
+def test_hf_export_tokenizer_gives_our_ids_and_chat_only_for_a_chat_model(trained, tmp_path, plays_text):
     transformers = pytest.importorskip("transformers")
     from gpt.interop import export_hf, import_hf
 
-    _, tok = trained
-    out = export_hf(str(_bpe_checkpoint(tok, tmp_path)), str(tmp_path / "hf"))
-    fast = transformers.PreTrainedTokenizerFast.from_pretrained(str(out))
-    for text in PLAIN + random_texts(300, seed=3) + [plays_text[-3000:]]:
-        assert fast(text).input_ids == tok.encode(text), text
-        assert fast.decode(tok.encode(text)) == text
+    _, base = trained
     messages = [{"role": "user", "content": "你好 there"}, {"role": "assistant", "content": " ok"}]
-    chat = fast.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
-    assert list(chat["input_ids"]) == encode_chat(tok, messages, generation_prompt=True)[0]
-    back = torch.load(import_hf(str(out), str(tmp_path / "back.pt")), weights_only=True)
-    assert back["tokenizer"] == tok.identity()
+    for tok, name in ((base, "base"), (chat_tokenizer(base), "chat")):
+        out = export_hf(str(_bpe_checkpoint(tok, tmp_path, f"{name}.pt")), str(tmp_path / name))
+        fast = transformers.PreTrainedTokenizerFast.from_pretrained(str(out))
+        for text in PLAIN + random_texts(100, seed=3) + [plays_text[-3000:]]:
+            assert fast(text).input_ids == tok.encode(text), text
+            assert fast.decode(tok.encode(text)) == text
+        config = json.loads((out / "tokenizer_config.json").read_text())
+        assert fast.convert_tokens_to_ids(EOT) == tok.eot_id
+        if tok is base:  # a pretrained model: no chat template, no begin token but end-of-text (as GPT-2)
+            assert "chat_template" not in config and fast.chat_template is None
+            assert json.loads((out / "config.json").read_text())["bos_token_id"] == tok.eot_id
+        else:
+            chat = fast.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+            assert list(chat["input_ids"]) == encode_chat(tok, messages, generation_prompt=True)[0]
+        back = torch.load(import_hf(str(out), str(tmp_path / f"{name}-back.pt")), weights_only=True)
+        assert back["tokenizer"] == tok.identity()
 
 
 def test_gguf_export_writes_the_ranks_as_a_llama_bpe_vocabulary(trained, tmp_path):
@@ -282,9 +354,13 @@ def test_gguf_export_writes_the_ranks_as_a_llama_bpe_vocabulary(trained, tmp_pat
 
     from gpt.gguf_export import export_gguf
 
-    _, tok = trained
+    _, base = trained
+    chat_out = export_gguf(str(_bpe_checkpoint(chat_tokenizer(base), tmp_path, "chat.pt")), str(tmp_path / "c.gguf"))
+    assert "tokenizer.chat_template" in GGUFReader(str(chat_out)).fields
+    tok = base
     out = export_gguf(str(_bpe_checkpoint(tok, tmp_path)), str(tmp_path / "m.gguf"))
     reader = GGUFReader(str(out))
+    assert "tokenizer.chat_template" not in reader.fields  # a pretrained model is no chat model
     fields = {k: reader.fields[k].contents() for k in ("tokenizer.ggml.model", "tokenizer.ggml.pre",
                                                         "tokenizer.ggml.tokens", "tokenizer.ggml.merges",
                                                         "tokenizer.ggml.token_type")}
@@ -335,16 +411,23 @@ def test_llama_cpp_tokenizes_a_bpe_gguf_as_we_do_and_generates_our_tokens(traine
     assert theirs == ids[0, len(prompt):].tolist()
 
 
-@pytest.mark.slow
-def test_train_with_bpe_then_sample_from_the_checkpoint_alone(tmp_path):
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
+@pytest.fixture(scope="module")
+def bpe_run(tmp_path_factory) -> Path:
+    """A tiny train.py run with tokenizer=bpe (vocab_size=400) on the bundled plays: its run folder."""
+    run_dir = tmp_path_factory.mktemp("bpe-run")
     proc = run_here("train.py", *TINY, "tokenizer=bpe", "tokenizer.vocab_size=400", "trainer.max_iters=3",
                     cwd=run_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ckpt_path = next(run_dir.glob("outputs/*/*/checkpoints/last.pt"))
+    (run,) = run_dir.glob("outputs/*-*-*/*")
+    return run
+
+
+@pytest.mark.slow
+def test_train_with_bpe_then_sample_from_the_checkpoint_alone(bpe_run, tmp_path):
+    ckpt_path = bpe_run / "checkpoints" / "last.pt"
     ckpt = torch.load(ckpt_path, weights_only=True)
-    assert ckpt["tokenizer"]["type"] == "bpe" and len(ckpt["tokenizer"]["ranks"]) == 400 - len(BPE_SPECIAL)
+    assert ckpt["tokenizer"]["type"] == "bpe" and len(ckpt["tokenizer"]["ranks"]) == 400 - 1
+    assert ckpt["tokenizer"]["special"] == [EOT]  # what pretraining used, nothing a later stage adds
     assert ckpt["config"]["model"]["vocab_size"] == 400 == ckpt["config"]["tokenizer"]["vocab_size"]
     alone = tmp_path / "alone"
     alone.mkdir()
@@ -354,3 +437,46 @@ def test_train_with_bpe_then_sample_from_the_checkpoint_alone(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("ROMEO: 你好")
     assert sorted(p.name for p in alone.iterdir()) == ["model.pt"]
+    chat = run_here("infer.py", "ckpt=model.pt", "prompt=hi", "chat=true", cwd=alone)
+    assert chat.returncode == 2 and "chat=true needs a chat-tuned checkpoint" in chat.stderr
+
+
+FINETUNE = ["trainer.max_iters=2", "trainer.eval_interval=2", "trainer.eval_iters=1", "trainer.batch_size=4",
+            "scheduler.schedule.warmup_iters=1"]
+
+
+def _finetuned(parent: Path, cwd: Path, *args: str) -> tuple[Path, dict]:
+    """finetune.py on `parent` in a new folder `cwd`: (the run folder, its last checkpoint)."""
+    cwd.mkdir()
+    proc = run_here("finetune.py", f"ckpt={parent}", *args, *FINETUNE, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = cwd.glob("outputs/*-*-*/*")
+    return run, torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+
+
+@pytest.mark.slow
+def test_sft_on_a_bpe_parent_adds_the_chat_tokens_after_end_of_text(bpe_run, tmp_path):
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{a}+{a}=", "completion": str(2 * a)}) + "\n" for a in range(20)))
+    run, ckpt = _finetuned(bpe_run, tmp_path / "sft", "stage=sft", f"data={data}", "stage.eval_examples=2",
+                      "stage.max_new_tokens=4")
+    tok, n = from_identity(ckpt["tokenizer"]), 400 - 1
+    assert tok.special == [EOT, *CHAT_SPECIAL] and is_chat(tok) and tok.bos_id is None
+    assert [tok.special_id(t) for t in tok.special] == [n, n + 1, n + 2, n + 3, n + 4]
+    assert ckpt["config"]["model"]["vocab_size"] == tok.vocab_size == 404  # the stage grew the vocabulary
+    messages = [{"role": "user", "content": "2+2="}]
+    assert encode_chat(tok, messages, generation_prompt=True)[0] == [n + 2, *tok.encode("2+2="), n + 4, n + 3]
+    out = run_here("infer.py", f"ckpt={run}", "prompt=2+2=", "chat=true", "max_new_tokens=4", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_completion_on_a_bpe_parent_adds_bos(bpe_run, tmp_path):
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": f"ROMEO: line {i}."}) + "\n" for i in range(20)))
+    _, ckpt = _finetuned(bpe_run, tmp_path / "completion", "stage=completion", f"data={data}")
+    tok, n = from_identity(ckpt["tokenizer"]), 400 - 1
+    assert tok.special == [EOT, BOS] and tok.bos_id == n + 1 and not is_chat(tok)
+    assert ckpt["document_tokens"] == {"bos": BOS, "eos": EOT} and ckpt["config"]["model"]["vocab_size"] == 401
+    assert encode_prompt(tok, "ROMEO:", 32) == [n + 1, *tok.encode("ROMEO:")]
+
