@@ -42,12 +42,28 @@ def train_command(data: str | None, vocab_size: int, train_bytes: int, out: str)
     """Train on `data` (the training documents, as train.py's token cache splits them) and write `out`."""
     from gpt import prepare
 
+    if Path(out).expanduser().is_dir():  # said before training, not after it
+        raise UserError(f"--out {out!r} is a directory; give a file path, e.g. --out {str(Path(out) / 'tok.json')!r}")
     source = _source(data)
     tok = BpeTokenizer(vocab_size, train_bytes)
     plan = source.plan()
     tok.train(lambda: prepare.training_text(plan, tok.train_bytes),
               prepare.trained_tokenizer_path(source.cache_path(tok), source.cache_key(tok)))
     return write_bpe_file(tok, out)
+
+
+def _read_text(p: Path, given: str) -> str:
+    """The text of --text, or one error line naming it."""
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"--text {given!r} is not UTF-8 (byte {e.start} cannot be decoded); give a UTF-8 text "
+                        f"file") from None
+    except OSError as e:
+        raise UserError(f"--text {given!r} cannot be read ({e.strerror}); give a readable UTF-8 text file") from None
+    if not text:
+        raise UserError(f"--text {given!r} is empty; give a file with some text to count tokens on")
+    return text
 
 
 def compare_command(text_file: str | None, tokenizer_file: str | None, vocab_size: int) -> str:
@@ -59,7 +75,7 @@ def compare_command(text_file: str | None, tokenizer_file: str | None, vocab_siz
         p = Path(text_file).expanduser()
         if not p.is_file():
             raise UserError(f"--text {text_file!r} is not a file; give a UTF-8 text file")
-        text, name = p.read_text(encoding="utf-8"), p.name
+        text, name = _read_text(p, text_file), p.name
     else:
         source = _source(None)
         whole = "".join(t for _, t in source.pieces())
@@ -88,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a bpe tokenizer on text and write it as a file")
     t.add_argument("--data", help="text file, folder or glob (default: the bundled Shakespeare plays)")
-    t.add_argument("--vocab-size", type=int, default=4096, help="tokens in all: 256 bytes + merges + special")
+    t.add_argument("--vocab-size", type=int, default=4096, help="tokens in all: 256 bytes + merges + <|endoftext|>")
     t.add_argument("--train-bytes", type=int, default=bpe.TRAIN_BYTES,
                    help="train on (about) this many bytes of the training text")
     t.add_argument("--out", required=True, help="tokenizer file to write (JSON)")

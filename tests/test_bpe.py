@@ -480,3 +480,33 @@ def test_completion_on_a_bpe_parent_adds_bos(bpe_run, tmp_path):
     assert ckpt["document_tokens"] == {"bos": BOS, "eos": EOT} and ckpt["config"]["model"]["vocab_size"] == 401
     assert encode_prompt(tok, "ROMEO:", 32) == [n + 1, *tok.encode("ROMEO:")]
 
+
+def _cli_files(d: Path) -> None:
+    tok = BpeTokenizer(256 + 1 + 5)
+    tok.fit("abababab cdcdcd " * 20)
+    write_bpe_file(tok, d / "tok.json")
+    (d / "empty.txt").write_text("")
+    (d / "latin1.txt").write_bytes("café au lait".encode("latin-1"))
+    (d / "text.txt").write_text("some text")
+    (d / "deep.json").write_text("[" * 100_000 + "]" * 100_000)  # 200 KB: well under the size cap
+    (d / "chatty.json").write_text(json.dumps({**tok.identity(), "special": [EOT, "<|tool|>"]}))
+    (d / "regex.json").write_text(json.dumps({**tok.identity(), "pattern": "(a+)+$"}))
+
+
+@pytest.mark.parametrize("args, message", [
+    (("compare", "--text", "{d}/empty.txt", "--tokenizer", "{d}/tok.json"), "--text '{d}/empty.txt' is empty"),
+    (("compare", "--text", "{d}/latin1.txt", "--tokenizer", "{d}/tok.json"), "--text '{d}/latin1.txt' is not UTF-8"),
+    (("compare", "--text", "{d}/text.txt", "--tokenizer", "{d}/deep.json"),
+     "tokenizer file '{d}/deep.json' is JSON nested too deeply"),
+    (("compare", "--text", "{d}/text.txt", "--tokenizer", "{d}/chatty.json"),
+     "tokenizer identity in tokenizer file '{d}/chatty.json' (bpe): special="),
+    (("compare", "--text", "{d}/text.txt", "--tokenizer", "{d}/regex.json"),
+     "tokenizer identity in tokenizer file '{d}/regex.json' (bpe): pattern='(a+)+$' is not one of"),
+    (("train", "--out", "{d}"), "--out '{d}' is a directory; give a file path"),
+])
+def test_cli_bad_input_is_one_error_line_naming_it(tmp_path, args, message):
+    _cli_files(tmp_path)
+    proc = run_here("-m", "gpt.bpe_cli", *(a.format(d=tmp_path) for a in args), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith("error: " + message.format(d=tmp_path)), proc.stderr[-2000:]
+    assert proc.stderr.count("\n") == 1 and proc.stdout == ""
