@@ -197,6 +197,7 @@ def gpt2_padded(tmp_path, **over):
     return model, save(model, tmp_path / "gpt2.pt", tokenizer=GPT2_TOKENIZER)
 
 
+@pytest.mark.slow
 def test_hf_export_cuts_the_padding_and_transformers_logits_equal_ours(tmp_path):
     transformers = pytest.importorskip("transformers")
     from gpt.interop import export_hf, import_hf
@@ -228,11 +229,13 @@ def test_llama_export_cuts_the_padding(tmp_path, tie, qk_norm):
         torch.testing.assert_close(hf(x).logits, model(x)[0], atol=1e-4, rtol=1e-4)
 
 
-def test_gguf_export_cuts_the_padding_and_imports_back(tmp_path):
+@pytest.mark.slow  # gguf's reader parses the 50k GPT-2 tokens one by one
+@pytest.mark.parametrize("over", [{}, {**LLAMA, "n_head": 4}], ids=["gpt2", "llama"])
+def test_gguf_export_cuts_the_padding_and_imports_back(tmp_path, over):
     pytest.importorskip("gguf")
     from gpt.gguf_export import export_gguf, import_gguf
 
-    model, path = gpt2_padded(tmp_path)
+    model, path = gpt2_padded(tmp_path, **over)
     file = export_gguf(str(path), str(tmp_path / "m.gguf"))
     import gguf
 
@@ -368,6 +371,7 @@ def test_peft_adapter_of_a_padded_lora_run_with_new_tokens(tmp_path):
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_compiled_padded_llama_style_model_has_no_graph_break():
     """torch.compile (dynamo) traces the padded output layer, the fused loss with its masked padding columns and
     the Llama-style parts as one graph, with and without targets (tests/test_gpu.py checks the same on CUDA)."""
