@@ -25,6 +25,17 @@ _PLAIN: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDicti
 
 
 
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose parameters and buffers are on the meta device, made without a second copy of its
+    weights in memory (deepcopy is handed meta stand-ins for them; tied weights stay one parameter)."""
+    memo = {}
+    for p in model.parameters():
+        memo.setdefault(id(p), nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad))
+    for b in model.buffers():
+        memo.setdefault(id(b), torch.empty_like(b, device="meta"))
+    return copy.deepcopy(model, memo)
+
+
 def shard(model: nn.Module, block_type: type, mixed_precision: bool, reshard_after_forward: bool = True,
           cpu_offload: bool = False) -> nn.Module:
     """fully_shard each module of `block_type` (a Transformer block), then the root (embeddings, final norm,
@@ -35,7 +46,7 @@ def shard(model: nn.Module, block_type: type, mixed_precision: bool, reshard_aft
 
     import torch.distributed as dist
 
-    _PLAIN[model] = copy.deepcopy(model).to("meta")  # its structure (LoRA layers, heads), before sharding
+    _PLAIN[model] = meta_copy(model)  # its structure (LoRA layers, heads), before sharding
     with torch.no_grad():  # every rank starts from rank 0's weights (each rank's own seed initialised its copy;
         for tensor in model.state_dict().values():  # DDP broadcasts at wrap time, fully_shard does not)
             dist.broadcast(tensor, src=0)

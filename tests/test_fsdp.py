@@ -111,3 +111,27 @@ def test_fsdp_shards_any_script_and_only_under_torchrun_with_hardware_fsdp():
     assert shard_for_fsdp(model, fsdp, DistInfo(0, 0, 1, "cpu")) is None  # one process
     assert shard_for_fsdp(model, ddp, DistInfo(0, 0, 2, "cpu")) is None
     assert type(model) is torch.nn.Linear
+
+
+def test_the_structure_kept_for_decoding_copies_no_weights(monkeypatch):
+    """gpt.parallel.meta_copy (what FSDP keeps to decode with gathered weights): meta parameters and buffers,
+    tying kept, the LoRA/head structure the same, and no tensor of the model copied on the way (a deepcopy of the
+    model used to hold a second set of its weights on every rank for a moment)."""
+    from gpt.heads import Classifier
+    from gpt.parallel import meta_copy
+
+    model = Classifier(num_labels=3, vocab_size=50, block_size=8, n_layer=2, n_head=2, n_embd=16)
+    model.register_buffer("scale", torch.ones(4))
+
+    def refuse(self, memo):
+        raise AssertionError("a tensor of the model was copied")
+
+    monkeypatch.setattr(torch.Tensor, "__deepcopy__", refuse)
+    monkeypatch.setattr(torch.nn.Parameter, "__deepcopy__", refuse)
+    plain = meta_copy(model)
+    monkeypatch.undo()
+    assert all(p.is_meta for p in plain.parameters()) and all(b.is_meta for b in plain.buffers())
+    assert plain.lm_head.weight is plain.transformer.wte.weight and type(plain) is Classifier
+    assert [(n, p.shape, p.requires_grad) for n, p in plain.named_parameters()] == [
+        (n, p.shape, p.requires_grad) for n, p in model.named_parameters()]
+    assert not any(p.is_meta for p in model.parameters())
