@@ -15,6 +15,7 @@ from gpt.checkpoint import load_checkpoint, model_from_checkpoint
 from gpt.errors import UserError
 from gpt.engine import DecodeEngine, Sampling, complete
 from gpt.heads import Classifier
+from gpt.model import OutputHead
 from gpt.precision import DTYPES, cpu_has_fast_bf16
 from gpt.tokenizer import from_identity
 
@@ -59,10 +60,14 @@ class PackedLinear(nn.Linear):
 
     _packed: torch.Tensor | None = None
 
+    def _scored(self) -> torch.Tensor:
+        """The weight rows the layer multiplies by: all of them (PackedOutputHead: without the padding rows)."""
+        return self.weight
+
     def pack(self) -> bool:
         """Prepack the weight; False (and plain F.linear from then on) where oneDNN cannot or disagrees."""
         self._packed = None
-        w = self.weight.detach()
+        w = self._scored().detach()
         try:
             packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
             x = torch.randn(2, w.size(1), dtype=w.dtype, device=w.device)
@@ -70,7 +75,7 @@ class PackedLinear(nn.Linear):
         except (RuntimeError, AttributeError, NotImplementedError) as e:
             log.info("no prepacked weights for %s Linear layers: %s", w.dtype, e)
             return False
-        want = F.linear(x, self.weight, self.bias)
+        want = F.linear(x, self._scored(), self.bias)
         if got.shape != want.shape or not torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2):
             return False
         self._packed, self._packed_dtype, self._packed_version = packed, w.dtype, self.weight._version
@@ -91,21 +96,31 @@ class PackedLinear(nn.Linear):
                 and self.weight._version == self._packed_version and self.weight.dtype == self._packed_dtype
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), p, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(x, self._scored(), self.bias)
+
+
+class PackedOutputHead(PackedLinear, OutputHead):
+    """A padded output layer (gpt.model.OutputHead, model.vocab_multiple) prepacked: its first vocab_size rows only,
+    so the logits stay (..., V)."""
+
+    def _scored(self) -> torch.Tensor:
+        return self.weight[: self.vocab_size]
 
 
 def pack_linears(model: nn.Module) -> int:
-    """Turn every nn.Linear of a bf16 CPU model into a PackedLinear; -> how many were packed."""
+    """Turn every nn.Linear of a bf16 CPU model into a PackedLinear (a padded output layer into a PackedOutputHead);
+    -> how many were packed."""
     if not torch.backends.mkldnn.is_available():
         return 0
     n = 0
     for m in model.modules():
-        if type(m) is nn.Linear and m.weight.device.type == "cpu" and m.weight.dtype == torch.bfloat16:
-            m.__class__ = PackedLinear
+        plain = type(m)
+        if plain in (nn.Linear, OutputHead) and m.weight.device.type == "cpu" and m.weight.dtype == torch.bfloat16:
+            m.__class__ = PackedOutputHead if plain is OutputHead else PackedLinear
             if m.pack():
                 n += 1
             else:
-                m.__class__ = nn.Linear
+                m.__class__ = plain
     return n
 
 

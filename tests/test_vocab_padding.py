@@ -72,6 +72,29 @@ def test_padding_rows_exist_and_logits_cover_the_true_vocabulary(over):
     assert model.hparams()["vocab_size"] == V and model.hparams()["vocab_multiple"] == M
 
 
+def test_bf16_inference_prepacks_the_padded_output_layer_and_scores_the_true_vocabulary(tmp_path):
+    """load_for_inference in bf16 on a CPU prepacks every Linear for oneDNN (gpt.inference.PackedLinear); the padded
+    output layer becomes a PackedOutputHead over its first V rows: logits (..., V), no padding id sampled."""
+    from gpt.inference import PackedOutputHead, load_for_inference
+
+    model = poison(padded(n_embd=32))
+    path = save(model, tmp_path / "p.pt")
+    packed, _, _ = load_for_inference(str(path), dtype="bfloat16")
+    if torch.backends.mkldnn.is_available():
+        assert type(packed.lm_head) is PackedOutputHead and packed.lm_head._packed is not None
+    x = ids()
+    with torch.no_grad():
+        got, want = packed(x)[0].float(), model(x)[0]
+    assert got.shape == want.shape == (2, 12, V)
+    assert (got - want).abs().max() < 0.05 * want.abs().max()  # bf16 weights: the float logits within 5%
+    assert generate(packed, x[:, :3], 15, temperature=2.0, generator=torch.Generator().manual_seed(0)).max() < V
+
+
+def test_an_unpadded_model_keeps_its_plain_output_layer():
+    model = padded(vocab_size=128)  # already a multiple of 64: no padding rows, the plain nn.Linear as before
+    assert type(model.lm_head) is torch.nn.Linear and model.lm_head.weight.shape == (128, 16)
+
+
 def test_padded_sizes():
     cfg = lambda v, m: GPTConfig(vocab_size=v, vocab_multiple=m).padded_vocab_size  # noqa: E731
     assert cfg(50257, 64) == 50304 and cfg(50257, 1) == 50257 and cfg(128, 64) == 128 and cfg(129, 64) == 192
