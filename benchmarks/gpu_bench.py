@@ -81,7 +81,8 @@ def compose(args):
     from hydra import compose as hydra_compose, initialize_config_dir
     from omegaconf import open_dict
 
-    overrides = ["model=gpt2_small", "tokenizer=gpt2", "hardware=" + ("gpu" if args.device.startswith("cuda") else "cpu"),
+    hardware = "gpu" if args.device.startswith("cuda") else "cpu"
+    overrides = ["model=gpt2_small", "tokenizer=gpt2", f"hardware={hardware}",
                  f"hardware.compile={str(args.compile).lower()}", f"trainer.batch_size={args.batch_size}"]
     if args.tiny:
         overrides += ["model.n_layer=2", "model.n_head=2", "model.n_embd=64", "model.block_size=64"]
@@ -156,7 +157,8 @@ def train_speed(args) -> dict:
     return {"what": "train", "device": args.device, "params": model.num_params(), "vocab": model.config.vocab_size,
             "vocab_rows": model.config.padded_vocab_size, "batch": args.batch_size, "block": T,
             "compile": bool(cfg.hardware.compile), "optimizer": type(optimizer).__name__, "fused_adamw": bool(fused),
-            "precision": str(trainer.precision), "tokens_per_sec": tokens_per_sec, "step_ms": 1e3 * seconds / args.steps,
+            "precision": str(trainer.precision), "tokens_per_sec": tokens_per_sec,
+            "step_ms": 1e3 * seconds / args.steps,
             "peak_tflops": peak / 1e12, "peak_source": source,
             "mfu": model.flops_per_token(T) * tokens_per_sec / peak, "loss": float(loss)}
 

@@ -452,8 +452,9 @@ class GPT(nn.Module):
                      ln_f=_norm(cfg, cfg.n_embd))
         self.transformer = nn.ModuleDict(parts)
         # padded (vocab_multiple): an OutputHead that scores the true V rows; else the plain Linear it always was
-        self.lm_head = (OutputHead(cfg.n_embd, cfg.vocab_size, cfg.padded_vocab_size)
-                        if cfg.padded_vocab_size != cfg.vocab_size else nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False))
+        padded = cfg.padded_vocab_size != cfg.vocab_size
+        self.lm_head = (OutputHead(cfg.n_embd, cfg.vocab_size, cfg.padded_vocab_size) if padded
+                        else nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False))
         if cfg.tie_embeddings:
             self.transformer.wte.weight = self.lm_head.weight  # weight tying
         self.apply(self._init_weights)

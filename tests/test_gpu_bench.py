@@ -50,6 +50,7 @@ def test_gpu_check_time_limits_fit_its_budget():
     limits = {k: int(v) for k, v in re.findall(r"^(\w+_S)=(\d+)", text, re.M)}
     assert limits["BUDGET_S"] <= 480  # 8 minutes on one H100/H200
     # every command of the script runs under `timeout`, and the parts' limits leave the environment lines room
-    assert '"$PYTEST_TIMEOUT_S" python -m pytest' in text and '"$BENCH_TIMEOUT_S" python benchmarks/gpu_bench.py' in text
+    assert '"$PYTEST_TIMEOUT_S" python -m pytest' in text
+    assert '"$BENCH_TIMEOUT_S" python benchmarks/gpu_bench.py' in text
     fixed = sum(int(t) for t in re.findall(r"timeout (\d+) ", text))
     assert fixed + limits["PYTEST_TIMEOUT_S"] + limits["BENCH_TIMEOUT_S"] <= limits["BUDGET_S"]
