@@ -146,6 +146,24 @@ def main() -> None:
         c, s = results["continuous"], results["static"]
         print(f"\ncontinuous vs static: {c['tokens/s'] / s['tokens/s']:.2f}x tokens/s, TTFT p99 "
               f"{c['ttft p99']:.3f} s vs {s['ttft p99']:.3f} s")
+        explain(c, s)
+
+
+def explain(c: dict, s: dict) -> None:
+    """Split both modes' wall time into a cost per decode step (whatever its rows: reading the weights, the
+    step's Python) and a cost of the tokens (the same tokens in both modes: each row's share of the matmuls,
+    attention over its positions, sampling, the prompts' prefills): wall = steps * per_step + tokens. Static
+    batching takes more steps for the same tokens, so continuous batching's gain is at most the ratio of the
+    steps, reached only when the tokens cost nothing."""
+    dsteps = s["steps"] - c["steps"]
+    if dsteps <= 0:
+        return
+    per_step = (s["wall"] - c["wall"]) / dsteps
+    tokens = c["wall"] - c["steps"] * per_step
+    budget = 2 * (s["steps"] - 1.5 * c["steps"]) * per_step  # S / C >= 1.5 <=> tokens <= budget
+    print(f"wall = steps x {1000 * per_step:.1f} ms + {tokens:.1f} s of tokens (static {s['wall']:.1f} s over "
+          f"{s['steps']} steps, continuous {c['wall']:.1f} s over {c['steps']}); the steps' ratio bounds the gain at "
+          f"{s['steps'] / c['steps']:.2f}x; 1.5x needs the tokens to cost at most {max(budget, 0):.1f} s")
 
 
 if __name__ == "__main__":
