@@ -228,7 +228,8 @@ def test_the_wrapper_adds_the_shipped_tasks_unless_given_a_folder():
     assert harness.with_shipped_tasks(["--model", "gpt-pipeline", "--tasks", TASK]) == ["--model", "gpt-pipeline",
                                                                                        "--tasks", TASK, *shipped]
     assert harness.with_shipped_tasks(["ls", "tasks"]) == ["ls", "tasks", *shipped]
-    for own in (["--tasks", "t", "--include_path", "mine"], ["--tasks", "t", "--include_path=mine"], ["-h"], []):
+    for own in (["--tasks", "t", "--include_path", "mine"], ["--tasks", "t", "--include_path=mine"],
+                ["--tasks", "t", "--inc=mine"], ["-h"], []):
         assert harness.with_shipped_tasks(own) == own
 
 
@@ -282,3 +283,191 @@ def test_bad_harness_settings_are_one_line(char_ckpt, tmp_path, args, message):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"error: {message}" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# ---- task folders from elsewhere are code: checked unless trusted ------------------------------------------
+
+PLAIN = {"task": "mine", "dataset_path": "json", "output_type": "multiple_choice", "test_split": "test",
+         "doc_to_text": "{{context}}", "doc_to_choice": "{{choices}}", "doc_to_target": "label",
+         "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]}
+
+
+def task_folder(folder: Path, extra: str = "", files: dict | None = None, rows: list[dict] | None = None) -> Path:
+    """A folder holding one multiple-choice task over the shipped task's JSONL (or `rows`): mine.yaml is PLAIN plus
+    the YAML lines `extra`; `files` adds {relative path: text}."""
+    import yaml
+
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / "mine.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows) if rows else
+                    (harness.TASKS / f"{TASK}.jsonl").read_text(encoding="utf-8"), encoding="utf-8")
+    task = {**PLAIN, "dataset_kwargs": {"data_files": {"test": str(data)}}}
+    (folder / "mine.yaml").write_text(yaml.safe_dump(task, sort_keys=False) + extra, encoding="utf-8")
+    for name, text in (files or {}).items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text, encoding="utf-8")
+    return folder
+
+
+def check(folder: Path) -> None:
+    harness.check_tasks(folder, "harness.include_path", "harness.trust_task_code=true")
+
+
+GADGET_GLOBALS = ["lipsum", "cycler", "joiner", "namespace", "self", "config", "request"]
+REFUSED = [  # (YAML lines added to mine.yaml, extra files, what the one-line refusal names)
+    ("process_docs: !function utils.first\n", {}, "!function utils.first at process_docs runs Python code"),
+    ("process_docs: !function os.system\n", {}, "!function os.system at process_docs runs Python code"),
+    ("", {"utils.py": "def first(ds):\n    return ds\n"}, "utils.py: a Python file in the task folder"),
+    ("", {"deep/er/helpers.py": ""}, "helpers.py: a Python file in the task folder"),
+    ("process_docs: !!python/name:os.system\n", {}, "the YAML tag tag:yaml.org,2002:python/name:os.system"),
+    ("description: !custom x\n", {}, "the YAML tag !custom x"),
+    ("", {"other.yaml": "task: other\ndataset_path: json\ndataset_kwargs:\n  trust_remote_code: true\n"},
+     "other.yaml: dataset_kwargs.trust_remote_code: True lets datasets run a dataset's own code"),
+    ("description: \"{{ ''.__class__.__mro__[1] }}\"\n", {}, "the name '__class__' in a template"),
+    ("description: \"{{ context | attr('upper') }}\"\n", {}, "the attr filter in a template"),
+    ("description: \"{{ context['\\\\x5f\\\\x5fclass\\\\x5f\\\\x5f'] }}\"\n", {}, "the escape in"),
+    ("description: \"{{ context['\\\\u005f'] }}\"\n", {}, "the escape in"),
+    ("description: \"{{ context['\\\\N{LOW LINE}'] }}\"\n", {}, "the escape in"),
+    ("description: \"{{ context['\\\\137'] }}\"\n", {}, "the escape in"),
+    ("description: \"{{ context['__doc__'] }}\"\n", {}, "the string '__doc__' in a template"),
+    ("description: \"{{ context._x }}\"\n", {}, "the name '_x' in a template"),
+    ("description: \"{{ '{0.x}'.format(context) }}\"\n", {}, "the .format() method in a template"),
+    *[(f"description: \"{{{{ {g} }}}}\"\n", {}, f"the global {g!r} in a template") for g in GADGET_GLOBALS],
+    ("description: \"{% for c in cycler.items %}{% endfor %}\"\n", {}, "the global 'cycler' in a template"),
+    ("metric_list:\n  - metric: my_metric\n", {}, "metric_list[0].metric: 'my_metric' is not one of lm-eval's metrics"),
+    ("metric_list:\n  - metric: acc\n    hf_evaluate: true\n", {}, "metric_list[0].hf_evaluate: true loads a metric"),
+    ("include: ../elsewhere/base.yaml\n", {"../elsewhere/base.yaml": "output_type: multiple_choice\n"},
+     "include: ../elsewhere/base.yaml (")
+]
+
+
+@pytest.mark.parametrize("extra, files, message", REFUSED, ids=[m[:40] for _, _, m in REFUSED])
+def test_a_task_folder_holding_code_is_refused_in_one_line(tmp_path, extra, files, message):
+    folder = task_folder(tmp_path / "tasks", extra, files)
+    with pytest.raises(UserError) as refused:
+        check(folder)
+    text = str(refused.value)
+    assert message in text and text.startswith(f"harness.include_path: {folder}")
+    assert "harness.trust_task_code=true runs them unchecked" in text and "\n" not in text
+
+
+def test_a_linked_yaml_or_a_dataset_script_is_refused(tmp_path):
+    outside = task_folder(tmp_path / "outside")
+    folder = task_folder(tmp_path / "tasks")
+    (folder / "linked.yaml").symlink_to(outside / "mine.yaml")
+    with pytest.raises(UserError, match=f"linked.yaml: links to {outside / 'mine.yaml'} is outside {folder}"):
+        check(folder)
+    script = task_folder(tmp_path / "script", "dataset_path: /somewhere/loader.py\n")
+    with pytest.raises(UserError, match="dataset_path: '/somewhere/loader.py' is a dataset loading script"):
+        check(script)
+
+
+def test_plain_task_files_pass_the_check(tmp_path):
+    """Templates that read the document's fields (filters, indexing, method calls, a '_' as a replacement), an
+    include of lm-eval's own task file and the shipped task's bundled_dataset reader are not code of the folder's."""
+    import lm_eval.tasks
+
+    arc = Path(lm_eval.tasks.__file__).parent / "arc" / "arc_easy.yaml"
+    assert arc.is_file()
+    folder = task_folder(tmp_path / "tasks", "description: \"{{ context | replace(' ', '_') | upper }} "
+                                              "{{ choices[label] }} {{ context.split(':')[0].strip() }}\"\n",
+                         {"more/arc_mine.yaml": f"include: {arc}\ntask: arc_mine\n",
+                          "shipped/word_order.yaml": (harness.TASKS / f"{TASK}.yaml").read_text()})
+    check(folder)
+    check(folder / "mine.yaml")  # a single task file
+    check(harness.TASKS)  # shipped (with its generator script): trusted
+
+
+def test_the_shipped_reader_cannot_be_shadowed_by_a_file_next_to_the_yaml(tmp_path):
+    folder = task_folder(tmp_path / "tasks", "custom_dataset: !function gpt.evaluation.harness.bundled_dataset\n",
+                         {"gpt/evaluation/harness.py": "raise SystemExit('ran')\n"})
+    with pytest.raises(UserError, match="a Python file in the task folder"):
+        check(folder)
+    with pytest.raises(UserError, match="bundled_dataset at custom_dataset would run .*gpt/evaluation/harness.py"):
+        check(folder / "mine.yaml")  # a single file: the folder around it is not checked for .py files
+
+
+def first_five_task(folder: Path) -> Path:
+    """A task whose process_docs is a function of its own (utils.py): it keeps the first five documents."""
+    return task_folder(folder, "process_docs: !function utils.first_five\n",
+                       {"utils.py": "def first_five(dataset):\n    return dataset.select(range(5))\n"})
+
+
+def test_evaluate_refuses_a_folder_with_code_and_runs_it_when_trusted(char_ckpt, tmp_path):
+    folder = first_five_task(tmp_path / "tasks")
+    args = ["evaluate.py", f"ckpt={char_ckpt}", "samples.num=0", "harness.tasks=[mine]",
+            f"harness.include_path={folder}"]
+    refused = run_here(*args, cwd=tmp_path)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert (f"error: harness.include_path: {folder / 'utils.py'}: a Python file in the task folder"
+            in refused.stderr)
+    trusted = run_here(*args, "harness.trust_task_code=true", cwd=tmp_path)
+    assert trusted.returncode == 0, trusted.stderr[-3000:]
+    (report,) = (tmp_path / "evaluations").glob("*/*/harness.json")
+    assert json.loads(report.read_text())["n-samples"]["mine"]["effective"] == 5  # the folder's own function ran
+
+
+def test_a_checked_folder_runs_and_its_templates_render_sandboxed(char_ckpt, tmp_path):
+    """A key that comes from the data is not in the file: the scan passes it and the sandbox stops it."""
+    clean = task_folder(tmp_path / "clean")
+    model = PipelineLM(ckpt=str(char_ckpt), device="cpu")
+    out = harness.run_tasks(model.model, model.tok, ["mine"], [str(clean)], limit=4, batch_size=4)
+    assert out["results"]["mine"]["acc,none"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+    rows = [{**d, "key": "__class__"} for d in DOCS[:4]]
+    sneaky = task_folder(tmp_path / "sneaky", "description: \"{{ context[key] }}\"\n", rows=rows)
+    check(sneaky)
+    with pytest.raises(UserError, match="a task template reached for Python internals .*harness.trust_task_code=true"):
+        harness.run_tasks(model.model, model.tok, ["mine"], [str(sneaky)], limit=4, batch_size=4)
+    import lm_eval.utils
+
+    assert type(lm_eval.utils.env).__name__ == "Environment"  # lm-eval's own, back after the run
+
+
+FOLDER_HAS_CODE = "utils.py: a Python file in the task folder"
+FILE_HAS_CODE = "!function utils.first_five at process_docs"
+
+
+@pytest.mark.parametrize("how, message", [(["--include_path", "{folder}"], FOLDER_HAS_CODE),
+                                          (["--inc={folder}"], FOLDER_HAS_CODE),  # lm-eval's parser takes it
+                                          (["--tasks", "{folder}/mine.yaml"], FILE_HAS_CODE),
+                                          (["--tasks", "{folder}"], FOLDER_HAS_CODE)])
+def test_the_wrapper_refuses_a_folder_with_code(char_ckpt, tmp_path, how, message):
+    folder = first_five_task(tmp_path / "tasks")
+    named = [a.format(folder=folder) for a in how]
+    tasks = [] if "--tasks" in how else ["--tasks", "mine"]
+    proc = run_here("-m", "gpt.evaluation.harness", "--model", "gpt-pipeline", "--model_args", f"ckpt={char_ckpt}",
+                    *tasks, *named, "--limit", "2", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"error: {'--tasks' if '--tasks' in how else '--include_path'} " in proc.stderr
+    assert message in proc.stderr and "--trust_task_code runs them unchecked" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_the_wrapper_runs_a_trusted_folder_without_passing_the_flag_on(char_ckpt, tmp_path):
+    folder = first_five_task(tmp_path / "tasks")
+    proc = run_here("-m", "gpt.evaluation.harness", "--trust_task_code", "--model", "gpt-pipeline", "--model_args",
+                    f"ckpt={char_ckpt},batch_size=4", "--tasks", "mine", "--include_path", str(folder),
+                    "--output_path", str(tmp_path / "out"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (written,) = (tmp_path / "out").rglob("results_*.json")
+    assert json.loads(written.read_text())["n-samples"]["mine"]["effective"] == 5
+
+
+@pytest.mark.parametrize("missing", ["version", "api"])
+def test_an_lm_eval_outside_the_tested_range_is_one_line(monkeypatch, missing):
+    import importlib.metadata
+
+    import gpt.evaluation
+    from gpt.evaluation import load_harness
+
+    monkeypatch.delitem(sys.modules, "gpt.evaluation.harness")
+    monkeypatch.delattr(gpt.evaluation, "harness")
+    if missing == "version":
+        monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.4.5")
+        expected = r"the installed lm-eval 0\.4\.5 is not one this package works with \(lm-eval 0\.4\.5 is outside"
+    else:
+        monkeypatch.setitem(sys.modules, "lm_eval.tasks._yaml_loader", None)
+        expected = r"the installed lm-eval 0\.4\.\d+ is not one this package works with \(import of lm_eval\.tasks"
+    with pytest.raises(UserError, match=expected + r'.*\): pip install "lm-eval>=0\.4\.13,<0\.5"$'):
+        load_harness()

@@ -144,10 +144,15 @@ def load_harness(needed_by: str = "harness.tasks"):
     """gpt.evaluation.harness (it imports lm-eval, an optional dependency), or one line on how to install it."""
     try:
         from gpt.evaluation import harness
-    except ModuleNotFoundError as e:
+    except ImportError as e:  # ModuleNotFoundError too
         if not (e.name or "").startswith("lm_eval"):
             raise
-        raise UserError(f"{needed_by} needs lm-eval: pip install 'gpt-pipeline[eval]' (or lm-eval)") from None
+        if isinstance(e, ModuleNotFoundError) and e.name == "lm_eval":
+            raise UserError(f"{needed_by} needs lm-eval: pip install 'gpt-pipeline[eval]' (or lm-eval)") from None
+        from importlib.metadata import version  # an lm-eval without the parts used here (or not the tested one)
+
+        raise UserError(f"{needed_by}: the installed lm-eval {version('lm_eval')} is not one this package works "
+                        f"with ({str(e).splitlines()[0]}): pip install \"lm-eval>=0.4.13,<0.5\"") from None
     return harness
 
 

@@ -17,31 +17,52 @@ continuation longer than block_size, which HFLM refuses, is scored in runs of bl
 loglikelihood_rolling scores a whole text in lm-eval's disjoint rolling windows; generate_until decodes on the
 KV-cache DecodeEngine (rows join as others finish; until-strings are stop strings, end-of-text and a chat
 model's <|end|> stop tokens). Tasks run with --apply_chat_template get gpt.chat's template (chat models only).
+
+A folder of task files from elsewhere is code (its !function tags, its templates): harness.include_path and the
+wrapper's --include_path/--tasks <file or folder> are checked by gpt.evaluation.task_trust before lm-eval reads
+them, and their templates render sandboxed, unless harness.trust_task_code=true (gpt-lm-eval --trust_task_code).
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
 import re
 import sys
+from contextlib import contextmanager
+from importlib.metadata import version
 from pathlib import Path
 
+import lm_eval.api.metrics  # noqa: F401  fills metric_registry (the metric names a task file may use)
 import lm_eval.models  # noqa: F401  lm-eval's own models: its get_model imports them only while the registry is empty
+import lm_eval.tasks._yaml_loader  # noqa: F401  the task loader whose rules gpt.evaluation.task_trust follows
+import lm_eval.utils
 import torch
 import torch.nn.functional as F
+import yaml
+from jinja2.exceptions import SecurityError
+from jinja2.sandbox import SandboxedEnvironment
 from lm_eval.api.model import TemplateLM
-from lm_eval.api.registry import model_registry, register_model
+from lm_eval.api.registry import metric_registry, model_registry, register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simple_parse_args_string
+from packaging.specifiers import SpecifierSet
 
 from gpt.chat import END, SPECIAL
 from gpt.engine import DecodeEngine, Sampling, text_stop
 from gpt.errors import UserError, exit_code
 from gpt.evaluation.generation import cut_at_stop, is_chat
+from gpt.evaluation.task_trust import check_task_folder, inside
 from gpt.inference import load_for_inference
 
 log = logging.getLogger("gpt")
+
+# The tested range (pyproject's eval extra): another version may read task files by other rules than the ones
+# task_trust checks, so it is refused here (gpt.evaluation.load_harness turns this into one line).
+LM_EVAL = "lm-eval>=0.4.13,<0.5"
+if not SpecifierSet(LM_EVAL.removeprefix("lm-eval")).contains(version("lm_eval"), prereleases=True):
+    raise ImportError(f"lm-eval {version('lm_eval')} is outside {LM_EVAL}", name="lm_eval")
 
 TASKS = Path(__file__).resolve().parent / "tasks"  # the example tasks shipped with the package
 MODEL_ARGS = ("ckpt", "dtype", "batch_size", "device", "max_gen_toks", "max_batch_size")
@@ -324,9 +345,43 @@ def bundled_dataset(data_files: dict | None = None, **metadata):
     return datasets.load_dataset("json", data_files={split: str(TASKS / name) for split, name in data_files.items()})
 
 
-def task_manager(tasks: list[str], include_path: str | list[str] | None = None):
+def trusted_task_folders() -> list[Path]:
+    """Folders whose task files run unchecked: lm-eval's own tasks (its package) and the ones shipped here."""
+    return [Path(lm_eval.tasks.__file__).resolve().parent, TASKS]
+
+
+def check_tasks(path: str | Path, source: str, opt_in: str) -> None:
+    """gpt.evaluation.task_trust.check_task_folder with lm-eval's trusted folders and metric names."""
+    check_task_folder(path, source=source, opt_in=opt_in, trusted=trusted_task_folders(), metrics=metric_registry)
+
+
+@contextmanager
+def sandboxed_templates(on: bool = True):
+    """While open (when `on`), lm-eval renders task templates in Jinja's SandboxedEnvironment (same settings and
+    filters as its own lm_eval.utils.env): a key computed at run time, which no scan of a file can see, cannot reach
+    Python internals either. A template that tries becomes a UserError."""
+    plain = lm_eval.utils.env
+    if not on:
+        yield
+        return
+    sandbox = SandboxedEnvironment(loader=plain.loader, undefined=plain.undefined,
+                                   keep_trailing_newline=plain.keep_trailing_newline)
+    sandbox.filters.update(plain.filters)
+    lm_eval.utils.env = sandbox  # apply_template reads this module attribute on every call
+    try:
+        yield
+    except SecurityError as e:
+        raise UserError(f"a task template reached for Python internals ({e}); task files are code: "
+                        f"harness.trust_task_code=true (gpt-lm-eval: --trust_task_code) renders them unsandboxed "
+                        f"(only for tasks whose author you trust)") from None
+    finally:
+        lm_eval.utils.env = plain
+
+
+def task_manager(tasks: list[str], include_path: str | list[str] | None = None, trust_task_code: bool = False):
     """An lm-eval TaskManager that knows the shipped tasks, include_path's, and (only when a task is not among
-    those: indexing them takes ~8 s) lm-eval's own. An unknown task name is a UserError."""
+    those: indexing them takes ~8 s) lm-eval's own. An unknown task name is a UserError; so is an include_path
+    holding code (gpt.evaluation.task_trust) unless trust_task_code."""
     from lm_eval.tasks import TaskManager
 
     paths = [str(TASKS)] + ([] if include_path is None else
@@ -334,6 +389,8 @@ def task_manager(tasks: list[str], include_path: str | list[str] | None = None):
     for p in paths[1:]:
         if not Path(p).expanduser().exists():
             raise UserError(f"harness.include_path={p!r} does not exist; pass a folder of lm-eval task YAML files")
+        if not trust_task_code:
+            check_tasks(p, "harness.include_path", "harness.trust_task_code=true")
     manager = TaskManager(include_path=paths, include_defaults=False)
     if not all(t in manager.all_tasks for t in tasks):
         manager = TaskManager(include_path=paths)
@@ -360,17 +417,20 @@ def flat_metrics(results: dict) -> dict:
 
 def run_tasks(model, tokenizer, tasks: list[str], include_path=None, limit: int | None = None,
               num_fewshot: int | None = None, batch_size: int = 16, apply_chat_template: bool = False,
-              log_samples: bool = False) -> dict:
-    """lm_eval.simple_evaluate of `tasks` on a loaded model -> lm-eval's results dict."""
+              log_samples: bool = False, trust_task_code: bool = False) -> dict:
+    """lm_eval.simple_evaluate of `tasks` on a loaded model -> lm-eval's results dict. An include_path is checked
+    and its templates rendered sandboxed unless trust_task_code."""
     from lm_eval import simple_evaluate
 
     lm = PipelineLM.from_model(model, tokenizer, batch_size)
     if apply_chat_template and not lm.chat:  # before any task is built
         raise UserError("harness.apply_chat_template=true needs a chat model (finetune.py stage=sft); this "
                         "checkpoint has no chat template tokens")
-    return simple_evaluate(model=lm, tasks=list(tasks), task_manager=task_manager(list(tasks), include_path),
-                           limit=limit, num_fewshot=num_fewshot, apply_chat_template=apply_chat_template,
-                           log_samples=log_samples)
+    manager = task_manager(list(tasks), include_path, trust_task_code)
+    with sandboxed_templates(on=bool(include_path) and not trust_task_code):
+        return simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit,
+                               num_fewshot=num_fewshot, apply_chat_template=apply_chat_template,
+                               log_samples=log_samples)
 
 
 def harness_metrics(model, tokenizer, cfg, folder: Path) -> dict:
@@ -380,27 +440,81 @@ def harness_metrics(model, tokenizer, cfg, folder: Path) -> dict:
     include = None if include is None else ([str(include)] if isinstance(include, str) else [str(p) for p in include])
     log.info("lm-eval tasks %s", ", ".join(cfg.tasks))
     results = run_tasks(model, tokenizer, [str(t) for t in cfg.tasks], include, cfg.get("limit"),
-                        cfg.get("num_fewshot"), int(cfg.batch_size), bool(cfg.get("apply_chat_template")))
+                        cfg.get("num_fewshot"), int(cfg.batch_size), bool(cfg.get("apply_chat_template")),
+                        trust_task_code=bool(cfg.get("trust_task_code")))
     keep = {k: results.get(k) for k in ("results", "groups", "versions", "n-shot", "higher_is_better", "n-samples")}
     (folder / "harness.json").write_text(json.dumps(keep, indent=2, default=str))
     return flat_metrics(results["results"])
 
 
+def _names_include_path(arg: str) -> bool:
+    """--include_path, =value or not, or an abbreviation of it (lm-eval's parser takes --inc)."""
+    option = arg.split("=")[0]
+    return len(option) > 2 and "--include_path".startswith(option)
+
+
 def with_shipped_tasks(args: list[str]) -> list[str]:
     """lm-eval's arguments plus --include_path <the shipped tasks> when they name no folder of their own (lm-eval
     takes one), so that `--tasks shakespeare_word_order` works as it is."""
-    if not args or args[0] in ("-h", "--help") or any(a.split("=")[0] == "--include_path" for a in args):
+    if not args or args[0] in ("-h", "--help") or any(_names_include_path(a) for a in args):
         return args
     return [*args, "--include_path", str(TASKS)]
 
 
+def user_task_files(args: list[str]) -> list[tuple[str, str]]:
+    """The task folders and files lm-eval's command line `args` would read besides its own tasks -> [(the option
+    that names it, path)]: --include_path, --tasks entries that are YAML files (globs too) or one folder, and the
+    same keys of a --config file. Read by lm-eval's own parser (it takes abbreviations such as --inc)."""
+    from lm_eval._cli import HarnessCLI
+
+    saved = sys.argv
+    sys.argv = [saved[0], *args]
+    try:
+        parsed = vars(HarnessCLI().parse_args())
+    finally:
+        sys.argv = saved
+    found = [("--include_path", parsed.get("include_path")), ("--tasks", parsed.get("tasks"))]
+    config = parsed.get("config")
+    if config and Path(config).is_file():
+        settings = yaml.safe_load(Path(config).read_text(encoding="utf-8"))
+        if isinstance(settings, dict):
+            found += [(f"--config {config}: {key}", settings.get(key)) for key in ("include_path", "tasks")]
+    out = []
+    for option, value in found:
+        values = [value] if isinstance(value, str) else list(value or [])
+        if option.endswith("include_path"):
+            out += [(option, str(v)) for v in values]
+            continue
+        names = [n for v in values for n in str(v).split(",") if n]
+        for name in names:  # as lm-eval's EvaluatorConfig.process_tasks reads them
+            if name.endswith(".yaml"):
+                out += [(option, f) for f in sorted(glob.glob(str(Path(name).absolute())))]
+            elif len(names) == 1 and Path(name).is_dir():
+                out.append((option, name))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """lm-eval's own command line, with gpt-pipeline registered (this module's import did it) and the shipped
-    tasks' folder as --include_path unless one is given."""
+    tasks' folder as --include_path unless one is given. Task folders and files it names are checked
+    (gpt.evaluation.task_trust) and their templates rendered sandboxed, unless --trust_task_code (ours: it is
+    taken out before lm-eval sees the arguments)."""
     from lm_eval.__main__ import cli_evaluate
 
-    sys.argv = [sys.argv[0], *with_shipped_tasks(sys.argv[1:] if argv is None else list(argv))]
-    return exit_code(cli_evaluate)
+    args = sys.argv[1:] if argv is None else list(argv)
+    trust = "--trust_task_code" in args
+    args = with_shipped_tasks([a for a in args if a != "--trust_task_code"])
+    sys.argv = [sys.argv[0], *args]
+
+    def run() -> None:
+        named = [] if trust or not args or args[0] in ("-h", "--help") else user_task_files(args)
+        own = [(o, p) for o, p in named if not any(inside(Path(p).resolve(), t) for t in trusted_task_folders())]
+        for option, path in own:
+            check_tasks(path, f"{option} {path}", "--trust_task_code")
+        with sandboxed_templates(on=bool(own) and not trust):
+            cli_evaluate()
+
+    return exit_code(run)
 
 
 if __name__ == "__main__":
