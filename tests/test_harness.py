@@ -471,3 +471,13 @@ def test_an_lm_eval_outside_the_tested_range_is_one_line(monkeypatch, missing):
         expected = r"the installed lm-eval 0\.4\.\d+ is not one this package works with \(import of lm_eval\.tasks"
     with pytest.raises(UserError, match=expected + r'.*\): pip install "lm-eval>=0\.4\.13,<0\.5"$'):
         load_harness()
+
+
+def test_the_wrapper_checks_the_folder_a_config_file_names(char_ckpt, tmp_path):
+    folder = first_five_task(tmp_path / "tasks")
+    config = tmp_path / "run.yaml"
+    config.write_text(f"include_path: {folder}\ntasks: [mine]\n", encoding="utf-8")
+    proc = run_here("-m", "gpt.evaluation.harness", "--config", str(config), "--model", "gpt-pipeline",
+                    "--model_args", f"ckpt={char_ckpt}", "--limit", "2", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"error: --config {config}: include_path {folder}: {folder / 'utils.py'}: a Python file" in proc.stderr
