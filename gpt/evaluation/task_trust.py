@@ -135,7 +135,8 @@ class _Check:
         at = f" at {where}" if where else ""
         if isinstance(value, Tagged):
             if value.tag != "!function":
-                self.refuse(path, f"the YAML tag {value.tag} {value.value}{at} (it builds Python objects)".strip())
+                self.refuse(path, f"the YAML tag {value.tag} {value.value}{at} (only !function is lm-eval's; a "
+                                  f"loader without libyaml builds Python objects from python/ tags)")
             if value.value not in ALLOWED_FUNCTIONS:
                 self.refuse(path, f"!function {value.value}{at} runs Python code")
             # lm-eval imports <folder of the YAML>/gpt/evaluation/harness.py first, if there is one
