@@ -70,6 +70,58 @@ def per_token_ms(model, positions: list[int], top_k: int, autocast=contextlib.nu
     return out
 
 
+def read_bandwidth(mib: int = 1024, reps: int = 5) -> float:
+    """Bytes/s this machine streams from memory into the cores: the best of `reps` sums over a float32 tensor far
+    larger than any cache, with torch's threads (those decoding uses)."""
+    x = torch.ones(mib * 2**20 // 4)
+    best = math.inf
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best
+
+
+def bytes_per_token(model, positions: float) -> float:
+    """What one batch-1 decode step reads from memory: every weight (int8 weights and their scales, bf16 or fp32
+    ones; a tied output layer once; an embedding table only one row, so not counted) and the KV cache at the mean
+    position `positions`. Memory bandwidth / this bounds tokens/s."""
+    seen, total = set(), 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding):
+            continue
+        for t in (*module._parameters.values(), *module._buffers.values()):
+            if isinstance(t, torch.Tensor) and id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+    cfg = model.config
+    kv = 2 * cfg.n_layer * (cfg.n_kv_head or cfg.n_head) * (cfg.n_embd // cfg.n_head) * positions
+    cache_dtype = next((t.dtype for t in model.parameters() if t.is_floating_point()), torch.float32)
+    return total + kv * torch.empty(0, dtype=cache_dtype).element_size()
+
+
+def kernel_paths(models: dict) -> str:
+    """Which CPU kernels the configurations run: the ISA torch dispatches to, the CPU's bf16/int8 features, the
+    bf16 layers oneDNN prepacked and the int8 layers' kernel."""
+    from gpt.inference import PackedLinear
+    from gpt.quantize import Int8Linear
+
+    flags = set()
+    with contextlib.suppress(OSError):
+        flags = set(open("/proc/cpuinfo").read().split())
+    features = [f for f in ("amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx512f", "avx2") if f in flags]
+    out = [f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}; CPU features: {', '.join(features)}"]
+    for name, (model, _) in models.items():
+        packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
+        int8 = sorted({getattr(m, "kernel", "?") for m in model.modules() if isinstance(m, Int8Linear)})
+        if packed:
+            out.append(f"{name}: {sum(m._packed is not None for m in packed)} of {len(packed)} linear layers "
+                       "prepacked for oneDNN")
+        if int8:
+            out.append(f"{name}: int8 kernel {', '.join(int8)}")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n-layer", type=int, default=6)
@@ -138,12 +190,23 @@ def main() -> None:
             fn()
             best[name] = max(best[name], n / (time.perf_counter() - t0))
     base = best[hf_name]
+    bandwidth = read_bandwidth()
+    mean_pos = args.prompt_len + n / 2
+    read = {hf_name: bytes_per_token(ref, mean_pos),  # the same fp32 weights and cache
+            **{name: bytes_per_token(m, mean_pos) for name, (m, _) in models.items() if name != names[4]}}
+    # (torch.ao's quantized modules keep their packed weights where module state does not show them: not counted)
     print(f"\nbatch 1, {args.n_layer} layers / {args.n_head} heads / {args.n_embd} wide, vocab {args.vocab}, "
           f"{args.prompt_len}-token prompt, {n} new tokens, top_k {args.top_k}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; best of {args.rounds} interleaved rounds\n")
-    print("| generation | new tokens/s | ms/token | vs transformers |\n|---|---:|---:|---:|")
+          f"{torch.get_num_threads()} threads; best of {args.rounds} interleaved rounds; memory read bandwidth "
+          f"{bandwidth / 1e9:.1f} GB/s (sum over 1 GiB)\n")
+    print(kernel_paths(models) + "\n")
+    print("| generation | new tokens/s | ms/token | vs transformers | MB read per token | bandwidth bound, "
+          "tokens/s | of the bound |\n|---|---:|---:|---:|---:|---:|---:|")
     for name, v in best.items():
-        print(f"| {name} | {v:,.1f} | {1000 / v:.2f} | {v / base:.2f}x |")
+        cached = name in read
+        bound = bandwidth / read[name] if cached else math.nan
+        print(f"| {name} | {v:,.1f} | {1000 / v:.2f} | {v / base:.2f}x | "
+              + (f"{read[name] / 1e6:.1f} | {bound:,.0f} | {v / bound:.0%} |" if cached else "- | - | - |"))
     i8, a, f = best[names[2]], best[names[0]], best[names[1]]
     print(f"\nint8 vs our fp32: {i8 / f:.2f}x; int8 vs our dtype=auto: {i8 / a:.2f}x; "
           f"dtype=auto vs the previous default: {a / best[names[3]]:.2f}x; "
