@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import glob
 import math
+import os
+import subprocess
 
 import pytest
 import torch
 
-from conftest import TINY, run_script
+from conftest import ROOT, TINY, run_script
 from gpt.runs import read_metrics
 from inprocess import run_here
 from test_watch import group_rows
@@ -135,3 +137,68 @@ def test_the_structure_kept_for_decoding_copies_no_weights(monkeypatch):
     assert [(n, p.shape, p.requires_grad) for n, p in plain.named_parameters()] == [
         (n, p.shape, p.requires_grad) for n, p in model.named_parameters()]
     assert not any(p.is_meta for p in model.parameters())
+
+
+ONE_GLOBAL_BATCH = """
+import json, sys
+import torch, torch.distributed as dist
+from gpt import parallel
+from gpt.model import GPT, Block
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+torch.manual_seed(0)
+model = GPT(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
+parallel.shard(model, Block, mixed_precision=False)  # what hardware=fsdp does to the model
+opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+batch = torch.load(sys.argv[1])
+part = batch.size(1) // world  # each rank its rows of each global batch (steps x rows x tokens)
+losses = []
+for x, y in zip(batch[:, :, :-1], batch[:, :, 1:]):
+    x, y = x[rank * part:(rank + 1) * part], y[rank * part:(rank + 1) * part]
+    _, loss = model(x, y)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    mean = loss.detach().clone()
+    dist.all_reduce(mean)
+    losses.append(float(mean) / world)
+state = parallel.full_model_state(model)
+if rank == 0:
+    torch.save({"losses": losses, "model": state}, sys.argv[2])
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_fsdp_over_two_ranks_equals_one_process_on_the_same_global_batch(tmp_path):
+    """FSDP2 over 2 ranks (gloo), each taking half of every global batch, against one process taking the whole
+    batch: the same 6 losses and final weights to float32 summation order (reduce-scatter of the two halves'
+    mean gradients vs one backward over the batch), rtol 1e-5. SGD with momentum, whose step is proportional to
+    the gradient, so a reduction that summed instead of averaging, or missed a rank, shows (Adam's would hide a
+    scale). float32, no dropout."""
+    torch.manual_seed(1)
+    steps = torch.randint(0, 50, (6, 8, 17))  # 6 steps of a global batch of 8 windows of 16 + 1 tokens
+    torch.save(steps, tmp_path / "batch.pt")
+    (tmp_path / "fsdp.py").write_text(ONE_GLOBAL_BATCH)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([*TORCHRUN, str(tmp_path / "fsdp.py"), str(tmp_path / "batch.pt"), str(tmp_path / "out.pt")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sharded = torch.load(tmp_path / "out.pt", weights_only=True)
+
+    from gpt.model import GPT
+
+    torch.manual_seed(0)
+    model = GPT(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    losses = []
+    for x, y in zip(steps[:, :, :-1], steps[:, :, 1:]):
+        _, loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    assert sharded["losses"] == pytest.approx(losses, rel=1e-5)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(sharded["model"][k], v, rtol=1e-5, atol=1e-6, msg=k)
