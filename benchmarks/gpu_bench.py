@@ -163,6 +163,48 @@ def train_speed(args) -> dict:
             "mfu": model.flops_per_token(T) * tokens_per_sec / peak, "loss": float(loss)}
 
 
+def loss_speed(args) -> dict:
+    """The output layer + cross-entropy alone, forward and backward, at the benchmark's shape (batch x block rows,
+    the padded vocabulary) under the preset's autocast: the fused chunked loss the model uses by default
+    (model.loss_chunk_size) against plain logits + F.cross_entropy left to torch.compile to fuse (what
+    model.loss_chunk_size=0 gives under hardware.compile). On a GPU this says which to keep; without --compile the
+    second runs eagerly."""
+    import torch.nn.functional as F
+
+    from gpt.model import _FusedLinearCrossEntropy
+
+    cfg = compose(args)
+    C, chunk = int(cfg.model.n_embd), int(cfg.model.loss_chunk_size)
+    rows = -(-args.vocab // int(cfg.model.vocab_multiple)) * int(cfg.model.vocab_multiple)
+    n, V = args.batch_size * int(cfg.model.block_size), args.vocab
+    g = torch.Generator(device=args.device).manual_seed(0)
+    h = torch.randn(n, C, device=args.device, generator=g, requires_grad=True)
+    w = (0.02 * torch.randn(rows, C, device=args.device, generator=g)).requires_grad_()
+    y = torch.randint(0, V, (n,), device=args.device, generator=g)
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+
+    def plain(h, w, y):
+        return F.cross_entropy(F.linear(h, w)[:, :V].float(), y, ignore_index=-1)
+
+    ways = {"fused": lambda: _FusedLinearCrossEntropy.apply(h, w, y, chunk, -1, True, V),
+            "compiled": (lambda f: lambda: f(h, w, y))(torch.compile(plain) if args.compile else plain)}
+    out = {"what": "loss", "device": args.device, "rows": n, "vocab_rows": rows, "compile": bool(args.compile)}
+    for name, fn in ways.items():
+        with torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32):
+            for _ in range(args.warmup + 1):  # the first call of the compiled one compiles it
+                fn().backward()
+            sync(args.device)
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                loss = fn()
+                loss.backward()
+            sync(args.device)
+        out[f"{name}_ms"] = 1e3 * (time.perf_counter() - t0) / args.steps
+        out[f"{name}_loss"] = float(loss.detach())
+    out["faster"] = min(("fused", "compiled"), key=lambda k: out[f"{k}_ms"])
+    return out
+
+
 def decode_speed(args, batch: int) -> dict:
     from hydra.utils import instantiate
 
@@ -199,7 +241,8 @@ def main() -> None:
     if args.tiny:
         args.vocab = 500
         args.batch_size, args.steps, args.warmup, args.new_tokens = min(args.batch_size, 4), min(args.steps, 3), 1, 16
-    results = [train_speed(args), decode_speed(args, 1), decode_speed(args, 32 if not args.tiny else 4)]
+    results = [train_speed(args), loss_speed(args), decode_speed(args, 1),
+               decode_speed(args, 32 if not args.tiny else 4)]
     for r in results:
         print(json.dumps(r))
     t = results[0]
@@ -207,7 +250,11 @@ def main() -> None:
           f"of {t['peak_tflops']:.0f} TFLOP/s ({t['peak_source']}), {t['params'] / 1e6:.0f}M parameters, "
           f"vocab {t['vocab']} in {t['vocab_rows']} rows, batch {t['batch']} x {t['block']}, {t['precision']}, "
           f"compile {t['compile']}, {t['optimizer']} (fused AdamW {t['fused_adamw']})")
-    for r in results[1:]:
+    c = results[1]
+    print(f"output layer + loss ({c['rows']} rows x {c['vocab_rows']}), forward and backward: fused chunked "
+          f"{c['fused_ms']:.2f} ms, logits + F.cross_entropy {'compiled' if c['compile'] else 'eager'} "
+          f"{c['compiled_ms']:.2f} ms: the {c['faster']} one is faster")
+    for r in results[2:]:
         print(f"decode batch {r['batch']}: {r['tokens_per_sec']:,.0f} new tokens/s")
 
 

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 log="${1:-gpu_check.log}"
 BUDGET_S=480          # the whole script
 PYTEST_TIMEOUT_S=240  # pytest -m gpu: a few tiny train.py runs (one compiled), torchrun, serve, compile checks
-BENCH_TIMEOUT_S=200   # gpt2_small: compilation (~1 min), 35 training steps, 2 x 256 decode steps
+BENCH_TIMEOUT_S=200   # gpt2_small: compilation (~1 min), 35 training steps, fused vs compiled loss, 2 x 256 decode steps
 {
   echo "== environment"
   date -u

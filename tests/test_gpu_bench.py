@@ -26,14 +26,17 @@ def test_gpu_bench_runs_on_cpu_with_a_tiny_model(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert [r["what"] for r in rows] == ["train", "decode", "decode"]
+    assert [r["what"] for r in rows] == ["train", "loss", "decode", "decode"]
     train = rows[0]
     assert train["tokens_per_sec"] > 0 and 0 < train["mfu"] < 1 and train["compile"] is False
     # train.yaml's default optimizer, through the trainer; the vocabulary padded as the preset says (500 -> 512)
     assert train["optimizer"] == "MuonAdamW" and train["fused_adamw"] is False
     assert (train["vocab"], train["vocab_rows"], train["block"]) == (500, 512, 64)
     assert train["peak_source"].startswith("measured") and "measured bf16 matmul peak" in proc.stdout
-    assert [r["batch"] for r in rows[1:]] == [1, 4] and all(r["new_tokens"] == 16 for r in rows[1:])
+    loss = rows[1]  # both ways compute the same loss (float32 on CPU: to summation order)
+    assert loss["vocab_rows"] == 512 and loss["fused_ms"] > 0 and loss["compiled_ms"] > 0
+    assert loss["fused_loss"] == pytest.approx(loss["compiled_loss"], rel=1e-5) and "faster" in proc.stdout
+    assert [r["batch"] for r in rows[2:]] == [1, 4] and all(r["new_tokens"] == 16 for r in rows[2:])
 
 
 @pytest.mark.parametrize("name, tflops", [
