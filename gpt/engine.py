@@ -100,7 +100,8 @@ def _shared(s: Sampling, vocab: int) -> tuple | None:
     """The settings under which groups may share one sampling call (None: sample alone). A nucleus without
     top-k is searched with a k that depends on every row of the call, and the softmax over a wider row may
     round differently: such a group samples alone, so it draws what it draws alone."""
-    if s.top_p is not None and s.top_p < 1.0 and s.temperature > 0 and not (s.top_k is not None and 0 < s.top_k < vocab):
+    nucleus = s.top_p is not None and s.top_p < 1.0 and s.temperature > 0
+    if nucleus and not (s.top_k is not None and 0 < s.top_k < vocab):
         return None
     return (s.temperature, s.top_k, s.top_p)
 
