@@ -17,7 +17,8 @@ Rows added together (one `add` call) form a group that shares one sampling call 
 a static batch. torch.multinomial's draws depend on the shape of the batch it samples, so a group's finished
 rows keep their slot, and decode their stop token, until its last row finishes, exactly as a static batch does;
 a seeded batch then draws the same tokens however the engine schedules it. A request of its own (serve.py) is
-a group of one and leaves as soon as it finishes.
+a group of one and leaves as soon as it finishes. Groups with equal settings share the step's top-k over the
+vocabulary (one call for all their rows), each drawing from its own generator what it would draw alone.
 """
 
 from __future__ import annotations
@@ -191,8 +192,9 @@ class DecodeEngine:
 
     use_cache=False computes every step from scratch over each row's window (the reference path, nanoGPT's
     algorithm). sample: the sampling function, called as sample(logits (B, V), temperature, top_k, top_p,
-    generator) -> (B,) ids once per group and step (default sample_next; callers pass their own to script or
-    fault it in tests). The model runs in its own dtype; callers wrap `step` in autocast if they want it.
+    generator) -> (B,) ids once per step for each set of groups with equal settings, generator then being the
+    list of (generator, rows) runs of those groups, or a lone group's generator (default sample_next; callers
+    pass their own to script or fault it in tests). The model runs in its own dtype; callers wrap `step` in autocast if they want it.
     """
 
     def __init__(self, model: GPT, max_rows: int, use_cache: bool = True, sample: Callable | None = None):
