@@ -481,3 +481,28 @@ def test_the_wrapper_checks_the_folder_a_config_file_names(char_ckpt, tmp_path):
                     "--model_args", f"ckpt={char_ckpt}", "--limit", "2", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"error: --config {config}: include_path {folder}: {folder / 'utils.py'}: a Python file" in proc.stderr
+
+
+def test_nested_aliases_are_checked_once_and_malformed_yaml_is_one_line(tmp_path):
+    """A few hundred bytes of nested YAML aliases stand for 10^12 nodes: each shared object is checked once (the
+    scan used to walk every alias, hours for 12 levels), and a refused construct inside still shows. A
+    self-containing alias (which lm-eval would recurse into forever), nesting deeper than the parser's recursion and
+    a NUL byte in an include are refused in one line."""
+    import time
+
+    levels = "".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]\n" for i in range(1, 13))
+    bomb = task_folder(tmp_path / "bomb", "l0: &l0 [x, y]\n" + levels)
+    t0 = time.perf_counter()
+    check(bomb)  # clean: passes, quickly
+    assert time.perf_counter() - t0 < 10
+    hidden = task_folder(tmp_path / "hidden", "l0: &l0 [{trust_remote_code: true}]\n" + levels)
+    with pytest.raises(UserError, match="trust_remote_code: True lets datasets run"):
+        check(hidden)
+    for name, extra, message in (
+            ("self", "metric_list: &a [*a]\n", "an alias at metric_list\\[0\\] contains itself"),
+            ("deep", "d: " + "[" * 3000 + "]" * 3000 + "\n", "nested too deeply"),
+            ("nul", 'include: "a\\0b.yaml"\n', "is not a usable file name")):
+        folder = task_folder(tmp_path / name, extra)
+        with pytest.raises(UserError, match=message) as refused:
+            check(folder)
+        assert "\n" not in str(refused.value)

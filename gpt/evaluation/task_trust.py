@@ -111,6 +111,10 @@ class _Check:
         self.root, self.source, self.opt_in = root, source, opt_in
         self.trusted, self.metrics = trusted, None if metrics is None else set(metrics)
         self.seen: set[Path] = set()
+        self.visited: set[int] = set()  # dicts and lists already checked: YAML aliases share them (a few hundred
+        # bytes of nested aliases would otherwise stand for billions of nodes)
+        self.open: set[int] = set()  # those being checked now: meeting one again means it contains itself
+        self.kept: list = []  # the checked objects stay alive, so that no later object reuses their id()
 
     def refuse(self, file: Path, what: str):
         raise UserError(f"{self.source}: {file}: {what}; task files are code: {self.opt_in} runs them unchecked "
@@ -118,7 +122,10 @@ class _Check:
 
     def file(self, path: Path, named_by: Path | None = None, as_written: str = "") -> None:
         """Check one YAML file (named_by: the file whose include: named it as_written)."""
-        real = path.resolve()
+        try:
+            real = path.resolve()
+        except (OSError, ValueError) as e:  # a name with a NUL byte, a loop of links
+            self.refuse(named_by or path, f"{as_written or path!s:.200} is not a usable file name ({e})")
         if real in self.seen or any(inside(real, t) for t in self.trusted):
             return
         self.seen.add(real)
@@ -128,8 +135,13 @@ class _Check:
         try:
             data = yaml.load(real.read_text(encoding="utf-8"), Loader=_Loader)  # noqa: S506  a safe loader
         except (OSError, UnicodeError, yaml.YAMLError) as e:
-            self.refuse(path, f"cannot be read as YAML ({str(e).splitlines()[0]})")
-        self.node(data, path, "")
+            self.refuse(path, f"cannot be read as YAML ({(str(e).splitlines() or [type(e).__name__])[0]})")
+        except RecursionError:
+            self.refuse(path, "is nested too deeply to be read as YAML")
+        try:
+            self.node(data, path, "")
+        except RecursionError:
+            self.refuse(path, "is nested too deeply to be checked")
 
     def node(self, value, path: Path, where: str) -> None:
         at = f" at {where}" if where else ""
@@ -143,13 +155,22 @@ class _Check:
             shadow = path.resolve().parent / (value.value.rpartition(".")[0].replace(".", "/") + ".py")
             if shadow.exists():
                 self.refuse(path, f"!function {value.value}{at} would run {shadow}")
-        elif isinstance(value, dict):
-            for key, item in value.items():
-                self.node(key, path, where)
-                self.entry(str(key), item, path, f"{where}.{key}" if where else str(key))
-        elif isinstance(value, list):
-            for n, item in enumerate(value):
-                self.node(item, path, f"{where}[{n}]")
+        elif isinstance(value, (dict, list)):
+            if id(value) in self.open:
+                self.refuse(path, f"an alias{at} contains itself")
+            if id(value) in self.visited:
+                return  # the same object through another alias: checked once
+            self.visited.add(id(value))
+            self.kept.append(value)
+            self.open.add(id(value))
+            if isinstance(value, dict):
+                for key, item in value.items():
+                    self.node(key, path, where)
+                    self.entry(str(key), item, path, f"{where}.{key}" if where else str(key))
+            else:
+                for n, item in enumerate(value):
+                    self.node(item, path, f"{where}[{n}]")
+            self.open.discard(id(value))
         elif isinstance(value, str) and ("{{" in value or "{%" in value):
             problem = template_problem(value)
             if problem:
