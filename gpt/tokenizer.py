@@ -311,8 +311,8 @@ class BpeTokenizer(TiktokenTokenizer):
     def cache_key(self) -> str:
         # the special tokens decide the documents' separator id (<|endoftext|>, or "\n\n" without it)
         special = hashlib.sha256("\n".join(self.special).encode()).hexdigest()[:8]
-        if self.ranks is not None:
-            return f"{self.name}-{special}"
+        if self.ranks is not None:  # the pre-split pattern changes the ids of the same ranks too
+            return f"{self.name}-{self.pattern}-{special}"
         return f"bpe-{self.pattern}-{self.requested}-{self.train_bytes}-{special}"
 
 

@@ -510,3 +510,12 @@ def test_cli_bad_input_is_one_error_line_naming_it(tmp_path, args, message):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.startswith("error: " + message.format(d=tmp_path)), proc.stderr[-2000:]
     assert proc.stderr.count("\n") == 1 and proc.stdout == ""
+
+
+def test_the_token_cache_key_of_trained_ranks_names_the_pattern(trained, monkeypatch):
+    """The same ranks split by another pre-split pattern give other ids: another token cache (tokenizer.file=
+    takes the file's pattern)."""
+    _, tok = trained
+    monkeypatch.setitem(bpe.PATTERNS, "other", bpe.PATTERNS["cl100k"] + "|x")
+    other = from_identity({**tok.identity(), "pattern": "other"})
+    assert other.ranks == tok.ranks and other.cache_key() != tok.cache_key()
