@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from gpt.errors import UserError
 from gpt.heads import model_classes
-from gpt.lora import LoRALinear, merge_lora
+from gpt.lora import LoRALinear, excluded, merge_lora
 from gpt.trust import checked_config
 
 log = logging.getLogger(__name__)
@@ -290,6 +290,9 @@ def rebuild_for_state(model: nn.Module, ckpt: dict) -> bool:
         if not isinstance(base, nn.Linear):
             raise UserError(f"checkpoint {ckpt.get('path')!r}: LoRA adapter on {name!r}, which is not a Linear "
                             f"layer of its model")
+        if excluded(name):  # apply_lora never puts one there (the output layer and heads train in full or not)
+            raise UserError(f"checkpoint {ckpt.get('path')!r}: LoRA adapter on {name!r}, a layer LoRA never adapts "
+                            f"here; this file was not written by finetune.py")
         model.set_submodule(name, LoRALinear(base, r, float(node["alpha"]), 0.0))
     return True
 

@@ -355,3 +355,18 @@ def test_finetune_sft_with_lora_then_infer_and_merge(tmp_path):
                       "lora.targets=[attn.qkv]", cwd=tmp_path)
     assert proc.returncode == 2 and "lora.targets pattern 'attn.qkv' matches no Linear layer" in proc.stderr
     assert len(runs(tmp_path)) == 3  # the refused run left no folder
+
+
+def test_an_adapter_on_a_layer_lora_never_adapts_is_refused(tmp_path):
+    """A handed checkpoint with an adapter on lm_head (finetune.py never writes one: EXCLUDED) would wrap the
+    output layer, whose padding rows a padded model must never score: refused in one line."""
+    model = trained_lora()
+    path = lora_checkpoint(tmp_path / "lora.pt", model)
+    ckpt = torch.load(path, weights_only=True)
+    C = ckpt["model"]["lm_head.weight"].size(1)
+    ckpt["model"]["lm_head.lora_A"] = torch.zeros(4, C)
+    ckpt["model"]["lm_head.lora_B"] = torch.zeros(ckpt["model"]["lm_head.weight"].size(0), 4)
+    torch.save(ckpt, tmp_path / "tampered.pt")
+    with pytest.raises(UserError, match="LoRA adapter on 'lm_head', a layer LoRA never adapts here") as e:
+        model_from_checkpoint(load_checkpoint(tmp_path / "tampered.pt"))
+    assert "\n" not in str(e.value)

@@ -69,7 +69,8 @@ class LoRALinear(nn.Linear):
         return f"{super().extra_repr()}, r={self.r}, alpha={self.alpha:g}"
 
 
-def _excluded(name: str) -> bool:
+def excluded(name: str) -> bool:
+    """Whether `name` is a layer LoRA never adapts (the output layer, a task head)."""
     return any(name == e or name.startswith(e + ".") for e in EXCLUDED)
 
 
@@ -82,7 +83,7 @@ def matches(name: str, pattern: str) -> bool:
 def linear_names(model: nn.Module) -> list[str]:
     """Qualified names of the Linear layers LoRA may wrap (not the tied lm_head, not a stage's head)."""
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, LoRALinear)
-            and not _excluded(n)]
+            and not excluded(n)]
 
 
 def short_names(names: list[str]) -> str:
@@ -126,7 +127,7 @@ def resolve_targets(model: nn.Module, targets) -> list[str]:
         hit = [n for n in available if matches(n, pattern)]
         if not hit:
             why = (" (lm_head is tied to the token embedding and a stage's head trains in full: neither takes "
-                   "an adapter)") if any(matches(n, pattern) for n, _ in model.named_modules() if _excluded(n)) else ""
+                   "an adapter)") if any(matches(n, pattern) for n, _ in model.named_modules() if excluded(n)) else ""
             raise UserError(f"lora.targets pattern {pattern!r} matches no Linear layer{why}; the layers are: "
                             f"{short_names(available)}")
         chosen += hit
