@@ -245,6 +245,12 @@ def model_from_quantized(ckpt: dict) -> nn.Module:
     model = model.cpu().float().eval()
     for name, p in q["linears"].items():
         w, s, b = _linear_tensors(ckpt, fmt, name, p)
+        m = model.get_submodule(name)
+        rows = getattr(m, "vocab_size", m.out_features)  # a padded output layer is stored over its true rows
+        shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else t for t in (w, s, b)]
+        if shapes != [(rows, m.in_features), (rows,), None if m.bias is None else (rows,)]:
+            raise UserError(f"checkpoint {ckpt.get('path')!r}: int8 layer {name} has shapes {shapes}, not those of "
+                            f"its model config ({rows} x {m.in_features}); re-run `python -m gpt.quantize`")
         _replace(model, name, Int8Linear(w, s, b, _kernels_for(name)))
     return model.requires_grad_(False)
 

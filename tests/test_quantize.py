@@ -167,3 +167,23 @@ def test_int8_model_counts_the_parameters_of_its_float_model(model_cls, tmp_path
     # 2 blocks of (c_attn 64x192 + c_proj 64x64 + c_fc 64x256 + mlp c_proj 256x64, with biases) plus the rest
     linear = 2 * (64 * 192 + 192 + 64 * 64 + 64 + 64 * 256 + 256 + 256 * 64 + 64)
     assert num_params(q) - q.num_params() == linear + (65 if model_cls == "RewardModel" else 0)  # head: 64 + 1
+
+
+@pytest.mark.parametrize("layer, grow", [("lm_head", "rows"), ("transformer.h.0.mlp.c_fc", "scales")])
+def test_int8_layers_whose_shapes_do_not_fit_the_config_are_refused(ckpt_path, tmp_path, layer, grow):
+    """A handed int8 file whose output layer has more rows than the vocabulary would give logits over ids no
+    tokenizer has (a padded model's padding ids); any layer's shapes must be its config's: one line."""
+    ckpt = load_checkpoint(ckpt_path)
+    model, _, _ = load_for_inference(str(ckpt_path), dtype="float32")
+    path = save_checkpoint(quantized_checkpoint(quantize_int8(model), ckpt), tmp_path / "int8.pt")
+    bad = torch.load(path, weights_only=True)
+    p = bad["quantized"]["linears"][layer]
+    if grow == "rows":
+        p["int8"] = torch.cat([p["int8"], p["int8"][:3]])
+        p["scales"] = torch.cat([p["scales"], p["scales"][:3]])
+    else:
+        p["scales"] = p["scales"][:-1]
+    torch.save(bad, tmp_path / "bad.pt")
+    with pytest.raises(UserError, match=f"int8 layer {layer} has shapes .* not those of its model config") as e:
+        model_from_quantized(load_checkpoint(tmp_path / "bad.pt"))
+    assert "\n" not in str(e.value)
