@@ -425,7 +425,9 @@ class DecodeEngine:
 def _rng_states(groups: list[_Group], device: torch.device) -> list[tuple[torch.Generator | None, torch.Tensor]]:
     """The state of every generator the groups draw from (None: torch's global one on `device`)."""
     gens = {id(g.generator): g.generator for g in groups}
-    default = torch.cuda.get_rng_state if device.type == "cuda" else torch.get_rng_state
+    def default() -> torch.Tensor:  # the generator of the logits' own GPU, not of the current device
+        return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
     return [(gen, default() if gen is None else gen.get_state()) for gen in gens.values()]
 
 
@@ -434,7 +436,7 @@ def _restore(states: list[tuple[torch.Generator | None, torch.Tensor]], device: 
         if gen is not None:
             gen.set_state(state)
         elif device.type == "cuda":
-            torch.cuda.set_rng_state(state)
+            torch.cuda.set_rng_state(state, device)
         else:
             torch.set_rng_state(state)
 
