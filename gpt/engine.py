@@ -263,11 +263,13 @@ class DecodeEngine:
         return events
 
     def _batches(self) -> list[list[_Group]]:
-        """The running groups, those with equal settings together: one sampling call each (a top-k over the
-        vocabulary for all their rows at once, each group drawing from its own generator)."""
+        """The running groups, those with equal settings and a generator of their own together: one sampling call
+        each (a top-k over the vocabulary for all their rows at once, each group drawing from its own generator)."""
         batches: dict = {}
         for group in self.groups:
-            key = _shared(group.sampling, self.vocab)
+            # a group drawing from torch's global generator keeps its own call, in order: sharing would change
+            # which group takes which draws of that one stream
+            key = _shared(group.sampling, self.vocab) if group.generator is not None else None
             batches.setdefault(id(group) if key is None else key, []).append(group)
         return list(batches.values())
 

@@ -255,6 +255,12 @@ def test_requests_with_equal_settings_share_one_sampling_call_and_draw_their_tok
     for i, r in enumerate(rows):
         assert r.new == alone(m, ids(3 + i, i), sampling(i))
     assert nucleus.new == alone(m, ids(4, 9), sampling(9, top_k=None, top_p=0.9))
+    # requests without a generator of their own draw from torch's global one: each keeps its own call, in order
+    calls.clear()
+    engine = DecodeEngine(m, max_rows=4, sample=sample)
+    unseeded = [engine.add([ids(3 + i, i)], Sampling(10, temperature=0.9, top_k=20))[0] for i in range(2)]
+    run_to_end(engine, unseeded)
+    assert calls == [1] * 20
 
 
 def test_a_failed_shared_sampling_call_falls_back_to_each_group_alone():
