@@ -319,6 +319,20 @@ def test_lora_trains_only_the_new_rows_and_never_the_padding():
     assert unchanged["trainable"] == adapters  # no new token: the (padded) embedding stays frozen
     assert not same.transformer.wte.weight.requires_grad and model.transformer.wte.weight.requires_grad
     assert info["trainable"] == adapters + 4 * 16 == count_parameters(model)[0]
+    # a few AdamW steps with the trainer's parameter groups (weight decay on, but not for the embedding LoRA marks
+    # no_weight_decay): the old rows and the padding rows stay bit for bit, the new rows move
+    from gpt.optim import param_groups
+
+    before = model.transformer.wte.weight.detach().clone()
+    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-2)
+    for _ in range(3):
+        x = torch.randint(0, V + 4, (2, 8))
+        model(x, x)[1].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    after = model.transformer.wte.weight.detach()
+    assert torch.equal(after[:V], before[:V]) and torch.equal(after[V + 4:], before[V + 4:])
+    assert not torch.equal(after[V:V + 4], before[V:V + 4])
 
 
 def test_sft_on_a_padded_parent_with_chat_tokens(tmp_path):
