@@ -481,6 +481,13 @@ def test_the_wrapper_checks_the_folder_a_config_file_names(char_ckpt, tmp_path):
                     "--model_args", f"ckpt={char_ckpt}", "--limit", "2", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"error: --config {config}: include_path {folder}: {folder / 'utils.py'}: a Python file" in proc.stderr
+    # trusted, the config's folder is the one lm-eval reads (the shipped folder is not put in its place)
+    proc = run_here("-m", "gpt.evaluation.harness", "--trust_task_code", "--config", str(config), "--model",
+                    "gpt-pipeline", "--model_args", f"ckpt={char_ckpt},batch_size=4", "--output_path",
+                    str(tmp_path / "out"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (written,) = (tmp_path / "out").rglob("results_*.json")
+    assert json.loads(written.read_text())["n-samples"]["mine"]["effective"] == 5
 
 
 def test_nested_aliases_are_checked_once_and_malformed_yaml_is_one_line(tmp_path):
