@@ -430,3 +430,9 @@ def from_config(node):
     sized = getattr(get_class(node._target_), "sized", False)
     return instantiate(OmegaConf.masked_copy(node, [k for k in node if k != "vocab_size" or sized]))
 
+
+
+if __name__ == "__main__":  # python -m gpt.tokenizer train|compare: the command line lives in gpt.bpe_cli
+    from gpt.bpe_cli import main
+
+    raise SystemExit(main())

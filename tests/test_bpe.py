@@ -300,7 +300,8 @@ def test_cli_train_then_compare(tmp_path, plays_text):
     assert BpeTokenizer(file=str(out)).identity() == tok.identity() and not BpeTokenizer(file=str(out)).needs_fit
     text = tmp_path / "sample.txt"
     text.write_text(plays_text[-30_000:])
-    proc = run_here("-m", "gpt.bpe_cli", "compare", "--text", str(text), "--tokenizer", str(out), cwd=tmp_path)
+    # python -m gpt.tokenizer is the same command line
+    proc = run_here("-m", "gpt.tokenizer", "compare", "--text", str(text), "--tokenizer", str(out), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     nbytes = len(text.read_text().encode())
     rows = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines() if line.startswith("| ")}

@@ -16,6 +16,19 @@ def module_name(path: Path, package: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def _without_main_block(tree: ast.Module) -> ast.Module:
+    """The module without its `if __name__ == "__main__":` block: what that block imports runs only when the file
+    is run as a script, as `__main__`, a module nothing else imports, so it closes no chain of imports."""
+    def is_main(node) -> bool:
+        test = getattr(node, "test", None)
+        return (isinstance(node, ast.If) and isinstance(test, ast.Compare) and isinstance(test.left, ast.Name)
+                and test.left.id == "__name__" and len(test.comparators) == 1 and isinstance(test.ops[0], ast.Eq)
+                and getattr(test.comparators[0], "value", None) == "__main__")
+
+    tree.body = [node for node in tree.body if not is_main(node)]
+    return tree
+
+
 def import_graph(package: Path) -> dict[str, set[str]]:
     """{module: the package's modules it imports anywhere in its file, function bodies included}.
 
@@ -26,7 +39,7 @@ def import_graph(package: Path) -> dict[str, set[str]]:
     graph = {}
     for name, path in files.items():
         found = set()
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        for node in ast.walk(_without_main_block(ast.parse(path.read_text(encoding="utf-8")))):
             if isinstance(node, ast.Import):
                 found |= {a.name for a in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
@@ -83,6 +96,11 @@ def test_the_checker_sees_function_level_and_from_package_imports(tmp_path):
     assert find_cycle(graph) == ["pkg.a", "pkg.b", "pkg.sub.c", "pkg.a"]
     (pkg / "sub" / "c.py").write_text("import os\n")
     assert find_cycle(import_graph(pkg)) is None
+    # what only the file run as a script imports (`python -m pkg.sub.c`) closes no chain; the same import elsewhere does
+    (pkg / "sub" / "c.py").write_text('import os\n\nif __name__ == "__main__":\n    from pkg.a import f\n')
+    assert import_graph(pkg)["pkg.sub.c"] == set() and find_cycle(import_graph(pkg)) is None
+    (pkg / "sub" / "c.py").write_text('if __name__ != "__main__":\n    from pkg.a import f\n')
+    assert find_cycle(import_graph(pkg)) == ["pkg.a", "pkg.b", "pkg.sub.c", "pkg.a"]
 
 
 def test_no_two_modules_import_each_other_through_any_chain():
