@@ -124,6 +124,12 @@ def rng_state(objective) -> dict:
     return state
 
 
+def saved_rng_states(ckpt: dict) -> list:
+    """The random and sampler state of each rank of the run that saved `ckpt` (one for a single process)."""
+    ranks = ckpt.get("rng_ranks")
+    return ranks if isinstance(ranks, list) else [ckpt["rng"]]
+
+
 def set_rng_state(state: dict, objective) -> None:
     torch.set_rng_state(state["torch"])
     py = state["python"]
@@ -483,8 +489,7 @@ class Trainer:
             part = "random number generator state"
             if (rng := self._rank_rng(ckpt)) is not None:
                 set_rng_state(rng, self.objective)
-            ranks = ckpt.get("rng_ranks")
-            if (len(ranks) if isinstance(ranks, list) else 1) != self.dist.world_size:
+            if len(saved_rng_states(ckpt)) != self.dist.world_size:
                 # work a rank had half served (an RL objective's rollout) is dropped on every rank, so that all
                 # start their next piece of work (a rollout's collectives) at the same step
                 drop = getattr(self.objective, "drop_partial", None)
@@ -529,8 +534,7 @@ class Trainer:
         another number of processes each rank the saved run had continues its own stream and a rank it did not
         have keeps the fresh one it was seeded with (seed + rank), so no two ranks draw the same batches; None
         means keep the fresh state."""
-        ranks = ckpt.get("rng_ranks")
-        saved = ranks if isinstance(ranks, list) else [ckpt["rng"]]
+        saved = saved_rng_states(ckpt)
         rank, world = self.dist.rank, self.dist.world_size
         if len(saved) != world and self.dist.is_main:
             log.warning("resuming on %d processes from a run of %d: ranks below %d continue their own data order, "

@@ -458,7 +458,7 @@ def with_shipped_tasks(args: list[str]) -> list[str]:
     takes one), so that `--tasks shakespeare_word_order` works as it is."""
     if not args or args[0] in ("-h", "--help") or any(_names_include_path(a) for a in args):
         return args
-    if "--config" in " ".join(args) or any(a.startswith("--conf") for a in args):
+    if any(a.startswith("--conf") for a in args):  # lm-eval's parser takes abbreviations of --config
         try:  # a --config file's include_path: an --include_path added here would replace it (the command line wins)
             if any(option.startswith("--config") and option.endswith("include_path") and path
                    for option, path in user_task_files(args)):
