@@ -6,6 +6,8 @@
     right_pad     token lists -> one right-padded (B, T) tensor
     lm_batch      (ids, train_mask) examples -> next-token inputs and masked targets (sft, completion, dpo, rl)
     score_batch   token lists -> (ids, lengths) for the heads read at the last real token (classify, reward)
+    scored_pair   a preference pair -> chosen and rejected (ids, answer start), as a reward model scores them
+    reward_batch  (ids, answer start) rows -> (ids, lengths, starts) for RewardModel.score
 
 A model scores an example the same way wherever it is scored only if the example is encoded and padded
 the same way everywhere: evaluate.py and infer.py use these functions, not copies of them.
@@ -36,6 +38,21 @@ def encode_pair(tok, pair: dict) -> list[tuple[list[int], list[bool]]]:
     """-> [chosen example, rejected example], each (ids, train_mask) under the chat template."""
     return [encode_chat(tok, [{"role": "user", "content": pair["prompt"]}, {"role": "assistant", "content": pair[k]}])
             for k in ("chosen", "rejected")]
+
+
+def answer_start(mask: list[bool]) -> int:
+    """The position of an example's first trained (answer) token: its prompt's length."""
+    return mask.index(True) if True in mask else len(mask)
+
+
+def scored_pair(tok, pair: dict, block_size: int) -> list[tuple[list[int], int]]:
+    """-> [(chosen ids, answer start), (rejected ids, answer start)] under the chat template, each kept to its
+    last block_size tokens (its answer start moved with the cut, at least 1)."""
+    out = []
+    for ids, mask in encode_pair(tok, pair):
+        cut = max(len(ids) - block_size, 0)
+        out.append((ids[cut:], max(answer_start(mask) - cut, 1)))
+    return out
 
 
 def fit_block(examples: list, block_size: int, where: str, log: logging.Logger) -> list:
@@ -70,3 +87,9 @@ def lm_batch(examples: list[tuple[list[int], list[bool]]], device) -> tuple[torc
 def score_batch(sequences: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
     """Token lists -> (idx (B, T) right-padded, lengths (B,))."""
     return right_pad(sequences, 0, device), torch.tensor([len(s) for s in sequences], device=device)
+
+
+def reward_batch(rows: list[tuple[list[int], int]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, answer start) rows -> (idx (B, T) right-padded, lengths (B,), starts (B,)): RewardModel.score's input."""
+    idx, lengths = score_batch([ids for ids, _ in rows], device)
+    return idx, lengths, torch.tensor([start for _, start in rows], device=device)

@@ -2,6 +2,7 @@
 unchanged) plus a small `head` over the final hidden states; the backbone starts from a parent LM.
 
     RewardModel   scalar reward of a whole sequence, read at its last real token  (stage=reward)
+                  (+ optionally the answer's log-likelihood under its own LM head)
     ValueHeadGPT  the policy LM plus a per-token value estimate                   (stage=ppo)
     Classifier    label logits of a whole sequence, read at its last real token   (stage=classify)
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from gpt.model import GPT
 
@@ -19,18 +21,63 @@ def last_token(h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return h[torch.arange(h.size(0), device=h.device), lengths - 1]
 
 
+class RewardHead(nn.Linear):
+    """The reward model's head: a zero-initialised (C -> 1) linear layer and, with answer_logp, the learned weight
+    `logp_scale` (starting at 0) of the answer's log-likelihood in the score. One module, so its parameters are
+    `head.*` like every stage's head (loaded as new, trained in full under LoRA)."""
+
+    def __init__(self, n_embd: int, answer_logp: bool):
+        super().__init__(n_embd, 1)
+        nn.init.zeros_(self.weight)
+        nn.init.zeros_(self.bias)
+        if answer_logp:
+            self.logp_scale = nn.Parameter(torch.zeros(1))
+
+
+def answer_logprob(lm_head: nn.Module, h: torch.Tensor, idx: torch.Tensor, starts: torch.Tensor,
+                   lengths: torch.Tensor) -> torch.Tensor:
+    """Each row's log-likelihood (float32, (B,)) of its tokens from position starts (at least 1) to its length,
+    each predicted from the hidden state before it by the language-model head: sum_t log p(idx[t] | idx[:t]).
+    Logits are computed at those positions only (a (rows, V) matrix, not (B, T, V))."""
+    t = torch.arange(1, idx.size(1), device=idx.device)
+    picked = (t >= starts.clamp(min=1)[:, None]) & (t < lengths[:, None])  # (B, T - 1): target positions
+    rows = torch.arange(idx.size(0), device=idx.device)[:, None].expand_as(picked)[picked]
+    nll = F.cross_entropy(lm_head(h[:, :-1][picked]).float(), idx[:, 1:][picked], reduction="none")
+    return torch.zeros(idx.size(0), device=idx.device).index_add(0, rows, -nll)
+
+
 class RewardModel(GPT):
-    """GPT backbone + a scalar head on the last real token: score(idx, lengths) -> (B,)."""
+    """GPT backbone + a scalar head on the last real token: score(idx, lengths) -> (B,).
 
-    def __init__(self, **gpt_args):
+    With answer_logp=True the score also reads the answer's log-likelihood under the model's own language-model
+    head: score = head(last hidden state) + logp_scale x sum over the answer tokens of log p(token | before),
+    where each row's answer starts at `starts` (the first token after the prompt). A one-layer head on the last
+    token must recompute the answer to tell it from a near miss; the log-likelihood compares each answer token
+    with the model's prediction at the position before it (README "The demo")."""
+
+    def __init__(self, answer_logp: bool = False, **gpt_args):
         super().__init__(**gpt_args)
-        self.head = nn.Linear(self.config.n_embd, 1)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+        self.answer_logp = bool(answer_logp)
+        self.head = RewardHead(self.config.n_embd, self.answer_logp)
 
-    def score(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """idx (B, T) right-padded, lengths (B,) -> rewards (B,) float32."""
-        return self.head(last_token(self.hidden_states(idx), lengths)).squeeze(-1).float()
+    def score(self, idx: torch.Tensor, lengths: torch.Tensor, starts: torch.Tensor | None = None) -> torch.Tensor:
+        """idx (B, T) right-padded, lengths (B,), starts (B,) each row's first answer position (needed with
+        answer_logp) -> rewards (B,) float32."""
+        return self.score_hidden(self.hidden_states(idx), idx, lengths, starts)
+
+    def score_hidden(self, h: torch.Tensor, idx: torch.Tensor, lengths: torch.Tensor,
+                     starts: torch.Tensor | None) -> torch.Tensor:
+        """score() from the backbone's hidden states h (B, T, C) of idx."""
+        r = self.head(last_token(h, lengths)).squeeze(-1).float()
+        if not self.answer_logp:
+            return r
+        if starts is None:
+            raise ValueError("this reward model scores the answer's log-likelihood: pass starts, each row's first "
+                             "answer position")
+        return r + self.head.logp_scale.float() * answer_logprob(self.lm_head, h, idx, starts, lengths)
+
+    def hparams(self) -> dict:
+        return {**super().hparams(), "answer_logp": self.answer_logp}
 
 
 class ValueHeadGPT(GPT):
@@ -71,7 +118,7 @@ class Classifier(GPT):
 
 def freeze_unused_output(model: GPT) -> None:
     """For a head model whose loss never reads the language-model output layer (a classifier, a reward model
-    without lm_weight): an untied lm_head gets no gradient, which DDP refuses at the next step (every trainable
+    without lm_weight or answer_logp): an untied lm_head gets no gradient, which DDP refuses at the next step (every trainable
     parameter must take part in each backward), so it is frozen; a tied one is the embedding, which trains."""
     if model.lm_head.weight is not model.transformer.wte.weight:
         model.lm_head.requires_grad_(False)

@@ -292,6 +292,7 @@ RULES: dict[str, Rule] = {
     "stage.beta": Number(0),  # DPO's beta must also be > 0 (gpt.stages.dpo); GRPO's KL weight may be 0
     "stage.nll_weight": Number(0),
     "stage.lm_weight": Number(0),
+    "stage.answer_logp": Flag(),
     "stage.prompts_per_rollout": Int(1),
     "stage.group_size": Int(2),
     "stage.minibatch_size": Int(1),

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from gpt.chat import END, encode_chat
-from gpt.encoding import encode_texts, score_batch
+from gpt.encoding import encode_texts, reward_batch, score_batch
 from gpt.generate import generate_batch
 from gpt.heads import Classifier, RewardModel
 
@@ -47,11 +47,12 @@ def predicted_labels(model: Classifier, ids: list[list[int]], batch_size: int) -
 
 
 @torch.no_grad()
-def pair_margins(model: RewardModel, pairs: list[tuple[list[int], list[int]]], batch_size: int) -> list[float]:
-    """score(chosen) - score(rejected) of each (chosen ids, rejected ids) pair, batch_size pairs at a time."""
+def pair_margins(model: RewardModel, pairs: list[list[tuple[list[int], int]]], batch_size: int) -> list[float]:
+    """score(chosen) - score(rejected) of each pair of (ids, answer start) rows (gpt.encoding.scored_pair),
+    batch_size pairs at a time."""
     out: list[float] = []
     for i in range(0, len(pairs), batch_size):
         rows = [s for pair in pairs[i:i + batch_size] for s in pair]  # chosen, rejected, chosen, ...
-        r = model.score(*score_batch(rows, _device(model)))
+        r = model.score(*reward_batch(rows, _device(model)))
         out += (r[0::2] - r[1::2]).tolist()
     return out

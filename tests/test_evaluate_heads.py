@@ -39,7 +39,7 @@ def test_classifier_accuracy_and_confusion_matrix(tmp_path):
 def test_reward_pairwise_accuracy(tmp_path):
     tok = chat_tokenizer(CharTokenizer(CHARS))
     model = RewardModel(vocab_size=tok.vocab_size, **SHAPE).eval()
-    model.score = lambda idx, lengths: lengths.float()  # a longer answer scores higher
+    model.score = lambda idx, lengths, starts: (lengths - starts).float()  # a longer answer (and end marker) scores higher
     data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "1+1=", "chosen": "22", "rejected": "3"},
                                               {"prompt": "2+2=", "chosen": "4", "rejected": "55"},
                                               {"prompt": "3+3=", "chosen": "666", "rejected": "7"}])

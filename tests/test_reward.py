@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gpt.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from gpt.encoding import score_batch
+from gpt.encoding import reward_batch, score_batch
 from gpt.errors import UserError
 from gpt.heads import RewardModel
 from gpt.parent import model_config
@@ -52,7 +52,7 @@ def test_reward_model_learns_pairs_and_roundtrips_through_a_checkpoint(tmp_path)
                             "config": {"model": model_config(stage.model)}}, tmp_path / "r.pt")
     again = model_from_checkpoint(load_checkpoint(path))
     assert type(again) is RewardModel
-    idx, lengths, _ = stage._batch(stage.val[:2])
+    idx, lengths, _, _ = stage._batch(stage.val[:2])
     assert torch.allclose(again.score(idx, lengths), stage.model.eval().score(idx, lengths), atol=1e-6)
 
 
@@ -95,3 +95,70 @@ def test_an_untied_output_layer_is_frozen_unless_lm_weight_reads_it(tmp_path, lm
     loss, _ = stage.loss(stage.model, stage.train_batch())
     loss.backward()
     assert all(p.grad is not None for p in stage.model.parameters() if p.requires_grad)
+
+
+def test_answer_logprob_by_hand_and_batched_equals_alone():
+    """answer_logprob = sum over the answer tokens of log_softmax(plain forward logits at the position before);
+    a padded batch scores each row as alone; score = head + logp_scale x that sum."""
+    from gpt.heads import answer_logprob
+
+    torch.manual_seed(0)
+    model = RewardModel(answer_logp=True, vocab_size=10, block_size=16, n_layer=1, n_head=2, n_embd=16).eval()
+    torch.nn.init.normal_(model.head.weight)
+    model.head.logp_scale.data.fill_(0.7)
+    rows = [([1, 2, 3, 4], 2), ([5, 6, 7, 8, 9, 1], 4)]
+    idx, lengths, starts = reward_batch(rows, "cpu")
+    with torch.no_grad():
+        h = model.hidden_states(idx)
+        got = answer_logprob(model.lm_head, h, idx, starts, lengths)
+        for i, (ids, start) in enumerate(rows):
+            logp = torch.log_softmax(model(torch.tensor([ids]))[0][0], -1)
+            by_hand = sum(logp[t - 1, ids[t]].item() for t in range(start, len(ids)))
+            assert got[i].item() == pytest.approx(by_hand, abs=1e-5)
+            alone = model.score(torch.tensor([ids]), torch.tensor([len(ids)]), torch.tensor([start]))
+            head = model.head(h[i, len(ids) - 1]).item()
+            assert model.score(idx, lengths, starts)[i].item() == pytest.approx(alone.item(), abs=1e-5)
+            assert alone.item() == pytest.approx(head + 0.7 * by_hand, abs=1e-5)
+    with pytest.raises(ValueError, match="pass starts"):
+        model.score(idx, lengths)
+
+
+def test_scored_pair_moves_the_answer_start_with_a_left_cut():
+    from gpt.chat import chat_tokenizer
+    from gpt.encoding import encode_pair, scored_pair
+    from gpt.tokenizer import CharTokenizer
+
+    tok = chat_tokenizer(CharTokenizer("0123456789+= "))
+    pair = {"prompt": "12+34=", "chosen": "46", "rejected": "47"}
+    (ids, mask), _ = encode_pair(tok, pair)
+    start = mask.index(True)
+    assert scored_pair(tok, pair, 64)[0] == (ids, start)
+    assert scored_pair(tok, pair, len(ids) - 3)[0] == (ids[3:], start - 3)
+    assert scored_pair(tok, pair, 2)[0] == (ids[-2:], 1)  # the cut reaches into the answer: from the 2nd token
+
+
+def test_answer_logp_reward_model_trains_its_weight_and_roundtrips(tmp_path):
+    """stage.answer_logp: the weight starts at 0 (the score starts as the plain head's), is a head parameter that
+    training moves, keeps the output layer trainable, and a checkpoint rebuilds the same scores."""
+    parent = make_parent(tmp_path / "p.pt", tie_embeddings=False)
+    rows = [{"prompt": f"{a}+{b}=", "chosen": f"{a + b}", "rejected": f"{a + b + 1}"} for a in range(5) for b in range(5)]
+    data = write_jsonl(tmp_path / "t.jsonl", rows)
+    stage = Reward(parent, str(data), val_data=str(data), batch_size=8, answer_logp=True)
+    plain = Reward(parent, str(data), val_data=str(data), batch_size=8)
+    assert stage.model.head.logp_scale.item() == 0 and stage.model.lm_head.weight.requires_grad
+    batch = stage._batch(stage.val[:4])
+    with torch.no_grad():
+        assert torch.equal(stage.model.eval().score(*batch[:3]), plain.model.eval().score(*batch[:2]))
+    opt = torch.optim.AdamW(stage.model.train().parameters(), lr=3e-3)
+    for _ in range(20):
+        loss, _ = stage.loss(stage.model, stage.train_batch())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert stage.model.head.logp_scale.item() != 0
+    path = save_checkpoint({"model": stage.model.state_dict(), "step": 1, "tokenizer": stage.tokenizer.identity(),
+                            "config": {"model": model_config(stage.model)}}, tmp_path / "r.pt")
+    again = model_from_checkpoint(load_checkpoint(path))
+    assert again.answer_logp and again.head.logp_scale.item() == stage.model.head.logp_scale.item()
+    with torch.no_grad():
+        assert torch.allclose(again.score(*batch[:3]), stage.model.eval().score(*batch[:3]), atol=1e-6)

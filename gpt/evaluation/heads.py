@@ -3,7 +3,7 @@ a reward model's pairwise accuracy and margin, with inputs encoded as the stages
 
 from __future__ import annotations
 
-from gpt.encoding import encode_pair, encode_texts
+from gpt.encoding import encode_texts, scored_pair
 from gpt.errors import UserError
 from gpt.jsonl import read_labelled, read_pairs
 from gpt.scoring import pair_margins, predicted_labels
@@ -30,7 +30,7 @@ def classifier_metrics(model, tokenizer, labels: list[str], path: str, batch_siz
 def reward_metrics(model, tokenizer, path: str, batch_size: int, autocast) -> dict:
     """Pairwise accuracy (chosen scored above rejected) and mean margin of a reward checkpoint on
     {"prompt", "chosen", "rejected"} JSONL, encoded with the chat template as stage=reward does."""
-    pairs = [tuple(ids[-model.config.block_size:] for ids, _ in encode_pair(tokenizer, p)) for p in read_pairs(path)]
+    pairs = [scored_pair(tokenizer, p, model.config.block_size) for p in read_pairs(path)]
     with autocast():
         margins = pair_margins(model, pairs, batch_size)
     return {"reward/pairwise_accuracy": sum(m > 0 for m in margins) / len(margins),

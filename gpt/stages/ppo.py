@@ -20,7 +20,7 @@ import torch
 
 from gpt.chat import chat_tokenizer
 from gpt.checkpoint import load_checkpoint, model_from_checkpoint
-from gpt.encoding import score_batch
+from gpt.encoding import reward_batch
 from gpt.heads import RewardModel, ValueHeadGPT
 from gpt.model import GPT
 from gpt.parent import frozen, lm_from_parent, model_config, require_kind, require_same_tokenizer, with_head
@@ -98,7 +98,8 @@ class PPO(RolloutObjective):
 
     @torch.no_grad()
     def score(self, prompts: list[list[int]], answers: list[list[int]]) -> torch.Tensor:
-        return self.reward_model.score(*score_batch([p + a for p, a in zip(prompts, answers)], self.device))
+        return self.reward_model.score(*reward_batch([(p + a, len(p)) for p, a in zip(prompts, answers)],
+                                                     self.device))
 
     @torch.no_grad()
     def rollout(self) -> RolloutBuffer:

@@ -43,7 +43,7 @@ FULL = {
                  "optimizer=muon", "trainer.max_iters=2000", "trainer.eval_interval=500", "trainer.batch_size=32"],
     "sft": ["trainer.max_iters=1000", "trainer.eval_interval=250", "trainer.batch_size=32", "optimizer.lr=2e-3"],
     "reward": ["trainer.max_iters=1000", "trainer.eval_interval=250", "trainer.batch_size=32", "optimizer.lr=1e-3",
-               "stage.lm_weight=1.0"],
+               "stage.lm_weight=1.0", "stage.answer_logp=true"],
     "ppo": ["trainer.max_iters=200", "trainer.eval_interval=50", "optimizer.lr=5e-5", "stage.kl_coef=0.5",
             "stage.prompts_per_rollout=64", "stage.minibatch_size=32", "stage.epochs=2"],
     "dpo": ["trainer.max_iters=200", "trainer.eval_interval=50", "trainer.batch_size=32", "optimizer.lr=1e-4",
@@ -136,20 +136,18 @@ def reward_accuracy(ckpt_path: Path, pairs_file: Path) -> tuple[float, float]:
     import torch
 
     from gpt.checkpoint import load_checkpoint, model_from_checkpoint
-    from gpt.encoding import encode_pair, score_batch
+    from gpt.encoding import scored_pair
+    from gpt.scoring import pair_margins
     from gpt.tokenizer import from_identity
 
     ckpt = load_checkpoint(ckpt_path, prefer="best")
     model, tok = model_from_checkpoint(ckpt, "cpu").eval(), from_identity(ckpt["tokenizer"])
     pairs = [json.loads(line) for line in pairs_file.read_text().splitlines() if line.strip()]
-    right = {"near": [], "far": []}
     with torch.no_grad():
-        for i in range(0, len(pairs), 64):
-            batch = pairs[i: i + 64]
-            r = model.score(*score_batch([ids for p in batch for ids, _ in encode_pair(tok, p)], "cpu"))
-            for p, chosen, rejected in zip(batch, r[0::2].tolist(), r[1::2].tolist()):
-                kind = "far" if abs(int(p["chosen"]) - int(p["rejected"])) > 10 else "near"
-                right[kind].append(chosen > rejected)
+        margins = pair_margins(model, [scored_pair(tok, p, model.config.block_size) for p in pairs], 64)
+    right = {"near": [], "far": []}
+    for p, m in zip(pairs, margins):
+        right["far" if abs(int(p["chosen"]) - int(p["rejected"])) > 10 else "near"].append(m > 0)
     return tuple(sum(v) / max(len(v), 1) for v in (right["near"], right["far"]))
 
 
