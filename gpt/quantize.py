@@ -173,9 +173,16 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     """A CPU copy of `model` in eval mode with every nn.Linear replaced by an Int8Linear (the tied input
     embedding keeps its float weight)."""
     model = copy.deepcopy(model).cpu().float().eval()
-    for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
+    for name, m in _quantizable(model).items():
         _replace(model, name, Int8Linear.from_linear(_unpadded(m), _kernels_for(name)))
     return model.requires_grad_(False)
+
+
+def _quantizable(model: nn.Module) -> dict[str, nn.Linear]:
+    """The Linear layers int8 replaces: those whose parameters are a weight and a bias only (a head that carries
+    another learned value, the answer_logp reward head's weight of the log-likelihood, stays float)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)
+            and {k for k, _ in m.named_parameters(recurse=False)} <= {"weight", "bias"}}
 
 
 def _unpadded(linear: nn.Linear) -> nn.Linear:
@@ -235,7 +242,7 @@ def model_from_quantized(ckpt: dict) -> nn.Module:
         raise UserError(f"checkpoint {ckpt.get('path')!r} has int8 format {fmt!r}, not {FORMAT!r}; "
                         f"re-run `python -m gpt.quantize <run> <out.pt>` on the float checkpoint")
     model = build_model(ckpt)  # a float shell; its Linear layers are replaced below
-    linear = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    linear = set(_quantizable(model))
     res = model.load_state_dict(ckpt["model"], strict=False)  # embeddings, norms (lm_head follows the tied wte)
     stray = [k for k in res.missing_keys if k.rsplit(".", 1)[0] not in linear] + list(res.unexpected_keys)
     if stray:

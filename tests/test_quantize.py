@@ -169,6 +169,28 @@ def test_int8_model_counts_the_parameters_of_its_float_model(model_cls, tmp_path
     assert num_params(q) - q.num_params() == linear + (65 if model_cls == "RewardModel" else 0)  # head: 64 + 1
 
 
+def test_an_answer_logp_reward_head_stays_float_and_int8_round_trips(tmp_path):
+    """The answer_logp reward head holds a third learned value (its log-likelihood weight), which an Int8Linear
+    has no place for: int8 leaves that head float, quantizes the rest, and the checkpoint rebuilds the same scores."""
+    from gpt.encoding import reward_batch
+    from gpt.heads import RewardModel
+    from gpt.parent import model_config
+
+    torch.manual_seed(0)
+    model = RewardModel(answer_logp=True, **CFG).eval()
+    torch.nn.init.normal_(model.head.weight)
+    model.head.logp_scale.data.fill_(0.5)
+    q = quantize_int8(model)
+    assert type(q.head) is type(model.head) and isinstance(q.lm_head, Int8Linear)
+    batch = reward_batch([([1, 2, 3, 4, 5], 3), ([6, 7, 8], 1)], "cpu")
+    with torch.no_grad():
+        want, got = model.score(*batch), q.score(*batch)
+        assert torch.allclose(got, want, atol=0.2) and not torch.equal(got, want)  # int8 rounding, not float
+        ckpt = {"model": model.state_dict(), "step": 1, "config": {"model": model_config(model)}}
+        path = save_checkpoint(quantized_checkpoint(q, ckpt), tmp_path / "int8.pt")
+        assert torch.equal(model_from_quantized(load_checkpoint(path)).score(*batch), got)
+
+
 @pytest.mark.parametrize("layer, grow", [("lm_head", "rows"), ("transformer.h.0.mlp.c_fc", "scales")])
 def test_int8_layers_whose_shapes_do_not_fit_the_config_are_refused(ckpt_path, tmp_path, layer, grow):
     """A handed int8 file whose output layer has more rows than the vocabulary would give logits over ids no
