@@ -186,7 +186,8 @@ def test_an_answer_logp_reward_head_stays_float_and_int8_round_trips(tmp_path):
     with torch.no_grad():
         want, got = model.score(*batch), q.score(*batch)
         assert torch.allclose(got, want, atol=0.2) and not torch.equal(got, want)  # int8 rounding, not float
-        ckpt = {"model": model.state_dict(), "step": 1, "config": {"model": model_config(model)}}
+        ckpt = {"model": model.state_dict(), "step": 1, "config": {"model": model_config(model)},
+                "tokenizer": {"type": "char", "chars": "".join(chr(32 + i) for i in range(97))}}
         path = save_checkpoint(quantized_checkpoint(q, ckpt), tmp_path / "int8.pt")
         assert torch.equal(model_from_quantized(load_checkpoint(path)).score(*batch), got)
 
