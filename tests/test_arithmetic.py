@@ -47,3 +47,13 @@ def test_wrong_answers_mix_near_and_far_misses_and_pretraining_text_repeats(tmp_
     assert all(abs(int(p["chosen"]) - int(p["rejected"])) > 10 for p in pairs)
     lines = (tmp_path / "pretrain.txt").read_text().splitlines()
     assert len(lines) == 2 * len(pairs) and sorted(lines[: len(pairs)]) == sorted(lines[len(pairs):])
+
+
+def test_val_fraction_sets_the_held_out_share(tmp_path):
+    import pytest
+
+    main([str(tmp_path), "--n", "200", "--val-fraction", "0.3"])
+    assert len(read_instructions(tmp_path / "sft_val.jsonl")) == 60
+    assert len(read_instructions(tmp_path / "sft_train.jsonl")) == 140
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "x"), "--val-fraction", "1.5"])

@@ -1,6 +1,7 @@
 """A synthetic task that needs no download: two-digit addition and subtraction with exact answers.
 
     python -m gpt.tasks.arithmetic <out folder> [--n 2000] [--seed 0] [--max 99] [--far 0.5] [--repeat 4]
+                                   [--val-fraction 0.1]
 
 writes, from disjoint train / val questions:
   pretrain.txt                       train equations as plain text, `repeat` times in fresh orders (a corpus to
@@ -74,14 +75,14 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def write_task(out: str | Path, n: int = 2000, seed: int = 0, hi: int = 99, far: float = 0.5,
-               repeat: int = 4) -> dict:
+               repeat: int = 4, val_fraction: float = 0.1) -> dict:
     """Write every file of the task into `out`; returns {name: path}. `far`: the fraction of wrong answers
     (pairs' rejected side, classify's "wrong" examples) that are far misses; `repeat`: copies of the
-    training equations in pretrain.txt."""
+    training equations in pretrain.txt; `val_fraction`: the share of the questions held out."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed + 1)
-    train, val = make_splits(n, seed, hi)
+    train, val = make_splits(n, seed, hi, val_fraction)
     files = {}
     # pretraining text: the training questions' equations as plain text (no chat template), each copy in
     # a fresh order; the held-out questions never appear, so val exact match measures generalisation
@@ -112,8 +113,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max", type=int, default=99, help="largest operand")
     ap.add_argument("--far", type=float, default=0.5, help="fraction of wrong answers that are far misses")
     ap.add_argument("--repeat", type=int, default=4, help="copies of the training equations in pretrain.txt")
+    ap.add_argument("--val-fraction", type=float, default=0.1, help="share of the questions held out")
     args = ap.parse_args(argv)
-    for name, path in write_task(args.out, args.n, args.seed, args.max, args.far, args.repeat).items():
+    if not 0 < args.val_fraction < 1:
+        ap.error(f"--val-fraction {args.val_fraction} must be between 0 and 1")
+    for name, path in write_task(args.out, args.n, args.seed, args.max, args.far, args.repeat,
+                                 args.val_fraction).items():
         print(f"{name}: {path}")
 
 
