@@ -61,3 +61,16 @@ def test_precision_auto_picks_bf16_only_where_the_cpu_has_it(monkeypatch):
     assert trainer.Precision("cpu", "auto").dtype is None
     assert trainer.Precision("cpu", "float32").dtype is None
     assert not trainer.Precision("cpu", "bfloat16").scaler.is_enabled()  # GradScaler only for float16
+
+
+def test_a_onednn_pin_below_bf16_counts_as_no_fast_bf16():
+    """ONEDNN_MAX_CPU_ISA=AVX2 on an AMX CPU: bf16 matmuls fall back to reference code, so auto precision must
+    pick float32 as on an AVX2 machine; ISAs with bf16 (or no pin) keep the CPU's own answer."""
+    from gpt.precision import isa_pinned_below_bf16
+
+    for isa in ("AVX2", "avx512_core", "AVX512_CORE_VNNI", " avx2_vnni "):
+        assert isa_pinned_below_bf16({"ONEDNN_MAX_CPU_ISA": isa}), isa
+    for env in ({}, {"ONEDNN_MAX_CPU_ISA": "ALL"}, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"},
+                {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}, {"ONEDNN_MAX_CPU_ISA": "AVX10_1_512_AMX"},
+                {"ATEN_CPU_CAPABILITY": "avx2"}):
+        assert not isa_pinned_below_bf16(env), env
