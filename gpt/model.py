@@ -132,7 +132,10 @@ class KVCache:
         view.pos, view.lens, view.longest = lens[0], None, max(lens)
         if view.longest != min(lens):
             view.pos, view.lens = 0, torch.tensor(lens, dtype=torch.long, device=self.k.device)
-            view._rows = torch.arange(len(lens), device=self.k.device)
+            # each (row, head)'s first position in a layer's (B * H * max_len, D) rows: a ragged step writes
+            # its B * H new keys with one index_copy_ (advanced-index assignment took ~0.7 ms a layer on CPU)
+            heads = torch.arange(self.k.size(2), device=self.k.device)
+            view._base = (torch.arange(len(lens), device=self.k.device)[:, None] * self.k.size(2) + heads) * self.max_len
         return view
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,8 +147,9 @@ class KVCache:
             end = self.longest + 1
             if end > self.max_len:
                 raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
-            self.k[layer, self._rows, :, self.lens] = k[:, :, 0].to(self.k.dtype)  # (under autocast: bf16 k)
-            self.v[layer, self._rows, :, self.lens] = v[:, :, 0].to(self.v.dtype)
+            at = (self._base + self.lens[:, None]).flatten()  # (B * H,) rows of the layer's (B * H * max_len, D)
+            for cache, new in ((self.k, k), (self.v, v)):  # (under autocast: bf16 k, v)
+                cache[layer].view(-1, new.size(-1)).index_copy_(0, at, new[:, :, 0].flatten(0, 1).to(cache.dtype))
             return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
         end = self.pos + k.size(2)
         if end > self.max_len:
