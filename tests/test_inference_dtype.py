@@ -97,11 +97,18 @@ def test_packed_linear_falls_back_when_weights_change(ckpt_path):
         torch.testing.assert_close(m(x), F.linear(x, m.weight, m.bias))
 
 
-def test_cpu_kv_cache_is_float32_for_bf16_weights(ckpt_path):
+def test_cpu_kv_cache_dtype_follows_the_attention_kernel(ckpt_path):
+    """bf16 weights: SDPA reads a bf16 cache (faster on CPU than float32), explicit attention a float32 one (its
+    bf16 matmuls are the slow ones); float32 weights keep a float32 cache; an explicit dtype wins."""
     model, _, _ = load_for_inference(str(ckpt_path), dtype="bfloat16")
+    assert model.config.attn_impl == "sdpa"
     cache = model.new_cache(1)
-    assert cache.k.dtype is torch.float32 and cache.v.dtype is torch.float32
-    assert model.new_cache(1, dtype=torch.bfloat16).k.dtype is torch.bfloat16
+    assert cache.k.dtype is torch.bfloat16 and cache.v.dtype is torch.bfloat16
+    assert model.new_cache(1, dtype=torch.float32).k.dtype is torch.float32
+    model.config.attn_impl = "eager"
+    assert model.new_cache(1).k.dtype is torch.float32 and model.new_cache(1).v.dtype is torch.float32
+    plain, _, _ = load_for_inference(str(ckpt_path), dtype="float32")
+    assert plain.new_cache(1).k.dtype is torch.float32
 
 
 def test_bf16_cached_logits_close_to_uncached(ckpt_path):
