@@ -107,6 +107,12 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+# the default number of tokenizer workers: every core up to this many. A worker holds its tokenizer (~65 MB for
+# gpt2) and up to two ~4 MB batches, so memory grows with the workers, not the corpus: 8 keep a preparation of any
+# size within ~1 GB; data.num_proc=N asks for more
+DEFAULT_MAX_WORKERS = 8
+
+
 def _pieces_of(documents: Iterable[str]) -> Iterator[tuple[bool, str]]:
     for doc in documents:
         if doc:
@@ -123,7 +129,7 @@ class TextSource:
             raise UserError(f"data.val_fraction={val_fraction} must be between 0 and 1 (exclusive), e.g. 0.1")
         self.val_fraction = val_fraction
         self.cache_dir = Path(str(cache_dir)).expanduser()
-        self.num_proc = int(num_proc) if num_proc else cores()
+        self.num_proc = int(num_proc) if num_proc else min(cores(), DEFAULT_MAX_WORKERS)
         self.wait_timeout = float(wait_timeout)
 
     def fingerprint(self) -> dict:

@@ -334,3 +334,16 @@ def test_prepare_script_builds_the_cache_train_uses_and_reports_it(tmp_path):
     bad = run_script("prepare.py", *args[:3], "data.num_proc=0", cwd=tmp_path, env=env, timeout=120)
     lines = [line for line in bad.stderr.splitlines() if line.strip()]
     assert bad.returncode == 2 and lines == ["error: data.num_proc=0 must be null or a positive integer"], bad.stderr
+
+
+def test_default_workers_are_every_core_up_to_the_memory_cap(monkeypatch, tmp_path):
+    """data.num_proc=null: one worker per core, at most DEFAULT_MAX_WORKERS (each holds its tokenizer and two
+    batches, so a 64-core node does not multiply the preparation's memory by 64); an explicit number is kept."""
+    from gpt import data as d
+
+    (tmp_path / "a.txt").write_text("some text\n")
+    monkeypatch.setattr(d, "cores", lambda: 64)
+    assert TextFiles(str(tmp_path)).num_proc == d.DEFAULT_MAX_WORKERS == 8
+    assert TextFiles(str(tmp_path), num_proc=32).num_proc == 32
+    monkeypatch.setattr(d, "cores", lambda: 2)
+    assert TextFiles(str(tmp_path)).num_proc == 2
