@@ -29,38 +29,10 @@ import torch
 
 CONF = Path(__file__).resolve().parents[1] / "gpt" / "conf"
 
-# bf16 dense tensor-core peak (no sparsity), TFLOP/s, from the vendors' spec sheets; the first entry whose words all
-# appear in torch.cuda.get_device_name() wins, so the specific names come before the general ones
-SPEC_BF16_TFLOPS = (
-    (("GH200",), 989.0),
-    (("H200",), 989.0),
-    (("H100", "PCIe"), 756.0),
-    (("H100", "NVL"), 835.0),
-    (("H100",), 989.0),  # SXM ("NVIDIA H100 80GB HBM3")
-    (("H800",), 989.0),
-    (("B200",), 2250.0),
-    (("A100",), 312.0),
-    (("A800",), 312.0),
-    (("L40S",), 362.0),
-    (("L40",), 181.0),
-    (("L4",), 121.0),
-    (("RTX 4090",), 165.0),
-    (("RTX 6000 Ada",), 364.0),
-)
-
-
-def spec_peak_flops(name: str) -> float | None:
-    """The bf16 dense peak FLOP/s of a device named `name` (e.g. "NVIDIA H100 80GB HBM3"), None when unknown."""
-    for words, tflops in SPEC_BF16_TFLOPS:
-        if all(w.lower() in name.lower() for w in words):
-            return tflops * 1e12
-    return None
-
-
 def peak_flops(device: str) -> tuple[float, str]:
     """(peak FLOP/s, where it came from): the spec sheet's bf16 dense peak of this device, else the bf16 matmul
     peak measured now."""
-    from gpt.trainer import measure_peak_flops
+    from gpt.trainer import measure_peak_flops, spec_peak_flops
 
     if device.startswith("cuda"):
         name = torch.cuda.get_device_name(torch.device(device))

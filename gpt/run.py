@@ -33,7 +33,7 @@ from gpt.memory import GiB, device_memory, estimate
 from gpt.optim import build_optimizer
 from gpt.plots import plot_folder
 from gpt.runs import peak_memory, read_metrics, run_summary
-from gpt.trainer import Loop, Precision, Trainer, measure_peak_flops
+from gpt.trainer import Loop, Precision, Trainer, peak_flops_for
 from gpt.trust import as_config, checked
 
 log = logging.getLogger("gpt")
@@ -304,7 +304,7 @@ def execute(cfg: DictConfig, spec: RunSpec) -> float:
         check_memory(parts.model, optimizer, cfg, precision, info)
         if resume is not None and precision_change(resume, precision, cfg.hardware.autocast_dtype):
             log.warning(precision_change(resume, precision, cfg.hardware.autocast_dtype))
-        peak = cfg.hardware.get("peak_flops") or (measure_peak_flops(info.device, precision.dtype) if spec.mfu
+        peak = cfg.hardware.get("peak_flops") or (peak_flops_for(info.device, precision.dtype)[0] if spec.mfu
                                                    else None)
         plain = to_plain(cfg)
         logger = instantiate(cfg.logger) if info.is_main else None

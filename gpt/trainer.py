@@ -76,6 +76,48 @@ class Precision:
         return "fp32" if self.dtype is None else str(self.dtype).replace("torch.", "") + " autocast"
 
 
+# bf16 dense tensor-core peak (no sparsity), TFLOP/s, from the vendors' spec sheets; the first entry whose words all
+# appear in torch.cuda.get_device_name() wins, so the specific names come before the general ones
+SPEC_BF16_TFLOPS = (
+    (("GH200",), 989.0),
+    (("H200",), 989.0),
+    (("H100", "PCIe"), 756.0),
+    (("H100", "NVL"), 835.0),
+    (("H100",), 989.0),  # SXM ("NVIDIA H100 80GB HBM3")
+    (("H800",), 989.0),
+    (("B200",), 2250.0),
+    (("A100",), 312.0),
+    (("A800",), 312.0),
+    (("L40S",), 362.0),
+    (("L40",), 181.0),
+    (("L4",), 121.0),
+    (("RTX 4090",), 165.0),
+    (("RTX 6000 Ada",), 364.0),
+)
+
+
+def spec_peak_flops(name: str) -> float | None:
+    """The bf16 dense peak FLOP/s of a device named `name` (e.g. "NVIDIA H100 80GB HBM3"), None when unknown."""
+    for words, tflops in SPEC_BF16_TFLOPS:
+        if all(w.lower() in name.lower() for w in words):
+            return tflops * 1e12
+    return None
+
+
+def peak_flops_for(device: str, dtype: torch.dtype | None, name: str | None = None) -> tuple[float, str]:
+    """(peak FLOP/s for MFU, where it came from): on a GPU training in bf16 or fp16 whose name is in the spec
+    table, the spec sheet's dense peak (MFU as the field reports it: nanoGPT, nanochat, torchtitan), else the
+    matmul peak measured now on this device and dtype."""
+    if torch.device(device).type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        name = name or torch.cuda.get_device_name(torch.device(device))
+        spec = spec_peak_flops(name)
+        if spec is not None:
+            return spec, f"spec sheet dense bf16 peak of {name}"
+    return measure_peak_flops(device, dtype), f"measured matmul peak on {device}"
+
+
+
+
 def measure_peak_flops(device: str, dtype: torch.dtype | None, size: int | None = None, seconds: float = 0.3) -> float:
     """Achievable dense matmul FLOP/s on this device and dtype (best of repeated square matmuls)."""
     dt = dtype or torch.float32

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import ROOT
 
@@ -44,8 +45,21 @@ def test_gpu_bench_runs_on_cpu_with_a_tiny_model(tmp_path):
     ("NVIDIA GH200 480GB", 989), ("NVIDIA A100-SXM4-80GB", 312), ("NVIDIA A100-PCIE-40GB", 312), ("NVIDIA L4", 121),
     ("NVIDIA L40S", 362), ("NVIDIA GeForce RTX 4090", 165), ("Tesla T4", None), ("cpu", None)])
 def test_spec_peak_by_device_name(name, tflops):
-    peak = bench_module().spec_peak_flops(name)
-    assert peak == (None if tflops is None else tflops * 1e12)
+    from gpt.trainer import spec_peak_flops
+
+    assert spec_peak_flops(name) == (None if tflops is None else tflops * 1e12)
+
+
+def test_train_mfu_divides_by_the_spec_peak_on_a_known_gpu_else_a_measured_one():
+    """train.py's MFU: a named GPU in bf16/fp16 -> its spec sheet's dense peak (no measurement); a GPU in float32,
+    an unknown GPU or a CPU -> the matmul peak measured on the device (here the CPU path, which runs)."""
+    from gpt.trainer import peak_flops_for
+
+    assert peak_flops_for("cuda:0", torch.bfloat16, name="NVIDIA H100 80GB HBM3") == \
+        (989e12, "spec sheet dense bf16 peak of NVIDIA H100 80GB HBM3")
+    assert peak_flops_for("cuda", torch.float16, name="NVIDIA A100-SXM4-80GB")[0] == 312e12
+    peak, where = peak_flops_for("cpu", None)
+    assert peak > 0 and where == "measured matmul peak on cpu"
 
 
 def test_gpu_check_time_limits_fit_its_budget():
