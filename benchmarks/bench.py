@@ -16,8 +16,8 @@ machine's speed drifts):
    the peak is measured at the start and again at the end, the better of the two counts).
 3. loss_chunk_size sweep of our bf16 training step at the largest vocab.
 4. generation new-tokens/s at batch 1 (16-token prompt, top_k 50, temperature 1): HF generate with
-   its KV cache vs ours with the KV cache (fp32; bf16 weights cast once and prepacked, what infer.py's
-   dtype=auto does on a bf16 CPU; fp32 weights under bf16 autocast, the previous default) and without it.
+   its KV cache vs ours with the KV cache (GPT.new_cache's dtype; bf16 weights cast once and prepacked, what
+   infer.py's dtype=auto does on a bf16 CPU; fp32 weights under bf16 autocast, the previous default) and without it.
    benchmarks/bench_generate.py measures decoding in more detail (int8, time per token vs position).
 5. a markdown summary (for the README) and optionally JSON (--json PATH).
 

@@ -55,14 +55,24 @@ def scored_pair(tok, pair: dict, block_size: int) -> list[tuple[list[int], int]]
     return out
 
 
-def fit_block(examples: list, block_size: int, where: str, log: logging.Logger) -> list:
-    """Drop examples longer than block_size + 1 tokens (with a warning); refuse if none are left."""
-    kept = [e for e in examples if len(e[0]) <= block_size + 1]
+def example_tokens(example) -> int:
+    """An example's length: its ids' (an (ids, train_mask) example) or its longest side's (a pair of them)."""
+    first = example[0]
+    return max(len(ids) for ids, _ in example) if isinstance(first, tuple) else len(first)
+
+
+def fit_block(examples: list, block_size: int, where: str, log: logging.Logger, extra: int = 1) -> list:
+    """Drop examples (or pairs of them) longer than block_size + extra tokens, with a warning; refuse if none
+    are left. extra 1 where the model reads ids[:-1] (next-token training), 0 where it reads every token (a
+    reward model's score)."""
+    limit = block_size + extra
+    kept = [e for e in examples if example_tokens(e) <= limit]
+    what = f"block_size={block_size}" + (f" + {extra}" if extra else "")
     if not kept:
-        raise UserError(f"{where}: every example is longer than the model's block_size={block_size} + 1 tokens")
+        raise UserError(f"{where}: every example is longer than the model's {what} tokens")
     if len(kept) < len(examples):
-        log.warning("%s: %d of %d examples are longer than block_size + 1 = %d tokens and were dropped", where,
-                    len(examples) - len(kept), len(examples), block_size + 1)
+        log.warning("%s: %d of %d examples are longer than %s = %d tokens and were dropped", where,
+                    len(examples) - len(kept), len(examples), what, limit)
     return kept
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gpt.errors import UserError
 from gpt.model import GPT
 
 
@@ -53,11 +54,14 @@ class RewardModel(GPT):
     head: score = head(last hidden state) + logp_scale x sum over the answer tokens of log p(token | before),
     where each row's answer starts at `starts` (the first token after the prompt). A one-layer head on the last
     token must recompute the answer to tell it from a near miss; the log-likelihood compares each answer token
-    with the model's prediction at the position before it (README "The demo")."""
+    with the model's prediction at the position before it (README "The demo"). It is a sum, as DPO's implicit
+    reward is: with a positive weight a shorter answer loses fewer terms, which the head can learn to offset."""
 
     def __init__(self, answer_logp: bool = False, **gpt_args):
+        if not isinstance(answer_logp, bool):
+            raise UserError(f"answer_logp={answer_logp!r} must be true or false")
         super().__init__(**gpt_args)
-        self.answer_logp = bool(answer_logp)
+        self.answer_logp = answer_logp
         self.head = RewardHead(self.config.n_embd, self.answer_logp)
 
     def score(self, idx: torch.Tensor, lengths: torch.Tensor, starts: torch.Tensor | None = None) -> torch.Tensor:

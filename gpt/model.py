@@ -578,7 +578,8 @@ class GPT(nn.Module):
         cache are ~2.4x slower than over a float32 one (16 rows, 6 heads, ~300 positions, AMX Xeon), while
         SDPA's CPU kernel reads a bf16 cache ~1.8x faster than a float32 one (a bf16 model's decode step 10-17%
         faster at 16 rows). A bf16 model's keys and values are bf16 when computed, so its bf16 cache holds the
-        same values a float32 one would."""
+        same values a float32 one would. (float16 weights on a CPU get an fp16 cache, read ~1.3x slower than fp32:
+        a CPU user runs bf16 or float32.)"""
         cfg = self.config
         p = self.transformer.wte.weight  # an embedding stays float even in an int8-quantized model
         if dtype is None:

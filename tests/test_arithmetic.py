@@ -57,3 +57,11 @@ def test_val_fraction_sets_the_held_out_share(tmp_path):
     assert len(read_instructions(tmp_path / "sft_train.jsonl")) == 140
     with pytest.raises(SystemExit):
         main([str(tmp_path / "x"), "--val-fraction", "1.5"])
+
+
+def test_make_splits_refuses_a_val_fraction_that_empties_a_split():
+    import pytest
+
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="val_fraction"):
+            make_splits(50, val_fraction=bad)

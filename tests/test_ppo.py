@@ -81,3 +81,14 @@ def test_reward_model_scores_are_standardised_over_the_rollout():
     assert torch.allclose(normalized(s), torch.tensor([-1.0, 0.0, 1.0]) * (3 / 8) ** 0.5 * 2, atol=1e-5)
     assert torch.allclose(normalized(s), normalized(100 * s - 7), atol=1e-5)
     assert torch.equal(normalized(torch.tensor([3.0])), torch.zeros(1))
+
+
+def test_prompt_and_answer_must_fit_the_reward_models_block_too(parents, tmp_path):
+    """The reward model scores prompt + answer: a reward model with a shorter context than the policy bounds the
+    prompts, in one line at start, not a ValueError at the first rollout."""
+    sft, _, data = parents
+    short = make_parent(tmp_path / "rm_short.pt", seed=2, chat=True, model_cls=RewardModel, stage="reward",
+                        block_size=8)
+    with pytest.raises(UserError, match=r"exceeds the model's block_size=8") as e:
+        PPO(sft, str(data), reward_ckpt=short["path"], max_new_tokens=3)
+    assert "\n" not in str(e.value)

@@ -162,3 +162,35 @@ def test_answer_logp_reward_model_trains_its_weight_and_roundtrips(tmp_path):
     assert again.answer_logp and again.head.logp_scale.item() == stage.model.head.logp_scale.item()
     with torch.no_grad():
         assert torch.allclose(again.score(*batch[:3]), stage.model.eval().score(*batch[:3]), atol=1e-6)
+
+
+def test_pairs_longer_than_the_block_are_dropped_by_their_longer_side(tmp_path, caplog):
+    """fit_block measures a pair by its longer row: the reward model scores every token (at most block_size), DPO
+    trains on ids[:-1] (block_size + 1). A pair whose rejected side alone is too long is dropped, not kept to
+    fail in the forward."""
+    from gpt.encoding import encode_pair, example_tokens, fit_block
+    from gpt.stages.dpo import DPO
+
+    parent = make_parent(tmp_path / "p.pt", block_size=16)
+    rows = [{"prompt": "1+1=", "chosen": "2", "rejected": "3" * 40}, {"prompt": "1+2=", "chosen": "3", "rejected": "4"}]
+    data = write_jsonl(tmp_path / "t.jsonl", rows)
+    stage = Reward(parent, str(data), val_data=str(data), batch_size=2)
+    assert len(stage.train) == 1 and example_tokens(stage.train[0]) <= 16
+    loss, _ = stage.loss(stage.model, stage.train_batch())  # no "exceeds block_size" from a kept long pair
+    assert torch.isfinite(loss)
+    assert len(DPO(parent, str(data), val_data=str(data), batch_size=2).train) == 1
+    tok = stage.tokenizer
+    edge = encode_pair(tok, {"prompt": "1+1=", "chosen": "2", "rejected": "3" * 9})  # longer side: 17 = block + 1
+    assert example_tokens(edge) == 17
+    assert fit_block([edge, edge], 16, "x", __import__("logging").getLogger("t"), extra=1) == [edge, edge]
+    with pytest.raises(UserError, match=r"x: every example is longer than the model's block_size=16 tokens"):
+        fit_block([edge], 16, "x", __import__("logging").getLogger("t"), extra=0)
+
+
+def test_a_checkpoint_whose_answer_logp_is_not_a_bool_is_refused(tmp_path):
+    model = RewardModel(answer_logp=True, vocab_size=10, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    config = {**model_config(model), "answer_logp": "false"}
+    path = save_checkpoint({"model": model.state_dict(), "step": 1, "config": {"model": config},
+                            "tokenizer": {"type": "char", "chars": "0123456789"}}, tmp_path / "r.pt")
+    with pytest.raises(UserError, match=r"answer_logp='false' must be true or false"):
+        model_from_checkpoint(load_checkpoint(path))

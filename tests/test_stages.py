@@ -68,9 +68,11 @@ def test_a_onednn_pin_below_bf16_counts_as_no_fast_bf16():
     pick float32 as on an AVX2 machine; ISAs with bf16 (or no pin) keep the CPU's own answer."""
     from gpt.precision import isa_pinned_below_bf16
 
-    for isa in ("AVX2", "avx512_core", "AVX512_CORE_VNNI", " avx2_vnni "):
+    for isa in ("AVX2", "avx512_core", "AVX512_CORE_VNNI", " avx2_vnni ", "AVX2_VNNI_2"):
         assert isa_pinned_below_bf16({"ONEDNN_MAX_CPU_ISA": isa}), isa
-    for env in ({}, {"ONEDNN_MAX_CPU_ISA": "ALL"}, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"},
+    assert isa_pinned_below_bf16({"DNNL_MAX_CPU_ISA": "AVX2"})  # oneDNN's older name for the variable
+    for env in ({}, {"ONEDNN_MAX_CPU_ISA": "ALL"}, {"ONEDNN_MAX_CPU_ISA": "DEFAULT"},
+                {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_FP16"},
                 {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}, {"ONEDNN_MAX_CPU_ISA": "AVX10_1_512_AMX"},
                 {"ATEN_CPU_CAPABILITY": "avx2"}):
         assert not isa_pinned_below_bf16(env), env

@@ -85,8 +85,9 @@ class PPO(RolloutObjective):
         self.reward_path = reward["path"]
         self.model = with_head(ValueHeadGPT, parent, tok.vocab_size, device)
         self.reference = frozen(lm_from_parent(parent, tok.vocab_size, device))
-        self.prompts = PromptSet(tok, data, val_data, val_fraction, seed, self.model.config.block_size,
-                                 max_new_tokens, need_answer=False)
+        # a prompt and its answer must fit the policy and the reward model that scores them
+        block = min(self.model.config.block_size, self.reward_model.config.block_size)
+        self.prompts = PromptSet(tok, data, val_data, val_fraction, seed, block, max_new_tokens, need_answer=False)
         self.device, self.n_prompts, self.minibatch, self.epochs = device, prompts_per_rollout, minibatch_size, epochs
         self.max_new_tokens, self.temperature, self.top_k = max_new_tokens, temperature, top_k
         self.clip, self.value_clip, self.vf_coef, self.kl_coef = clip, value_clip, vf_coef, kl_coef

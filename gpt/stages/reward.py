@@ -73,8 +73,9 @@ class Reward(ExampleObjective):
                                str(data))
         # each pair -> [(chosen ids, train mask), (rejected ids, train mask)]; the chosen answer's mask marks
         # the tokens lm_weight trains on
-        self.train = fit_block([encode_pair(tok, p) for p in train], block, str(data), log)
-        self.val = fit_block([encode_pair(tok, p) for p in val], block, str(val_data or data), log)
+        # the score reads every token of a pair's rows (the chosen row's NLL only their first block_size)
+        self.train = fit_block([encode_pair(tok, p) for p in train], block, str(data), log, extra=0)
+        self.val = fit_block([encode_pair(tok, p) for p in val], block, str(val_data or data), log, extra=0)
         self.batch_size, self.device = batch_size, device
         self.generator = torch.Generator().manual_seed(seed + 1000 * rank)
         self._order = None

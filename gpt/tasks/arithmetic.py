@@ -56,6 +56,8 @@ def exact_match_reward(completion: str, answer: str) -> float:
 
 def make_splits(n: int, seed: int = 0, hi: int = 99, val_fraction: float = 0.1) -> tuple[list, list]:
     """n distinct (question, answer) pairs split into disjoint train / val lists."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction={val_fraction} must be between 0 and 1 (both splits need questions)")
     rng = random.Random(seed)
     seen: dict[str, str] = {}
     limit = 2 * (hi + 1) ** 2
