@@ -352,5 +352,8 @@ def test_demo_quick_runs_the_whole_chain_and_prints_the_table(tmp_path):
         assert f"hydra.run.dir=runs/{stage}" in proc.stdout and f"| {stage} | " in proc.stdout
     assert "python -m gpt.cli finetune stage=sft" in proc.stdout
     assert (tmp_path / "demo" / "results.md").read_text().startswith("| stage |")
+    # the reward model reads the answer's log-likelihood, as the full demo's does, and PPO scored with it
+    rm = torch.load(tmp_path / "demo" / "runs" / "reward" / "checkpoints" / "last.pt", weights_only=True)
+    assert rm["config"]["model"]["answer_logp"] is True and rm["model"]["head.logp_scale"].item() != 0
     proc = run_here("gpt/tasks/demo.py", str(tmp_path / "demo"), "--quick", cwd=tmp_path)  # never overwrites
     assert proc.returncode != 0 and "pass a new folder" in proc.stderr
