@@ -6,7 +6,8 @@ off one machine's run. Each claim is an equivalence (evaluate.py's exact match e
 value fixed by construction (before DPO or reward training the loss is exactly ln 2), or a one-sided exact
 binomial test at a stated level, computed here from the number of questions or pairs: it fails when
 fine-tuning is broken (SFT no better than the pretrained model, a reward model at chance) and passes,
-whatever the kernels, while the effect is many standard errors wide."""
+whatever the kernels, while the effect is many standard errors wide. DPO, GRPO and PPO are each measured on
+questions the stage never trained on (the `habit` fixture), question for question against their SFT parent."""
 
 import glob
 import json
@@ -173,20 +174,57 @@ def finetune(cwd: Path, *args: str) -> tuple[Path, object]:
     return new, proc
 
 
-def test_dpo_from_sft_prefers_the_chosen_answers(chain):
-    cwd, files, _, sft, _ = chain
-    run, _ = finetune(cwd, "stage=dpo", f"ckpt={sft}", f"data={files['pairs_train']}",
-                      f"data.val_path={files['pairs_val']}", "trainer.max_iters=80", "trainer.eval_interval=10",
+@pytest.fixture(scope="module")
+def habit(chain):
+    """An SFT model with a habit that RL must unlearn, and the questions to measure it on.
+
+    Its SFT data holds every training question four times, three with a stray "=" after the answer ("12=") and
+    once without, so greedy decoding writes the "=" after every answer (exact match 0) while sampling ends cleanly
+    about one time in four: a reward has something to find. GRPO and DPO then train on R, the first 200 training
+    questions, and are measured on E, the other 197: questions SFT learnt (the tiny model gets held-out arithmetic
+    mostly wrong, see test_sft_answers_more_questions_than_the_pretrained_model) but the RL stage never saw. A
+    gain there is the stage changing the policy's behaviour, not memorising its own prompts."""
+    cwd, files, pre, _, _ = chain
+    task = files["sft_train"].parent
+    train = [json.loads(line) for line in files["sft_train"].read_text().splitlines()]
+    rows = [r for q in train for r in [{**q, "completion": q["completion"] + "="}] * 3 + [q]]
+    (task / "sft_habit.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r, e = train[:200], train[200:]
+    (task / "r_prompts.jsonl").write_text("".join(json.dumps({"prompt": q["prompt"], "answer": q["completion"]})
+                                                  + "\n" for q in r))
+    (task / "r_pairs.jsonl").write_text("".join(json.dumps({"prompt": q["prompt"], "chosen": q["completion"],
+                                                            "rejected": q["completion"] + "="}) + "\n" for q in r))
+    (task / "e.jsonl").write_text("".join(json.dumps(q) + "\n" for q in e))
+    sft, _ = finetune(cwd, "stage=sft", f"ckpt={pre}", f"data={task / 'sft_habit.jsonl'}",
+                      f"data.val_path={files['sft_val']}", *SFT)
+    before = right_on(cwd, sft / "checkpoints" / "last.pt", task / "e.jsonl", sft / "e_eval")
+    assert len(before) == len(e)
+    return {"sft": sft / "checkpoints" / "last.pt", "prompts": task / "r_prompts.jsonl",
+            "pairs": task / "r_pairs.jsonl", "e": task / "e.jsonl", "before": before}
+
+
+def right_on(cwd: Path, ckpt: Path, questions: Path, out: Path) -> list[bool]:
+    """Greedy exact match per question (evaluate.py instructions=, the chat template, answers to <|end|>)."""
+    _, rows = evaluate_answers(cwd, ckpt, questions, out, 8)
+    return [r["exact_match"] for r in rows]
+
+
+def test_dpo_from_sft_improves_exact_match_on_questions_it_never_trained_on(chain, habit, tmp_path):
+    cwd, files, _, _, _ = chain
+    run, _ = finetune(cwd, "stage=dpo", f"ckpt={habit['sft']}", f"data={habit['pairs']}",
+                      f"data.val_path={files['pairs_val']}", "trainer.max_iters=80", "trainer.eval_interval=40",
                       "optimizer.lr=1e-4", *COMMON)
     ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["stage"] == "dpo" and ckpt["lineage"]["parent_stage"] == "sft"
     assert ckpt["lineage"]["parent_lineage"]["parent_stage"] == "pretrain"
     rows = evals(run, "val/accuracy")
     assert {"val/chosen_reward", "val/rejected_reward", "val/loss"} <= set(rows[-1])
-    # at step 0 the policy is its reference: every implicit reward is 0, the loss exactly ln 2 (tests/test_dpo.py).
-    # After 80 steps the held-out pairs' loss is below that and the chosen answers' reward above the rejected's
-    last = rows[-1]
-    assert last["val/loss"] < math.log(2) and last["val/chosen_reward"] > last["val/rejected_reward"], last
+    # held out from DPO: exact match on E, question for question against the SFT model, exact one-sided sign test
+    # at LEVEL. Measured (AMX Xeon, seed 0): SFT 0 of 197 (the habit), DPO 68 of 197 (p ~ 3e-21)
+    before, after = habit["before"], right_on(cwd, run / "checkpoints" / "last.pt", habit["e"], tmp_path / "dpo")
+    assert len(before) == len(after) == 197
+    wins, losses, p = sign_test(after, before)
+    assert p < LEVEL, (wins, losses, p, sum(after), sum(before))
 
 
 @pytest.fixture(scope="module")
@@ -239,60 +277,56 @@ def first_prompts(files: dict, n: int = 32) -> Path:
     return path
 
 
-def window_means(run: Path, key: str) -> list[float]:
-    """`key` per evaluation: the mean over the training steps since the previous evaluation."""
-    return [r[key] for r in evals(run, key)]
-
-
-def test_grpo_from_sft_raises_the_exact_match_reward(chain):
-    cwd, files, _, sft, _ = chain
-    run, proc = finetune(cwd, "stage=grpo", f"ckpt={sft}", f"data={first_prompts(files)}",
-                         f"data.val_path={files['prompts_val']}", "trainer.max_iters=96", "trainer.eval_interval=24",
+def test_grpo_from_sft_improves_exact_match_on_questions_it_never_trained_on(chain, habit, tmp_path):
+    cwd, files, _, _, _ = chain
+    run, proc = finetune(cwd, "stage=grpo", f"ckpt={habit['sft']}", f"data={habit['prompts']}",
+                         f"data.val_path={files['prompts_val']}", "trainer.max_iters=96", "trainer.eval_interval=48",
                          "optimizer.lr=3e-4", *COMMON, "stage.prompts_per_rollout=16", "stage.group_size=8",
-                         "stage.minibatch_size=64", "stage.epochs=1", "stage.eval_prompts=44")
+                         "stage.minibatch_size=64", "stage.epochs=1", "stage.eval_prompts=8")
     ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["stage"] == "grpo" and ckpt["config"]["stage"]["group_size"] == 8
     rows = evals(run, "val/reward")
-    assert [r["step"] for r in rows] == [24, 48, 72, 96]
+    assert [r["step"] for r in rows] == [48, 96]
     assert {"train/reward", "train/kl", "train/clip_fraction"} <= set(rows[-1])
-    # the mean exact-match reward (0 or 1) of the sampled answers (temperature 1) over the 12 rollouts of each
-    # window rises from the first window to the last: a one-sided two-proportion z test at level 0.05 whose
-    # units are the window's 12 * 16 = 192 prompts, not its 1536 answers. A prompt's 8 answers are correlated,
-    # and the variance of their mean is at most p(1 - p): this overstates the noise, so the true level is
-    # lower. Measured (seed 0, 1, 2): 0.415 -> 0.551, 0.421 -> 0.583, 0.391 -> 0.524 (z 2.6 to 3.2). The greedy
-    # held-out reward (val/reward) does not rise with it: what this policy learns on 32 prompts does not
-    # carry over
-    reward = window_means(run, "train/reward")
-    pooled = (reward[0] + reward[-1]) / 2
-    z = (reward[-1] - reward[0]) / math.sqrt(pooled * (1 - pooled) * 2 / 192)
-    assert z > 1.645, (reward, z)  # the 95th percentile of the standard normal
+    # held out from GRPO: exact match on E (197 questions it never sampled answers to), question for question
+    # against the SFT model, exact one-sided sign test at LEVEL. Measured (AMX Xeon, seed 0): SFT 0 of 197,
+    # GRPO 100 of 197 (p ~ 8e-31)
+    before, after = habit["before"], right_on(cwd, run / "checkpoints" / "last.pt", habit["e"], tmp_path / "grpo")
+    wins, losses, p = sign_test(after, before)
+    assert p < LEVEL, (wins, losses, p, sum(after), sum(before))
     # a GRPO checkpoint is a plain language model: infer.py chats with it
     proc = run_here("infer.py", f"ckpt={run}", 'prompt="3+4="', "chat=true", "max_new_tokens=5", cwd=cwd)
     assert proc.returncode == 0, proc.stderr
 
 
-def test_ppo_from_sft_with_the_reward_model(chain, reward_run):
+def test_ppo_from_sft_with_the_reward_model(chain, reward_run, habit, tmp_path):
+    """PPO against a reward model trained on R's pairs (clean answer over the habit's "=" ending), from the habit
+    SFT model, on R's prompts; measured on E (see `habit`)."""
     cwd, files, _, sft, _ = chain
-    rm, _ = reward_run
-    run, proc = finetune(cwd, "stage=ppo", f"ckpt={sft}", f"stage.reward_ckpt={rm}",
-                         f"data={first_prompts(files)}", f"data.val_path={files['prompts_val']}", *COMMON,
-                         "trainer.max_iters=96", "trainer.eval_interval=24", "optimizer.lr=3e-4",
-                         "scheduler.schedule.warmup_iters=2", "stage.eval_prompts=44", "stage.prompts_per_rollout=32",
+    rm_habit, _ = finetune(cwd, "stage=reward", f"ckpt={habit['sft']}", f"data={habit['pairs']}",
+                           f"data.val_path={files['pairs_val']}", "trainer.max_iters=100", "trainer.eval_interval=50",
+                           "optimizer.lr=1e-3", *COMMON)
+    run, proc = finetune(cwd, "stage=ppo", f"ckpt={habit['sft']}", f"stage.reward_ckpt={rm_habit}",
+                         f"data={habit['prompts']}", f"data.val_path={files['prompts_val']}", *COMMON,
+                         "trainer.max_iters=96", "trainer.eval_interval=48", "optimizer.lr=3e-4",
+                         "scheduler.schedule.warmup_iters=2", "stage.eval_prompts=8", "stage.prompts_per_rollout=32",
                          "stage.minibatch_size=16", "stage.epochs=2")
     ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
-    assert ckpt["stage"] == "ppo" and ckpt["reward_model"] == str(rm / "checkpoints" / "best.pt")
+    assert ckpt["stage"] == "ppo" and ckpt["reward_model"] == str(rm_habit / "checkpoints" / "best.pt")
     assert ckpt["config"]["model"]["_target_"] == "gpt.heads.ValueHeadGPT"
     rows = evals(run, "val/reward")
     for key in ("train/reward", "train/kl", "train/entropy", "train/clip_fraction", "train/value_loss",
                 "val/exact_match"):
         assert key in rows[-1], key
-    # No claim on the reward rising: over 96 steps its rise is within the rollouts' noise. Measured with this
-    # chain, one rollout (32 answers) per evaluation, PPO seeds 0, 1, 2: per-rollout sd 0.09-0.21, first six
-    # rollouts' mean 2.02, 2.01, 1.98 -> last six 2.18, 2.01, 1.98 (Welch t 2.2, 0.06, 0.04); the greedy held-out
-    # score (val/reward) likewise. What holds by construction instead: at the first minibatch the policy is both
-    # its rollout policy and its frozen SFT reference, so KL and clip fraction are exactly 0 (a one-step run that
-    # evaluates after it); after 96 updates the policy has left SFT (KL > 0)
-    assert [r["step"] for r in rows] == [24, 48, 72, 96] and rows[-1]["train/kl"] > 0, rows[-1]
+    assert [r["step"] for r in rows] == [48, 96] and rows[-1]["train/kl"] > 0, rows[-1]  # it left its reference
+    # held out from PPO (and from its reward model): exact match on E against the SFT model, exact one-sided sign
+    # test at LEVEL. Measured (AMX Xeon, seed 0): SFT 0 of 197, PPO 38 of 197 (p ~ 4e-12)
+    before, after = habit["before"], right_on(cwd, run / "checkpoints" / "last.pt", habit["e"], tmp_path / "ppo")
+    wins, losses, p = sign_test(after, before)
+    assert p < LEVEL, (wins, losses, p, sum(after), sum(before))
+    # What holds by construction: at the first minibatch the policy is both its rollout policy and its frozen SFT
+    # reference, so KL and clip fraction are exactly 0 (a one-step run that evaluates after it)
+    rm, _ = reward_run
     one, _ = finetune(cwd, "stage=ppo", f"ckpt={sft}", f"stage.reward_ckpt={rm}", f"data={first_prompts(files)}",
                       f"data.val_path={files['prompts_val']}", *COMMON, "trainer.max_iters=1", "trainer.eval_interval=1",
                       "optimizer.lr=3e-4", "stage.eval_prompts=4", "stage.prompts_per_rollout=32",
