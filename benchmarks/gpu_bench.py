@@ -11,8 +11,8 @@ AdamW on CUDA) and schedule built from it as gpt.run does, and gpt.trainer.Train
 torch.compile per hardware.compile, gradient clipping, the step's one host-device synchronisation, the optimizer
 and schedule step). Batches are random token ids already on the device (the input pipeline is not what is
 measured); warm-up steps (compilation) are excluded. MFU = model.flops_per_token(T) * tokens/s / the chip's
-bf16 dense peak from its spec sheet (SPEC_BF16_TFLOPS, by device name) where the name is known, else the bf16
-matmul peak measured here (gpt.trainer.measure_peak_flops); the output says which. Decoding: gpt.engine through
+bf16 dense peak from its spec sheet (gpt.trainer.SPEC_BF16_TFLOPS, by device name) where the name is known, else the bf16
+matmul peak measured here (gpt.trainer.peak_flops_for, train.py's rule); the output says which. Decoding: gpt.engine through
 gpt.generate.generate_tokens (KV cache, top-k 50), bf16 weights, new tokens/s at batch 1 and 32.
 One JSON line per result, and a summary.
 """
@@ -31,15 +31,10 @@ CONF = Path(__file__).resolve().parents[1] / "gpt" / "conf"
 
 def peak_flops(device: str) -> tuple[float, str]:
     """(peak FLOP/s, where it came from): the spec sheet's bf16 dense peak of this device, else the bf16 matmul
-    peak measured now."""
-    from gpt.trainer import measure_peak_flops, spec_peak_flops
+    peak measured now (1 s): train.py's rule for a bf16 run (gpt.trainer.peak_flops_for)."""
+    from gpt.trainer import peak_flops_for
 
-    if device.startswith("cuda"):
-        name = torch.cuda.get_device_name(torch.device(device))
-        spec = spec_peak_flops(name)
-        if spec is not None:
-            return spec, f"spec sheet bf16 dense peak of {name}"
-    return measure_peak_flops(device, torch.bfloat16, seconds=1.0), f"measured bf16 matmul peak on {device}"
+    return peak_flops_for(device, torch.bfloat16, seconds=1.0)
 
 
 def sync(device: str) -> None:

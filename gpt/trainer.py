@@ -104,16 +104,18 @@ def spec_peak_flops(name: str) -> float | None:
     return None
 
 
-def peak_flops_for(device: str, dtype: torch.dtype | None, name: str | None = None) -> tuple[float, str]:
+def peak_flops_for(device: str, dtype: torch.dtype | None, name: str | None = None,
+                   seconds: float = 0.3) -> tuple[float, str]:
     """(peak FLOP/s for MFU, where it came from): on a GPU training in bf16 or fp16 whose name is in the spec
     table, the spec sheet's dense peak (MFU as the field reports it: nanoGPT, nanochat, torchtitan), else the
-    matmul peak measured now on this device and dtype."""
+    matmul peak measured now (for `seconds`) on this device and dtype. train.py and benchmarks/gpu_bench.py."""
     if torch.device(device).type == "cuda" and dtype in (torch.bfloat16, torch.float16):
         name = name or torch.cuda.get_device_name(torch.device(device))
         spec = spec_peak_flops(name)
         if spec is not None:
             return spec, f"spec sheet dense bf16 peak of {name}"
-    return measure_peak_flops(device, dtype), f"measured matmul peak on {device}"
+    what = "bf16 matmul" if dtype is torch.bfloat16 else "matmul"
+    return measure_peak_flops(device, dtype, seconds=seconds), f"measured {what} peak on {device}"
 
 
 
