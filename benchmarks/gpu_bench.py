@@ -11,9 +11,9 @@ AdamW on CUDA) and schedule built from it as gpt.run does, and gpt.trainer.Train
 torch.compile per hardware.compile, gradient clipping, the step's one host-device synchronisation, the optimizer
 and schedule step). Batches are random token ids already on the device (the input pipeline is not what is
 measured); warm-up steps (compilation) are excluded. MFU = model.flops_per_token(T) * tokens/s / the chip's
-bf16 dense peak from its spec sheet (gpt.trainer.SPEC_BF16_TFLOPS, by device name) where the name is known, else the bf16
-matmul peak measured here (gpt.trainer.peak_flops_for, train.py's rule); the output says which. Decoding: gpt.engine through
-gpt.generate.generate_tokens (KV cache, top-k 50), bf16 weights, new tokens/s at batch 1 and 32.
+bf16 dense peak from its spec sheet (gpt.trainer.SPEC_BF16_TFLOPS, by device name) where the name is known,
+else the bf16 matmul peak measured here (gpt.trainer.peak_flops_for, train.py's rule); the output says which.
+Decoding: gpt.engine through gpt.generate.generate_tokens (KV cache, top-k 50), bf16 weights, new tokens/s at batch 1 and 32.
 One JSON line per result, and a summary.
 """
 
