@@ -13,7 +13,8 @@ and schedule step). Batches are random token ids already on the device (the inpu
 measured); warm-up steps (compilation) are excluded. MFU = model.flops_per_token(T) * tokens/s / the chip's
 bf16 dense peak from its spec sheet (gpt.trainer.SPEC_BF16_TFLOPS, by device name) where the name is known,
 else the bf16 matmul peak measured here (gpt.trainer.peak_flops_for, train.py's rule); the output says which.
-Decoding: gpt.engine through gpt.generate.generate_tokens (KV cache, top-k 50), bf16 weights, new tokens/s at batch 1 and 32.
+Decoding: gpt.engine through gpt.generate.generate_tokens (KV cache, top-k 50), bf16 weights, new tokens/s at
+batch 1 and 32.
 One JSON line per result, and a summary.
 """
 
