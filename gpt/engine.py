@@ -33,6 +33,35 @@ from gpt.model import GPT
 
 # ------------------------------------------------------------------------------------------------ sampling
 
+TOPK_CHUNK = 64  # the chunk width of the two-stage top-k (`topk`)
+
+
+def topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk(x, k, dim=-1) of a (B, V) float tensor (values sorted descending, their indices), found on a
+    CPU in two stages when V is large: the maximum of every chunk of TOPK_CHUNK entries, the k chunks with the
+    largest maxima, then the top k of those chunks' entries (and of the last, partial chunk's). Exact: an entry
+    outside the k chosen chunks is at most each of their k maxima, so it can only tie with the k-th value. The
+    values equal torch.topk's; among exactly equal values the indices may differ (torch.topk's choice among
+    ties is unspecified as well). On the 2-core test CPU, V 50,304 and k 50: ~2x faster at 1 row, ~1.6x at 16
+    (torch.topk's single pass over V dominates a decode step's sampling)."""
+    B, V = x.shape
+    n = V // TOPK_CHUNK
+    if x.device.type != "cpu" or n < 8 * k:  # few chunks (or a GPU, whose topk is one fast kernel): one pass
+        return torch.topk(x, k, dim=-1)
+    full = n * TOPK_CHUNK
+    chunks = x[:, :full].view(B, n, TOPK_CHUNK)
+    best = torch.topk(chunks.amax(dim=-1), k, dim=-1).indices  # (B, k) chunk numbers
+    cand = chunks.gather(1, best[..., None].expand(B, k, TOPK_CHUNK)).view(B, k * TOPK_CHUNK)
+    if full < V:  # the last, partial chunk: every entry is a candidate
+        cand = torch.cat([cand, x[:, full:]], dim=1)
+    vals, j = torch.topk(cand, k, dim=-1)
+    if full == V:
+        return vals, best.gather(1, j // TOPK_CHUNK) * TOPK_CHUNK + j % TOPK_CHUNK
+    in_chunks = j < k * TOPK_CHUNK
+    jc = j.clamp(max=k * TOPK_CHUNK - 1)
+    idx = best.gather(1, jc // TOPK_CHUNK) * TOPK_CHUNK + jc % TOPK_CHUNK
+    return vals, torch.where(in_chunks, idx, j - k * TOPK_CHUNK + full)
+
 def _top_p_filter(vals: torch.Tensor, top_p: float, lse: torch.Tensor | None = None) -> torch.Tensor:
     """vals (B, k) sorted descending -> the same with -inf where a token falls outside the nucleus: a token
     is dropped once the mass of the tokens before it already reaches top_p (the first is always kept).
@@ -52,7 +81,7 @@ def _nucleus(logits: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Te
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)
     k = min(64, V)
     while True:
-        vals, idx = torch.topk(logits, k, dim=-1)
+        vals, idx = topk(logits, k)
         if k == V or bool(((vals - lse).exp().sum(dim=-1) >= top_p).all()):
             return vals, idx, lse
         k = min(4 * k, V)
@@ -65,8 +94,8 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
                 top_p: float | None = None, generator: torch.Generator | Generators | None = None) -> torch.Tensor:
     """logits (B, V) -> next token ids (B,). temperature 0 means greedy (argmax).
 
-    The filters and the softmax run in float32 whatever the logits' dtype; top-k and top-p use torch.topk
-    (no full sort of the vocabulary). generator may be a list of (generator, n) runs: the first n rows draw
+    The filters and the softmax run in float32 whatever the logits' dtype; top-k and top-p use `topk` (no full
+    sort of the vocabulary). generator may be a list of (generator, n) runs: the first n rows draw
     from the first generator, and so on, exactly what each run draws when sampled alone (the filters are
     row by row), so groups with equal settings share one top-k over the vocabulary.
     """
@@ -75,7 +104,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
         return logits.argmax(dim=-1)
     use_p = top_p is not None and top_p < 1.0
     if top_k is not None and 0 < top_k < logits.size(-1):
-        vals, idx = torch.topk(logits, top_k, dim=-1)  # sorted, descending
+        vals, idx = topk(logits, top_k)  # sorted, descending
         vals = vals / temperature  # the same values as topk of logits / temperature (temperature > 0)
     elif use_p:
         vals, idx, lse = _nucleus(logits / temperature, top_p)

@@ -174,6 +174,30 @@ def test_sampling_follows_softmax_with_temperature():
     torch.testing.assert_close(freq, torch.softmax(logits / 2.0, -1), rtol=0, atol=0.02)
 
 
+@pytest.mark.parametrize("vocab", [50304, 50257, 128256, 4000])
+@pytest.mark.parametrize("k", [1, 50, 64])
+def test_two_stage_topk_gives_torch_topk_values(vocab, k):
+    """gpt.engine.topk: the values of torch.topk, sorted, with indices of entries that hold them (distinct), on
+    fp32 logits, on bf16 ones (many exact ties, also at the k-th value), with the largest entries in the last,
+    partial chunk, and where a row is mostly -inf; a small vocabulary takes torch.topk itself."""
+    from gpt.engine import topk
+
+    g = torch.Generator().manual_seed(vocab + k)
+    x = torch.randn(4, vocab, generator=g) * 3
+    x[1] = x[1].to(torch.bfloat16).float()  # ties
+    x[2, -7:] = 50.0 + torch.arange(7.0)  # the top in the partial chunk (when there is one)
+    x[3] = float("-inf")
+    x[3, torch.randperm(vocab, generator=g)[: k + 3]] = torch.randn(k + 3, generator=g)
+    vals, idx = topk(x, k)
+    ref_vals, ref_idx = torch.topk(x, k, dim=-1)
+    assert torch.equal(vals, ref_vals)
+    assert torch.equal(x.gather(1, idx), vals)
+    assert all(len(set(r)) == k for r in idx.tolist())
+    assert torch.equal(idx[[0, 2, 3]], ref_idx[[0, 2, 3]])  # no ties there: the same indices too
+    if vocab == 4000 and k >= 8:  # 62 chunks, fewer than 8 per kept value: torch.topk's own answer
+        assert torch.equal(idx, ref_idx)
+
+
 def test_sampling_is_reproducible_with_generator():
     logits = torch.randn(8, V)
     a = sample_next(logits, top_k=10, generator=torch.Generator().manual_seed(5))
