@@ -13,7 +13,8 @@ Reported per mode: requests/s, new tokens/s, time to first token and latency (p5
         --requests 16 --concurrency 4 --max-tokens 8 32 --rounds 1                    # a smoke run
 
 Timings on a shared CPU are noisy: the modes run interleaved over --rounds rounds in the same process and each
-mode's fastest round is reported; compare the modes, not absolute numbers across machines.
+mode's fastest round is reported, with the continuous / static ratio of every round (its two runs seconds apart)
+and their median; compare the modes, not absolute numbers across machines.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import statistics
 import time
 
 import torch
@@ -133,19 +135,25 @@ def main() -> None:
     print("| mode | requests/s | new tokens/s | TTFT p50 (s) | TTFT p99 (s) | latency p50 (s) | latency p99 (s) "
           "| decode steps |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    results = {}
+    results, paired = {}, []
     for _ in range(args.rounds):
+        this = {}
         for mode in args.modes:
-            r = run_mode(engine, batchers[mode](), work, args.concurrency)
+            this[mode] = r = run_mode(engine, batchers[mode](), work, args.concurrency)
             if mode not in results or r["tokens/s"] > results[mode]["tokens/s"]:
                 results[mode] = r
+        if "continuous" in this and "static" in this:  # the two modes of one round ran seconds apart
+            paired.append(this["continuous"]["tokens/s"] / this["static"]["tokens/s"])
     for mode, r in results.items():
         print(f"| {mode} | {r['req/s']:.2f} | {r['tokens/s']:.1f} | {r['ttft p50']:.3f} | {r['ttft p99']:.3f} | "
               f"{r['latency p50']:.3f} | {r['latency p99']:.3f} | {r['steps']} |")
     if "continuous" in results and "static" in results:
         c, s = results["continuous"], results["static"]
-        print(f"\ncontinuous vs static: {c['tokens/s'] / s['tokens/s']:.2f}x tokens/s, TTFT p99 "
+        print(f"\ncontinuous vs static: {c['tokens/s'] / s['tokens/s']:.2f}x tokens/s (best rounds), TTFT p99 "
               f"{c['ttft p99']:.3f} s vs {s['ttft p99']:.3f} s")
+        if len(paired) > 1:
+            print(f"round by round: {', '.join(f'{x:.2f}x' for x in paired)}; median "
+                  f"{statistics.median(paired):.2f}x")
         explain(c, s)
 
 
