@@ -20,6 +20,7 @@ import asyncio
 import hmac
 import importlib.resources
 import json
+import logging
 import os
 import sys
 import threading
@@ -39,6 +40,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from gpt.errors import UserError
 from gpt.engine import DecodeEngine, Row, Sampling, sample_next, text_stop
 from gpt.inference import dtype_option, encode_prompt, load_for_inference
+
+log = logging.getLogger(__name__)
 
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes a 64-bit value; larger ones raise inside the request
 # The sampler works in float32: a positive temperature below ~1e-37 or a top_p below ~1e-45 becomes 0 there
@@ -280,6 +283,8 @@ class Batcher:
                     if left <= 0:
                         break
                     self.cv.wait(left)
+            if any(j.cancelled for j in self.pending):  # gone while waiting: no longer queued
+                self.pending = deque(j for j in self.pending if not j.cancelled)
             live = sum(not j.row.done for j in self.running)
             joined = []
             while self.pending and live + len(joined) < self.max_batch:
@@ -287,8 +292,13 @@ class Batcher:
                 if not job.cancelled:
                     joined.append(job)
         t0 = time.perf_counter()
-        for job in joined:
-            job.row, job.t0 = self.decoder.add([job.ids], job.sampling)[0], t0
+        for job in list(joined):
+            try:
+                job.row, job.t0 = self.decoder.add([job.ids], job.sampling)[0], t0
+            except Exception as e:  # this request's own input: it alone fails
+                joined.remove(job)
+                job.fail(e)
+                continue
             job.row.data, job.outbox = job, self.outbox
             if getattr(job, "top_logprobs", None) is not None:
                 self.watch[id(job.gen)] = job
@@ -316,7 +326,10 @@ class Batcher:
                     self.metrics.ttft.observe(now - job.t_created)
             if row.stop_token is None:  # a stop token is not part of the text
                 new += 1
-                job.push(t)
+                try:
+                    job.push(t)
+                except Exception as e:  # this request's text failed (e.g. an id its tokenizer lacks): its row ends
+                    row.finish("error", e)
         if self.metrics is not None and new:
             self.metrics.tokens.inc(new)
         still = []
@@ -329,8 +342,19 @@ class Batcher:
             if row.finish_reason == "error":
                 job.fail(row.error)
             elif row.finish_reason != "cancelled":
-                job.finish()
+                try:
+                    job.finish()
+                except Exception as e:
+                    job.fail(e)
         self.running = still
+
+    def _fail_running(self, e: Exception) -> None:
+        """The worker's own code failed: every running request gets the error, the worker goes on."""
+        log.error("serving step failed: %s: %s", type(e).__name__, e)
+        self.decoder.clear(e)
+        for job in self.running:
+            job.fail(e)
+        self.running, self.watch = [], {}
 
     def _flush(self) -> None:
         """Send the step's items, one wake-up per event loop."""
@@ -351,6 +375,8 @@ class Batcher:
                     self._admit()
                     if self.running:
                         self._step()
+                except Exception as e:  # never let the worker thread die: requests would wait forever
+                    self._fail_running(e)
                 finally:
                     self._flush()
 
@@ -479,6 +505,10 @@ class Guard:
 
         try:
             await self._serve(scope, receive, sent)
+        except Exception:  # answered 500 by the server's error middleware, outside this one
+            if status == 499:
+                status = 500
+            raise
         finally:
             if self.metrics is not None:
                 self.metrics.request(scope["path"], status, time.perf_counter() - t0)
@@ -608,6 +638,13 @@ class _Sampled(BaseModel):
     logit_bias: dict[str, float] | None = None
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    @field_validator("temperature", "top_p", "n", "stream", "frequency_penalty", "presence_penalty", "echo",
+                     "logprobs", mode="before", check_fields=False)
+    @classmethod
+    def _null_is_default(cls, v, info):
+        """OpenAI's API takes null for these: the field's default."""
+        return cls.model_fields[info.field_name].default if v is None else v
 
     @field_validator("temperature")
     @classmethod
@@ -780,6 +817,19 @@ class ApiJob(Job):
                            "logprobs": self.entries[:kept] if self.top_logprobs is not None else None}, None)
 
 
+class ChatText:
+    """A chat answer's text: the tokenizer's decode without the chat template's special tokens (a reply that
+    starts a new turn, <|user|>, shows nothing of it), as vLLM's skip_special_tokens."""
+
+    def __init__(self, tok):
+        from gpt.chat import SPECIAL
+
+        self.tok, self.skip = tok, {tok.special_id(t) for t in SPECIAL}
+
+    def decode(self, ids) -> str:
+        return self.tok.decode([i for i in ids if i not in self.skip])
+
+
 def _chunked(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=True, separators=(',', ':'))}\n\n"
 
@@ -812,9 +862,11 @@ class OpenAIRoutes:
                                 f"decodes at most {self.limits.max_batch} rows at once (limits.max_batch)", "n")
 
     def start(self, request: Request, prompts: list[list[int]], body: _Sampled, max_tokens: int,
-              stop_ids: tuple[int, ...], top_logprobs: int | None) -> tuple[list[ApiJob], asyncio.Queue]:
+              stop_ids: tuple[int, ...], top_logprobs: int | None, text=None) -> tuple[list[ApiJob], asyncio.Queue]:
         """Take one admission slot per choice (503 when full) and queue the choices: prompt p's choice i has
-        index p * n + i and samples with seed + i (so choice 0 is what n=1 gives)."""
+        index p * n + i and samples with seed + i (so choice 0 is what n=1 gives). text: what turns new ids into
+        the answer's text (default the tokenizer; a chat's ChatText leaves special tokens out)."""
+        text = text or self.engine.tokenizer
         ticket = request.scope["gpt.ticket"]
         ticket.take(len(prompts) * body.n)
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
@@ -825,9 +877,8 @@ class OpenAIRoutes:
                 gen.manual_seed((body.seed + i) % (SEED_MAX + 1) if body.seed is not None else
                                 int(time.time_ns() % 2**31) + i)
                 sampling = Sampling(max_tokens, body.temperature, body.top_k, body.top_p, stop_ids=stop_ids,
-                                    generator=gen, stop=text_stop(self.engine.tokenizer.decode, body.stop)
-                                    if body.stop else None)
-                job = ApiJob(self.engine.tokenizer, ids, sampling, loop, queue, len(jobs), body.stream,
+                                    generator=gen, stop=text_stop(text.decode, body.stop) if body.stop else None)
+                job = ApiJob(text, ids, sampling, loop, queue, len(jobs), body.stream,
                              body.stop or [], top_logprobs)
                 jobs.append(job)
                 ticket.jobs.append(job)
@@ -915,12 +966,12 @@ class OpenAIRoutes:
             prompts = [encode_prompt(tok, p, block, note=False) for p in texts]
         except UserError as e:
             raise ApiError(400, str(e), "prompt") from None
+        prompts = [ids[-block:] for ids in prompts]  # the context-window rule: a long prompt's last block_size
         stop_ids = () if tok.eot_id is None else (tok.eot_id,)
-        jobs, queue = self.start(request, [ids[-block:] for ids in prompts], body, max_tokens, stop_ids,
-                                 body.logprobs)
+        jobs, queue = self.start(request, prompts, body, max_tokens, stop_ids, body.logprobs)
         head = {"id": f"cmpl-{os.urandom(12).hex()}", "object": "text_completion", "created": int(time.time()),
                 "model": self.name}
-        n_prompt = sum(len(ids) for ids in prompts) * body.n
+        n_prompt = sum(len(ids) for ids in prompts)  # the tokens the model saw, each prompt once whatever n
         prefix = [texts[j.index // body.n] if body.echo else "" for j in jobs]
 
         if body.stream:
@@ -949,9 +1000,11 @@ class OpenAIRoutes:
             return None
         dec = self.engine.tokenizer.decode
 
+        raw = getattr(self.engine.tokenizer, "token_bytes", None)
+
         def one(t, lp):
-            s = dec([t])
-            return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8", "replace"))}
+            s = dec([t])  # a token holding part of a character shows U+FFFD here; its bytes are the real ones
+            return {"token": s, "logprob": lp, "bytes": list(raw(t) if raw else s.encode("utf-8", "replace"))}
 
         return {"content": [{**one(t, lp), "top_logprobs": [one(a, v) for a, v in alts]} for t, lp, alts in entries]}
 
@@ -982,11 +1035,13 @@ class OpenAIRoutes:
             ids = encode_chat(tok, messages, generation_prompt=True)[0]
         except UserError as e:
             raise ApiError(400, str(e), "messages") from None
-        jobs, queue = self.start(request, [ids[-block:]], body, max_tokens, (tok.special_id(END),),
-                                 (body.top_logprobs or 0) if body.logprobs else None)
+        ids = ids[-block:]  # the context-window rule, as infer.py's terminal chat
+        stops = tuple(i for i in (tok.special_id(END), tok.eot_id) if i is not None)  # export_meta's eos ids
+        jobs, queue = self.start(request, [ids], body, max_tokens, stops,
+                                 (body.top_logprobs or 0) if body.logprobs else None, ChatText(tok))
         head = {"id": f"chatcmpl-{os.urandom(12).hex()}", "object": "chat.completion", "created": int(time.time()),
                 "model": self.name}
-        n_prompt = len(ids) * body.n
+        n_prompt = len(ids)  # the tokens the model saw, once whatever n
 
         if body.stream:
             started = set()

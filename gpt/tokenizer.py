@@ -104,6 +104,10 @@ class CharTokenizer:
         n = len(self.chars)
         return "".join(self.chars[i] if i < n else self.special[i - n] for i in ids)
 
+    def token_bytes(self, i: int) -> bytes:
+        """The UTF-8 bytes of token i."""
+        return self.decode([i]).encode("utf-8")
+
     def identity(self) -> dict:
         return {"type": "char", "chars": self.chars, **({"special": list(self.special)} if self.special else {})}
 
@@ -197,6 +201,11 @@ class TiktokenTokenizer:
             out += [self.enc.decode(run), self.special[i - n]]
             run = []
         return "".join(out) + self.enc.decode(run)
+
+    def token_bytes(self, i: int) -> bytes:
+        """The bytes of token i (an ordinary id may hold part of a character's UTF-8 bytes)."""
+        n = self.enc.n_vocab
+        return self.enc.decode_single_token_bytes(i) if i < n else self.special[i - n].encode("utf-8")
 
     def identity(self) -> dict:
         return {"type": "tiktoken", "name": self.name, **({"special": list(self.special)} if self.special else {})}

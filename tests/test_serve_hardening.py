@@ -152,6 +152,114 @@ def test_a_row_whose_sampling_fails_fails_alone_and_frees_its_slot(engine, monke
     assert out["bad"].status_code == 500 and "generation failed" in strict_json(out["bad"].text)["detail"]
 
 
+def test_a_row_whose_text_fails_fails_alone_and_the_worker_goes_on(monkeypatch):
+    """An exception while turning a row's tokens into text (here: an id its tokenizer cannot decode, as from a
+    model whose vocabulary outgrows its tokenizer's) fails that request only: the worker thread lives on and
+    serves the next request, and no slot is kept."""
+    engine = tiny_engine()
+    real = engine.tokenizer.decode
+
+    def decode(ids):
+        if len(ids) >= 3 and engine.tokenizer.failing:
+            raise IndexError("list index out of range")
+        return real(ids)
+
+    engine.tokenizer.failing = True
+    monkeypatch.setattr(engine.tokenizer, "decode", decode)
+    with TestClient(create_app(engine, Limits(**SMALL)), raise_server_exceptions=False) as c:
+        for path in ("/generate", "/generate/stream", "/v1/completions"):
+            body = {"prompt": "ROMEO:", "max_new_tokens": 5, "temperature": 0}
+            if path.startswith("/v1"):
+                body = {"model": "tiny", "prompt": "ROMEO:", "max_tokens": 5, "temperature": 0}
+            r = c.post(path, json=body)
+            text = r.text
+            assert (r.status_code == 500 or "error" in text) and "IndexError" in text
+        engine.tokenizer.failing = False
+        r = c.post("/generate", json={"prompt": "ROMEO:", "max_new_tokens": 5, "temperature": 0})
+        assert r.status_code == 200 and len(r.json()["completion"]) == 5
+        assert in_flight(c) == 0
+
+
+def test_the_worker_survives_its_own_failure(engine, monkeypatch):
+    """An exception in the worker's own code (here admitting requests) answers the running requests with an error
+    and the worker goes on: later requests are served."""
+    real, calls = serve_mod.Batcher._admit, []
+
+    def admit(self):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("the worker's own bug")
+        return real(self)
+
+    monkeypatch.setattr(serve_mod.Batcher, "_admit", admit)
+    with TestClient(create_app(engine, Limits(**SMALL)), raise_server_exceptions=False) as c:
+        r = c.post("/generate", json={"prompt": "ROMEO:", "max_new_tokens": 3, "temperature": 0})
+        assert r.status_code == 200 and len(r.json()["completion"]) == 3  # waited in `pending`, then served
+        assert len(calls) > 1 and serve_mod.Batcher._admit is admit
+        assert in_flight(c) == 0
+
+
+def test_requests_cancelled_while_waiting_leave_the_queue(engine):
+    """Clients that go away while the batch is full are dropped from the queue at the next step, not when a slot
+    frees: the queue (and /metrics' queue depth) never holds requests nobody waits for."""
+    import asyncio
+
+    from gpt.serve import Batcher, GenerateRequest, Job
+
+    batcher = Batcher(engine, max_batch=1, wait_ms=0)
+    loop = asyncio.new_event_loop()
+    try:
+        long_req = GenerateRequest(prompt="ROMEO:", max_new_tokens=5000, temperature=0)
+        ids = engine.encode(long_req)
+        with engine.lock:
+            running = Job(engine, ids, long_req, loop, stream=False)
+            batcher.submit(running)
+            waiting = [Job(engine, ids, long_req, loop, stream=False) for _ in range(5)]
+            for job in waiting:
+                batcher.submit(job)
+            for job in waiting:
+                job.cancelled = True
+        deadline = time.time() + 10
+        while batcher.stats()["waiting"] and time.time() < deadline:
+            time.sleep(0.005)
+        assert batcher.stats()["waiting"] == 0 and not running.row.done  # while the long row still decodes
+        running.cancelled = True
+        while batcher.stats()["running"] and time.time() < deadline:
+            time.sleep(0.01)
+        assert running.row.finish_reason == "cancelled" and all(j.new == [] for j in waiting)
+    finally:
+        loop.close()
+
+
+def test_openai_fields_sent_as_null_take_their_defaults(engine):
+    """OpenAI's API takes null for the sampling fields: such a request is the one without them."""
+    nulls = {"temperature": None, "top_p": None, "n": None, "stream": None, "presence_penalty": None,
+             "frequency_penalty": None, "echo": None, "logprobs": None}
+    with TestClient(create_app(engine, Limits(**SMALL))) as c:
+        body = {"model": "tiny", "prompt": "ROMEO:", "max_tokens": 4, "seed": 3}
+        with_nulls, without = c.post("/v1/completions", json={**body, **nulls}), c.post("/v1/completions", json=body)
+        assert with_nulls.status_code == 200, with_nulls.text
+        assert with_nulls.json()["choices"] == without.json()["choices"]
+        r = c.post("/v1/completions", json={**body, "temperature": "hot"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+
+
+def test_an_unhandled_error_is_counted_as_500_in_metrics(engine, monkeypatch):
+    pytest.importorskip("prometheus_client")
+
+    def encode(text):
+        raise RuntimeError("the tokenizer broke")
+
+    with TestClient(create_app(engine, Limits(**SMALL)), raise_server_exceptions=False) as c:
+        monkeypatch.setattr(engine.tokenizer, "encode", encode)
+        r = c.post("/v1/completions", json={"model": "tiny", "prompt": "ROMEO:", "max_tokens": 2})
+        monkeypatch.undo()
+        assert r.status_code == 500
+        metrics = c.get("/metrics").text
+    assert 'gpt_requests_total{endpoint="/v1/completions",status="500"} 1.0' in metrics
+    assert 'status="499"' not in metrics
+
+
 # --- body size --------------------------------------------------------------------------------------------
 
 def test_bodies_over_max_body_bytes_get_413_before_parsing(engine):

@@ -116,3 +116,18 @@ def test_tiktoken_identity_round_trip(gpt2, cl100k):
 def test_unknown_tiktoken_encoding_raises_user_error():
     with pytest.raises(UserError, match="no_such_encoding"):
         TiktokenTokenizer("no_such_encoding")
+
+
+def test_token_bytes_are_the_raw_bytes_of_each_token():
+    """Byte-level tokens may hold part of a character: token_bytes gives their real bytes (OpenAI's logprobs
+    `bytes`), which join to the text's UTF-8 even where decoding one token alone shows U+FFFD."""
+    from gpt.tokenizer import CharTokenizer, TiktokenTokenizer
+
+    tok = TiktokenTokenizer("gpt2", special=["<|user|>"])
+    text = "Hi \U0001F600 caf\u00e9"
+    ids = tok.encode(text)
+    assert any(tok.decode([i]).endswith("\ufffd") for i in ids)  # the emoji is split over tokens
+    assert b"".join(tok.token_bytes(i) for i in ids) == text.encode("utf-8")
+    assert tok.token_bytes(tok.special_id("<|user|>")) == b"<|user|>"
+    char = CharTokenizer("ab\u00e9")
+    assert [char.token_bytes(i) for i in char.encode("\u00e9a")] == ["\u00e9".encode(), b"a"]
