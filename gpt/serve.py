@@ -607,7 +607,7 @@ def openai_validation_message(errors: list[dict]) -> tuple[str, str | None]:
     elif e["type"] == "json_invalid":
         msg, field = "the body is not valid JSON", None
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return (f"{field}: {msg}{more}" if field else f"{msg}{more}"), (loc[0] if loc else None)
+    return (f"{field}: {msg}{more}" if field else f"{msg}{more}"), field
 
 
 def _unsupported(name: str, value, default) -> None:

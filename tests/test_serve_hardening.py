@@ -244,6 +244,13 @@ def test_openai_fields_sent_as_null_take_their_defaults(engine):
         assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
 
 
+def test_a_body_that_is_not_json_gets_400_with_no_param(engine):
+    c = TestClient(create_app(engine, Limits(**SMALL)))
+    r = post_raw(c, b'{"model": "tiny", "prompt": ', "/v1/completions")
+    assert r.status_code == 400
+    assert r.json()["error"]["message"] == "the body is not valid JSON" and r.json()["error"]["param"] is None
+
+
 def test_an_unhandled_error_is_counted_as_500_in_metrics(engine, monkeypatch):
     pytest.importorskip("prometheus_client")
 
