@@ -34,7 +34,7 @@ import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gpt.errors import UserError
@@ -677,6 +677,12 @@ class _Sampled(BaseModel):
         if v and set(v) - {"include_usage"}:
             raise ValueError(f"stream_options takes only include_usage, not {sorted(set(v) - {'include_usage'})}")
         return v
+
+    @model_validator(mode="after")
+    def _options_need_a_stream(self):
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream=true")
+        return self
 
 
 class CompletionRequest(_Sampled):

@@ -199,26 +199,34 @@ def test_the_worker_survives_its_own_failure(engine, monkeypatch):
         assert in_flight(c) == 0
 
 
-def test_requests_cancelled_while_waiting_leave_the_queue(engine):
-    """Clients that go away while the batch is full are dropped from the queue at the next step, not when a slot
-    frees: the queue (and /metrics' queue depth) never holds requests nobody waits for."""
+@contextmanager
+def worker(engine, max_batch: int, max_new_tokens: int):
+    """A Batcher of its own, an event loop for its jobs, and a function making a greedy /generate job."""
     import asyncio
 
     from gpt.serve import Batcher, GenerateRequest, Job
 
-    batcher = Batcher(engine, max_batch=1, wait_ms=0)
     loop = asyncio.new_event_loop()
+    req = GenerateRequest(prompt="ROMEO:", max_new_tokens=max_new_tokens, temperature=0)
+    ids = engine.encode(req)
     try:
-        long_req = GenerateRequest(prompt="ROMEO:", max_new_tokens=5000, temperature=0)
-        ids = engine.encode(long_req)
+        yield Batcher(engine, max_batch=max_batch, wait_ms=0), lambda: Job(engine, ids, req, loop, stream=False)
+    finally:
+        loop.close()
+
+
+def test_requests_cancelled_while_waiting_leave_the_queue(engine):
+    """Clients that go away while the batch is full are dropped from the queue at the next step, not when a slot
+    frees: the queue (and /metrics' queue depth) never holds requests nobody waits for."""
+    with worker(engine, 1, 5000) as (batcher, job):
         with engine.lock:
-            running = Job(engine, ids, long_req, loop, stream=False)
+            running = job()
             batcher.submit(running)
-            waiting = [Job(engine, ids, long_req, loop, stream=False) for _ in range(5)]
-            for job in waiting:
-                batcher.submit(job)
-            for job in waiting:
-                job.cancelled = True
+            waiting = [job() for _ in range(5)]
+            for j in waiting:
+                batcher.submit(j)
+            for j in waiting:
+                j.cancelled = True
         deadline = time.time() + 10
         while batcher.stats()["waiting"] and time.time() < deadline:
             time.sleep(0.005)
@@ -227,8 +235,6 @@ def test_requests_cancelled_while_waiting_leave_the_queue(engine):
         while batcher.stats()["running"] and time.time() < deadline:
             time.sleep(0.01)
         assert running.row.finish_reason == "cancelled" and all(j.new == [] for j in waiting)
-    finally:
-        loop.close()
 
 
 def test_openai_fields_sent_as_null_take_their_defaults(engine):
@@ -242,6 +248,14 @@ def test_openai_fields_sent_as_null_take_their_defaults(engine):
         assert with_nulls.json()["choices"] == without.json()["choices"]
         r = c.post("/v1/completions", json={**body, "temperature": "hot"})
         assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+
+
+def test_stream_options_without_a_stream_get_400(engine):
+    c = TestClient(create_app(engine, Limits(**SMALL)))
+    body = {"model": "tiny", "prompt": "ROMEO:", "max_tokens": 2, "stream_options": {"include_usage": True}}
+    r = c.post("/v1/completions", json=body)
+    assert r.status_code == 400 and "stream_options is only allowed with stream=true" in r.json()["error"]["message"]
+    assert c.post("/v1/completions", json={**body, "stream": True}).status_code == 200
 
 
 def test_a_body_that_is_not_json_gets_400_with_no_param(engine):
@@ -440,17 +454,9 @@ def test_a_client_that_disconnects_frees_its_slot_and_stops_its_row(path):
 
 def test_a_cancelled_waiting_job_is_never_decoded(engine):
     """The worker skips a job cancelled while it waited for the model (the row never takes a step)."""
-    import asyncio
-
-    from gpt.serve import Batcher, GenerateRequest, Job
-
-    batcher = Batcher(engine, max_batch=2, wait_ms=0)
-    loop = asyncio.new_event_loop()
-    try:
-        req = GenerateRequest(prompt="ROMEO:", max_new_tokens=5, temperature=0)
-        ids = engine.encode(req)
+    with worker(engine, 2, 5) as (batcher, job):
         with engine.lock:
-            cancelled, kept = Job(engine, ids, req, loop, stream=False), Job(engine, ids, req, loop, stream=False)
+            cancelled, kept = job(), job()
             batcher.submit(cancelled)
             batcher.submit(kept)
             cancelled.cancelled = True
@@ -460,8 +466,6 @@ def test_a_cancelled_waiting_job_is_never_decoded(engine):
         time.sleep(0.05)
         assert len(kept.new) == 5 and cancelled.new == []
         assert batcher.stats()["batch_sizes"] == {"1": 1}
-    finally:
-        loop.close()
 
 
 # --- fuzz -------------------------------------------------------------------------------------------------
