@@ -686,7 +686,8 @@ class _Sampled(BaseModel):
 
 
 class CompletionRequest(_Sampled):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]  # text, or token ids (lm-eval's local-completions)
+    max_tokens: int | None = Field(None, ge=0)  # 0: score the prompt only (echo with logprobs)
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5)  # the chosen token's and this many alternatives'
     best_of: int | None = None
@@ -695,9 +696,15 @@ class CompletionRequest(_Sampled):
     @field_validator("prompt")
     @classmethod
     def _prompts(cls, p):
-        if isinstance(p, list) and not p:
-            raise ValueError("prompt is an empty list: send a string or a list of strings")
+        if isinstance(p, list) and (not p or any(isinstance(x, list) and not x for x in p)):
+            raise ValueError("prompt is empty: send a string, a list of strings, or token ids")
         return p
+
+    @model_validator(mode="after")
+    def _nothing_to_return(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens=0 returns nothing without echo=true (which scores the prompt)")
+        return self
 
     @field_validator("best_of")
     @classmethod
@@ -763,6 +770,44 @@ class ChatRequest(_Sampled):
     def _not_stored(cls, v):
         _unsupported("store", v, False)
         return v
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize body (what lm-eval's remote tokenizer sends)."""
+
+    prompt: str
+    add_special_tokens: bool = True
+    model: str | None = None
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class DetokenizeRequest(BaseModel):
+    tokens: list[int]
+    model: str | None = None
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def special_names(tok) -> dict[str, int]:
+    """The special tokens a text may name: the tokenizer's own (the chat template's) and end-of-text."""
+    names = {t: tok.special_id(t) for t in getattr(tok, "special", [])}
+    if tok.eot_id is not None:
+        names.setdefault(tok.decode([tok.eot_id]), tok.eot_id)
+    return names
+
+
+def encode_with_specials(tok, text: str, add_special_tokens: bool) -> list[int]:
+    """Text -> ids with special tokens written in it taken as themselves (as a Hugging Face tokenizer splits
+    added tokens out), the rest encoded as infer.py encodes text; add_special_tokens prepends <|bos|> where the
+    tokenizer has one (a stage=completion model)."""
+    import re
+
+    names = special_names(tok)
+    ids = [tok.bos_id] if add_special_tokens and tok.bos_id is not None else []
+    if not names:
+        return ids + tok.encode(text)
+    for piece in re.split("(" + "|".join(map(re.escape, sorted(names, key=len, reverse=True))) + ")", text):
+        ids += [names[piece]] if piece in names else (tok.encode(piece) if piece else [])
+    return ids
 
 
 class ApiJob(Job):
@@ -951,32 +996,83 @@ class OpenAIRoutes:
         for t, lp, alts in entries:
             out["tokens"].append(dec([t]))
             out["token_logprobs"].append(lp)
-            out["top_logprobs"].append({dec([a]): v for a, v in alts})
+            out["top_logprobs"].append(None if alts is None else {dec([a]): v for a, v in alts})
             out["text_offset"].append(start)
             start += len(out["tokens"][-1])
+        return out
+
+    def prompt_ids(self, prompt) -> tuple[list[list[int]], list[str]]:
+        """A completion request's prompt -> (token ids of each prompt, its text). Text is encoded as infer.py
+        encodes it; token ids (one list, or a list of lists) are taken as they are, each checked against the
+        vocabulary."""
+        tok, vocab = self.engine.tokenizer, self.engine.model.config.vocab_size
+        if isinstance(prompt, str) or isinstance(prompt[0], str):
+            texts = [prompt] if isinstance(prompt, str) else prompt
+            for p in texts:
+                if len(p) > self.limits.max_prompt_chars:
+                    raise ApiError(400, f"a prompt of {len(p)} characters is over this server's limit of "
+                                        f"{self.limits.max_prompt_chars} (limits.max_prompt_chars)", "prompt")
+            try:
+                return [encode_prompt(tok, p, self.engine.model.config.block_size, note=False) for p in texts], texts
+            except UserError as e:
+                raise ApiError(400, str(e), "prompt") from None
+        lists = [prompt] if isinstance(prompt[0], int) else prompt
+        for ids in lists:
+            if len(ids) > self.limits.max_prompt_chars:
+                raise ApiError(400, f"a prompt of {len(ids)} tokens is over this server's limit of "
+                                    f"{self.limits.max_prompt_chars} (limits.max_prompt_chars)", "prompt")
+            bad = next((i for i in ids if not 0 <= i < vocab), None)
+            if bad is not None:
+                raise ApiError(400, f"token id {bad} is outside this model's vocabulary of {vocab} ids", "prompt")
+        return [list(ids) for ids in lists], [tok.decode(ids) for ids in lists]
+
+    def fits_scoring(self, ids: list[int]) -> None:
+        block = self.engine.model.config.block_size
+        if len(ids) > block:
+            raise ApiError(400, f"echo with logprobs scores a prompt of at most block_size={block} tokens, not "
+                                f"{len(ids)} (lm-eval: pass max_length={block})", "prompt", "context_length_exceeded")
+
+    def score(self, ids: list[int], top: int) -> list[tuple]:
+        """The prompt's own log-probabilities (echo with logprobs): (token, logprob, alternatives) per token, None
+        for the first (nothing precedes it); one forward over the prompt, between the worker's decode steps."""
+        with self.engine.lock, torch.no_grad():
+            logits, _ = self.engine.model(torch.tensor([ids], device=self.engine.device))
+        lp = torch.log_softmax(logits[0, :-1].float(), dim=-1)  # position i predicts token i + 1
+        nxt = torch.tensor(ids[1:], device=lp.device)
+        got = lp.gather(1, nxt[:, None])[:, 0].tolist()
+        alts = torch.topk(lp, min(top, lp.size(-1)), dim=-1) if top else None
+        out = [(ids[0], None, None)]
+        for i, t in enumerate(ids[1:]):
+            out.append((t, got[i], list(zip(alts.indices[i].tolist(), alts.values[i].tolist())) if top else []))
         return out
 
     async def completions(self, body: CompletionRequest, request: Request):
         self.check_model(body.model)
         tok, block = self.engine.tokenizer, self.engine.model.config.block_size
-        texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        for p in texts:
-            if len(p) > self.limits.max_prompt_chars:
-                raise ApiError(400, f"a prompt of {len(p)} characters is over this server's limit of "
-                                    f"{self.limits.max_prompt_chars} (limits.max_prompt_chars)", "prompt")
-        if body.echo and body.logprobs is not None:
-            raise ApiError(400, "echo with logprobs (the prompt's logprobs) is not supported: drop one", "echo")
+        scored = body.echo and body.logprobs is not None  # the prompt's logprobs too
+        if scored and body.stream:
+            raise ApiError(400, "echo with logprobs is answered whole, not streamed: drop stream", "stream")
         max_tokens = self.max_tokens(body.max_tokens, 16)  # OpenAI's default for completions
-        self.rows(body.n, len(texts))
-        try:
-            prompts = [encode_prompt(tok, p, block, note=False) for p in texts]
-        except UserError as e:
-            raise ApiError(400, str(e), "prompt") from None
+        prompts, texts = self.prompt_ids(body.prompt)
+        self.rows(body.n, len(prompts))
+        head = {"id": f"cmpl-{os.urandom(12).hex()}", "object": "text_completion", "created": int(time.time()),
+                "model": self.name}
+        if scored:  # checked before any slot is taken or row queued
+            for ids in prompts:
+                self.fits_scoring(ids)
+        if max_tokens == 0:  # the prompt alone, with its logprobs (one admission slot per prompt, as a row)
+            request.scope["gpt.ticket"].take(len(prompts))
+            scores = [await asyncio.to_thread(self.score, ids, body.logprobs) for ids in prompts]
+            choices = [{"index": p * body.n + i, "text": texts[p], "finish_reason": "length",
+                        "logprobs": self.completion_logprobs(scores[p], 0)}
+                       for p in range(len(prompts)) for i in range(body.n)]
+            n_prompt = sum(len(ids) for ids in prompts)
+            return {**head, "choices": choices,
+                    "usage": {"prompt_tokens": n_prompt, "completion_tokens": 0, "total_tokens": n_prompt}}
         prompts = [ids[-block:] for ids in prompts]  # the context-window rule: a long prompt's last block_size
         stop_ids = () if tok.eot_id is None else (tok.eot_id,)
         jobs, queue = self.start(request, prompts, body, max_tokens, stop_ids, body.logprobs)
-        head = {"id": f"cmpl-{os.urandom(12).hex()}", "object": "text_completion", "created": int(time.time()),
-                "model": self.name}
+        scores = [await asyncio.to_thread(self.score, ids, body.logprobs) for ids in prompts] if scored else None
         n_prompt = sum(len(ids) for ids in prompts)  # the tokens the model saw, each prompt once whatever n
         prefix = [texts[j.index // body.n] if body.echo else "" for j in jobs]
 
@@ -994,7 +1090,9 @@ class OpenAIRoutes:
             return StreamingResponse(self.stream(jobs, queue, chunk, usage), media_type="text/event-stream")
         done = await self.collect(request, jobs, queue)
         choices = [{"index": i, "text": prefix[i] + d["text"], "finish_reason": d["finish_reason"],
-                    "logprobs": self.completion_logprobs(d["logprobs"], len(prefix[i]))} for i, d in enumerate(done)]
+                    "logprobs": self.completion_logprobs((scores[i // body.n] if scored else []) + d["logprobs"]
+                                                         if d["logprobs"] is not None else None, 0 if scored
+                                                         else len(prefix[i]))} for i, d in enumerate(done)]
         n_new = sum(d["tokens"] for d in done)
         return {**head, "choices": choices,
                 "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_new, "total_tokens": n_prompt + n_new}}
@@ -1030,8 +1128,10 @@ class OpenAIRoutes:
         if body.max_tokens is not None and body.max_completion_tokens is not None:
             raise ApiError(400, "max_tokens and max_completion_tokens both set: send one", "max_completion_tokens")
         field = "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens"
-        max_tokens = self.max_tokens(body.max_tokens or body.max_completion_tokens, self.limits.max_new_tokens,
-                                     field)
+        asked = body.max_tokens if body.max_completion_tokens is None else body.max_completion_tokens
+        if asked == 0:
+            raise ApiError(400, f"{field}=0: a chat answer needs at least one token", field)
+        max_tokens = self.max_tokens(asked, self.limits.max_new_tokens, field)
         if body.top_logprobs is not None and not body.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs=true", "top_logprobs")
         self.rows(body.n, 1)
@@ -1084,6 +1184,35 @@ class OpenAIRoutes:
         @app.post("/v1/completions")
         async def completions(body: CompletionRequest, request: Request):
             return await self.completions(body, request)
+
+        # vLLM's tokenizer routes: lm-eval's local-completions uses them as its tokenizer ("remote")
+        @app.get("/tokenizer_info")
+        def tokenizer_info() -> dict:
+            tok, names = self.engine.tokenizer, {v: k for k, v in special_names(self.engine.tokenizer).items()}
+            return {"tokenizer_class": type(tok).__name__, "eos_token": names.get(tok.eot_id),
+                    "bos_token": names.get(tok.bos_id) if tok.bos_id is not None else None, "pad_token": None,
+                    "model_max_length": self.engine.model.config.block_size, "chat_template": None}
+
+        @app.post("/tokenize")
+        def tokenize(body: TokenizeRequest) -> dict:
+            if body.model is not None:
+                self.check_model(body.model)
+            try:
+                ids = encode_with_specials(self.engine.tokenizer, body.prompt, body.add_special_tokens)
+            except UserError as e:
+                raise ApiError(400, str(e), "prompt") from None
+            return {"count": len(ids), "max_model_len": self.engine.model.config.block_size, "tokens": ids,
+                    "token_strs": None}
+
+        @app.post("/detokenize")
+        def detokenize(body: DetokenizeRequest) -> dict:
+            if body.model is not None:
+                self.check_model(body.model)
+            vocab = self.engine.model.config.vocab_size
+            bad = next((i for i in body.tokens if not 0 <= i < vocab), None)
+            if bad is not None:
+                raise ApiError(400, f"token id {bad} is outside this model's vocabulary of {vocab} ids", "tokens")
+            return {"prompt": self.engine.tokenizer.decode(body.tokens)}
 
         @app.post("/v1/chat/completions")
         async def chat(body: ChatRequest, request: Request):

@@ -179,6 +179,35 @@ def test_hf_backend_on_the_export_gives_the_same_loglikelihoods_and_accuracy(tmp
         assert any(len(lm.tok_encode(d["context"] + " " + d["choices"][0])) > 16 for d in DOCS[:40])
 
 
+@pytest.mark.slow
+def test_lm_evals_local_completions_through_serve_gives_our_loglikelihoods(tmp_path, monkeypatch):
+    """lm-eval's own OpenAI-API backend (`local-completions`, tokenizer from the server's /tokenize) against serve.py
+    on 127.0.0.1: token-id prompts with echo and logprobs score each choice as the in-process model class does."""
+    from test_openai_api import KEY, _start
+
+    ckpt = save_model(tmp_path / "m.pt", GPT2, 50257, block_size=128)
+    proc, url = _start(str(ckpt), "tiny")
+    try:
+        monkeypatch.setenv("OPENAI_API_KEY", KEY)
+        manager, limit = harness.task_manager([TASK]), 12
+        served = simple_evaluate(model="local-completions", model_args={
+            "base_url": f"{url}/v1/completions", "model": "tiny", "tokenizer_backend": "remote", "auth_token": KEY,
+            "max_length": 128, "num_concurrent": 1, "max_retries": 1}, tasks=[TASK], task_manager=manager,
+            limit=limit, log_samples=True)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    ours = simple_evaluate(model=PipelineLM(ckpt=str(ckpt), batch_size=8, device="cpu"), tasks=[TASK],
+                           task_manager=manager, limit=limit, log_samples=True)
+    got = [[resp[0][0] for resp in s["resps"]] for s in served["samples"][TASK]]
+    want = [[resp[0][0] for resp in s["resps"]] for s in ours["samples"][TASK]]
+    assert len(got) == limit and all(len(g) == 4 for g in got)
+    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(want, dtype=torch.float64),
+                               atol=1e-4, rtol=0)
+    assert len({round(x, 3) for g in got for x in g}) > 30  # scores that differ from choice to choice
+    assert served["results"][TASK]["acc,none"] == ours["results"][TASK]["acc,none"]
+
+
 # ---- the shipped task ---------------------------------------------------------------------------------------
 
 def test_the_shipped_task_is_what_its_generator_writes_and_ships_in_the_wheel():

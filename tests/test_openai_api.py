@@ -277,7 +277,7 @@ def app_client():
     ({"model": "tiny", "prompt": ["a", "b"], "n": 2}, 400, "n"),
     ({"model": "tiny", "prompt": "x" * 51}, 400, "prompt"),                # over max_prompt_chars
     ({"model": "tiny", "prompt": []}, 400, "prompt"),
-    ({"model": "tiny", "prompt": [1, 2]}, 400, "prompt"),                  # token ids: not supported
+    ({"model": "tiny", "prompt": [1, 10**6]}, 400, "prompt"),              # a token id outside the vocabulary
     ({"model": "tiny", "prompt": "a", "temperature": "1"}, 400, "temperature"),
     ({"model": "tiny", "prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ({"model": "tiny", "prompt": "a", "logit_bias": {"5": 10}}, 400, "logit_bias"),

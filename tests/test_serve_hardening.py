@@ -258,6 +258,56 @@ def test_stream_options_without_a_stream_get_400(engine):
     assert c.post("/v1/completions", json={**body, "stream": True}).status_code == 200
 
 
+def test_echo_with_logprobs_scores_token_id_prompts_by_hand(engine):
+    """lm-eval's loglikelihood request: token ids, echo, logprobs, max_tokens 1 (or 0): the prompt's own tokens
+    get log-softmax of one plain forward (the first None), then the generated token's."""
+    ids = engine.tokenizer.encode("ROMEO: to be")
+    with torch.no_grad():
+        lp = torch.log_softmax(engine.model(torch.tensor([ids]))[0][0].float(), dim=-1)
+    want = [lp[i, ids[i + 1]].item() for i in range(len(ids) - 1)]
+    with TestClient(create_app(engine, Limits(**SMALL))) as c:
+        body = {"model": "tiny", "prompt": [ids], "echo": True, "logprobs": 2, "temperature": 0}
+        one = c.post("/v1/completions", json={**body, "max_tokens": 1}).json()["choices"][0]
+        zero = c.post("/v1/completions", json={**body, "max_tokens": 0, "prompt": ids}).json()
+        assert zero["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
+        zero = zero["choices"][0]
+        for choice, n in ((one, len(ids) + 1), (zero, len(ids))):
+            got = choice["logprobs"]
+            assert len(got["tokens"]) == n and got["token_logprobs"][0] is None and got["top_logprobs"][0] is None
+            assert got["token_logprobs"][1:len(ids)] == pytest.approx(want, abs=1e-5)
+            assert all(len(top) == 2 and max(top.values()) >= lp_ for top, lp_ in
+                       zip(got["top_logprobs"][1:], got["token_logprobs"][1:]))
+            assert choice["text"].startswith("ROMEO: to be") and "".join(got["tokens"]) == choice["text"]
+        assert zero["text"] == "ROMEO: to be" and zero["finish_reason"] == "length"
+        for bad, message in [({"prompt": [len(CHARS)]}, f"token id {len(CHARS)} is outside"),
+                             ({"prompt": [[]]}, "prompt is empty"),
+                             ({"max_tokens": 0, "echo": False}, "max_tokens=0 returns nothing without echo"),
+                             ({"stream": True, "max_tokens": 1}, "echo with logprobs is answered whole"),
+                             ({"prompt": list(range(40)), "max_tokens": 1}, "at most block_size=32 tokens")]:
+            r = c.post("/v1/completions", json={**body, **bad})
+            assert r.status_code == 400 and message in r.json()["error"]["message"], (bad, r.text)
+
+
+def test_tokenize_and_detokenize_follow_vllms_routes(engine):
+    with TestClient(create_app(engine, Limits(**SMALL))) as c:
+        info = c.get("/tokenizer_info").json()
+        assert info["model_max_length"] == 32 and "eos_token" in info
+        r = c.post("/tokenize", json={"prompt": "To be", "add_special_tokens": False}).json()
+        assert r["tokens"] == engine.tokenizer.encode("To be") and r["count"] == 5
+        assert c.post("/detokenize", json={"tokens": r["tokens"]}).json() == {"prompt": "To be"}
+        assert c.post("/detokenize", json={"tokens": [10**6]}).status_code == 400
+        assert c.post("/tokenize", json={"prompt": "\u00e9"}).status_code == 400  # not in the char vocabulary
+
+
+def test_special_tokens_written_in_text_are_taken_as_themselves():
+    from gpt.serve import encode_with_specials
+    from gpt.tokenizer import TiktokenTokenizer
+
+    tok = TiktokenTokenizer("gpt2", special=["<|user|>"])
+    ids = encode_with_specials(tok, "Hi<|endoftext|><|user|> there", add_special_tokens=False)
+    assert ids == tok.encode("Hi") + [tok.eot_id, tok.special_id("<|user|>")] + tok.encode(" there")
+
+
 def test_a_body_that_is_not_json_gets_400_with_no_param(engine):
     c = TestClient(create_app(engine, Limits(**SMALL)))
     r = post_raw(c, b'{"model": "tiny", "prompt": ', "/v1/completions")
