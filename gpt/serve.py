@@ -1060,17 +1060,22 @@ class OpenAIRoutes:
         if scored:  # checked before any slot is taken or row queued
             for ids in prompts:
                 self.fits_scoring(ids)
-        if max_tokens == 0:  # the prompt alone, with its logprobs (one admission slot per prompt, as a row)
+            texts = [tok.decode(ids) for ids in prompts]  # the echo is what was scored (a <|bos|> included)
+        if max_tokens == 0:  # the prompt alone, with its logprobs if asked (one admission slot per prompt)
+            if body.stream:
+                raise ApiError(400, "max_tokens=0 is answered whole, not streamed: drop stream", "stream")
             request.scope["gpt.ticket"].take(len(prompts))
-            scores = [await asyncio.to_thread(self.score, ids, body.logprobs) for ids in prompts]
+            scores = [await asyncio.to_thread(self.score, ids, body.logprobs) for ids in prompts] if scored else None
             choices = [{"index": p * body.n + i, "text": texts[p], "finish_reason": "length",
-                        "logprobs": self.completion_logprobs(scores[p], 0)}
+                        "logprobs": self.completion_logprobs(scores[p], 0) if scored else None}
                        for p in range(len(prompts)) for i in range(body.n)]
             n_prompt = sum(len(ids) for ids in prompts)
             return {**head, "choices": choices,
                     "usage": {"prompt_tokens": n_prompt, "completion_tokens": 0, "total_tokens": n_prompt}}
         prompts = [ids[-block:] for ids in prompts]  # the context-window rule: a long prompt's last block_size
-        stop_ids = () if tok.eot_id is None else (tok.eot_id,)
+        # scored (lm-eval's loglikelihood: echo, logprobs, max_tokens 1): every answer carries its generated
+        # tokens' entries after the prompt's, so end-of-text is scored as a token rather than ending the answer
+        stop_ids = () if tok.eot_id is None or scored else (tok.eot_id,)
         jobs, queue = self.start(request, prompts, body, max_tokens, stop_ids, body.logprobs)
         scores = [await asyncio.to_thread(self.score, ids, body.logprobs) for ids in prompts] if scored else None
         n_prompt = sum(len(ids) for ids in prompts)  # the tokens the model saw, each prompt once whatever n

@@ -288,6 +288,34 @@ def test_echo_with_logprobs_scores_token_id_prompts_by_hand(engine):
             assert r.status_code == 400 and message in r.json()["error"]["message"], (bad, r.text)
 
 
+def test_a_scored_answer_carries_its_generated_entry_even_when_it_is_end_of_text():
+    """lm-eval sums token_logprobs[ctxlen:-1]: the last entry must be the generated token's, also when the greedy
+    token is end-of-text (which ends a plain answer with no entry). A <|bos|> model echoes what was scored."""
+    torch.manual_seed(0)
+    tok = CharTokenizer(CHARS, special=["<|endoftext|>", "<|bos|>"])
+    model = GPT(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_head=1, n_embd=16, bias=True).eval()
+    with torch.no_grad():
+        model.transformer.ln_f.bias.fill_(1.0)
+        model.transformer.ln_f.weight.zero_()  # every hidden state is all ones: the logits are the rows' sums
+        model.lm_head.weight[tok.eot_id] = 5.0  # end-of-text wins everywhere
+    engine = Engine(model, tok, "cpu", None, "tiny.pt")
+    with TestClient(create_app(engine, Limits(**SMALL))) as c:
+        body = {"model": "tiny", "prompt": "To be", "echo": True, "temperature": 0, "max_tokens": 1}
+        plain = c.post("/v1/completions", json={**body, "echo": False}).json()["choices"][0]
+        assert plain["text"] == "" and plain["finish_reason"] == "stop"  # end-of-text ends a plain answer
+        got = c.post("/v1/completions", json={**body, "logprobs": 1}).json()["choices"][0]
+        lp = got["logprobs"]
+        ids = [tok.bos_id] + tok.encode("To be")
+        assert lp["tokens"] == [tok.decode([i]) for i in ids] + ["<|endoftext|>"]
+        assert got["text"] == "".join(lp["tokens"]) and lp["text_offset"][-1] == len(tok.decode(ids))
+        nothing = c.post("/v1/completions", json={**body, "max_tokens": 0}).json()["choices"][0]
+        assert nothing["text"] == "To be" and nothing["logprobs"] is None
+        for bad, message in [({"max_tokens": 0, "stream": True}, "max_tokens=0 is answered whole"),
+                             ({"max_tokens": 0, "prompt": "To be" * 20, "logprobs": 0}, "at most block_size=32")]:
+            r = c.post("/v1/completions", json={**body, **bad})
+            assert r.status_code == 400 and message in r.json()["error"]["message"], (bad, r.text)
+
+
 def test_tokenize_and_detokenize_follow_vllms_routes(engine):
     with TestClient(create_app(engine, Limits(**SMALL))) as c:
         info = c.get("/tokenizer_info").json()
