@@ -693,6 +693,18 @@ class CompletionRequest(_Sampled):
     best_of: int | None = None
     suffix: str | None = None
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, p):
+        def ids(x) -> bool:
+            return isinstance(x, list) and all(type(i) is int for i in x)  # not bool, not float
+
+        if isinstance(p, str) or isinstance(p, list) and (all(isinstance(x, str) for x in p) or ids(p)
+                                                          or all(ids(x) for x in p)):
+            return p
+        raise ValueError("prompt takes a string, a list of strings, token ids (a list of integers) or a list of "
+                         "token-id lists")
+
     @field_validator("prompt")
     @classmethod
     def _prompts(cls, p):
@@ -979,6 +991,7 @@ class OpenAIRoutes:
                 completion += a["tokens"]
             elif kind == "error":
                 yield _chunked(error_content("/v1/", 500, f"generation failed: {a}"))
+                yield "data: [DONE]\n\n"  # the stream still ends as every stream does (vLLM does the same)
                 return
         if usage is not None:
             yield _chunked({**chunk(0, "", None, None), "choices": [],

@@ -167,13 +167,16 @@ def test_a_row_whose_text_fails_fails_alone_and_the_worker_goes_on(monkeypatch):
     engine.tokenizer.failing = True
     monkeypatch.setattr(engine.tokenizer, "decode", decode)
     with TestClient(create_app(engine, Limits(**SMALL)), raise_server_exceptions=False) as c:
-        for path in ("/generate", "/generate/stream", "/v1/completions"):
+        for path, stream in (("/generate", False), ("/generate/stream", True), ("/v1/completions", False),
+                             ("/v1/completions", True)):
             body = {"prompt": "ROMEO:", "max_new_tokens": 5, "temperature": 0}
             if path.startswith("/v1"):
-                body = {"model": "tiny", "prompt": "ROMEO:", "max_tokens": 5, "temperature": 0}
+                body = {"model": "tiny", "prompt": "ROMEO:", "max_tokens": 5, "temperature": 0, "stream": stream}
             r = c.post(path, json=body)
             text = r.text
             assert (r.status_code == 500 or "error" in text) and "IndexError" in text
+            if path.startswith("/v1") and stream:  # an error chunk, and the stream still ends as streams do
+                assert text.rstrip().endswith("data: [DONE]")
         engine.tokenizer.failing = False
         r = c.post("/generate", json={"prompt": "ROMEO:", "max_new_tokens": 5, "temperature": 0})
         assert r.status_code == 200 and len(r.json()["completion"]) == 5
@@ -281,6 +284,9 @@ def test_echo_with_logprobs_scores_token_id_prompts_by_hand(engine):
         assert zero["text"] == "ROMEO: to be" and zero["finish_reason"] == "length"
         for bad, message in [({"prompt": [len(CHARS)]}, f"token id {len(CHARS)} is outside"),
                              ({"prompt": [[]]}, "prompt is empty"),
+                             ({"prompt": [True, 1]}, "prompt takes a string, a list of strings, token ids"),
+                             ({"prompt": [[1, 2], "ab"]}, "prompt takes a string"),
+                             ({"prompt": [1.0]}, "prompt takes a string"),
                              ({"max_tokens": 0, "echo": False}, "max_tokens=0 returns nothing without echo"),
                              ({"stream": True, "max_tokens": 1}, "echo with logprobs is answered whole"),
                              ({"prompt": list(range(40)), "max_tokens": 1}, "at most block_size=32 tokens")]:
