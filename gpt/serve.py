@@ -699,15 +699,10 @@ class CompletionRequest(_Sampled):
         def ids(x) -> bool:
             return isinstance(x, list) and all(type(i) is int for i in x)  # not bool, not float
 
-        if isinstance(p, str) or isinstance(p, list) and (all(isinstance(x, str) for x in p) or ids(p)
-                                                          or all(ids(x) for x in p)):
-            return p
-        raise ValueError("prompt takes a string, a list of strings, token ids (a list of integers) or a list of "
-                         "token-id lists")
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompts(cls, p):
+        if not (isinstance(p, str) or isinstance(p, list) and (all(isinstance(x, str) for x in p) or ids(p)
+                                                                or all(ids(x) for x in p))):
+            raise ValueError("prompt takes a string, a list of strings, token ids (a list of integers) or a list "
+                             "of token-id lists")
         if isinstance(p, list) and (not p or any(isinstance(x, list) and not x for x in p)):
             raise ValueError("prompt is empty: send a string, a list of strings, or token ids")
         return p
@@ -1018,7 +1013,7 @@ class OpenAIRoutes:
         """A completion request's prompt -> (token ids of each prompt, its text). Text is encoded as infer.py
         encodes it; token ids (one list, or a list of lists) are taken as they are, each checked against the
         vocabulary."""
-        tok, vocab = self.engine.tokenizer, self.engine.model.config.vocab_size
+        tok = self.engine.tokenizer
         if isinstance(prompt, str) or isinstance(prompt[0], str):
             texts = [prompt] if isinstance(prompt, str) else prompt
             for p in texts:
@@ -1034,10 +1029,14 @@ class OpenAIRoutes:
             if len(ids) > self.limits.max_prompt_chars:
                 raise ApiError(400, f"a prompt of {len(ids)} tokens is over this server's limit of "
                                     f"{self.limits.max_prompt_chars} (limits.max_prompt_chars)", "prompt")
-            bad = next((i for i in ids if not 0 <= i < vocab), None)
-            if bad is not None:
-                raise ApiError(400, f"token id {bad} is outside this model's vocabulary of {vocab} ids", "prompt")
+            self.in_vocabulary(ids, "prompt")
         return [list(ids) for ids in lists], [tok.decode(ids) for ids in lists]
+
+    def in_vocabulary(self, ids: list[int], field: str) -> None:
+        vocab = self.engine.model.config.vocab_size
+        bad = next((i for i in ids if not 0 <= i < vocab), None)
+        if bad is not None:
+            raise ApiError(400, f"token id {bad} is outside this model's vocabulary of {vocab} ids", field)
 
     def fits_scoring(self, ids: list[int]) -> None:
         block = self.engine.model.config.block_size
@@ -1078,20 +1077,20 @@ class OpenAIRoutes:
             if body.stream:
                 raise ApiError(400, "max_tokens=0 is answered whole, not streamed: drop stream", "stream")
             request.scope["gpt.ticket"].take(len(prompts))
-            scores = [await asyncio.to_thread(self.score, ids, body.logprobs) for ids in prompts] if scored else None
+        else:
+            prompts = [ids[-block:] for ids in prompts]  # the context-window rule: a long prompt's last block_size
+            # scored (lm-eval's loglikelihood: echo, logprobs, max_tokens 1): every answer carries its generated
+            # tokens' entries after the prompt's, so end-of-text is scored as a token rather than ending the answer
+            stop_ids = () if tok.eot_id is None or scored else (tok.eot_id,)
+            jobs, queue = self.start(request, prompts, body, max_tokens, stop_ids, body.logprobs)
+        scores = [await asyncio.to_thread(self.score, ids, body.logprobs) for ids in prompts] if scored else None
+        n_prompt = sum(len(ids) for ids in prompts)  # the tokens the model saw, each prompt once whatever n
+        if max_tokens == 0:
             choices = [{"index": p * body.n + i, "text": texts[p], "finish_reason": "length",
                         "logprobs": self.completion_logprobs(scores[p], 0) if scored else None}
                        for p in range(len(prompts)) for i in range(body.n)]
-            n_prompt = sum(len(ids) for ids in prompts)
             return {**head, "choices": choices,
                     "usage": {"prompt_tokens": n_prompt, "completion_tokens": 0, "total_tokens": n_prompt}}
-        prompts = [ids[-block:] for ids in prompts]  # the context-window rule: a long prompt's last block_size
-        # scored (lm-eval's loglikelihood: echo, logprobs, max_tokens 1): every answer carries its generated
-        # tokens' entries after the prompt's, so end-of-text is scored as a token rather than ending the answer
-        stop_ids = () if tok.eot_id is None or scored else (tok.eot_id,)
-        jobs, queue = self.start(request, prompts, body, max_tokens, stop_ids, body.logprobs)
-        scores = [await asyncio.to_thread(self.score, ids, body.logprobs) for ids in prompts] if scored else None
-        n_prompt = sum(len(ids) for ids in prompts)  # the tokens the model saw, each prompt once whatever n
         prefix = [texts[j.index // body.n] if body.echo else "" for j in jobs]
 
         if body.stream:
@@ -1108,9 +1107,8 @@ class OpenAIRoutes:
             return StreamingResponse(self.stream(jobs, queue, chunk, usage), media_type="text/event-stream")
         done = await self.collect(request, jobs, queue)
         choices = [{"index": i, "text": prefix[i] + d["text"], "finish_reason": d["finish_reason"],
-                    "logprobs": self.completion_logprobs((scores[i // body.n] if scored else []) + d["logprobs"]
-                                                         if d["logprobs"] is not None else None, 0 if scored
-                                                         else len(prefix[i]))} for i, d in enumerate(done)]
+                    "logprobs": self.completion_logprobs(scores[i // body.n] + d["logprobs"], 0) if scored else
+                    self.completion_logprobs(d["logprobs"], len(prefix[i]))} for i, d in enumerate(done)]
         n_new = sum(d["tokens"] for d in done)
         return {**head, "choices": choices,
                 "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_new, "total_tokens": n_prompt + n_new}}
@@ -1226,10 +1224,7 @@ class OpenAIRoutes:
         def detokenize(body: DetokenizeRequest) -> dict:
             if body.model is not None:
                 self.check_model(body.model)
-            vocab = self.engine.model.config.vocab_size
-            bad = next((i for i in body.tokens if not 0 <= i < vocab), None)
-            if bad is not None:
-                raise ApiError(400, f"token id {bad} is outside this model's vocabulary of {vocab} ids", "tokens")
+            self.in_vocabulary(body.tokens, "tokens")
             return {"prompt": self.engine.tokenizer.decode(body.tokens)}
 
         @app.post("/v1/chat/completions")
