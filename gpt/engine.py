@@ -116,11 +116,16 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
         vals = _top_p_filter(vals, top_p)
     probs = torch.softmax(vals, dim=-1)
     if isinstance(generator, list):
-        choice, start = [], 0
+        # torch.multinomial(p, 1, generator=g) is argmax(p / q) with q = empty_like(p).exponential_(generator=g)
+        # (its one-sample path): each run draws its own q exactly as multinomial would on its rows, then one
+        # division and one argmax serve the whole batch (a multinomial call per run cost ~20 us each)
+        if bool(torch.isnan(probs).any()):  # multinomial's own check (a softmax is never negative or inf)
+            raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+        q, start = [], 0
         for gen, n in generator:
-            choice.append(torch.multinomial(probs[start:start + n], num_samples=1, generator=gen))
+            q.append(torch.empty_like(probs[start:start + n]).exponential_(generator=gen))
             start += n
-        choice = torch.cat(choice).squeeze(-1)
+        choice = (probs / torch.cat(q)).argmax(dim=-1)
     else:
         choice = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
     return choice if idx is None else idx.gather(-1, choice[:, None]).squeeze(-1)
@@ -397,6 +402,9 @@ class DecodeEngine:
         generator; if it fails, each group samples alone, so that one group's failure (its settings, a NaN
         in its logits) fails no other."""
         s = groups[0].sampling
+        # in slot order (the order of draws among groups with generators of their own changes nothing), so that
+        # a call over every active row, each group in neighbouring slots, samples the logits as they are
+        groups = sorted(groups, key=lambda g: g.rows[0].slot)
         slots = [r.slot for g in groups for r in g.rows]
         mine = logits if slots == list(range(logits.size(0))) else logits[torch.tensor(slots, device=logits.device)]
         if len(groups) > 1:

@@ -198,6 +198,41 @@ def test_two_stage_topk_gives_torch_topk_values(vocab, k):
         assert torch.equal(idx, ref_idx)
 
 
+@pytest.mark.parametrize("vocab,top_k,top_p", [(50304, 50, None), (1000, None, None), (300, 40, 0.8), (65, 5, None)])
+def test_sampling_runs_of_generators_draw_what_torch_multinomial_draws(vocab, top_k, top_p):
+    """A batch split into (generator, rows) runs: every run's ids equal torch.multinomial's on its own rows with
+    its own generator (the reference; sample_next draws its exponentials with one division and argmax for all),
+    including a run on torch's global generator; a NaN row fails the call as multinomial does."""
+    torch.manual_seed(0)
+    logits = torch.randn(7, vocab) * 3
+    runs = [(3, 1), (None, 2), (11, 3), (5, 1)]
+
+    def gens():
+        return [(None if s is None else torch.Generator().manual_seed(s), n) for s, n in runs]
+
+    for step in range(5):
+        torch.manual_seed(100 + step)
+        got = sample_next(logits, 0.8, top_k, top_p, gens())
+        torch.manual_seed(100 + step)
+        want, start = [], 0
+        for g, n in gens():
+            lg, i = logits[start:start + n] / 0.8, None
+            if top_k is not None:  # multinomial over the k best, sorted (sample_next's layout)
+                lg, i = torch.topk(lg, top_k)
+            p = torch.softmax(lg, dim=-1)
+            if top_p is not None:  # the nucleus of those k tokens
+                p = torch.softmax(lg.masked_fill(p.cumsum(-1) - p >= top_p, float("-inf")), dim=-1)
+            c = torch.multinomial(p, 1, generator=g)
+            want.append((c if i is None else i.gather(1, c)).squeeze(-1))
+            start += n
+        assert torch.equal(got, torch.cat(want)), step
+        logits = logits.roll(1, dims=1)
+    bad = logits.clone()
+    bad[2, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="nan"):
+        sample_next(bad, 0.8, top_k, top_p, gens())
+
+
 def test_sampling_is_reproducible_with_generator():
     logits = torch.randn(8, V)
     a = sample_next(logits, top_k=10, generator=torch.Generator().manual_seed(5))
