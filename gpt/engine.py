@@ -352,35 +352,40 @@ class DecodeEngine:
         Rows new to their slot, and rows whose cache is full (the context-window rule), are (re)filled with
         their whole window, the others take a one-token decode step. The rows to fill first move to the last
         slots, grouped by window length, so that the decode step runs over slots 0 .. d-1 and each fill over
-        neighbouring slots of one length, straight into the cache: a row's logits then come from the same
-        computation whatever its batch-mates (a fill alone or a one-token step), with no padding anywhere."""
+        neighbouring slots of one length, straight into the cache, with no padding anywhere. With a cache, the
+        decode step and the fills are one packed forward (GPT.packed_last_hidden): shared matmuls, attention
+        part by part, each row attending over its own positions only."""
         if self.cache is None:  # from scratch over each row's window, every step
             fill = list(self.active)
         else:
             fill = [r for r in self.active if r.cached is None or r.cached >= self.block]
         d = len(self.active) - len(fill)
         self._arrange(fill, d)
-        parts = []
+        parts = []  # (idx, cache view): the decode step's rows, then one part per run of equal window lengths
         if d:
             rows = self.active[:d]
             idx = torch.tensor([[r.seq[-1]] for r in rows], dtype=torch.long, device=self.device)
-            parts.append(last_logits(self.model, idx, self.cache.rows(0, d, [r.cached for r in rows])))
+            parts.append((idx, self.cache.rows(0, d, [r.cached for r in rows])))
             for r in rows:
                 r.cached += 1
         i = d
-        while i < len(self.active):  # one forward per run of equal window lengths
+        while i < len(self.active):
             width = len(self._window(self.active[i]))
             j = i
             while j < len(self.active) and len(self._window(self.active[j])) == width:
                 j += 1
             rows = self.active[i:j]
             idx = torch.tensor([self._window(r) for r in rows], dtype=torch.long, device=self.device)
-            view = None if self.cache is None else self.cache.rows(i, j, [0] * (j - i))
-            parts.append(last_logits(self.model, idx, view))
+            parts.append((idx, None if self.cache is None else self.cache.rows(i, j, [0] * (j - i))))
             for r in rows:
                 r.cached = width
             i = j
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        if len(parts) > 1 and self.cache is not None:
+            # rows joining a running batch are prefilled in the decode step's own forward: its matmuls read the
+            # weights once for all of them (a forward of their own read them again for each run)
+            return self.model.lm_head(self.model.packed_last_hidden(parts))
+        logits = [last_logits(self.model, idx, view) for idx, view in parts]
+        return logits[0] if len(logits) == 1 else torch.cat(logits)
 
     def _arrange(self, fill: list[Row], d: int) -> None:
         """Put the rows of `fill` in slots d .. n-1, sorted by window length; the other rows move from there

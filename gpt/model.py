@@ -169,6 +169,26 @@ class KVCache:
         self.pos = 0
 
 
+@dataclass
+class _Part:
+    """One part of a packed forward: B rows of T new tokens over their own cache view, with the attention
+    mask (or causal flag) and rotary angles of their positions."""
+
+    B: int
+    T: int
+    cache: KVCache
+    mask: torch.Tensor | None
+    causal: bool
+    rope: tuple[torch.Tensor, torch.Tensor] | None
+
+
+class Packed:
+    """The parts of one packed forward (GPT.packed_last_hidden), passed to every block in place of a cache."""
+
+    def __init__(self, parts: list[_Part]):
+        self.parts = parts
+
+
 def _norm(cfg: GPTConfig, dim: int) -> nn.Module:
     return NORMS[cfg.norm](cfg, dim)
 
@@ -240,10 +260,26 @@ class CausalSelfAttention(nn.Module):
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x (B, T, C); mask None (then `causal` says whether to apply the plain causal mask) or a bool
         mask, True = may attend, of shape (T, Tk) or (B, 1, T, Tk) over all keys so far. rope: the cos and
-        sin of `rotary` for these T positions (pos=rope), else None."""
-        B, T, C = x.shape
+        sin of `rotary` for these T positions (pos=rope), else None. cache may be a `Packed` forward's parts
+        (x then (1, N, C), every part's tokens in order; mask, causal and rope are each part's own)."""
+        if isinstance(cache, Packed):  # the parts' tokens share the matmuls, each part attends on its own
+            qkv, ys, start = self.c_attn(x), [], 0
+            for part in cache.parts:
+                n = part.B * part.T
+                y = self._attend_new(qkv[0, start:start + n].view(part.B, part.T, -1), part.cache, layer, part.mask,
+                                     part.causal, part.rope)
+                ys.append(y.view(1, n, -1))
+                start += n
+            return self.resid_dropout(self.c_proj(torch.cat(ys, dim=1)))
+        return self.resid_dropout(self.c_proj(self._attend_new(self.c_attn(x), cache, layer, mask, causal, rope)))
+
+    def _attend_new(self, qkv: torch.Tensor, cache: KVCache | None, layer: int, mask: torch.Tensor | None,
+                    causal: bool, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """The new tokens' queries, keys and values (B, T, (H + 2 Hkv) D), c_attn's output -> their attention
+        output (B, T, H D), before c_proj (the keys and values stored in `cache` first, when given)."""
+        B, T, _ = qkv.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
-        q, k, v = self.c_attn(x).split([H * D, Hkv * D, Hkv * D], dim=2)
+        q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=2)
         q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k, v = (t.view(B, T, Hkv, D).transpose(1, 2) for t in (k, v))  # (B, Hkv, T, D)
         if self.q_norm is not None:
@@ -254,11 +290,10 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.update(layer, k, v)  # all keys/values so far: (B, Hkv, start + T, D)
             # attention runs in the cache's dtype (see GPT.new_cache: float32 for eager attention on a CPU): the
             # queries are cast, never the whole cache; the output goes back to the activations' dtype
-            y = self.attend(q.to(k.dtype), k, v, mask, causal=causal and mask is None).to(x.dtype)
+            y = self.attend(q.to(k.dtype), k, v, mask, causal=causal and mask is None).to(qkv.dtype)
         else:
             y = self.attend(q, k, v, mask, causal=causal and mask is None)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        return y.transpose(1, 2).contiguous().view(B, T, H * D)
 
 
 def _relu2(x: torch.Tensor) -> torch.Tensor:
@@ -493,18 +528,11 @@ class GPT(nn.Module):
         With a ragged cache (rows at different positions, KVCache.rows) idx is one new token per row (B, 1).
         """
         B, T = idx.shape
-        if cache is not None and cache.lens is not None:
-            if pad is not None:
-                raise ValueError("a ragged cache keeps each row's own positions: no left padding")
-            return self._ragged_step(idx, cache)
-        start = cache.pos if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
-        pos = torch.arange(start, start + T, device=idx.device)
-        mask, causal = None, T > 1 and start == 0
-        if T > 1 and start > 0:  # several new queries over a filled cache: query i sees keys 0 .. start + i
-            mask = torch.ones(T, start + T, dtype=torch.bool, device=idx.device).tril(start)
+        if pad is not None and cache is not None and cache.lens is not None:
+            raise ValueError("a ragged cache keeps each row's own positions: no left padding")
+        pos, mask, causal = self._plan(idx, cache)
         if pad is not None:
+            start = cache.pos if cache is not None else 0
             keys = torch.arange(start + T, device=idx.device)
             allowed = keys[None, :] <= pos[:, None]  # causal (T, Tk)
             real = keys[None, :] >= pad[:, None]  # (B, Tk)
@@ -531,20 +559,49 @@ class GPT(nn.Module):
         rope = rotary(pos, self.config.head_dim, self.config.rope_theta) if self.config.pos == "rope" else None
         return self.transformer.drop(x), rope
 
-    def _ragged_step(self, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """One new token per row (B, 1) over a ragged cache: row b's token sits at position lens[b] and
-        attends over that row's keys 0 .. lens[b] only -> hidden states (B, 1, C)."""
-        if idx.size(1) != 1:
-            raise ValueError(f"rows at different positions take one new token each, not {idx.size(1)}")
-        if cache.longest + 1 > self.config.block_size:
-            raise ValueError(f"sequence of {cache.longest + 1} tokens exceeds block_size {self.config.block_size}")
-        keys = torch.arange(cache.longest + 1, device=idx.device)
-        mask = (keys[None, :] <= cache.lens[:, None])[:, None, None]  # (B, 1, 1, Tk)
-        x, rope = self._embed(idx, cache.lens[:, None])
+    def _plan(self, idx: torch.Tensor, cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+        """Positions, attention mask (True = may attend; None: `causal` or nothing) and causal flag of new tokens
+        idx (B, T) over `cache` (None: a sequence from position 0). Ragged cache: one new token per row, row b's
+        at position lens[b], attending over that row's keys 0 .. lens[b] only."""
+        T = idx.size(1)
+        if cache is not None and cache.lens is not None:
+            if T != 1:
+                raise ValueError(f"rows at different positions take one new token each, not {T}")
+            if cache.longest + 1 > self.config.block_size:
+                raise ValueError(f"sequence of {cache.longest + 1} tokens exceeds block_size {self.config.block_size}")
+            keys = torch.arange(cache.longest + 1, device=idx.device)
+            return cache.lens[:, None], (keys[None, :] <= cache.lens[:, None])[:, None, None], False  # (B, 1, 1, Tk)
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+        pos = torch.arange(start, start + T, device=idx.device)
+        mask = None
+        if T > 1 and start > 0:  # several new queries over a filled cache: query i sees keys 0 .. start + i
+            mask = torch.ones(T, start + T, dtype=torch.bool, device=idx.device).tril(start)
+        return pos, mask, T > 1 and start == 0
+
+    def packed_last_hidden(self, parts: list[tuple[torch.Tensor, KVCache]]) -> torch.Tensor:
+        """One forward over several (idx (B, T), cache view) parts, such as a ragged decode step's rows and
+        prompts prefilled into other slots of the same cache: the matmuls run once over all their tokens (the
+        weights read once, the way a decode step reads them), attention runs part by part over each part's
+        own cache, exactly as `hidden_states(idx, cache)` of that part alone -> the final-layer-normed hidden
+        state of every row's last position (sum of B, C), the parts' rows in order."""
+        xs, plan = [], []
+        for idx, cache in parts:
+            B, T = idx.shape
+            pos, mask, causal = self._plan(idx, cache)
+            x, rope = self._embed(idx, pos)
+            xs.append(x.reshape(1, B * T, -1))
+            plan.append(_Part(B, T, cache, mask, causal, rope))
+        x, packed = torch.cat(xs, dim=1), Packed(plan)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cache, i, mask, False, rope)
-        cache.advance(1)
-        return self.transformer.ln_f(x)
+            x = block(x, packed, i)
+        last, start = [], 0
+        for part in plan:
+            part.cache.advance(part.T)
+            last.append(x[0, start + part.T - 1:start + part.B * part.T:part.T])
+            start += part.B * part.T
+        return self.transformer.ln_f(torch.cat(last))
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
                 ignore_index: int = -1, pad: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:

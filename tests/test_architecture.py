@@ -251,6 +251,36 @@ def test_a_ragged_step_equals_each_row_alone(kw):
 
 
 @params
+def test_a_packed_forward_equals_each_part_alone(kw):
+    """GPT.packed_last_hidden over a ragged decode step (rows at positions 2, 8, 5), a prefill of two rows from
+    position 0 and a one-row chunk over a filled cache, all in one cache: every row's last hidden state and every
+    part's cached keys/values equal those of that part's own forward (the reference: hidden_states alone)."""
+    m = tiny(21, **kw).eval()
+    seqs = [tokens(1, n, seed=30 + n)[0].tolist() for n in (3, 9, 6)]
+    fills, chunk = tokens(2, 7, seed=40), tokens(1, 4, seed=41)
+    with torch.no_grad():
+        caches = []
+        for packed in (False, True):
+            big = m.new_cache(6).zero_()
+            for i, s in enumerate(seqs):
+                m(torch.tensor([s[:-1]]), cache=big.rows(i, i + 1, [0]))
+            m(tokens(1, 5, seed=42), cache=big.rows(5, 6, [0]))  # the chunk's row already holds 5 positions
+            parts = [(torch.tensor([[s[-1]] for s in seqs]), big.rows(0, 3, [len(s) - 1 for s in seqs])),
+                     (fills, big.rows(3, 5, [0, 0])), (chunk, big.rows(5, 6, [5]))]
+            assert parts[0][1].lens is not None
+            if packed:
+                got = m.packed_last_hidden(parts)
+            else:
+                want = torch.cat([m.hidden_states(idx, view)[:, -1] for idx, view in parts])
+            caches.append(big)
+    assert got.shape == want.shape == (6, m.config.n_embd)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    for a, b in ((caches[0].k, caches[1].k), (caches[0].v, caches[1].v)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert [v.pos if v.lens is None else v.lens.tolist() for _, v in parts] == [[3, 9, 6], 7, 9]
+
+
+@params
 def test_activation_checkpointing_gives_the_same_gradients(kw):
     x, y = tokens(2, 13, seed=15), tokens(2, 13, seed=16)
     out = []
