@@ -915,9 +915,12 @@ class OpenAIRoutes:
         return asked if asked is not None else min(default, self.limits.max_new_tokens)
 
     def rows(self, n: int, prompts: int) -> None:
-        if n * prompts > self.limits.max_batch:
-            raise ApiError(400, f"n={n} x {prompts} prompt(s) asks for {n * prompts} choices; this server "
-                                f"decodes at most {self.limits.max_batch} rows at once (limits.max_batch)", "n")
+        """Each choice is a row of its own, joining the running batch as slots free: a request may ask for more
+        choices than limits.max_batch, up to the admission slots of an idle server (max_batch + max_queue)."""
+        cap = self.limits.max_batch + self.limits.max_queue
+        if n * prompts > cap:
+            raise ApiError(400, f"n={n} x {prompts} prompt(s) asks for {n * prompts} choices; this server admits at "
+                                f"most {cap} at once (limits.max_batch + limits.max_queue)", "n")
 
     def start(self, request: Request, prompts: list[list[int]], body: _Sampled, max_tokens: int,
               stop_ids: tuple[int, ...], top_logprobs: int | None, text=None) -> tuple[list[ApiJob], asyncio.Queue]:

@@ -273,8 +273,8 @@ def app_client():
 
 
 @pytest.mark.parametrize("body, status, param", [
-    ({"model": "tiny", "prompt": "a", "n": 3}, 400, "n"),                  # 3 rows > max_batch 2
-    ({"model": "tiny", "prompt": ["a", "b"], "n": 2}, 400, "n"),
+    ({"model": "tiny", "prompt": "a", "n": 19}, 400, "n"),                 # 19 rows > max_batch 2 + max_queue 16
+    ({"model": "tiny", "prompt": ["a", "b"], "n": 10}, 400, "n"),
     ({"model": "tiny", "prompt": "x" * 51}, 400, "prompt"),                # over max_prompt_chars
     ({"model": "tiny", "prompt": []}, 400, "prompt"),
     ({"model": "tiny", "prompt": [1, 10**6]}, 400, "prompt"),              # a token id outside the vocabulary
@@ -303,6 +303,23 @@ def test_streamed_chunks_are_openai_sse_ending_with_done(app_client):
     chunks = [json.loads(ln[6:]) for ln in lines[:-1]]
     assert {c["object"] for c in chunks} == {"text_completion"} and len({c["id"] for c in chunks}) == 1
     assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "length"
+
+
+def test_more_choices_than_max_batch_run_as_slots_free(app_client):
+    """n x prompts above max_batch (2): the choices queue and join as rows finish; each equals its own request
+    (choice i samples with seed + i), and the batch never runs more than max_batch rows."""
+    body = {"model": "tiny", "prompt": ["ROMEO:", "JULIET:"], "n": 3, "max_tokens": 5, "temperature": 0.9,
+            "seed": 7}
+    r = app_client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert [c["index"] for c in choices] == list(range(6))
+    for c in choices:
+        p, i = divmod(c["index"], 3)
+        one = app_client.post("/v1/completions", json={**body, "prompt": body["prompt"][p], "n": 1, "seed": 7 + i})
+        assert one.json()["choices"][0]["text"] == c["text"]
+    health = app_client.get("/health").json()
+    assert health["batching"]["max_batch_seen"] <= 2 and health["in_flight"] == 0
 
 
 def test_n_choices_take_n_slots_and_a_full_server_answers_503_in_openai_shape():
