@@ -241,6 +241,9 @@ class DecodeEngine:
         if self.cache is not None and max_rows > 1:  # rows at different positions read beyond their own
             self.cache.zero_()                       # length (masked): those values must be finite
         self.sample = sample or sample_next
+        # joining prompts share the decode step's forward unless a layer's rows depend on each other (a dynamic
+        # int8 matmul: one activation scale per call, so a prompt's values would change its batch-mates' logits)
+        self.pack = self.cache is not None and all(getattr(m, "rows_independent", True) for m in model.modules())
         self.active: list[Row] = []  # active[i].slot == i
         self.groups: list[_Group] = []  # running
         self.waiting: list[_Group] = []  # added, joining at the next step with room for them
@@ -380,7 +383,7 @@ class DecodeEngine:
             for r in rows:
                 r.cached = width
             i = j
-        if len(parts) > 1 and self.cache is not None:
+        if len(parts) > 1 and self.pack:
             # rows joining a running batch are prefilled in the decode step's own forward: its matmuls read the
             # weights once for all of them (a forward of their own read them again for each run)
             return self.model.lm_head(self.model.packed_last_hidden(parts))
@@ -407,9 +410,11 @@ class DecodeEngine:
         generator; if it fails, each group samples alone, so that one group's failure (its settings, a NaN
         in its logits) fails no other."""
         s = groups[0].sampling
-        # in slot order (the order of draws among groups with generators of their own changes nothing), so that
-        # a call over every active row, each group in neighbouring slots, samples the logits as they are
-        groups = sorted(groups, key=lambda g: g.rows[0].slot)
+        if len({id(g.generator) for g in groups}) == len(groups):
+            # in slot order (the order of draws from generators of their own changes nothing; groups added with
+            # one generator object keep their order), so that a call over every active row, each group in
+            # neighbouring slots, samples the logits as they are
+            groups = sorted(groups, key=lambda g: g.rows[0].slot)
         slots = [r.slot for g in groups for r in g.rows]
         mine = logits if slots == list(range(logits.size(0))) else logits[torch.tensor(slots, device=logits.device)]
         if len(groups) > 1:

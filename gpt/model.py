@@ -584,8 +584,10 @@ class GPT(nn.Module):
         """One forward over several (idx (B, T), cache view) parts, such as a ragged decode step's rows and
         prompts prefilled into other slots of the same cache: the matmuls run once over all their tokens (the
         weights read once, the way a decode step reads them), attention runs part by part over each part's
-        own cache, exactly as `hidden_states(idx, cache)` of that part alone -> the final-layer-normed hidden
-        state of every row's last position (sum of B, C), the parts' rows in order."""
+        own cache, as `hidden_states(idx, cache)` of that part alone does (equal up to the matmuls' rounding
+        over more rows, ~1e-7 in float32; a layer whose rows share a scale, fbgemm's dynamic int8, is not packed:
+        gpt.engine) -> the final-layer-normed hidden state of every row's last position (sum of B, C), the parts'
+        rows in order."""
         xs, plan = [], []
         for idx, cache in parts:
             B, T = idx.shape

@@ -133,6 +133,13 @@ class Int8Linear(nn.Module):
         self._fbgemm = self.kernel == "fbgemm"
         return self.kernel
 
+    @property
+    def rows_independent(self) -> bool:
+        """Whether each row's output depends on that row alone. Not with fbgemm's dynamic kernel: it quantizes a
+        call's activations with one scale over all of its rows (gpt.engine then prefills joining prompts in
+        forwards of their own instead of packing them into the decode step's)."""
+        return self.kernel != "fbgemm"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # lean: a decode step makes 25 of these calls
         if self._fbgemm:  # the op takes any leading dims and a float32 input
             return self._mm(x if x.dtype is torch.float32 else x.float(), self._packed, True)

@@ -263,6 +263,24 @@ def test_requests_with_equal_settings_share_one_sampling_call_and_draw_their_tok
     assert calls == [1] * 20
 
 
+def test_groups_added_with_one_generator_draw_in_their_own_order_whatever_other_groups_do():
+    """Two groups given the same generator object share a sampling call with a third group of its own seed: the
+    shared stream's draws go to them in the order they were added, so their tokens do not depend on how long the
+    third group runs (its end moves rows between slots)."""
+    m = tiny(13)
+    out = []
+    for other in (2, 8):
+        engine = DecodeEngine(m, max_rows=4)
+        # slots by prompt length: x 0, y 1, z 2; when x ends, z moves into slot 0, before y
+        x = engine.add([ids(1, 1)], Sampling(other, temperature=1.0, top_k=20, seed=3))[0]
+        g = torch.Generator().manual_seed(9)
+        y = engine.add([ids(2, 2)], Sampling(8, temperature=1.0, top_k=20, generator=g))[0]
+        z = engine.add([ids(3, 3)], Sampling(8, temperature=1.0, top_k=20, generator=g))[0]
+        run_to_end(engine, [x, y, z])
+        out.append((y.new, z.new))
+    assert out[0] == out[1] and len(out[0][0]) == 8
+
+
 def test_a_failed_shared_sampling_call_falls_back_to_each_group_alone():
     """The shared call fails after the first group drew (its generator advanced): the generators are rewound
     and each group samples alone, so the good one keeps its exact tokens and only the bad one fails."""

@@ -95,6 +95,29 @@ def test_each_kernel_matches_the_dequantized_weight(kernel):
     assert ((q.float() * s[:, None] - lin.weight).abs() <= s[:, None] / 2 + 1e-7).all()
 
 
+@pytest.mark.parametrize("kernel", Int8Linear.KERNELS)
+def test_rows_independent_says_whether_a_row_depends_on_its_batch_mates(kernel):
+    """fbgemm quantizes a call's activations with one scale for all its rows: a row's output changes when a row
+    of larger values joins it, and the layer says so (rows_independent False), so the decode engine does not pack
+    joining prompts into a decode step with an int8 model on it; the other kernels treat each row alone."""
+    from gpt.engine import DecodeEngine
+
+    torch.manual_seed(0)
+    m = Int8Linear.from_linear(torch.nn.Linear(64, 32), (kernel,))
+    if m.kernel != kernel:
+        pytest.skip(f"no {kernel} kernel here")
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        alone, beside = m(x)[0], m(torch.cat([x, 50 * torch.randn(1, 64)]))[0]
+    assert m.rows_independent == (kernel != "fbgemm")
+    diff = (alone - beside).abs().max().item()  # a float matmul over 2 rows may round differently (~1e-7)
+    assert diff < 1e-5 if m.rows_independent else diff > 1e-3
+    model = GPT(vocab_size=48, block_size=16, n_layer=1, n_head=2, n_embd=32).eval()
+    assert DecodeEngine(model, 2).pack
+    model.transformer.h[0].mlp.c_fc = Int8Linear.from_linear(model.transformer.h[0].mlp.c_fc, (kernel,))
+    assert DecodeEngine(model, 2).pack == m.rows_independent and not DecodeEngine(model, 2, use_cache=False).pack
+
+
 def test_int8_perplexity_of_a_trained_model_stays_close(tmp_path):
     torch.manual_seed(0)
     model = GPT(**{**CFG, "n_embd": 64})
