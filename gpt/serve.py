@@ -868,9 +868,12 @@ class ApiJob(Job):
     def finish(self) -> None:
         text, reason = self.tokenizer.decode(self.new), self.row.finish_reason
         cuts = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        kept = len(self.new)
         if cuts:
             text, reason = text[:min(cuts)], "stop"
-        kept = sum(o <= len(text) for o in self.offsets)  # the tokens whose text is all in the answer
+            # the tokens whose text starts in the answer: a stop string that begins inside a token keeps that
+            # token (its first characters are the answer's last), so the tokens' text covers the answer
+            kept = sum(start < len(text) for start in [0] + self.offsets[:-1])
         self.emit("done", {"text": text, "finish_reason": reason, "tokens": len(self.new),
                            "logprobs": self.entries[:kept] if self.top_logprobs is not None else None}, None)
 

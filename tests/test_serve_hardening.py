@@ -342,6 +342,38 @@ def test_special_tokens_written_in_text_are_taken_as_themselves():
     assert ids == tok.encode("Hi") + [tok.eot_id, tok.special_id("<|user|>")] + tok.encode(" there")
 
 
+def test_a_stop_string_that_begins_inside_a_token_keeps_that_tokens_logprob():
+    """GPT-2's byte-level tokens span several characters: a stop string that starts after a token's first
+    character cuts the answer inside that token. The token stays in logprobs (its first characters end the
+    answer), so the tokens' text covers the answer; the tokens after it, inside the stop string, are dropped."""
+    from gpt.tokenizer import TiktokenTokenizer
+
+    tok = TiktokenTokenizer("gpt2")
+    torch.manual_seed(0)
+    model = GPT(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=32).eval()
+    c = TestClient(create_app(Engine(model, tok, "cpu", None, "tiny.pt"), Limits(max_new_tokens=16)))
+    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 12, "temperature": 0, "logprobs": 1}
+    full = c.post("/v1/completions", json=body).json()["choices"][0]
+    toks, text = full["logprobs"]["tokens"], full["text"]
+    assert "".join(toks) == text
+    starts = [sum(len(t) for t in toks[:i]) for i in range(len(toks))]
+    cut = [i for i in range(1, len(toks) - 1)
+           if len(toks[i]) > 1 and text.find(toks[i][1:] + toks[i + 1]) == starts[i] + 1]
+    assert cut, f"no token to cut inside in {toks}"
+    i = cut[0]
+    for stream in (False, True):
+        r = c.post("/v1/completions", json={**body, "stop": [toks[i][1:] + toks[i + 1]], "stream": stream})
+        if stream:
+            chunks = [json.loads(ln[6:]) for ln in r.text.splitlines() if ln.startswith("data: {")]
+            got_text = "".join(ch["choices"][0]["text"] for ch in chunks)
+            got_toks = [t for ch in chunks if ch["choices"][0]["logprobs"] for t in ch["choices"][0]["logprobs"]["tokens"]]
+        else:
+            choice = r.json()["choices"][0]
+            got_text, got_toks = choice["text"], choice["logprobs"]["tokens"]
+            assert choice["finish_reason"] == "stop"
+        assert got_text == text[:starts[i] + 1] and got_toks == toks[:i + 1], stream
+
+
 def test_a_body_that_is_not_json_gets_400_with_no_param(engine):
     c = TestClient(create_app(engine, Limits(**SMALL)))
     r = post_raw(c, b'{"model": "tiny", "prompt": ', "/v1/completions")
