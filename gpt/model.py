@@ -189,6 +189,12 @@ class Packed:
         self.parts = parts
 
 
+def _dropout(module: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
+    """module(x), called only when it changes x (training with p > 0): nn.Dropout is the identity otherwise, and a
+    decode step would make 2 n_layer + 1 module calls for nothing."""
+    return module(x) if module.training and module.p > 0 else x
+
+
 def _norm(cfg: GPTConfig, dim: int) -> nn.Module:
     return NORMS[cfg.norm](cfg, dim)
 
@@ -270,8 +276,8 @@ class CausalSelfAttention(nn.Module):
                                      part.causal, part.rope)
                 ys.append(y.view(1, n, -1))
                 start += n
-            return self.resid_dropout(self.c_proj(torch.cat(ys, dim=1)))
-        return self.resid_dropout(self.c_proj(self._attend_new(self.c_attn(x), cache, layer, mask, causal, rope)))
+            return _dropout(self.resid_dropout, self.c_proj(torch.cat(ys, dim=1)))
+        return _dropout(self.resid_dropout, self.c_proj(self._attend_new(self.c_attn(x), cache, layer, mask, causal, rope)))
 
     def _attend_new(self, qkv: torch.Tensor, cache: KVCache | None, layer: int, mask: torch.Tensor | None,
                     causal: bool, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
@@ -326,7 +332,7 @@ class MLP(nn.Module):
             h = self.act(gate) * up
         else:
             h = self.act(h)
-        return self.dropout(self.c_proj(h))
+        return _dropout(self.dropout, self.c_proj(h))
 
 
 class Block(nn.Module):
@@ -557,7 +563,7 @@ class GPT(nn.Module):
         if "wpe" in self.transformer:
             x = x + self.transformer.wpe(pos)
         rope = rotary(pos, self.config.head_dim, self.config.rope_theta) if self.config.pos == "rope" else None
-        return self.transformer.drop(x), rope
+        return _dropout(self.transformer.drop, x), rope
 
     def _plan(self, idx: torch.Tensor, cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
         """Positions, attention mask (True = may attend; None: `causal` or nothing) and causal flag of new tokens

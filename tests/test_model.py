@@ -292,3 +292,25 @@ def test_hparams_round_trip():
     assert hp["vocab_size"] == V and hp["block_size"] == BLOCK and hp["loss_chunk_size"] == 7
     m2 = GPT(**hp)
     assert m2.hparams() == hp
+
+
+def test_dropout_applies_in_training_only():
+    """model.dropout drops activations in training (two passes differ, and the embedding, attention and MLP
+    dropouts each act) and is the identity in eval mode (the modules are then not called at all)."""
+    torch.manual_seed(0)
+    m = GPT(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.3)
+    x = torch.randint(32, (2, 8))
+    m.train()
+    assert not torch.equal(m(x)[0], m(x)[0])
+    for drop in (m.transformer.drop, m.transformer.h[0].attn.resid_dropout, m.transformer.h[1].mlp.dropout):
+        calls = []
+        handle = drop.register_forward_hook(lambda mod, args, out: calls.append(1))
+        m(x)
+        m.eval()
+        m(x)
+        m.train()
+        handle.remove()
+        assert calls == [1]
+    m.eval()
+    assert torch.equal(m(x)[0], m(x)[0])
+
