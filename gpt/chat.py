@@ -14,6 +14,23 @@ SPECIAL = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 END = "<|end|>"
 
 
+def answer_stop_ids(tok) -> tuple[int, ...]:
+    """The ids that end a chat answer: <|end|>, and end-of-text where the tokenizer has one (the eos ids
+    gpt.export_meta writes, which vLLM and llama.cpp stop at)."""
+    return tuple(i for i in (tok.special_id(END), tok.eot_id) if i is not None)
+
+
+class ChatText:
+    """A chat answer's text: the tokenizer's decode without the chat template's special tokens (a reply that
+    starts a new turn, <|user|>, shows nothing of it), as vLLM's skip_special_tokens."""
+
+    def __init__(self, tok):
+        self.tok, self.skip = tok, {tok.special_id(t) for t in SPECIAL}
+
+    def decode(self, ids) -> str:
+        return self.tok.decode([i for i in ids if i not in self.skip])
+
+
 def chat_tokenizer(tok):
     """`tok` with the chat template's special tokens (a copy; unchanged if it has them already)."""
     return tok if all(t in tok.special for t in SPECIAL) else with_special_tokens(tok, SPECIAL)

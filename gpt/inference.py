@@ -199,14 +199,15 @@ def stream_samples(cfg: DictConfig, out=None) -> list[str]:
         out.write("\n".join(lines) + "\n")
         out.flush()
         return lines
-    eot_id = tok.eot_id
+    stops = () if tok.eot_id is None else (tok.eot_id,)
     if cfg.get("chat"):  # the fine-tuning chat template; print only the answer, stop at its end token
-        from gpt.chat import END, SPECIAL, prompt_ids
+        from gpt.chat import SPECIAL, ChatText, answer_stop_ids, prompt_ids
 
         if not all(t in tok.special for t in SPECIAL):
             raise UserError(f"chat=true needs a chat-tuned checkpoint (finetune.py stage=sft); {cfg.ckpt!r} has no "
                             f"chat template tokens")
-        ids, prompt, eot_id = prompt_ids(tok, prompt), "", tok.special_id(END)
+        ids, prompt, stops = prompt_ids(tok, prompt), "", answer_stop_ids(tok)
+        tok = ChatText(tok)  # the answer's text without the template's special tokens
         if len(ids) > model.config.block_size:
             print(f"note: chat prompt has {len(ids)} tokens, more than block_size={model.config.block_size}; "
                   f"the model sees only its last {model.config.block_size} tokens", file=sys.stderr)
@@ -215,7 +216,7 @@ def stream_samples(cfg: DictConfig, out=None) -> list[str]:
     g = torch.Generator(device=cfg.device).manual_seed(int(cfg.seed))
     n = int(cfg.num_samples)
     sampling = Sampling(int(cfg.max_new_tokens), float(cfg.temperature), cfg.top_k, cfg.top_p,
-                        stop_ids=() if eot_id is None else (eot_id,), generator=g)
+                        stop_ids=stops, generator=g)
     if n > 1:  # all samples as one batch; each printed in full when done
         rows = complete(model, [ids] * n, sampling, bool(cfg.use_cache))
         texts = []
@@ -282,7 +283,7 @@ def interactive(cfg: DictConfig, model, tok, inp=None, out=None) -> list[dict] |
     settings (one seeded generator for the session). An empty line is ignored; Ctrl-D (end of input) ends
     the session; Ctrl-C stops an answer (the turn is dropped) or, at the prompt, ends the session.
     -> the conversation (chat: messages) or the text (base model)."""
-    from gpt.chat import END, SPECIAL, encode_chat
+    from gpt.chat import END, SPECIAL, ChatText, answer_stop_ids, encode_chat
 
     inp, out = inp or sys.stdin, out or sys.stdout  # those of the moment, not of import time
     if isinstance(model, Classifier):
@@ -295,10 +296,10 @@ def interactive(cfg: DictConfig, model, tok, inp=None, out=None) -> list[dict] |
     if cfg.get("chat") and not chat:
         raise UserError(f"chat=true needs a chat-tuned checkpoint (finetune.py stage=sft); {cfg.ckpt!r} has no "
                         f"chat template tokens")
-    stop = tok.special_id(END) if chat else tok.eot_id
+    stops = answer_stop_ids(tok) if chat else () if tok.eot_id is None else (tok.eot_id,)
     block = model.config.block_size
     sampling = Sampling(int(cfg.max_new_tokens), float(cfg.temperature), cfg.top_k, cfg.top_p,
-                        stop_ids=() if stop is None else (stop,),
+                        stop_ids=stops,
                         generator=torch.Generator(device=cfg.device).manual_seed(int(cfg.seed)))
     print("chat: type a message and press Enter; Ctrl-D ends" if chat else
           "base model: the text you type is continued; Ctrl-D ends", file=sys.stderr)
@@ -323,7 +324,8 @@ def interactive(cfg: DictConfig, model, tok, inp=None, out=None) -> list[dict] |
             print(f"note: the conversation is longer than block_size={block} tokens; the model sees only its "
                   f"last {block}", file=sys.stderr)
         try:
-            answer, new = stream_answer(model, tok, ids[-block:], sampling, bool(cfg.use_cache), out)
+            answer, new = stream_answer(model, ChatText(tok) if chat else tok, ids[-block:], sampling,
+                                        bool(cfg.use_cache), out)
         except KeyboardInterrupt:
             answer = None
         out.write("\n")
@@ -331,7 +333,7 @@ def interactive(cfg: DictConfig, model, tok, inp=None, out=None) -> list[dict] |
         if answer is None:
             continue
         if chat:
-            conversation = ids + new + [stop]  # closed by <|end|> also when max_new_tokens cut it short
+            conversation = ids + new + [tok.special_id(END)]  # closed by <|end|> (also after end-of-text or a cut)
             messages += [{"role": "user", "content": line}, {"role": "assistant", "content": answer}]
         else:
             text = turn + answer

@@ -37,6 +37,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gpt.chat import ChatText, answer_stop_ids
 from gpt.errors import UserError
 from gpt.engine import DecodeEngine, Row, Sampling, sample_next, text_stop
 from gpt.inference import dtype_option, encode_prompt, load_for_inference
@@ -123,12 +124,12 @@ class Engine:
         return encode_prompt(self.tokenizer, req.prompt, self.model.config.block_size, note=False)[
             -self.model.config.block_size:]
 
-    def stop_id(self, req: GenerateRequest) -> int | None:
+    def stop_ids(self, req: GenerateRequest) -> tuple[int, ...]:
+        """What ends a request's answer: a chat answer's <|end|> or end-of-text (as /v1/chat/completions),
+        else end-of-text where the tokenizer has it."""
         if req.chat:
-            from gpt.chat import END
-
-            return self.tokenizer.special_id(END)
-        return self.tokenizer.eot_id
+            return answer_stop_ids(self.tokenizer)
+        return () if self.tokenizer.eot_id is None else (self.tokenizer.eot_id,)
 
 class Job:
     """One request in the batcher: its prompt ids, sampling settings, generator and output queue.
@@ -142,13 +143,14 @@ class Job:
                  stream: bool = True):
         # stream=False (/generate): the text goes out once, at the end; waking the request's event loop for
         # every token costs the worker thread more time (GIL hand-offs) than decoding the token itself
-        self.ids, self.req, self.loop, self.tokenizer, self.stream = ids, req, loop, engine.tokenizer, stream
+        # a chat answer's text leaves the template's special tokens out, as /v1/chat/completions' does
+        text = ChatText(engine.tokenizer) if req.chat else engine.tokenizer
+        self.ids, self.req, self.loop, self.tokenizer, self.stream = ids, req, loop, text, stream
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.stop = engine.stop_id(req)
         self.gen = torch.Generator(device=engine.device)
         self.gen.manual_seed(req.seed if req.seed is not None else int(time.time_ns() % 2**31))
         self.sampling = Sampling(req.max_new_tokens, req.temperature, req.top_k, req.top_p,
-                                 stop_ids=() if self.stop is None else (self.stop,), generator=self.gen)
+                                 stop_ids=engine.stop_ids(req), generator=self.gen)
         self.row: Row | None = None
         self.shown = ""
         self.cancelled = False  # the client went away: the worker drops the row before its next step
@@ -878,19 +880,6 @@ class ApiJob(Job):
                            "logprobs": self.entries[:kept] if self.top_logprobs is not None else None}, None)
 
 
-class ChatText:
-    """A chat answer's text: the tokenizer's decode without the chat template's special tokens (a reply that
-    starts a new turn, <|user|>, shows nothing of it), as vLLM's skip_special_tokens."""
-
-    def __init__(self, tok):
-        from gpt.chat import SPECIAL
-
-        self.tok, self.skip = tok, {tok.special_id(t) for t in SPECIAL}
-
-    def decode(self, ids) -> str:
-        return self.tok.decode([i for i in ids if i not in self.skip])
-
-
 def _chunked(obj: dict) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=True, separators=(',', ':'))}\n\n"
 
@@ -1136,7 +1125,7 @@ class OpenAIRoutes:
 
     async def chat(self, body: ChatRequest, request: Request):
         self.check_model(body.model)
-        from gpt.chat import END, SPECIAL, encode_chat
+        from gpt.chat import SPECIAL, encode_chat
 
         tok, block = self.engine.tokenizer, self.engine.model.config.block_size
         if not all(t in getattr(tok, "special", []) for t in SPECIAL):
@@ -1164,7 +1153,7 @@ class OpenAIRoutes:
         except UserError as e:
             raise ApiError(400, str(e), "messages") from None
         ids = ids[-block:]  # the context-window rule, as infer.py's terminal chat
-        stops = tuple(i for i in (tok.special_id(END), tok.eot_id) if i is not None)  # export_meta's eos ids
+        stops = answer_stop_ids(tok)  # export_meta's eos ids
         jobs, queue = self.start(request, [ids], body, max_tokens, stops,
                                  (body.top_logprobs or 0) if body.logprobs else None, ChatText(tok))
         head = {"id": f"chatcmpl-{os.urandom(12).hex()}", "object": "chat.completion", "created": int(time.time()),

@@ -12,7 +12,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import ROOT
-from gpt.chat import END, SPECIAL, chat_tokenizer, encode_chat
+from gpt.chat import END, SPECIAL, ChatText, chat_tokenizer, encode_chat
 from gpt.engine import Sampling, complete
 from gpt.errors import UserError
 from gpt.inference import encode_prompt, interactive
@@ -77,7 +77,7 @@ def _cfg(**over):
 def test_answers_are_kept_as_generated_ids():
     """The conversation is kept as token ids: an answer holding a special token (this untrained model answers
     "Hi" with <|assistant|> tokens, which a char tokenizer cannot even encode as text) feeds the next turn as
-    it was generated."""
+    it was generated; the text shown leaves the template's special tokens out (as /v1/chat/completions)."""
     model, tok = chat_model(), chat_tokenizer(CharTokenizer(CHARS))
     out = io.StringIO()
     messages = interactive(_cfg(), model, tok, io.StringIO("Hi\n\nBye"), out)  # the last line has no line break
@@ -87,7 +87,9 @@ def test_answers_are_kept_as_generated_ids():
     new = complete(model, [first], cut)[0].new
     assert "<|assistant|>" in tok.decode(new)  # the case this test is about
     second = first + new + [end] + encode_chat(tok, [{"role": "user", "content": "Bye"}], generation_prompt=True)[0]
-    want = [tok.decode(new), tok.decode(complete(model, [second[-model.config.block_size:]], cut)[0].new)]
+    shown = ChatText(tok)
+    want = [shown.decode(new), shown.decode(complete(model, [second[-model.config.block_size:]], cut)[0].new)]
+    assert want[0] != tok.decode(new)
     assert [m["content"] for m in messages[1::2]] == want
     assert out.getvalue() == f"> {want[0]}\n> > {want[1]}\n> \n"
 

@@ -108,7 +108,7 @@ def test_concurrent_requests_are_queued_not_interleaved(engine):
 
 
 def test_chat_request_uses_the_template_and_stops_at_end_of_answer():
-    from gpt.chat import END, chat_tokenizer, prompt_ids
+    from gpt.chat import END, ChatText, chat_tokenizer, prompt_ids
 
     tok = chat_tokenizer(CharTokenizer(CHARS))
     torch.manual_seed(0)
@@ -126,9 +126,29 @@ def test_chat_request_uses_the_template_and_stops_at_end_of_answer():
         if t == end:
             break
         expected.append(t)
-    body = r.json()
-    assert body["completion"] == tok.decode(expected) and body["new_tokens"] == len(expected)
-    assert END not in body["completion"]
+    body = r.json()  # the text leaves the template's special tokens out, as /v1/chat/completions does
+    assert body["completion"] == ChatText(tok).decode(expected) and body["new_tokens"] == len(expected)
+    assert END not in body["completion"] and body["completion"] != tok.decode(expected)
+
+
+def test_a_chat_answer_ends_at_end_of_text_on_every_endpoint():
+    """A chat model whose tokenizer has end-of-text stops there on /generate (chat=true) as on
+    /v1/chat/completions (the eos ids the export writes), never showing it as text."""
+    from gpt.chat import END, answer_stop_ids, chat_tokenizer
+    from gpt.tokenizer import TiktokenTokenizer
+
+    tok = chat_tokenizer(TiktokenTokenizer("gpt2"))
+    assert answer_stop_ids(tok) == (tok.special_id(END), tok.eot_id)
+    torch.manual_seed(0)
+    model = GPT(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=16).eval()
+    with torch.no_grad():  # end-of-text the greedy choice: its output row a large multiple of a likely one's
+        model.lm_head.weight[tok.eot_id] = 30 * model.lm_head.weight[tok.encode("the")[0]]
+    client = TestClient(create_app(Engine(model, tok, "cpu", None, "chat.pt"), Limits(max_new_tokens=6)))
+    g = client.post("/generate", json={"prompt": "Hi", "chat": True, "max_new_tokens": 6, "temperature": 0}).json()
+    v = client.post("/v1/chat/completions", json={"model": "chat", "messages": [{"role": "user", "content": "Hi"}],
+                                                  "max_tokens": 6, "temperature": 0}).json()
+    assert (g["completion"], g["new_tokens"], g["finish_reason"]) == ("", 0, "stop")
+    assert v["choices"][0]["message"]["content"] == "" and v["usage"]["completion_tokens"] == 0
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
