@@ -847,7 +847,7 @@ class ApiJob(Job):
         """The logits (1, V) the row's next token `ids` (1,) was sampled from (worker thread)."""
         lp = torch.log_softmax(logits[0].float(), dim=-1)
         t = int(ids[0])
-        top = torch.topk(lp, self.top_logprobs) if self.top_logprobs else None
+        top = torch.topk(lp, min(self.top_logprobs, lp.size(-1))) if self.top_logprobs else None  # a tiny vocab
         alts = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
         self.noted = (t, float(lp[t]), alts)
 

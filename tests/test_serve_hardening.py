@@ -374,6 +374,25 @@ def test_a_stop_string_that_begins_inside_a_token_keeps_that_tokens_logprob():
         assert got_text == text[:starts[i] + 1] and got_toks == toks[:i + 1], stream
 
 
+def test_more_top_logprobs_than_the_vocabulary_holds_lists_them_all():
+    """A chat model over 18 ids (the arithmetic demo's digits and signs plus the chat tokens) asked for
+    top_logprobs=20: every id is listed, streamed or not, instead of a failed generation."""
+    from gpt.chat import chat_tokenizer
+
+    tok = chat_tokenizer(CharTokenizer("0123456789+-=\n"))
+    torch.manual_seed(0)
+    model = GPT(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=16).eval()
+    c = TestClient(create_app(Engine(model, tok, "cpu", None, "calc.pt"), Limits(max_new_tokens=4)))
+    body = {"model": "calc", "messages": [{"role": "user", "content": "1+1"}], "max_tokens": 3, "logprobs": True,
+            "top_logprobs": 20, "temperature": 0}
+    r = c.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    content = r.json()["choices"][0]["logprobs"]["content"]
+    assert content and all(len(e["top_logprobs"]) == tok.vocab_size for e in content)
+    r = c.post("/v1/chat/completions", json={**body, "stream": True})
+    assert r.status_code == 200 and '"error"' not in r.text and r.text.rstrip().endswith("data: [DONE]")
+
+
 def test_a_body_that_is_not_json_gets_400_with_no_param(engine):
     c = TestClient(create_app(engine, Limits(**SMALL)))
     r = post_raw(c, b'{"model": "tiny", "prompt": ', "/v1/completions")
