@@ -555,7 +555,15 @@ def _has_prometheus() -> bool:
 
 
 ENDPOINTS = ("/", "/health", "/metrics", "/generate", "/generate/stream", "/v1/models", "/v1/completions",
-             "/v1/chat/completions")
+             "/v1/chat/completions", "/tokenizer_info", "/tokenize", "/detokenize")
+
+
+def _endpoint(path: str) -> str:
+    """A request's /metrics label: its route (one label for /v1/models/<name>), else "other", so a client cannot
+    grow the label set."""
+    if path in ENDPOINTS:
+        return path
+    return "/v1/models/{name}" if path.startswith("/v1/models/") else "other"
 
 
 class Metrics:
@@ -583,7 +591,7 @@ class Metrics:
               registry=r).set_function(lambda: admission.in_flight)
 
     def request(self, path: str, status: int, seconds: float) -> None:
-        endpoint = path if path in ENDPOINTS else "other"
+        endpoint = _endpoint(path)
         self.requests.labels(endpoint, str(status)).inc()
         self.latency.labels(endpoint).observe(seconds)
 

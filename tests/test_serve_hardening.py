@@ -400,6 +400,23 @@ def test_a_body_that_is_not_json_gets_400_with_no_param(engine):
     assert r.json()["error"]["message"] == "the body is not valid JSON" and r.json()["error"]["param"] is None
 
 
+def test_metrics_label_every_route_and_put_unknown_paths_under_other(engine):
+    """The tokenizer routes and /v1/models/<name> have labels of their own (a model name is not a label value);
+    an unknown path is "other"."""
+    pytest.importorskip("prometheus_client")
+    with TestClient(create_app(engine, Limits(**SMALL))) as c:
+        assert c.post("/tokenize", json={"prompt": "To be"}).status_code == 200
+        assert c.post("/detokenize", json={"tokens": [1, 2]}).status_code == 200
+        assert c.get("/tokenizer_info").status_code == 200
+        assert c.get("/v1/models/tiny").status_code == 200 and c.get("/v1/models/other").status_code == 404
+        assert c.get("/nowhere").status_code == 404
+        metrics = c.get("/metrics").text
+    for line in ('endpoint="/tokenize",status="200"} 1.0', 'endpoint="/detokenize",status="200"} 1.0',
+                 'endpoint="/tokenizer_info",status="200"} 1.0', 'endpoint="/v1/models/{name}",status="200"} 1.0',
+                 'endpoint="/v1/models/{name}",status="404"} 1.0', 'endpoint="other",status="404"} 1.0'):
+        assert "gpt_requests_total{" + line in metrics, line
+
+
 def test_an_unhandled_error_is_counted_as_500_in_metrics(engine, monkeypatch):
     pytest.importorskip("prometheus_client")
 
