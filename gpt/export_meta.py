@@ -18,5 +18,14 @@ def special_token_ids(tok) -> dict:
 # The chat template of gpt/chat.py in Jinja, for tokenizer_config.json: transformers' apply_chat_template and vLLM's
 # chat endpoint render messages with it. Each message is <|role|>content<|end|>; a generation prompt adds
 # <|assistant|>. The special tokens are added tokens of the exported tokenizer, so the text tokenizes to our ids.
-CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
-                 "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+# As serve.py's /v1/chat/completions: "developer" (OpenAI's newer name) is the system role, any other role than
+# system / user / assistant is refused, and content given as a list of text parts is their text joined.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'developer' %}{% set role = 'system' %}{% else %}{% set role = message['role'] %}{% endif %}"
+    "{% if role not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('role ' + role + ' is not one of system, developer, user, assistant') }}{% endif %}"
+    "{% if message['content'] is string %}{% set content = message['content'] %}"
+    "{% else %}{% set content = message['content'] | map(attribute='text') | join('') %}{% endif %}"
+    "{{ '<|' + role + '|>' + content + '<|end|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
