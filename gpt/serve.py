@@ -1293,7 +1293,9 @@ def create_app(engine: Engine, limits: Limits | None = None, api_key: str | None
         return {"status": "ok", "model_loaded": True, "model": name, "chat": has_chat_template(engine.tokenizer),
                 "device": engine.device, "checkpoint": engine.checkpoint,
                 "parameters": engine.model.num_params(), "block_size": cfg.block_size, "vocab_size": cfg.vocab_size,
-                "in_flight": admission.in_flight, "batching": batcher.stats()}
+                "in_flight": admission.in_flight, "batching": batcher.stats(),
+                # what a client may ask for (the chat page fits its history and max tokens to these)
+                "limits": {"max_new_tokens": limits.max_new_tokens, "max_prompt_chars": limits.max_prompt_chars}}
 
     @app.post("/generate")
     async def generate(req: Body, request: Request):

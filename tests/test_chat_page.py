@@ -94,6 +94,21 @@ def _say(d, text: str) -> str:
     return answer.get_attribute("textContent")
 
 
+def _reply(d, text: str) -> str:
+    """Type `text` and press Enter; -> the answer's text once its stream ended (it may be empty)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    before = len(d.find_elements(By.CSS_SELECTOR, ".assistant"))
+    box = d.find_element(By.ID, "prompt")
+    box.send_keys(text)
+    box.send_keys(Keys.ENTER)
+    answer = _wait(lambda: d.find_elements(By.CSS_SELECTOR, ".assistant")[before:], "the answer element")[0]
+    _wait(lambda: answer.get_attribute("data-done") == "true",
+          f"the end of the answer (status: {d.find_element(By.ID, 'status').text!r})")
+    return answer.get_attribute("textContent")
+
+
 def _open(d, url: str, screenshot) -> None:
     from selenium.webdriver.common.by import By
 
@@ -132,6 +147,40 @@ def test_browser_chat_streams_the_library_answers_with_history(browser, tmp_path
         assert (tmp_path / "chat.png").stat().st_size > 0
         users = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".user")]
         assert users == turns
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.mark.slow
+def test_browser_long_conversation_leaves_its_oldest_turns_out_to_fit_the_server(browser, tmp_path):
+    """A server with limits.max_prompt_chars=40 and limits.max_new_tokens=16: the page's max tokens are capped to
+    16 (the field asks for 20), and once the conversation's text is over 40 characters the oldest turns are left
+    out of the request (the server would refuse it), so every turn is answered: the library's greedy answer to
+    the turns that fit."""
+    from selenium.webdriver.common.by import By
+
+    model, tok = chat_model(), chat_tokenizer(CharTokenizer(CHARS))
+    proc, url = _start(_save(model, {"type": "char", "chars": CHARS, "special": SPECIAL}, tmp_path / "chat.pt"),
+                       "chat", "limits.max_prompt_chars=40", "limits.max_new_tokens=16")
+    try:
+        browser.get(url + "/")
+        _wait(lambda: browser.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "idle", "the page")
+        assert browser.find_element(By.ID, "max-tokens").get_attribute("value") == "16"
+        _open(browser, url, tmp_path / "long-empty.png")  # sets max tokens to 20, over the server's 16
+        history: list[dict] = []
+        dropped = 0
+        for text in ["Hello there", "And then?", "Tell me more", "Why?"]:
+            sent = history + [{"role": "user", "content": text}]
+            while len(sent) > 1 and sum(len(m["content"]) for m in sent) > 40:  # the page's rule
+                sent, dropped = sent[2:] if len(sent) > 2 else sent[1:], dropped + 1
+            want = ChatText(tok).decode(library_greedy(model, encode_chat(tok, sent, generation_prompt=True)[0],
+                                                       16, tok.special_id(END)))
+            assert _reply(browser, text) == want  # (this random model's answer may be its special tokens only)
+            history += [{"role": "user", "content": text}, {"role": "assistant", "content": want}]
+        assert dropped and browser.find_element(By.ID, "status").text == ""
+        assert [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".user")] == [
+            m["content"] for m in history[::2]]  # every turn answered: none given back after an error
     finally:
         proc.terminate()
         proc.wait(10)

@@ -55,12 +55,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(ckpt: str, name: str):
-    """serve.py in its own process (float32: exactly the library's numbers), API key required."""
+def _start(ckpt: str, name: str, *extra: str):
+    """serve.py in its own process (float32: exactly the library's numbers), API key required; extra: more
+    overrides (later ones win)."""
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), f"ckpt={ckpt}", f"port={port}", "dtype=float32",
-                             f"model_name={name}", f"api_key={KEY}", "limits.max_new_tokens=64", "limits.max_batch=4"],
+                             f"model_name={name}", f"api_key={KEY}", "limits.max_new_tokens=64", "limits.max_batch=4", *extra],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
