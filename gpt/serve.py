@@ -984,7 +984,10 @@ class OpenAIRoutes:
             elif kind == "done":
                 text, n = sent.get(i, ("", 0))
                 entries = a["logprobs"][n:] if a["logprobs"] is not None else None
-                yield _chunked(chunk(i, a["text"][len(text):], entries, a["finish_reason"]))
+                rest = a["text"][len(text):]
+                if rest or entries:  # the answer's last text first: OpenAI's finishing chunk carries none
+                    yield _chunked(chunk(i, rest, entries, None))
+                yield _chunked(chunk(i, "", None, a["finish_reason"]))
                 finished += 1
                 completion += a["tokens"]
             elif kind == "error":

@@ -121,7 +121,8 @@ def test_greedy_completion_is_the_library_generation_streamed_or_not(servers):
     assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (6, 20, 26)
     chunks = list(c.completions.create(model="base", prompt="ROMEO:", max_tokens=20, temperature=0, stream=True))
     assert "".join(ch.choices[0].text for ch in chunks) == want and len(chunks) > 2
-    assert chunks[-1].choices[0].finish_reason == "length"
+    assert chunks[-1].choices[0].finish_reason == "length" and chunks[-1].choices[0].text == ""
+    assert all(ch.choices[0].finish_reason is None for ch in chunks[:-1])
 
 
 def test_list_of_prompts_and_n_give_one_choice_each_in_order(servers):
@@ -187,6 +188,9 @@ def test_chat_uses_the_template_and_stops_at_end_of_answer_streamed_or_not(serve
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == text
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(want)
+    last = chunks[-2].choices[0]  # the finishing chunk carries no text, as OpenAI's (an empty delta)
+    assert last.finish_reason == r.choices[0].finish_reason and last.delta.content is None
+    assert all(ch.choices[0].finish_reason is None for ch in chunks[:-2])
 
 
 def test_chat_stops_at_end_of_answer_for_some_prompts(servers):
