@@ -39,6 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gpt.chat import ChatText, answer_stop_ids
 from gpt.errors import UserError
+from gpt.export_meta import CHAT_TEMPLATE
 from gpt.engine import DecodeEngine, Row, Sampling, sample_next, text_stop
 from gpt.inference import dtype_option, encode_prompt, load_for_inference
 
@@ -1213,7 +1214,9 @@ class OpenAIRoutes:
             tok, names = self.engine.tokenizer, {v: k for k, v in special_names(self.engine.tokenizer).items()}
             return {"tokenizer_class": type(tok).__name__, "eos_token": names.get(tok.eot_id),
                     "bos_token": names.get(tok.bos_id) if tok.bos_id is not None else None, "pad_token": None,
-                    "model_max_length": self.engine.model.config.block_size, "chat_template": None}
+                    "model_max_length": self.engine.model.config.block_size,
+                    # a chat model's template in Jinja, the one its export carries (vLLM's route gives it too)
+                    "chat_template": CHAT_TEMPLATE if has_chat_template(tok) else None}
 
         @app.post("/tokenize")
         def tokenize(body: TokenizeRequest) -> dict:

@@ -333,6 +333,26 @@ def test_tokenize_and_detokenize_follow_vllms_routes(engine):
         assert c.post("/tokenize", json={"prompt": "\u00e9"}).status_code == 400  # not in the char vocabulary
 
 
+def test_a_chat_models_tokenizer_info_carries_its_template_which_renders_to_our_ids():
+    """/tokenizer_info gives a chat model's Jinja template (a base model's is null); rendered as a client renders
+    it (jinja2) and sent to /tokenize, it gives the ids /v1/chat/completions builds (gpt.chat.encode_chat)."""
+    import jinja2
+
+    from gpt.chat import chat_tokenizer, encode_chat
+
+    tok = chat_tokenizer(CharTokenizer(CHARS))
+    torch.manual_seed(0)
+    model = GPT(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=16).eval()
+    with TestClient(create_app(Engine(model, tok, "cpu", None, "chat.pt"), Limits(**SMALL))) as c:
+        template = c.get("/tokenizer_info").json()["chat_template"]
+        messages = [{"role": "system", "content": "Be brief"}, {"role": "user", "content": "Hi there"}]
+        text = jinja2.Environment().from_string(template).render(messages=messages, add_generation_prompt=True)
+        ids = c.post("/tokenize", json={"prompt": text, "add_special_tokens": False}).json()["tokens"]
+    assert ids == encode_chat(tok, messages, generation_prompt=True)[0]
+    with TestClient(create_app(tiny_engine(), Limits(**SMALL))) as c:
+        assert c.get("/tokenizer_info").json()["chat_template"] is None
+
+
 def test_special_tokens_written_in_text_are_taken_as_themselves():
     from gpt.serve import encode_with_specials
     from gpt.tokenizer import TiktokenTokenizer
