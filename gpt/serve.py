@@ -759,7 +759,7 @@ class ChatRequest(_Sampled):
     max_completion_tokens: int | None = Field(None, ge=1)  # newer clients' name for max_tokens
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    response_format: dict[str, str] | None = None
+    response_format: dict | None = None  # any shape: all but {"type": "text"} get the same clear 400
     tools: list | None = None
     tool_choice: str | None = None
     parallel_tool_calls: bool | None = None

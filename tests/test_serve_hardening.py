@@ -353,6 +353,21 @@ def test_a_chat_models_tokenizer_info_carries_its_template_which_renders_to_our_
         assert c.get("/tokenizer_info").json()["chat_template"] is None
 
 
+@pytest.mark.parametrize("fmt", [{"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}},
+                                 {"type": "json_object"}])
+def test_a_response_format_other_than_text_gets_one_clear_400(fmt):
+    from gpt.chat import chat_tokenizer
+
+    tok = chat_tokenizer(CharTokenizer(CHARS))
+    model = GPT(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=16).eval()
+    c = TestClient(create_app(Engine(model, tok, "cpu", None, "chat.pt"), Limits(**SMALL)))
+    body = {"model": "chat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    r = c.post("/v1/chat/completions", json={**body, "response_format": fmt})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "response_format" and "is not supported by this server" in err["message"]
+    assert c.post("/v1/chat/completions", json={**body, "response_format": {"type": "text"}}).status_code == 200
+
+
 def test_special_tokens_written_in_text_are_taken_as_themselves():
     from gpt.serve import encode_with_specials
     from gpt.tokenizer import TiktokenTokenizer
