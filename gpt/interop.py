@@ -217,6 +217,13 @@ def export_hf_checkpoint(ckpt: dict, out_dir: str | Path) -> Path:
         fast = None
     if fast is not None:  # tokenizer.json, tokenizer_config.json (with the chat template), special_tokens_map.json
         fast.save_pretrained(str(out))
+        config = out / "tokenizer_config.json"
+        settings = json.loads(config.read_text())
+        if fast.chat_template and "chat_template" not in settings:
+            # transformers 5 writes the template to chat_template.jinja only; older transformers (and the vLLM
+            # releases built on them) read it from tokenizer_config.json: both carry it
+            config.write_text(json.dumps({**settings, "chat_template": fast.chat_template}, indent=2,
+                                         ensure_ascii=False) + "\n")
     (out / "gpt_pipeline_tokenizer.json").write_text(json.dumps(tok.identity()))  # for import
     return out
 

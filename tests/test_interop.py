@@ -1,5 +1,7 @@
 """Export to / import from Hugging Face transformers' GPT-2 format, checked against GPT2LMHeadModel."""
 
+import json
+
 import pytest
 import torch
 
@@ -225,6 +227,10 @@ def test_exported_chat_model_runs_in_transformers_pipeline_with_our_ids_and_gree
     out = export_hf(str(path), str(tmp_path / "hf"))
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (out / name).is_file(), name
+    from gpt.export_meta import CHAT_TEMPLATE
+
+    # in tokenizer_config.json too, where transformers before 5 and the vLLM releases on them read it
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == CHAT_TEMPLATE
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
     assert hf_tok("ab\nca").input_ids == tok.encode("ab\nca")
     messages = [{"role": "system", "content": "ab"}, {"role": "user", "content": "c\nab"}]
