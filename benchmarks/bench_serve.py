@@ -9,6 +9,7 @@ of the given shape, which never stops early (no end-of-text), so every request r
 Reported per mode: requests/s, new tokens/s, time to first token and latency (p50/p99).
 
     python benchmarks/bench_serve.py                          # 6 layers, 6 heads, 384 wide, vocab 50304
+    python benchmarks/bench_serve.py --device cuda --dtype bfloat16 --modes continuous static     # on a GPU
     python benchmarks/bench_serve.py --n-layer 2 --n-head 2 --n-embd 64 --vocab 512 --block-size 256 \
         --requests 16 --concurrency 4 --max-tokens 8 32 --rounds 1                    # a smoke run
 
@@ -47,6 +48,12 @@ class StaticBatcher(Batcher):
     def _admit(self) -> None:
         if not self.running:
             super()._admit()
+
+
+def _where(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu, {torch.get_num_threads()} threads"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -100,6 +107,8 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=50304)
     ap.add_argument("--block-size", type=int, default=1024)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (a GPU: where a batch's rows cost almost nothing "
+                    "each, the case continuous batching's gain is bounded by)")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, nargs=2, default=[16, 256], metavar=("LO", "HI"))
@@ -111,13 +120,14 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     model = GPT(vocab_size=args.vocab, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
-                n_embd=args.n_embd, bias=True).eval().requires_grad_(False)
+                n_embd=args.n_embd, bias=True).eval().requires_grad_(False).to(args.device)
     if args.dtype == "bfloat16":
         from gpt.inference import pack_linears
 
         model = model.to(torch.bfloat16)
-        pack_linears(model)
-    engine = Engine(model, _Tokens(), "cpu")
+        if torch.device(args.device).type == "cpu":  # oneDNN's prepacked weights, as infer.py loads them
+            pack_linears(model)
+    engine = Engine(model, _Tokens(), args.device)
     rng = random.Random(args.seed)
     work = []
     for i in range(args.requests):
@@ -131,7 +141,7 @@ def main() -> None:
     print(f"{args.n_layer} layers / {args.n_head} heads / {args.n_embd} wide, vocab {args.vocab}, {args.dtype}; "
           f"{args.requests} requests, concurrency {args.concurrency}, max_tokens {args.max_tokens[0]}.."
           f"{args.max_tokens[1]} ({sum(r.max_new_tokens for _, r in work)} new tokens in all), torch "
-          f"{torch.__version__}, {torch.get_num_threads()} threads\n")
+          f"{torch.__version__}, {_where(args.device)}\n")
     print("| mode | requests/s | new tokens/s | TTFT p50 (s) | TTFT p99 (s) | latency p50 (s) | latency p99 (s) "
           "| decode steps |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
