@@ -31,25 +31,29 @@ def _infer(ckpt: str, stdin: str, interactive: str = "true") -> subprocess.Compl
 
 
 def _greedy(model, tok, ids: list[int], stop: int | None) -> str:
-    """What the decode engine answers for prompt ids, greedy, float32 (the model's own dtype here)."""
+    """What the decode engine answers for prompt ids, greedy, float32 (the model's own dtype here), as text."""
+    return tok.decode(_greedy_ids(model, ids, stop))
+
+
+def _greedy_ids(model, ids: list[int], stop: int | None) -> list[int]:
     sampling = Sampling(MAX_NEW, 0.0, stop_ids=() if stop is None else (stop,))
-    return tok.decode(complete(model, [ids[-model.config.block_size:]], sampling)[0].new)
+    return complete(model, [ids[-model.config.block_size:]], sampling)[0].new
 
 
 @pytest.mark.slow
 def test_chat_keeps_the_conversation_across_turns(tmp_path):
     model, tok = chat_model(), chat_tokenizer(CharTokenizer(CHARS))
     ckpt = _save(model, {"type": "char", "chars": CHARS, "special": SPECIAL}, tmp_path / "chat.pt")
-    turns = ["Hello there", "What is your name?"]
+    turns = ["Hello there", "And then?"]  # both answers show text (not only the template's special tokens)
     r = _infer(ckpt, f"{turns[0]}\n\n   \n{turns[1]}\n")  # blank lines between the turns are ignored
     assert r.returncode == 0, r.stderr
 
-    end, history, answers = tok.special_id(END), [], []
+    end, history, answers, shown = tok.special_id(END), [], [], ChatText(tok)
     for text in turns:
         history.append({"role": "user", "content": text})
-        answers.append(_greedy(model, tok, encode_chat(tok, history, generation_prompt=True)[0], end))
+        answers.append(shown.decode(_greedy_ids(model, encode_chat(tok, history, generation_prompt=True)[0], end)))
         history.append({"role": "assistant", "content": answers[-1]})
-    alone = _greedy(model, tok, encode_chat(tok, history[2:3], generation_prompt=True)[0], end)
+    alone = shown.decode(_greedy_ids(model, encode_chat(tok, history[2:3], generation_prompt=True)[0], end))
     assert alone != answers[1]  # the second answer tells the whole history from the last turn alone
     assert all(answers)
     # one "> " prompt per line read (the two blank ones too), each answer on its own line, a line break at EOF
