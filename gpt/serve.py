@@ -882,9 +882,14 @@ class ApiJob(Job):
         kept = len(self.new)
         if cuts:
             text, reason = text[:min(cuts)], "stop"
-            # the tokens whose text starts in the answer: a stop string that begins inside a token keeps that
-            # token (its first characters are the answer's last), so the tokens' text covers the answer
-            kept = sum(start < len(text) for start in [0] + self.offsets[:-1])
+            # the tokens whose text starts in the answer (a stop string that begins inside a token keeps that
+            # token: its first characters are the answer's last) or ends within it (a token that adds no
+            # character: the last bytes of a character split over tokens, a special token the text hides), so
+            # the tokens cover the answer, as the stream sent them
+            kept = 0
+            for i, end in enumerate(self.offsets):
+                if (self.offsets[i - 1] if i else 0) < len(text) or end <= len(text):
+                    kept = i + 1
         self.emit("done", {"text": text, "finish_reason": reason, "tokens": len(self.new),
                            "logprobs": self.entries[:kept] if self.top_logprobs is not None else None}, None)
 
@@ -986,7 +991,7 @@ class OpenAIRoutes:
                 text, n = sent.get(i, ("", 0))
                 entries = a["logprobs"][n:] if a["logprobs"] is not None else None
                 rest = a["text"][len(text):]
-                if rest or entries:  # the answer's last text first: OpenAI's finishing chunk carries none
+                if rest or entries:  # the answer's last text first: OpenAI's finishing chunk carries no answer
                     yield _chunked(chunk(i, rest, entries, None))
                 yield _chunked(chunk(i, "", None, a["finish_reason"]))
                 finished += 1

@@ -409,6 +409,40 @@ def test_a_stop_string_that_begins_inside_a_token_keeps_that_tokens_logprob():
         assert got_text == text[:starts[i] + 1] and got_toks == toks[:i + 1], stream
 
 
+def test_a_stop_string_after_a_character_split_over_tokens_keeps_all_its_tokens(monkeypatch):
+    """The answer "hi 🤗" then the stop string ".": the emoji's bytes are spread over byte-level tokens whose last
+    ones add no character to the text; logprobs keep them all (their bytes make up the answer), streamed or not."""
+    from gpt.tokenizer import TiktokenTokenizer
+
+    tok = TiktokenTokenizer("gpt2")
+    script = tok.encode("hi \U0001F917.") + tok.encode(" more")
+    step = {"i": 0}
+
+    def scripted(logits, *rest):  # the sampler writes the script, whatever the model's logits
+        t = script[min(step["i"], len(script) - 1)]
+        step["i"] += 1
+        return torch.full((logits.size(0),), t, dtype=torch.long)
+
+    monkeypatch.setattr(serve_mod, "_sample", scripted)
+    torch.manual_seed(0)
+    model = GPT(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=16).eval()
+    c = TestClient(create_app(Engine(model, tok, "cpu", None, "tiny.pt"), Limits(max_new_tokens=16)))
+    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 8, "logprobs": 1, "stop": ["."]}
+    want = tok.encode("hi \U0001F917")
+    assert len(want) > 2 and len(tok.decode(want[:-1])) == len(tok.decode(want))  # a token that adds no character
+    for stream in (False, True):
+        step["i"] = 0
+        r = c.post("/v1/completions", json={**body, "stream": stream})
+        if stream:
+            chunks = [json.loads(ln[6:]) for ln in r.text.splitlines() if ln.startswith("data: {")]
+            text = "".join(ch["choices"][0]["text"] for ch in chunks)
+            n = sum(len(ch["choices"][0]["logprobs"]["tokens"]) for ch in chunks if ch["choices"][0]["logprobs"])
+        else:
+            choice = r.json()["choices"][0]
+            text, n = choice["text"], len(choice["logprobs"]["tokens"])
+        assert (text, n) == ("hi \U0001F917", len(want)), stream
+
+
 def test_more_top_logprobs_than_the_vocabulary_holds_lists_them_all():
     """A chat model over 18 ids (the arithmetic demo's digits and signs plus the chat tokens) asked for
     top_logprobs=20: every id is listed, streamed or not, instead of a failed generation."""
