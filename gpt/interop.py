@@ -157,6 +157,21 @@ def hf_tokenizer(tok, block_size: int):
     return fast
 
 
+def _readable_by_transformers_4(config: Path, chat_template: str | None) -> None:
+    """tokenizer_config.json as transformers 4 (and the vLLM releases built on it) reads it too: transformers 5
+    names the class TokenizersBackend, which 4 lacks (PreTrainedTokenizerFast is the same fast tokenizer in both),
+    lists the added special tokens under extra_special_tokens (4: additional_special_tokens) and writes the chat
+    template to chat_template.jinja only (4 reads it from this file)."""
+    settings = json.loads(config.read_text())
+    if settings.get("tokenizer_class") == "TokenizersBackend":
+        settings["tokenizer_class"] = "PreTrainedTokenizerFast"
+    if isinstance(settings.get("extra_special_tokens"), list):
+        settings["additional_special_tokens"] = settings.pop("extra_special_tokens")
+    if chat_template and "chat_template" not in settings:
+        settings["chat_template"] = chat_template
+    config.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
+
+
 def generation_config(tok) -> dict:
     """generation_config.json: the tokenizer's end tokens (generation stops at any of them) and begin token."""
     ids = special_token_ids(tok)
@@ -217,13 +232,7 @@ def export_hf_checkpoint(ckpt: dict, out_dir: str | Path) -> Path:
         fast = None
     if fast is not None:  # tokenizer.json, tokenizer_config.json (with the chat template), special_tokens_map.json
         fast.save_pretrained(str(out))
-        config = out / "tokenizer_config.json"
-        settings = json.loads(config.read_text())
-        if fast.chat_template and "chat_template" not in settings:
-            # transformers 5 writes the template to chat_template.jinja only; older transformers (and the vLLM
-            # releases built on them) read it from tokenizer_config.json: both carry it
-            config.write_text(json.dumps({**settings, "chat_template": fast.chat_template}, indent=2,
-                                         ensure_ascii=False) + "\n")
+        _readable_by_transformers_4(out / "tokenizer_config.json", fast.chat_template)
     (out / "gpt_pipeline_tokenizer.json").write_text(json.dumps(tok.identity()))  # for import
     return out
 

@@ -229,8 +229,11 @@ def test_exported_chat_model_runs_in_transformers_pipeline_with_our_ids_and_gree
         assert (out / name).is_file(), name
     from gpt.export_meta import CHAT_TEMPLATE
 
-    # in tokenizer_config.json too, where transformers before 5 and the vLLM releases on them read it
-    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == CHAT_TEMPLATE
+    # tokenizer_config.json as transformers 4 (and the vLLM releases on it) reads it: the chat template in it, a
+    # class and special-token key that version knows (checked by hand with transformers 4.57.1: our ids)
+    settings = json.loads((out / "tokenizer_config.json").read_text())
+    assert settings["chat_template"] == CHAT_TEMPLATE and settings["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert settings["additional_special_tokens"] == list(SPECIAL) and "extra_special_tokens" not in settings
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
     assert hf_tok("ab\nca").input_ids == tok.encode("ab\nca")
     messages = [{"role": "system", "content": "ab"}, {"role": "user", "content": "c\nab"}]
