@@ -19,13 +19,16 @@ def special_token_ids(tok) -> dict:
 # chat endpoint render messages with it. Each message is <|role|>content<|end|>; a generation prompt adds
 # <|assistant|>. The special tokens are added tokens of the exported tokenizer, so the text tokenizes to our ids.
 # As serve.py's /v1/chat/completions: "developer" (OpenAI's newer name) is the system role, any other role than
-# system / user / assistant is refused, and content given as a list of text parts is their text joined.
+# system / user / assistant is refused, and content given as a list of text parts is their text joined (a part of
+# another type, an image, is refused).
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'developer' %}{% set role = 'system' %}{% else %}{% set role = message['role'] %}{% endif %}"
     "{% if role not in ['system', 'user', 'assistant'] %}"
     "{{ raise_exception('role ' + role + ' is not one of system, developer, user, assistant') }}{% endif %}"
     "{% if message['content'] is string %}{% set content = message['content'] %}"
-    "{% else %}{% set content = message['content'] | map(attribute='text') | join('') %}{% endif %}"
+    "{% else %}{% for part in message['content'] %}{% if part['type'] != 'text' %}"
+    "{{ raise_exception('a content part of type ' + part['type'] + ' is not text') }}{% endif %}{% endfor %}"
+    "{% set content = message['content'] | map(attribute='text') | join('') %}{% endif %}"
     "{{ '<|' + role + '|>' + content + '<|end|>' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")

@@ -244,8 +244,11 @@ def test_exported_chat_model_runs_in_transformers_pipeline_with_our_ids_and_gree
                                                                                   {"type": "text", "text": "ab"}]}]
     chat = hf_tok.apply_chat_template(newer, add_generation_prompt=True, tokenize=True, return_dict=True)
     assert list(chat["input_ids"]) == encode_chat(tok, messages, generation_prompt=True)[0]
-    with pytest.raises(Exception, match="role tool is not one of"):  # serve.py answers 400 for it too
+    with pytest.raises(Exception, match="role tool is not one of"):  # serve.py answers 400 for these too
         hf_tok.apply_chat_template([{"role": "tool", "content": "ab"}], tokenize=True)
+    with pytest.raises(Exception, match="type image_url is not text"):
+        hf_tok.apply_chat_template([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+                                   tokenize=True)
     model = model_from_checkpoint(load_checkpoint(path)).eval()
     ours = generate_batch(model, [tok.encode("ab")], 5, temperature=0.0, eot_id=tok.special_id("<|end|>"))[0]
     pipe = transformers.pipeline("text-generation", model=str(out), tokenizer=str(out), device="cpu")
