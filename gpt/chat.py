@@ -14,10 +14,10 @@ SPECIAL = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 END = "<|end|>"
 
 
-def answer_stop_ids(tok) -> tuple[int, ...]:
-    """The ids that end a chat answer: <|end|>, and end-of-text where the tokenizer has one (the eos ids
-    gpt.export_meta writes, which vLLM and llama.cpp stop at)."""
-    return tuple(i for i in (tok.special_id(END), tok.eot_id) if i is not None)
+def answer_stop_ids(tok, chat: bool = True) -> tuple[int, ...]:
+    """The ids that end a generated answer: end-of-text where the tokenizer has one, and a chat answer's <|end|>
+    before it (the eos ids gpt.export_meta writes, which vLLM and llama.cpp stop at)."""
+    return tuple(i for i in (tok.special_id(END) if chat else None, tok.eot_id) if i is not None)
 
 
 class ChatText:

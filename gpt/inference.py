@@ -199,15 +199,14 @@ def stream_samples(cfg: DictConfig, out=None) -> list[str]:
         out.write("\n".join(lines) + "\n")
         out.flush()
         return lines
-    stops = () if tok.eot_id is None else (tok.eot_id,)
-    if cfg.get("chat"):  # the fine-tuning chat template; print only the answer, stop at its end token
-        from gpt.chat import SPECIAL, ChatText, answer_stop_ids, prompt_ids
+    from gpt.chat import SPECIAL, ChatText, answer_stop_ids, prompt_ids
 
+    chat, shown = bool(cfg.get("chat")), tok  # shown: the answer's text (a chat's without the template's tokens)
+    if chat:  # the fine-tuning chat template; print only the answer, stop at its end token
         if not all(t in tok.special for t in SPECIAL):
             raise UserError(f"chat=true needs a chat-tuned checkpoint (finetune.py stage=sft); {cfg.ckpt!r} has no "
                             f"chat template tokens")
-        ids, prompt, stops = prompt_ids(tok, prompt), "", answer_stop_ids(tok)
-        tok = ChatText(tok)  # the answer's text without the template's special tokens
+        ids, prompt, shown = prompt_ids(tok, prompt), "", ChatText(tok)
         if len(ids) > model.config.block_size:
             print(f"note: chat prompt has {len(ids)} tokens, more than block_size={model.config.block_size}; "
                   f"the model sees only its last {model.config.block_size} tokens", file=sys.stderr)
@@ -216,18 +215,18 @@ def stream_samples(cfg: DictConfig, out=None) -> list[str]:
     g = torch.Generator(device=cfg.device).manual_seed(int(cfg.seed))
     n = int(cfg.num_samples)
     sampling = Sampling(int(cfg.max_new_tokens), float(cfg.temperature), cfg.top_k, cfg.top_p,
-                        stop_ids=stops, generator=g)
+                        stop_ids=answer_stop_ids(tok, chat), generator=g)
     if n > 1:  # all samples as one batch; each printed in full when done
         rows = complete(model, [ids] * n, sampling, bool(cfg.use_cache))
         texts = []
         for i, row in enumerate(rows):
-            texts.append(prompt + tok.decode(row.new))
+            texts.append(prompt + shown.decode(row.new))
             out.write(("\n" + "-" * 40 + "\n" if i else "") + texts[-1] + "\n")
         out.flush()
         return texts
     out.write(prompt)  # one sample: stream it token by token
     out.flush()
-    text, _ = stream_answer(model, tok, ids, sampling, bool(cfg.use_cache), out)
+    text, _ = stream_answer(model, shown, ids, sampling, bool(cfg.use_cache), out)
     out.write("\n")
     out.flush()
     return [prompt + text]
@@ -296,10 +295,10 @@ def interactive(cfg: DictConfig, model, tok, inp=None, out=None) -> list[dict] |
     if cfg.get("chat") and not chat:
         raise UserError(f"chat=true needs a chat-tuned checkpoint (finetune.py stage=sft); {cfg.ckpt!r} has no "
                         f"chat template tokens")
-    stops = answer_stop_ids(tok) if chat else () if tok.eot_id is None else (tok.eot_id,)
+    shown = ChatText(tok) if chat else tok  # the answer's text (a chat's without the template's tokens)
     block = model.config.block_size
     sampling = Sampling(int(cfg.max_new_tokens), float(cfg.temperature), cfg.top_k, cfg.top_p,
-                        stop_ids=stops,
+                        stop_ids=answer_stop_ids(tok, chat),
                         generator=torch.Generator(device=cfg.device).manual_seed(int(cfg.seed)))
     print("chat: type a message and press Enter; Ctrl-D ends" if chat else
           "base model: the text you type is continued; Ctrl-D ends", file=sys.stderr)
@@ -324,8 +323,7 @@ def interactive(cfg: DictConfig, model, tok, inp=None, out=None) -> list[dict] |
             print(f"note: the conversation is longer than block_size={block} tokens; the model sees only its "
                   f"last {block}", file=sys.stderr)
         try:
-            answer, new = stream_answer(model, ChatText(tok) if chat else tok, ids[-block:], sampling,
-                                        bool(cfg.use_cache), out)
+            answer, new = stream_answer(model, shown, ids[-block:], sampling, bool(cfg.use_cache), out)
         except KeyboardInterrupt:
             answer = None
         out.write("\n")

@@ -125,12 +125,6 @@ class Engine:
         return encode_prompt(self.tokenizer, req.prompt, self.model.config.block_size, note=False)[
             -self.model.config.block_size:]
 
-    def stop_ids(self, req: GenerateRequest) -> tuple[int, ...]:
-        """What ends a request's answer: a chat answer's <|end|> or end-of-text (as /v1/chat/completions),
-        else end-of-text where the tokenizer has it."""
-        if req.chat:
-            return answer_stop_ids(self.tokenizer)
-        return () if self.tokenizer.eot_id is None else (self.tokenizer.eot_id,)
 
 class Job:
     """One request in the batcher: its prompt ids, sampling settings, generator and output queue.
@@ -151,7 +145,7 @@ class Job:
         self.gen = torch.Generator(device=engine.device)
         self.gen.manual_seed(req.seed if req.seed is not None else int(time.time_ns() % 2**31))
         self.sampling = Sampling(req.max_new_tokens, req.temperature, req.top_k, req.top_p,
-                                 stop_ids=engine.stop_ids(req), generator=self.gen)
+                                 stop_ids=answer_stop_ids(engine.tokenizer, req.chat), generator=self.gen)
         self.row: Row | None = None
         self.shown = ""
         self.cancelled = False  # the client went away: the worker drops the row before its next step
@@ -1093,7 +1087,7 @@ class OpenAIRoutes:
             prompts = [ids[-block:] for ids in prompts]  # the context-window rule: a long prompt's last block_size
             # scored (lm-eval's loglikelihood: echo, logprobs, max_tokens 1): every answer carries its generated
             # tokens' entries after the prompt's, so end-of-text is scored as a token rather than ending the answer
-            stop_ids = () if tok.eot_id is None or scored else (tok.eot_id,)
+            stop_ids = () if scored else answer_stop_ids(tok, chat=False)
             jobs, queue = self.start(request, prompts, body, max_tokens, stop_ids, body.logprobs)
         scores = [await asyncio.to_thread(self.score, ids, body.logprobs) for ids in prompts] if scored else None
         n_prompt = sum(len(ids) for ids in prompts)  # the tokens the model saw, each prompt once whatever n
