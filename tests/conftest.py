@@ -26,6 +26,9 @@ def _offline_env(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("GPT_CACHE_DIR", str(cache))  # token caches shared by the tests of one session
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    # gpt.native's compiled kernels: one build per machine, also for subprocesses that get a HOME of their own
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", os.environ.get("TORCH_EXTENSIONS_DIR")
+                       or str(Path.home() / ".cache" / "torch_extensions"))
     for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
         monkeypatch.setenv(var, str(tmp_path_factory.getbasetemp() / "wandb"))
 

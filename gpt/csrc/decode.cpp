@@ -1,0 +1,179 @@
+// Matmuls for decoding on a CPU: y = x W^T (+ bias) for a few rows x (M, K) and a weight W (N, K) stored in
+// bfloat16 or int8 (one float32 scale per output row). At batch 1 such a matmul reads each weight once and does
+// two flops per weight read, so its speed is the rate at which the weight streams from memory. oneDNN's bf16
+// kernel and fbgemm's int8 one are built for large M: at M = 1 they take ~100 us for a block's 0.3-1.2 MB weight
+// (3-10 GB/s). Here every weight row is read once, straight from its nn.Linear layout: four rows at a time, 16
+// columns per AVX-512 instruction, products summed in float32 (a bf16 or int8 weight times a float32 input is
+// exact in float32, as in oneDNN), the output rounded once. Rows of the output are split over torch's threads.
+//
+// Built at run time by gpt/native.py with torch's C++ extension builder; x86-64 with AVX512F/BW/VL only (the
+// Python side checks the CPU before building and falls back to torch's kernels everywhere else).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kRows = 4;  // weight rows per block: four independent accumulators
+constexpr int64_t kAhead = 4;  // blocks prefetched ahead (a hint: 2 to 8 measured alike)
+
+inline __m512 widen(__m256i bf16) {  // 16 bfloat16 -> 16 float32 (exact: the bf16 bits are a float's top half)
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16), 16));
+}
+inline __m512 load(const at::BFloat16* p) { return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+inline __m512 load(const at::BFloat16* p, __mmask16 m) { return widen(_mm256_maskz_loadu_epi16(m, p)); }
+inline __m512 load(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+inline __m512 load(const int8_t* p, __mmask16 m) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p))); }
+
+// Rows [n0, n0 + rows) of W (rows <= kRows) times MM rows of X starting at row m0: the block's weights are loaded
+// and widened once for all MM inputs (MM * kRows accumulators: at most 16 of the 32 vector registers).
+template <int MM, typename T, typename Out>
+inline void block(const float* X, int64_t m0, const T* w, int64_t n0, int64_t rows, int64_t K, const Out& out) {
+  const int64_t full = K & ~int64_t{15};
+  const __mmask16 tail = static_cast<__mmask16>((1u << (K & 15)) - 1u);
+  const float* x = X + m0 * K;
+  __m512 acc[MM][kRows];
+  for (int i = 0; i < MM; ++i)
+    for (int r = 0; r < kRows; ++r) acc[i][r] = _mm512_setzero_ps();
+  if (rows == kRows) {
+    for (int64_t k = 0; k < full; k += 16) {
+      __m512 wv[kRows];
+      for (int r = 0; r < kRows; ++r) wv[r] = load(w + r * K + k);
+      for (int i = 0; i < MM; ++i) {
+        const __m512 xv = _mm512_loadu_ps(x + i * K + k);
+        for (int r = 0; r < kRows; ++r) acc[i][r] = _mm512_fmadd_ps(wv[r], xv, acc[i][r]);
+      }
+    }
+    if (tail) {
+      __m512 wv[kRows];
+      for (int r = 0; r < kRows; ++r) wv[r] = load(w + r * K + full, tail);
+      for (int i = 0; i < MM; ++i) {
+        const __m512 xv = _mm512_maskz_loadu_ps(tail, x + i * K + full);
+        for (int r = 0; r < kRows; ++r) acc[i][r] = _mm512_fmadd_ps(wv[r], xv, acc[i][r]);
+      }
+    }
+  } else {  // the last, partial block
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t k = 0; k < full; k += 16) {
+        const __m512 wv = load(w + r * K + k);
+        for (int i = 0; i < MM; ++i) acc[i][r] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + i * K + k), acc[i][r]);
+      }
+      if (tail) {
+        const __m512 wv = load(w + r * K + full, tail);
+        for (int i = 0; i < MM; ++i)
+          acc[i][r] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(tail, x + i * K + full), acc[i][r]);
+      }
+    }
+  }
+  for (int i = 0; i < MM; ++i)
+    for (int64_t r = 0; r < rows; ++r) out(m0 + i, n0 + r, _mm512_reduce_add_ps(acc[i][r]));
+}
+
+// out(m, n, dot) is called once per output element with the float32 dot product of row m of X and row n of W.
+template <typename T, typename Out>
+void matmul(const float* X, int64_t M, const T* W, int64_t N, int64_t K, const Out& out) {
+  const int64_t blocks = (N + kRows - 1) / kRows;
+  at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * kRows, rows = std::min(kRows, N - n0);
+      const T* w = W + n0 * K;
+      if (b + kAhead < b1) {  // ask for a later block's weights now: more of the stream in flight than the
+        const char* next = reinterpret_cast<const char*>(w + kAhead * kRows * K);  // hardware prefetcher keeps
+        for (int64_t i = 0; i < int64_t(kRows * K * sizeof(T)); i += 64) _mm_prefetch(next + i, _MM_HINT_T0);
+      }
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {  // inputs four at a time; the block's weights stay in L1 meanwhile
+        switch (std::min<int64_t>(4, M - m0)) {
+          case 1: block<1>(X, m0, w, n0, rows, K, out); break;
+          case 2: block<2>(X, m0, w, n0, rows, K, out); break;
+          case 3: block<3>(X, m0, w, n0, rows, K, out); break;
+          default: block<4>(X, m0, w, n0, rows, K, out); break;
+        }
+      }
+    }
+  });
+}
+
+void check(const torch::Tensor& x, const torch::Tensor& w, at::ScalarType wtype) {
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "decode kernels run on the CPU");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "x (M, K) and weight (N, K) expected, got ",
+              x.sizes(), " and ", w.sizes());
+  TORCH_CHECK(w.scalar_type() == wtype && w.is_contiguous(), "a contiguous ", wtype, " weight expected");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "float32 or bfloat16 input expected");
+}
+
+// The input as contiguous float32 rows: a float32 x as it is, a bf16 one widened into `buf` (no tensor ops: a decode
+// step makes 25 of these calls, and each dispatched conversion costs microseconds).
+const float* as_float(const torch::Tensor& x, std::vector<float>& buf) {
+  if (x.scalar_type() == at::kFloat && x.is_contiguous()) return x.data_ptr<float>();
+  const torch::Tensor c = x.contiguous();
+  buf.resize(c.numel());
+  if (c.scalar_type() == at::kFloat) {
+    std::copy(c.data_ptr<float>(), c.data_ptr<float>() + c.numel(), buf.begin());
+  } else {
+    const at::BFloat16* p = c.data_ptr<at::BFloat16>();
+    for (int64_t i = 0; i < c.numel(); ++i) buf[i] = static_cast<float>(p[i]);
+  }
+  return buf.data();
+}
+
+// A float32 or bf16 (N,) vector, read element by element (a bias or the int8 scales); absent: 0.
+struct Vec {
+  const float* f = nullptr;
+  const at::BFloat16* b = nullptr;
+  Vec(const c10::optional<torch::Tensor>& t, int64_t n) {
+    if (!t.has_value() || !t->defined()) return;
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == n && t->is_contiguous(), "a contiguous (", n, ",) vector expected, got ",
+                t->sizes());
+    TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kBFloat16, "a float32 or bf16 vector expected");
+    if (t->scalar_type() == at::kFloat) f = t->data_ptr<float>(); else b = t->data_ptr<at::BFloat16>();
+  }
+  bool present() const { return f || b; }
+  float operator[](int64_t i) const { return f ? f[i] : (b ? static_cast<float>(b[i]) : 0.f); }
+};
+
+}  // namespace
+
+// x (M, K) float32 or bfloat16, weight (N, K) bfloat16, bias (N,) or None -> (M, N) in x's dtype.
+torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias) {
+  check(x, weight, at::kBFloat16);
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  std::vector<float> buf;
+  const float* X = as_float(x, buf);
+  const Vec B(bias, N);
+  torch::Tensor y = torch::empty({M, N}, x.options());
+  const at::BFloat16* W = weight.data_ptr<at::BFloat16>();
+  if (y.scalar_type() == at::kBFloat16) {
+    at::BFloat16* Y = y.data_ptr<at::BFloat16>();
+    matmul(X, M, W, N, K, [&](int64_t m, int64_t n, float s) { Y[m * N + n] = at::BFloat16(s + B[n]); });  // rounded once
+  } else {
+    float* Y = y.data_ptr<float>();
+    matmul(X, M, W, N, K, [&](int64_t m, int64_t n, float s) { Y[m * N + n] = s + B[n]; });
+  }
+  return y;
+}
+
+// x (M, K) float32 or bfloat16, weight (N, K) int8, scales (N,) float32, bias (N,) or None -> (M, N) float32:
+// x (weight * scales[:, None])^T + bias.
+torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scales,
+                          const c10::optional<torch::Tensor>& bias) {
+  check(x, weight, at::kChar);
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  std::vector<float> buf;
+  const float* X = as_float(x, buf);
+  const Vec B(bias, N), S(scales, N);
+  torch::Tensor y = torch::empty({M, N}, x.options().dtype(at::kFloat));
+  float* Y = y.data_ptr<float>();
+  matmul(X, M, weight.data_ptr<int8_t>(), N, K, [&](int64_t m, int64_t n, float d) { Y[m * N + n] = d * S[n] + B[n]; });
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("linear_bf16", &linear_bf16, "x (M, K) @ bf16 weight (N, K)^T + bias");
+  m.def("linear_int8", &linear_int8, "x (M, K) @ (int8 weight (N, K) * scales)^T + bias");
+}

@@ -1,0 +1,206 @@
+"""gpt.native's compiled decode kernels (gpt/csrc/decode.cpp): equal to a float32 matmul up to the order of the
+float32 sums, used by PackedLinear (bf16) and Int8Linear (int8) for calls of a few rows only, and a clean
+fallback to torch's kernels wherever they cannot be built or used."""
+
+import copy
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt import native
+from gpt.engine import last_logits
+from gpt.inference import PackedLinear, pack_linears
+from gpt.model import GPT
+from gpt.quantize import Int8Linear, quantize_int8, quantize_weight
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    k = native.kernels()
+    if k is None:
+        pytest.skip(f"native decode kernels unavailable here: {native.reason()}")
+    return k
+
+
+@pytest.fixture
+def fresh_state(monkeypatch):
+    """native.kernels() decides again (and decides for this test only)."""
+    monkeypatch.setattr(native, "_state", {})
+
+
+# K: a multiple of 16, below it, a tail of 1 and of 15; N: partial blocks of 1 to 3 rows; M: 1 to 4 and one more
+SHAPES = [(1, 8, 16), (1, 13, 37), (2, 5, 1), (3, 64, 384), (4, 7, 15), (5, 130, 33), (9, 3, 48)]
+
+
+@pytest.mark.parametrize("M,N,K", SHAPES)
+def test_bf16_kernel_equals_a_float32_matmul_of_the_same_values(kernels, M, N, K):
+    torch.manual_seed(M * 100 + N)
+    x, w, b = torch.randn(M, K), torch.randn(N, K).bfloat16(), torch.randn(N)
+    want = F.linear(x, w.float(), b)  # float32 products of the bf16 weight are exact; only the sums' order differs
+    got = kernels.linear_bf16(x, w, b)
+    assert got.dtype is torch.float32 and got.shape == (M, N)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * K ** 0.5)
+    nobias = kernels.linear_bf16(x, w, None)
+    torch.testing.assert_close(nobias, want - b, rtol=1e-5, atol=1e-5 * K ** 0.5)
+    # bf16 input, bf16 bias -> bf16 output: the float32 result rounded once (at most one bf16 step away from the
+    # rounding of `want`, where the two float32 sums straddle a rounding boundary)
+    xb, bb = x.bfloat16(), b.bfloat16()
+    got = kernels.linear_bf16(xb, w, bb)
+    want = F.linear(xb.float(), w.float(), bb.float())
+    assert got.dtype is torch.bfloat16
+    step = want.abs().clamp(min=1e-30) * 2.0 ** -7  # one bf16 ulp or less
+    assert ((got.float() - want).abs() <= step + 1e-6).all()
+
+
+@pytest.mark.parametrize("M,N,K", SHAPES)
+def test_int8_kernel_equals_the_dequantized_matmul(kernels, M, N, K):
+    torch.manual_seed(M * 100 + N)
+    q, s = quantize_weight(torch.randn(N, K))
+    x, b = torch.randn(M, K), torch.randn(N)
+    want = F.linear(x, q.float() * s[:, None], b)
+    got = kernels.linear_int8(x, q, s, b)
+    assert got.dtype is torch.float32 and got.shape == (M, N)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * K ** 0.5)
+    torch.testing.assert_close(kernels.linear_int8(x.bfloat16(), q, s, None), F.linear(x.bfloat16().float(), q.float() * s[:, None]),
+                               rtol=1e-5, atol=1e-5 * K ** 0.5)
+
+
+def test_kernels_refuse_bad_arguments_with_a_message(kernels):
+    w = torch.randn(4, 16).bfloat16()
+    with pytest.raises(RuntimeError, match="x \\(M, K\\) and weight \\(N, K\\) expected"):
+        kernels.linear_bf16(torch.randn(1, 8), w, None)
+    with pytest.raises(RuntimeError, match="weight expected"):
+        kernels.linear_bf16(torch.randn(1, 16), w.float(), None)
+    with pytest.raises(RuntimeError, match="vector expected"):
+        kernels.linear_bf16(torch.randn(1, 16), w, torch.randn(3))
+    with pytest.raises(RuntimeError, match="weight expected"):
+        kernels.linear_int8(torch.randn(1, 16), w, torch.ones(4), None)
+
+
+class _Spy:
+    """Wraps the kernel module and counts the rows of each call."""
+
+    def __init__(self, inner):
+        self.inner, self.rows = inner, []
+
+    def __getattr__(self, name):
+        fn = getattr(self.inner, name)
+
+        def call(x, *args):
+            self.rows.append(x.size(0))
+            return fn(x, *args)
+        return call
+
+
+def test_bf16_layers_send_a_few_rows_to_the_kernel_and_more_to_onednn(kernels):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(48, 40), torch.nn.Linear(40, 9000, bias=False)).bfloat16().eval()
+    if pack_linears(model) != 2:
+        pytest.skip("oneDNN cannot prepack bf16 weights here")
+    block, wide = model
+    assert isinstance(block, PackedLinear) and block._native is kernels and block._native_rows == 4
+    assert wide._native is None  # an output-layer-wide matmul stays with oneDNN (native.max_rows)
+    spy = block._native = _Spy(kernels)
+    with torch.no_grad():
+        for rows in (1, 3, 4, 5, 16):
+            x = torch.randn(rows, 1, 48).bfloat16()
+            got = block(x)
+            want = F.linear(x.float(), block.weight.float(), block.bias.float())
+            assert got.shape == (rows, 1, 40) and got.dtype is torch.bfloat16
+            torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+    assert spy.rows == [1, 3, 4]  # the 5- and 16-row calls went to oneDNN
+    with torch.enable_grad():  # autograd: plain F.linear, never the kernel
+        block.weight.requires_grad_(True)
+        block(torch.randn(1, 48).bfloat16()).sum().backward()
+    assert spy.rows == [1, 3, 4] and block.weight.grad is not None
+
+
+def test_int8_layers_send_a_few_rows_to_the_kernel_and_more_to_the_other_kernel(kernels):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 96)
+    m = Int8Linear.from_linear(lin)
+    assert m._native is kernels and "native (up to 4 rows)" in repr(m)
+    assert Int8Linear.from_linear(lin, ("fbgemm", "dequant"))._native is None  # not asked for
+    spy = m._native = _Spy(kernels)
+    with torch.no_grad():
+        for rows in (1, 2, 4, 6):
+            x = torch.randn(rows, 64)
+            torch.testing.assert_close(m(x), F.linear(x, m.dequantized(), m.bias), rtol=0.03, atol=0.03)
+    assert spy.rows == [1, 2, 4]
+    out = Int8Linear.from_linear(torch.nn.Linear(64, 9000))
+    assert out._native is None and "native" not in repr(out)
+
+
+def test_a_decode_step_with_the_kernels_gives_the_logits_of_torchs_kernels(kernels):
+    """Whole models, one token at a time over a KV cache: bf16 (PackedLinear) and int8 (Int8Linear) with the native
+    kernel for their one-row matmuls, against the same model without it: bf16 on oneDNN (equal up to bf16 rounding),
+    int8 on the dequantized float32 matmul (fbgemm would quantize the activations too; equal up to float32 sums)."""
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=96, block_size=32, n_layer=2, n_head=2, n_embd=64, bias=True)
+    bf16 = GPT(**cfg).eval().requires_grad_(False).to(torch.bfloat16)
+    pack_linears(bf16)
+    int8 = quantize_int8(GPT(**cfg))
+    int8_ref = copy.deepcopy(int8)
+    for model, prefer in ((int8, ("native", "dequant")), (int8_ref, ("dequant",))):  # the prompt's 6 rows: dequant
+        for m in model.modules():
+            if isinstance(m, Int8Linear):
+                m.prefer = prefer
+                m.setup()
+    bf16_ref = copy.deepcopy(bf16)  # PackedLinear repacks on copy
+    for m in bf16_ref.modules():
+        m._native = None
+    prompt = torch.randint(0, 96, (1, 6))
+    for model, ref, tol in ((bf16, bf16_ref, 0.05), (int8, int8_ref, 1e-5)):
+        layers = [m for m in model.modules() if getattr(m, "_native", None) is not None]
+        assert len(layers) == 4 * 2 + 1  # every block matmul and the output layer (96 rows: narrow)
+        assert not any(getattr(m, "_native", None) for m in ref.modules())
+        runs = []
+        for m in (model, ref):
+            cache, out = m.new_cache(1), []
+            with torch.no_grad():
+                logits = last_logits(m, prompt, cache)
+                for t in range(5):
+                    out.append(logits.float())
+                    logits = last_logits(m, prompt[:, t:t + 1], cache)  # one row: the kernel's calls
+            runs.append(torch.cat(out))
+        assert (runs[0] - runs[1]).abs().max() <= tol * runs[1].abs().max()
+
+
+def test_switched_off_by_the_environment(fresh_state, monkeypatch):
+    monkeypatch.setenv(native.ENV, "0")
+    assert native.kernels() is None and native.reason() == f"{native.ENV}=0"
+    lin = torch.nn.Linear(32, 16).bfloat16().eval()
+    if pack_linears(torch.nn.Sequential(lin)) == 1:
+        assert lin._native is None  # oneDNN only
+    assert Int8Linear.from_linear(torch.nn.Linear(32, 16))._native is None
+
+
+def test_a_failed_build_falls_back_with_one_log_line(fresh_state, monkeypatch, caplog):
+    monkeypatch.delenv(native.ENV, raising=False)
+    monkeypatch.setattr(native, "unavailable_reason", lambda: None)
+
+    def no_compiler():
+        raise RuntimeError("Error building extension 'gpt_decode':\n c++: not found")
+    monkeypatch.setattr(native, "_build", no_compiler)
+    with caplog.at_level(logging.INFO, logger="gpt.native"):
+        assert native.kernels() is None
+        assert native.kernels() is None  # decided once
+    assert native.reason() == "Error building extension 'gpt_decode': c++: not found"
+    lines = [r.getMessage() for r in caplog.records if "not used" in r.getMessage()]
+    assert lines == ["native decode kernels not used (Error building extension 'gpt_decode': c++: not found): "
+                     "torch's kernels decode instead"]
+    m = Int8Linear.from_linear(torch.nn.Linear(32, 16))
+    x = torch.randn(1, 32)
+    assert m._native is None and torch.allclose(m(x), F.linear(x, m.dequantized(), m.bias), atol=0.05)
+
+
+def test_unavailable_where_the_cpu_lacks_avx512(monkeypatch):
+    monkeypatch.delenv(native.ENV, raising=False)
+    monkeypatch.setattr(native.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(native.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(native, "cpu_flags", lambda: {"avx2", "fma", "avx512f"})
+    assert native.unavailable_reason() == "this CPU lacks avx512bw, avx512vl"
+    monkeypatch.setattr(native.platform, "machine", lambda: "aarch64")
+    assert "not Linux on aarch64" in native.unavailable_reason()
