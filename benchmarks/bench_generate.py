@@ -3,7 +3,7 @@ gpt.inference.load_for_inference from a checkpoint with infer.py's `dtype` optio
 autocast; auto = bf16 weights where the CPU has bf16 instructions, prepacked for oneDNN), KV cache, top-k
 sampling, against Hugging Face transformers' generate(use_cache=True) on the same weights and shapes in the
 same process; also fp32, int8, the previous default (fp32 weights under bf16 autocast), the previous int8
-(torch.ao quantize_dynamic modules) and full recomputation without a cache (nanoGPT's generate algorithm). Then the time of one decode step (model +
+(torch.ao quantize_dynamic modules), bf16 and int8 with torch's kernels only (gpt.native's off: what its kernels add) and full recomputation without a cache (nanoGPT's generate algorithm). Then the time of one decode step (model +
 sampling) when the cache already holds 64, 512 and block_size - 1 tokens, and the perplexity cost of int8.
 
     python benchmarks/bench_generate.py                  # 6 layers, 6 heads, 384 wide, vocab 50304
@@ -47,6 +47,14 @@ def ao_int8(model):
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
     return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8).eval()
+
+
+def torch_kernels_only(model):
+    """The model with gpt.native's kernel switched off in every layer (as GPT_NATIVE_KERNELS=0 would load it)."""
+    for m in model.modules():
+        if getattr(m, "_native", None) is not None:
+            m._native = None
+    return model
 
 
 def per_token_ms(model, positions: list[int], top_k: int, autocast=contextlib.nullcontext,
@@ -114,11 +122,18 @@ def kernel_paths(models: dict) -> str:
     for name, (model, _) in models.items():
         packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
         int8 = sorted({getattr(m, "kernel", "?") for m in model.modules() if isinstance(m, Int8Linear)})
+        own = [m for m in model.modules() if getattr(m, "_native", None) is not None]
+        small = (f"; {len(own)} of them take gpt.native's AVX-512 kernel for calls of at most "
+                 f"{max(m._native_rows for m in own)} rows" if own else "")
         if packed:
             out.append(f"{name}: {sum(m._packed is not None for m in packed)} of {len(packed)} linear layers "
-                       "prepacked for oneDNN")
+                       f"prepacked for oneDNN{small}")
         if int8:
-            out.append(f"{name}: int8 kernel {', '.join(int8)}")
+            out.append(f"{name}: int8 kernel {', '.join(int8)}{small}")
+    from gpt import native
+
+    if native.kernels() is None:
+        out.append(f"gpt.native's kernels not used: {native.reason()}")
     return "\n".join(out)
 
 
@@ -160,6 +175,9 @@ def main() -> None:
                                                           lambda: torch.autocast("cpu", dtype=torch.bfloat16)),
         "previous int8: torch.ao quantize_dynamic modules": (ao_int8(load_for_inference(path, dtype="float32")[0]),
                                                               None),
+        # the same two paths with torch's kernels only (oneDNN / fbgemm for every call): what gpt.native adds
+        f"ours dtype=auto, torch's kernels only": (torch_kernels_only(load_for_inference(path, dtype="auto")[0]), None),
+        "ours int8, torch's kernels only": (torch_kernels_only(load_for_inference(path, quantize="int8")[0]), None),
     }
     names = list(models)
     prompt = torch.randint(0, args.vocab, (1, args.prompt_len))
@@ -210,7 +228,8 @@ def main() -> None:
     i8, a, f = best[names[2]], best[names[0]], best[names[1]]
     print(f"\nint8 vs our fp32: {i8 / f:.2f}x; int8 vs our dtype=auto: {i8 / a:.2f}x; "
           f"dtype=auto vs the previous default: {a / best[names[3]]:.2f}x; "
-          f"int8 vs the previous int8: {i8 / best[names[4]]:.2f}x")
+          f"int8 vs the previous int8: {i8 / best[names[4]]:.2f}x; gpt.native's kernels: dtype=auto "
+          f"{a / best[names[5]]:.2f}x, int8 {i8 / best[names[6]]:.2f}x of torch's kernels only")
 
     positions = [p for p in (64, 512, args.block_size - 1) if p < args.block_size]
     print("\n| decode step (model + top-k sampling), ms | " + " | ".join(f"pos {p}" for p in positions)

@@ -84,8 +84,10 @@ void matmul(const float* X, int64_t M, const T* W, int64_t N, int64_t K, const O
       const int64_t n0 = b * kRows, rows = std::min(kRows, N - n0);
       const T* w = W + n0 * K;
       if (b + kAhead < b1) {  // ask for a later block's weights now: more of the stream in flight than the
-        const char* next = reinterpret_cast<const char*>(w + kAhead * kRows * K);  // hardware prefetcher keeps
-        for (int64_t i = 0; i < int64_t(kRows * K * sizeof(T)); i += 64) _mm_prefetch(next + i, _MM_HINT_T0);
+        const int64_t ahead = n0 + kAhead * kRows;  // hardware prefetcher keeps
+        const char* next = reinterpret_cast<const char*>(W + ahead * K);
+        const int64_t bytes = std::min(kRows, N - ahead) * K * int64_t(sizeof(T));
+        for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(next + i, _MM_HINT_T0);
       }
       for (int64_t m0 = 0; m0 < M; m0 += 4) {  // inputs four at a time; the block's weights stay in L1 meanwhile
         switch (std::min<int64_t>(4, M - m0)) {
