@@ -84,9 +84,9 @@ class PackedLinear(nn.Linear):
             return False
         self._packed, self._packed_dtype, self._packed_version = packed, w.dtype, self.weight._version
         self._native, self._native_rows = None, native.max_rows(w.size(0))
-        kernels = native.kernels() if self._native_rows else None
+        kernels = native.kernels() if self._native_rows and w.is_contiguous() else None
         if kernels is not None:
-            got = kernels.linear_bf16(x, w.contiguous(), self.bias)
+            got = kernels.linear_bf16(x, w, self.bias)
             if got.shape == want.shape and torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2):
                 self._native = kernels
         return True
@@ -105,8 +105,9 @@ class PackedLinear(nn.Linear):
         p = self._packed
         if (p is not None and x.dtype == self._packed_dtype and x.device.type == "cpu"
                 and self.weight._version == self._packed_version and self.weight.dtype == self._packed_dtype
-                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
-            if self._native is not None and x.numel() <= self._native_rows * x.size(-1):
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad
+                                                       or (self.bias is not None and self.bias.requires_grad)))):
+            if self._native is not None and x.size(-1) == self.in_features and x.numel() <= self._native_rows * x.size(-1):
                 w = self._scored()
                 return self._native.linear_bf16(x.reshape(-1, w.size(1)), w, self.bias).view(*x.shape[:-1], w.size(0))
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), p, self.bias, "none", [], "")

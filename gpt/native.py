@@ -7,7 +7,8 @@ weights stream from memory. torch's CPU kernels (oneDNN bf16, fbgemm int8) are b
 gives ~25. The native kernel reads each weight row once, in nn.Linear's own layout, with AVX-512.
 
 The kernels are compiled on first use with torch's C++ extension builder (a C++ compiler and ninja; ~40 s, once
-per machine and torch version, kept in torch's extension cache, $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions).
+per machine, Python and torch version, kept in torch's extension cache, $TORCH_EXTENSIONS_DIR or
+~/.cache/torch_extensions).
 They are used only where they can run: Linux on x86-64 with AVX512F/BW/VL. Anywhere else, or when the build
 fails (no compiler: the reason is logged in one line), or with GPT_NATIVE_KERNELS=0 in the environment, the
 same layers use torch's kernels, with results equal up to float rounding.
@@ -19,6 +20,7 @@ import hashlib
 import logging
 import os
 import platform
+import sys
 import threading
 from pathlib import Path
 
@@ -70,7 +72,7 @@ def kernels():
             try:
                 _state["module"] = _build()
             except Exception as e:  # no compiler, no ninja, a failed compile: torch's kernels instead
-                reason = " ".join(str(e).split())[:300] or type(e).__name__
+                reason = _one_line(e)
         if reason is not None:
             _state["reason"] = reason
             log.info("native decode kernels not used (%s): torch's kernels decode instead", reason)
@@ -82,13 +84,43 @@ def reason() -> str | None:
     return _state.get("reason")
 
 
+def _one_line(e: Exception, limit: int = 300) -> str:
+    """An exception as one log line. A failed build's message starts with ninja's long compile command; the
+    compiler's own error comes last, so a long message keeps its end."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else "..." + text[-limit:]
+
+
+def extension_name() -> str:
+    """The kernels' module name: a digest of the source, the flags and the torch and Python versions."""
+    key = SOURCE.read_bytes() + " ".join(CFLAGS).encode() + torch.__version__.encode() + sys.version.encode()
+    return f"gpt_decode_{hashlib.sha256(key).hexdigest()[:16]}"
+
+
+def build_directory(name: str) -> Path:
+    """Where the kernels `name` are built and kept: torch's extension cache ($TORCH_EXTENSIONS_DIR, else
+    ~/.cache/torch_extensions), in a folder of this Python version."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
+    return Path(root) / f"py{sys.version_info.major}{sys.version_info.minor}_cpu" / name
+
+
 def _build():
+    import fcntl
+
     from torch.utils.cpp_extension import load
 
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() + torch.__version__.encode()).hexdigest()
-    name = f"gpt_decode_{digest[:16]}"
+    name = extension_name()
+    folder = build_directory(name)
+    folder.mkdir(parents=True, exist_ok=True)
     log.info("loading the native decode kernels %s (compiled on first use: ~40 s)", name)
-    return load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
+    # One build at a time across processes, under a lock the system releases when its holder dies. torch's own
+    # lock file would stay behind a build that was killed (and make every later load wait forever): holding
+    # ours, no build of ours is running, so a torch lock found in the folder is such a leftover.
+    with open(folder / "gpt-build.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        (folder / "lock").unlink(missing_ok=True)
+        return load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+                    build_directory=str(folder), verbose=False)
 
 
 def max_rows(out_features: int) -> int:

@@ -151,11 +151,13 @@ class Int8Linear(nn.Module):
     def rows_independent(self) -> bool:
         """Whether each row's output depends on that row alone. Not with fbgemm's dynamic kernel: it quantizes a
         call's activations with one scale over all of its rows (gpt.engine then prefills joining prompts in
-        forwards of their own instead of packing them into the decode step's)."""
-        return self.kernel != "fbgemm"
+        forwards of their own instead of packing them into the decode step's). Nor where a few rows take the
+        native kernel and more rows int8pack (bf16 activations): a row's output would depend on its call's size."""
+        return self.kernel != "fbgemm" and (self._native is None or self.kernel == "dequant")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # lean: a decode step makes 25 of these calls
-        if self._native is not None and x.numel() <= self._native_rows * self.in_features:
+        if (self._native is not None and x.size(-1) == self.in_features and x.numel() <= self._native_rows * self.in_features
+                and x.dtype in (torch.float32, torch.bfloat16) and not (torch.is_grad_enabled() and x.requires_grad)):
             y = self._native.linear_int8(x.reshape(-1, self.in_features), self.weight, self.scales, self.bias)
             return y.view(*x.shape[:-1], self.out_features)
         if self._fbgemm:  # the op takes any leading dims and a float32 input

@@ -140,7 +140,8 @@ def test_a_decode_step_with_the_kernels_gives_the_logits_of_torchs_kernels(kerne
     torch.manual_seed(0)
     cfg = dict(vocab_size=96, block_size=32, n_layer=2, n_head=2, n_embd=64, bias=True)
     bf16 = GPT(**cfg).eval().requires_grad_(False).to(torch.bfloat16)
-    pack_linears(bf16)
+    if pack_linears(bf16) != 4 * 2 + 1:
+        pytest.skip("oneDNN cannot prepack bf16 weights here")
     int8 = quantize_int8(GPT(**cfg))
     int8_ref = copy.deepcopy(int8)
     for model, prefer in ((int8, ("native", "dequant")), (int8_ref, ("dequant",))):  # the prompt's 6 rows: dequant
@@ -152,7 +153,7 @@ def test_a_decode_step_with_the_kernels_gives_the_logits_of_torchs_kernels(kerne
     for m in bf16_ref.modules():
         m._native = None
     prompt = torch.randint(0, 96, (1, 6))
-    for model, ref, tol in ((bf16, bf16_ref, 0.05), (int8, int8_ref, 1e-5)):
+    for model, ref, tol in ((bf16, bf16_ref, 0.01), (int8, int8_ref, 1e-5)):  # bf16: an ulp or two
         layers = [m for m in model.modules() if getattr(m, "_native", None) is not None]
         assert len(layers) == 4 * 2 + 1  # every block matmul and the output layer (96 rows: narrow)
         assert not any(getattr(m, "_native", None) for m in ref.modules())
@@ -181,16 +182,18 @@ def test_a_failed_build_falls_back_with_one_log_line(fresh_state, monkeypatch, c
     monkeypatch.delenv(native.ENV, raising=False)
     monkeypatch.setattr(native, "unavailable_reason", lambda: None)
 
-    def no_compiler():
-        raise RuntimeError("Error building extension 'gpt_decode':\n c++: not found")
+    command = "[1/2] c++ -MMD -MF decode.o.d " + " ".join(f"-isystem /include/{i}" for i in range(40))
+    def no_compiler():  # ninja's message: the long compile command first, the compiler's error last
+        raise RuntimeError(f"Error building extension 'gpt_decode':\n{command}\nFAILED: decode.o\n c++: not found")
     monkeypatch.setattr(native, "_build", no_compiler)
     with caplog.at_level(logging.INFO, logger="gpt.native"):
         assert native.kernels() is None
         assert native.kernels() is None  # decided once
-    assert native.reason() == "Error building extension 'gpt_decode': c++: not found"
+    reason = native.reason()
+    assert reason.startswith("...") and reason.endswith("FAILED: decode.o c++: not found") and len(reason) <= 303
     lines = [r.getMessage() for r in caplog.records if "not used" in r.getMessage()]
-    assert lines == ["native decode kernels not used (Error building extension 'gpt_decode': c++: not found): "
-                     "torch's kernels decode instead"]
+    assert lines == [f"native decode kernels not used ({reason}): torch's kernels decode instead"]
+    assert "\n" not in lines[0]
     m = Int8Linear.from_linear(torch.nn.Linear(32, 16))
     x = torch.randn(1, 32)
     assert m._native is None and torch.allclose(m(x), F.linear(x, m.dequantized(), m.bias), atol=0.05)
@@ -204,3 +207,40 @@ def test_unavailable_where_the_cpu_lacks_avx512(monkeypatch):
     assert native.unavailable_reason() == "this CPU lacks avx512bw, avx512vl"
     monkeypatch.setattr(native.platform, "machine", lambda: "aarch64")
     assert "not Linux on aarch64" in native.unavailable_reason()
+
+
+def test_layers_keep_autograd_dtypes_and_shape_errors_of_their_torch_paths(kernels):
+    """A few rows that need a gradient, a float16 or float64 input, or the wrong width never reach the kernel."""
+    torch.manual_seed(0)
+    m = Int8Linear.from_linear(torch.nn.Linear(32, 16), ("native", "dequant"))
+    assert m._native is kernels
+    x = torch.randn(1, 32, requires_grad=True)
+    m(x).sum().backward()  # the dequantized matmul, differentiable in x (fbgemm's is not)
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    for dtype in (torch.float16, torch.float64):
+        assert m(torch.randn(1, 32, dtype=dtype)).shape == (1, 16)
+    with pytest.raises(RuntimeError):  # not read as two rows of 32
+        m(torch.randn(1, 64))
+    seq = torch.nn.Sequential(torch.nn.Linear(32, 16)).bfloat16()
+    if pack_linears(seq) != 1:
+        pytest.skip("oneDNN cannot prepack bf16 weights here")
+    lin = seq[0]
+    lin.weight.requires_grad_(False)
+    lin.bias.requires_grad_(True)  # a trainable bias alone still needs autograd
+    lin(torch.randn(1, 32).bfloat16()).sum().backward()
+    assert lin.bias.grad is not None
+    with pytest.raises(RuntimeError):
+        lin(torch.randn(1, 64).bfloat16())
+
+
+def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_load(kernels, fresh_state):
+    """torch's build lock stays behind a build that was killed; under its own lock native removes it."""
+    import threading
+
+    folder = native.build_directory(native.extension_name())
+    (folder / "lock").touch()
+    done = []
+    t = threading.Thread(target=lambda: done.append(native.kernels()), daemon=True)
+    t.start()
+    t.join(timeout=240)
+    assert done and done[0] is not None and not (folder / "lock").exists()
