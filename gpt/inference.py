@@ -16,7 +16,7 @@ from gpt.errors import UserError
 from gpt.engine import DecodeEngine, Sampling, complete
 from gpt import native
 from gpt.heads import Classifier
-from gpt.model import OutputHead
+from gpt.model import CausalSelfAttention, OutputHead
 from gpt.precision import DTYPES, cpu_has_fast_bf16
 from gpt.tokenizer import from_identity
 
@@ -172,7 +172,20 @@ def load_for_inference(path: str, device: str = "cpu", quantize: str | None = No
             if torch.device(device).type == "cpu":
                 pack_linears(model)
     model.eval().requires_grad_(False)
+    if torch.device(device).type == "cpu" or quantize == "int8" or ckpt.get("quantized"):
+        native_attention(model)
     return model, tokenizer, ckpt
+
+
+def native_attention(model: nn.Module) -> int:
+    """Let the model's attention layers take gpt.native's fused kernel for one-token decode steps over a KV cache
+    (see CausalSelfAttention.native_decode) where the kernels run here -> how many layers will."""
+    if native.kernels() is None:
+        return 0
+    layers = [m for m in model.modules() if isinstance(m, CausalSelfAttention)]
+    for m in layers:
+        m.native_decode = True
+    return len(layers)
 
 
 def is_quantized(model) -> bool:

@@ -79,6 +79,11 @@ def kernels():
         return _state["module"]
 
 
+def loaded():
+    """The kernel module if `kernels()` has loaded it, else None (never builds: for the hot path)."""
+    return _state.get("module")
+
+
 def reason() -> str | None:
     """After `kernels()`: why they are not used, or None."""
     return _state.get("reason")

@@ -244,3 +244,84 @@ def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_load(kernels, fres
     t.start()
     t.join(timeout=240)
     assert done and done[0] is not None and not (folder / "lock").exists()
+
+
+@pytest.mark.parametrize("dtype,cache_dtype,H,Hkv", [(torch.float32, torch.float32, 4, 4), (torch.bfloat16, torch.bfloat16, 4, 2),
+                                                     (torch.float32, torch.bfloat16, 6, 3), (torch.bfloat16, torch.float32, 2, 1)])
+def test_attention_kernel_writes_the_cache_and_equals_sdpa(kernels, dtype, cache_dtype, H, Hkv):
+    torch.manual_seed(H * 10 + Hkv)
+    B, D, L = 2, 32, 40
+    for pos in (0, 17, L - 1):
+        kc, vc = torch.randn(B, Hkv, L, D).to(cache_dtype), torch.randn(B, Hkv, L, D).to(cache_dtype)
+        qkv = torch.randn(B, (H + 2 * Hkv) * D).to(dtype)
+        k_want, v_want = kc.clone(), vc.clone()
+        q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=1)
+        k_want[:, :, pos], v_want[:, :, pos] = k.view(B, Hkv, D).to(cache_dtype), v.view(B, Hkv, D).to(cache_dtype)
+        want = F.scaled_dot_product_attention(q.float().view(B, H, 1, D), k_want[:, :, :pos + 1].float(),
+                                              v_want[:, :, :pos + 1].float(), enable_gqa=True).view(B, H * D)
+        got = kernels.attend_new(qkv, kc, vc, H, pos)
+        assert got.dtype is dtype and got.shape == (B, H * D)
+        assert torch.equal(kc, k_want) and torch.equal(vc, v_want)  # the new keys and values, nothing else
+        tol = 1e-5 if dtype is torch.float32 else 2.0 ** -7 * want.abs().max().item()  # bf16 output: one rounding
+        assert (got.float() - want).abs().max() <= tol
+
+
+def test_attention_kernel_refuses_what_it_cannot_do(kernels):
+    kc = torch.zeros(1, 2, 8, 32)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        kernels.attend_new(torch.randn(1, 6 * 32), kc, kc.clone(), 2, 8)
+    with pytest.raises(RuntimeError, match="shapes do not fit"):
+        kernels.attend_new(torch.randn(1, 5 * 32), kc, kc.clone(), 2, 0)
+    odd = torch.zeros(1, 2, 8, 24)  # head size not a multiple of 16
+    with pytest.raises(RuntimeError, match="shapes do not fit"):
+        kernels.attend_new(torch.randn(1, 6 * 24), odd, odd.clone(), 2, 0)
+
+
+@pytest.mark.parametrize("arch", [{}, {"n_kv_head": 1}, {"pos": "rope"}, {"qk_norm": True}, {"attn_impl": "eager"}])
+def test_decode_with_the_attention_kernel_equals_decode_without_it(kernels, arch, monkeypatch):
+    """Models whose attention the kernel serves (learned positions, GQA) decode to the same logits and cache as
+    without it; for the others (rotary positions, QK-norm, explicit attention) the flag changes nothing at all."""
+    from gpt.inference import native_attention
+
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=64, block_size=24, n_layer=2, n_head=2, n_embd=64, **arch)
+    model = GPT(**cfg).eval()
+    served = copy.deepcopy(model)
+    assert native_attention(served) == 2 and all(m.attn.native_decode for m in served.transformer.h)
+    prompt = torch.randint(0, 64, (2, 5))
+    spy = _Spy(kernels)
+    monkeypatch.setattr(native, "loaded", lambda: spy)
+    runs = []
+    for m in (model, served):
+        cache, out = m.new_cache(2), []
+        with torch.no_grad():
+            logits = last_logits(m, prompt, cache)
+            for t in range(24 - 5):
+                out.append(logits)
+                logits = last_logits(m, logits.argmax(-1, keepdim=True), cache)
+            with pytest.raises(ValueError, match="exceeds block_size|KV cache overflow"):
+                last_logits(m, logits.argmax(-1, keepdim=True), cache)
+        runs.append((torch.stack(out), cache.k.clone(), cache.v.clone()))
+    (a, ka, va), (b, kb, vb) = runs
+    served_kernel = not any(arch.get(k) for k in ("pos", "qk_norm", "attn_impl"))
+    assert len(spy.rows) == (2 * (24 - 5) if served_kernel else 0)  # 2 layers x 19 one-token steps of 2 rows
+    assert set(spy.rows) <= {2}
+    if served_kernel:
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(kb, ka, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(vb, va, rtol=1e-5, atol=1e-6)
+    else:
+        assert torch.equal(a, b) and torch.equal(ka, kb) and torch.equal(va, vb)
+
+
+def test_load_for_inference_turns_the_attention_kernel_on(kernels, tmp_path):
+    from gpt.checkpoint import save_checkpoint
+    from gpt.inference import load_for_inference
+
+    cfg = dict(vocab_size=40, block_size=16, n_layer=2, n_head=2, n_embd=32)
+    ckpt_path = save_checkpoint({"model": GPT(**cfg).state_dict(), "config": {"model": {"_target_": "gpt.model.GPT", **cfg}},
+                                 "tokenizer": {"type": "char", "chars": "".join(chr(48 + i) for i in range(40))},
+                                 "step": 1}, tmp_path / "m.pt")
+    for kw in ({"dtype": "float32"}, {"dtype": "auto"}, {"quantize": "int8"}):
+        model = load_for_inference(str(ckpt_path), **kw)[0]
+        assert all(b.attn.native_decode for b in model.transformer.h), kw

@@ -13,6 +13,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -175,7 +176,87 @@ torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& weight, c
   return y;
 }
 
+namespace {
+
+inline __m512 load_f(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load_f(const at::BFloat16* p) { return load(p); }
+inline void store_f(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store_f(at::BFloat16* p, __m512 v) {  // round to nearest even, as at::BFloat16(float) does
+  alignas(64) float tmp[16];
+  _mm512_store_ps(tmp, v);
+  for (int i = 0; i < 16; ++i) p[i] = at::BFloat16(tmp[i]);
+}
+
+// One new token per row at position `pos` of every row: its keys and values written into the cache, its
+// queries attending over keys 0 .. pos. T: the activations' type, C: the cache's.
+template <typename T, typename C>
+void attend_rows(const T* qkv, int64_t B, int64_t H, int64_t Hkv, int64_t D, C* kc, C* vc, int64_t row_stride,
+                int64_t head_stride, int64_t pos, T* y) {
+  const int64_t width = (H + 2 * Hkv) * D, group = H / Hkv;
+  for (int64_t b = 0; b < B; ++b)  // the new keys and values, into the cache (converted to its type)
+    for (int64_t g = 0; g < Hkv; ++g)
+      for (int64_t d = 0; d < D; ++d) {
+        kc[b * row_stride + g * head_stride + pos * D + d] = C(static_cast<float>(qkv[b * width + (H + g) * D + d]));
+        vc[b * row_stride + g * head_stride + pos * D + d] = C(static_cast<float>(qkv[b * width + (H + Hkv + g) * D + d]));
+      }
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> p(pos + 1);
+    std::vector<__m512> q(D / 16), acc(D / 16);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / H, h = i % H, g = h / group;
+      const T* qp = qkv + b * width + h * D;
+      for (int64_t c = 0; c < D / 16; ++c) q[c] = _mm512_mul_ps(load_f(qp + 16 * c), _mm512_set1_ps(scale));
+      const C* K = kc + b * row_stride + g * head_stride;
+      const C* V = vc + b * row_stride + g * head_stride;
+      float best = -INFINITY;
+      for (int64_t j = 0; j <= pos; ++j) {
+        __m512 s = _mm512_setzero_ps();
+        for (int64_t c = 0; c < D / 16; ++c) s = _mm512_fmadd_ps(q[c], load_f(K + j * D + 16 * c), s);
+        p[j] = _mm512_reduce_add_ps(s);
+        best = std::max(best, p[j]);
+      }
+      float total = 0.f;
+      for (int64_t j = 0; j <= pos; ++j) total += (p[j] = std::exp(p[j] - best));
+      for (int64_t c = 0; c < D / 16; ++c) acc[c] = _mm512_setzero_ps();
+      for (int64_t j = 0; j <= pos; ++j) {
+        const __m512 w = _mm512_set1_ps(p[j]);
+        for (int64_t c = 0; c < D / 16; ++c) acc[c] = _mm512_fmadd_ps(w, load_f(V + j * D + 16 * c), acc[c]);
+      }
+      const __m512 inv = _mm512_set1_ps(1.0f / total);
+      for (int64_t c = 0; c < D / 16; ++c) store_f(y + b * H * D + h * D + 16 * c, _mm512_mul_ps(acc[c], inv));
+    }
+  });
+}
+
+}  // namespace
+
+// qkv (B, (H + 2 Hkv) D): c_attn's output for one new token per row; k_cache, v_cache (B, Hkv, L, D) (a layer of the
+// KV cache, every row holding `pos` positions) -> the new tokens' attention output (B, H D), after writing their keys
+// and values at position `pos`.
+torch::Tensor attend_new(const torch::Tensor& qkv, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                         int64_t n_head, int64_t pos) {
+  TORCH_CHECK(qkv.dim() == 2 && qkv.is_contiguous() && k_cache.dim() == 4, "qkv (B, W) and a (B, Hkv, L, D) cache expected");
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.strides() == v_cache.strides() &&
+              k_cache.scalar_type() == v_cache.scalar_type(), "keys and values of one shape and type expected");
+  const int64_t B = qkv.size(0), Hkv = k_cache.size(1), L = k_cache.size(2), D = k_cache.size(3);
+  TORCH_CHECK(k_cache.size(0) == B && n_head % Hkv == 0 && qkv.size(1) == (n_head + 2 * Hkv) * D && D % 16 == 0,
+              "shapes do not fit: qkv ", qkv.sizes(), ", cache ", k_cache.sizes(), ", ", n_head, " heads");
+  TORCH_CHECK(k_cache.stride(3) == 1 && k_cache.stride(2) == D && 0 <= pos && pos < L, "position ", pos, " outside the cache");
+  torch::Tensor y = torch::empty({B, n_head * D}, qkv.options());
+  const int64_t rs = k_cache.stride(0), hs = k_cache.stride(1);
+  auto run = [&](auto* q, auto* kc, auto* vc) { attend_rows(q, B, n_head, Hkv, D, kc, vc, rs, hs, pos, static_cast<decltype(q)>(y.data_ptr())); };
+  const bool qb = qkv.scalar_type() == at::kBFloat16, cb = k_cache.scalar_type() == at::kBFloat16;
+  TORCH_CHECK((qb || qkv.scalar_type() == at::kFloat) && (cb || k_cache.scalar_type() == at::kFloat), "float32 or bf16 expected");
+  if (qb && cb) run(qkv.data_ptr<at::BFloat16>(), k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>());
+  else if (qb) run(qkv.data_ptr<at::BFloat16>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>());
+  else if (cb) run(qkv.data_ptr<float>(), k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>());
+  else run(qkv.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>());
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16", &linear_bf16, "x (M, K) @ bf16 weight (N, K)^T + bias");
   m.def("linear_int8", &linear_int8, "x (M, K) @ (int8 weight (N, K) * scales)^T + bias");
+  m.def("attend_new", &attend_new, "one new token per row: keys and values cached, attention over positions 0 .. pos");
 }
