@@ -62,7 +62,7 @@ class PackedLinear(nn.Linear):
 
     _packed: torch.Tensor | None = None
     _native = None  # gpt.native's module, when its kernel agrees with F.linear here
-    _native_rows = 0
+    _native_rows = _native_cap = 0
 
     def _scored(self) -> torch.Tensor:
         """The weight rows the layer multiplies by: all of them (PackedOutputHead: without the padding rows)."""
@@ -84,6 +84,7 @@ class PackedLinear(nn.Linear):
             return False
         self._packed, self._packed_dtype, self._packed_version = packed, w.dtype, self.weight._version
         self._native, self._native_rows = None, native.max_rows(w.size(0))
+        self._native_cap = self._native_rows * w.size(1)  # the most elements of an input the kernel takes
         kernels = native.kernels() if self._native_rows and w.is_contiguous() else None
         if kernels is not None:
             got = kernels.linear_bf16(x, w, self.bias)
@@ -101,17 +102,18 @@ class PackedLinear(nn.Linear):
         super().__setstate__(state)
         self.pack()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = self._packed
-        if (p is not None and x.dtype == self._packed_dtype and x.device.type == "cpu"
-                and self.weight._version == self._packed_version and self.weight.dtype == self._packed_dtype
-                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad
-                                                       or (self.bias is not None and self.bias.requires_grad)))):
-            if self._native is not None and x.size(-1) == self.in_features and x.numel() <= self._native_rows * x.size(-1):
-                w = self._scored()
-                return self._native.linear_bf16(x.reshape(-1, w.size(1)), w, self.bias).view(*x.shape[:-1], w.size(0))
-            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), p, self.bias, "none", [], "")
-        return F.linear(x, self._scored(), self.bias)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # lean: a decode step makes 25 of these calls
+        p, w, b = self._packed, self.weight, self.bias
+        if (p is not None and x.dtype == self._packed_dtype and x.is_cpu and w._version == self._packed_version
+                and w.dtype == self._packed_dtype
+                and not ((x.requires_grad or w.requires_grad or (b is not None and b.requires_grad))
+                         and torch.is_grad_enabled())):
+            shape = x.shape
+            if self._native is not None and shape.numel() <= self._native_cap and shape[-1] == self.in_features:
+                y = self._native.linear_bf16(x.reshape(-1, shape[-1]), self._scored(), b)
+                return y.view(*shape[:-1], y.size(1))
+            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), p, b, "none", [], "")
+        return F.linear(x, self._scored(), b)
 
 
 class PackedOutputHead(PackedLinear, OutputHead):
@@ -180,9 +182,10 @@ def load_for_inference(path: str, device: str = "cpu", quantize: str | None = No
 def native_attention(model: nn.Module) -> int:
     """Let the model's attention layers take gpt.native's fused kernel for one-token decode steps over a KV cache
     (see CausalSelfAttention.native_decode) where the kernels run here -> how many layers will."""
-    if native.kernels() is None:
+    if native.kernels() is None or getattr(getattr(model, "config", None), "pos", "learned") == "rope":
         return 0
-    layers = [m for m in model.modules() if isinstance(m, CausalSelfAttention)]
+    layers = [m for m in model.modules() if isinstance(m, CausalSelfAttention)
+              and m.q_norm is None and not m.eager and m.head_dim % 16 == 0]
     for m in layers:
         m.native_decode = True
     return len(layers)

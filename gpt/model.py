@@ -232,9 +232,10 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class CausalSelfAttention(nn.Module):
-    # gpt.inference sets this on a CPU where gpt.native's kernels run: a decode step of one new token per row over a
-    # uniform KV cache (no rotary positions, no QK-norm, SDPA attention) then writes its keys and values and
-    # attends in one native call instead of ~20 tensor ops (equal up to float32 rounding: tested)
+    # gpt.inference.native_attention sets this on a CPU where gpt.native's kernels run, in layers they fit (learned
+    # positions, no QK-norm, SDPA attention, head size a multiple of 16): a decode step of one new token per row over
+    # a uniform KV cache then writes its keys and values and attends in one native call instead of ~20 tensor ops
+    # (equal up to float32 rounding: tested)
     native_decode = False
 
     def __init__(self, cfg: GPTConfig):
@@ -292,8 +293,8 @@ class CausalSelfAttention(nn.Module):
         B, T, _ = qkv.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         if (self.native_decode and T == 1 and cache is not None and cache.lens is None and mask is None and rope is None
-                and self.q_norm is None and not self.eager and not self.training and D % 16 == 0
-                and qkv.device.type == "cpu" and native.loaded() is not None):
+                and self.q_norm is None and not self.eager and not self.training and D % 16 == 0 and qkv.is_cpu
+                and native.loaded() is not None):
             if cache.pos + 1 > cache.max_len:
                 raise ValueError(f"KV cache overflow: {cache.pos + 1} positions > max_len {cache.max_len}")
             y = native.loaded().attend_new(qkv.reshape(B, -1), cache.k[layer], cache.v[layer], H, cache.pos)

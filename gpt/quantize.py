@@ -52,6 +52,9 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scales
 
 
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # the inputs gpt.native's int8 kernel takes
+
+
 class Int8Linear(nn.Module):
     """y = x @ (int8 weight * scales[:, None])^T + bias, with float32 input and output.
 
@@ -139,6 +142,7 @@ class Int8Linear(nn.Module):
                 break
         self._fbgemm = self.kernel == "fbgemm"
         self._native, self._native_rows = None, native.max_rows(self.out_features)
+        self._native_cap = self._native_rows * self.in_features  # the most elements of an input the kernel takes
         use = "native" in self.prefer and self.weight.device.type == "cpu" and self._native_rows
         kernels = native.kernels() if use else None
         if kernels is not None:  # calls of a few rows (a batch-1 decode step) take gpt.native's kernel
@@ -156,10 +160,13 @@ class Int8Linear(nn.Module):
         return self.kernel != "fbgemm" and (self._native is None or self.kernel == "dequant")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # lean: a decode step makes 25 of these calls
-        if (self._native is not None and x.size(-1) == self.in_features and x.numel() <= self._native_rows * self.in_features
-                and x.dtype in (torch.float32, torch.bfloat16) and not (torch.is_grad_enabled() and x.requires_grad)):
-            y = self._native.linear_int8(x.reshape(-1, self.in_features), self.weight, self.scales, self.bias)
-            return y.view(*x.shape[:-1], self.out_features)
+        kernels = self._native
+        if kernels is not None:  # a few rows, no autograd, float32 or bf16: gpt.native's kernel
+            shape = x.shape
+            if (shape.numel() <= self._native_cap and shape[-1] == self.in_features and x.dtype in _NATIVE_DTYPES
+                    and not (x.requires_grad and torch.is_grad_enabled())):
+                y = kernels.linear_int8(x.reshape(-1, shape[-1]), self.weight, self.scales, self.bias)
+                return y.view(*shape[:-1], self.out_features)
         if self._fbgemm:  # the op takes any leading dims and a float32 input
             return self._mm(x if x.dtype is torch.float32 else x.float(), self._packed, True)
         y = self._run(self.kernel, x.reshape(-1, self.in_features))
