@@ -329,3 +329,45 @@ def test_load_for_inference_turns_the_attention_kernel_on(kernels, tmp_path):
     for kw in ({"dtype": "float32"}, {"dtype": "auto"}, {"quantize": "int8"}):
         model = load_for_inference(str(ckpt_path), **kw)[0]
         assert all(b.attn.native_decode for b in model.transformer.h), kw
+
+
+@pytest.mark.parametrize("B,V,k", [(1, 50304, 50), (3, 1000, 7), (2, 17, 17), (1, 65, 1), (4, 3000, 200)])
+def test_topk_kernel_equals_torch_topk(kernels, B, V, k):
+    torch.manual_seed(V + k)
+    x = torch.randn(B, V)
+    vals, idx, finite = kernels.topk(x, k)
+    want = torch.topk(x, k)
+    assert finite and torch.equal(vals, want.values) and torch.equal(idx, want.indices)  # no ties in random floats
+    ties = torch.zeros(1, 40)
+    ties[0, 30:] = 1.0
+    vals, idx, _ = kernels.topk(ties, 12)
+    assert idx.tolist() == [list(range(30, 40)) + [0, 1]]  # among equal values the lower index first
+
+
+def test_engine_topk_takes_the_kernel_and_leaves_a_nan_row_to_torch(kernels, monkeypatch):
+    from gpt import engine
+
+    spy = _Spy(kernels)
+    monkeypatch.setattr(native, "loaded", lambda: spy)
+    torch.manual_seed(0)
+    x = torch.randn(2, 50304)
+    vals, idx = engine.topk(x, 50)
+    assert spy.rows == [2] and torch.equal(vals, torch.topk(x, 50).values)
+    x[1, 123] = float("nan")  # torch.topk ranks NaN first; the sampler then refuses the row
+    vals, idx = engine.topk(x, 50)
+    assert spy.rows == [2, 2] and idx[1, 0] == 123 and torch.isnan(vals[1, 0])
+    with pytest.raises(RuntimeError, match="probability tensor contains"):
+        engine.sample_next(x, 1.0, 50, None, [(torch.Generator().manual_seed(0), 2)])
+
+
+def test_seeded_sampling_draws_the_same_tokens_with_the_kernel(kernels, monkeypatch):
+    from gpt import engine
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5000) * 3
+    draws = []
+    for loaded in (lambda: None, lambda: kernels):
+        monkeypatch.setattr(native, "loaded", loaded)
+        g = torch.Generator().manual_seed(7)
+        draws.append([engine.sample_next(logits, 0.8, 40, 0.9, g).tolist() for _ in range(20)])
+    assert draws[0] == draws[1]

@@ -13,6 +13,8 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
+#include <tuple>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -255,8 +257,60 @@ torch::Tensor attend_new(const torch::Tensor& qkv, const torch::Tensor& k_cache,
   return y;
 }
 
+// The k largest entries of each row of x (B, V) float32 -> (values (B, k) descending, their indices (B, k)), and
+// whether every row was free of NaN (torch.topk ranks NaN above everything; a row holding one is left to it).
+// One pass per row: 16 entries at a time are compared with the k-th best so far, and the few that beat it are
+// inserted into the sorted list. Among equal values the lower index comes first.
+std::tuple<torch::Tensor, torch::Tensor, bool> topk(const torch::Tensor& x, int64_t k) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
+              "a contiguous (B, V) float32 CPU tensor expected");
+  const int64_t B = x.size(0), V = x.size(1);
+  TORCH_CHECK(0 < k && k <= V, "k = ", k, " outside 1 .. ", V);
+  torch::Tensor vals = torch::empty({B, k}, x.options()), idx = torch::empty({B, k}, x.options().dtype(at::kLong));
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* row = x.data_ptr<float>() + b * V;
+      float* v = vals.data_ptr<float>() + b * k;
+      int64_t* ix = idx.data_ptr<int64_t>() + b * k;
+      bool nan = false;
+      auto insert = [&](int64_t n, float value, int64_t i) {  // into v[0 .. n) sorted descending, after equal values
+        int64_t j = n;
+        while (j > 0 && v[j - 1] < value) {
+          if (j < k) { v[j] = v[j - 1]; ix[j] = ix[j - 1]; }
+          --j;
+        }
+        if (j < k) { v[j] = value; ix[j] = i; }
+      };
+      for (int64_t i = 0; i < k; ++i) {
+        nan |= std::isnan(row[i]);
+        insert(i, row[i], i);
+      }
+      int64_t i = k;
+      __mmask16 unordered = 0;
+      for (; i + 16 <= V; i += 16) {
+        const __m512 x16 = _mm512_loadu_ps(row + i);
+        unordered |= _mm512_cmp_ps_mask(x16, x16, _CMP_UNORD_Q);
+        __mmask16 hit = _mm512_cmp_ps_mask(x16, _mm512_set1_ps(v[k - 1]), _CMP_GT_OQ);
+        while (hit) {
+          const int bit = __builtin_ctz(hit);
+          hit &= hit - 1;
+          if (row[i + bit] > v[k - 1]) insert(k, row[i + bit], i + bit);
+        }
+      }
+      for (; i < V; ++i) {
+        nan |= std::isnan(row[i]);
+        if (row[i] > v[k - 1]) insert(k, row[i], i);
+      }
+      if (nan || unordered) finite = false;
+    }
+  });
+  return {vals, idx, finite.load()};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16", &linear_bf16, "x (M, K) @ bf16 weight (N, K)^T + bias");
   m.def("linear_int8", &linear_int8, "x (M, K) @ (int8 weight (N, K) * scales)^T + bias");
+  m.def("topk", &topk, "the k largest entries of each row, descending, and whether no row held a NaN");
   m.def("attend_new", &attend_new, "one new token per row: keys and values cached, attention over positions 0 .. pos");
 }
