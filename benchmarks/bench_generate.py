@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from gpt import native
 from gpt.checkpoint import save_checkpoint
 from gpt.generate import generate_tokens, last_logits, sample_next
 from gpt.inference import load_for_inference, resolve_dtype
@@ -50,7 +51,8 @@ def ao_int8(model):
 
 
 def torch_kernels_only(model):
-    """The model with gpt.native's kernel switched off in every layer (as GPT_NATIVE_KERNELS=0 would load it)."""
+    """The model with gpt.native's kernel switched off in every Linear layer; run under native.suspended() (no native
+    attention or top-k either), it decodes as GPT_NATIVE_KERNELS=0 would."""
     for m in model.modules():
         if getattr(m, "_native", None) is not None:
             m._native = None
@@ -167,7 +169,7 @@ def main() -> None:
                                 "tokenizer": {"type": "tiktoken", "name": "gpt2"}, "step": 0},
                                Path(tmp.name) / "random.pt"))
     auto = str(resolve_dtype("auto", "cpu")).replace("torch.", "")
-    models = {  # name -> (model loaded as infer.py loads it, autocast context)
+    models = {  # name -> (model loaded as infer.py loads it, the context it runs in: autocast, native.suspended)
         f"ours dtype=auto ({auto} weights; infer.py default)": (load_for_inference(path, dtype="auto")[0], None),
         "ours dtype=float32": (load_for_inference(path, dtype="float32")[0], None),
         "ours int8 (quantize=int8)": (load_for_inference(path, quantize="int8")[0], None),
@@ -176,8 +178,10 @@ def main() -> None:
         "previous int8: torch.ao quantize_dynamic modules": (ao_int8(load_for_inference(path, dtype="float32")[0]),
                                                               None),
         # the same two paths with torch's kernels only (oneDNN / fbgemm for every call): what gpt.native adds
-        f"ours dtype=auto, torch's kernels only": (torch_kernels_only(load_for_inference(path, dtype="auto")[0]), None),
-        "ours int8, torch's kernels only": (torch_kernels_only(load_for_inference(path, quantize="int8")[0]), None),
+        "ours dtype=auto, torch's kernels only": (torch_kernels_only(load_for_inference(path, dtype="auto")[0]),
+                                                   native.suspended),
+        "ours int8, torch's kernels only": (torch_kernels_only(load_for_inference(path, quantize="int8")[0]),
+                                            native.suspended),
     }
     names = list(models)
     prompt = torch.randint(0, args.vocab, (1, args.prompt_len))

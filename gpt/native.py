@@ -16,6 +16,7 @@ same layers use torch's kernels, with results equal up to float rounding.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -82,6 +83,18 @@ def kernels():
 def loaded():
     """The kernel module if `kernels()` has loaded it, else None (never builds: for the hot path)."""
     return _state.get("module")
+
+
+@contextlib.contextmanager
+def suspended():
+    """Within it `loaded()` answers None, so attention and top-k take torch's ops (layers that hold the kernels
+    keep them): for comparisons in one process (benchmarks/bench_generate.py)."""
+    saved = _state.get("module")
+    _state["module"] = None
+    try:
+        yield
+    finally:
+        _state["module"] = saved
 
 
 def reason() -> str | None:
