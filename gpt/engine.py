@@ -123,18 +123,18 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     if use_p:  # after top-k: probabilities over the top_k tokens
         vals = _top_p_filter(vals, top_p)
     probs = torch.softmax(vals, dim=-1)
-    if isinstance(generator, list):
-        # torch.multinomial(p, 1, generator=g) is argmax(p / q) with q = empty_like(p).exponential_(generator=g)
-        # (its one-sample path): each run draws its own q exactly as multinomial would on its rows, then one
-        # division and one argmax serve the whole batch (a multinomial call per run cost ~20 us each)
+    if isinstance(generator, list) or probs.device.type == "cpu":
+        # torch.multinomial(p, 1, generator=g) on a CPU is argmax(p / q) with q = empty_like(p).exponential_(
+        # generator=g) (its one-sample path): each run draws its own q exactly as multinomial would on its rows,
+        # then one division and one argmax serve the whole batch (a multinomial call cost ~20-70 us, even alone)
         if bool(torch.isnan(probs).any()):  # multinomial's own check (a softmax is never negative or inf)
             raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
         q, start = [], 0
-        for gen, n in generator:
+        for gen, n in generator if isinstance(generator, list) else [(generator, probs.size(0))]:
             q.append(torch.empty_like(probs[start:start + n]).exponential_(generator=gen))
             start += n
-        choice = (probs / torch.cat(q)).argmax(dim=-1)
-    else:
+        choice = (probs / (q[0] if len(q) == 1 else torch.cat(q))).argmax(dim=-1)
+    else:  # a GPU's multinomial draws otherwise
         choice = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
     return choice if idx is None else idx.gather(-1, choice[:, None]).squeeze(-1)
 

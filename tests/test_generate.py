@@ -233,6 +233,26 @@ def test_sampling_runs_of_generators_draw_what_torch_multinomial_draws(vocab, to
         sample_next(bad, 0.8, top_k, top_p, gens())
 
 
+@pytest.mark.parametrize("seed", [None, 4])
+def test_one_generator_draws_what_torch_multinomial_draws(seed):
+    """Without runs (one generator, or torch's global one), a CPU batch draws what torch.multinomial draws."""
+    torch.manual_seed(0)
+    logits = torch.randn(5, 3000) * 3
+    for step in range(5):
+        torch.manual_seed(200 + step)
+        got = sample_next(logits, 0.7, 30, None, None if seed is None else torch.Generator().manual_seed(seed + step))
+        torch.manual_seed(200 + step)
+        vals, idx = torch.topk(logits / 0.7, 30)
+        g = None if seed is None else torch.Generator().manual_seed(seed + step)
+        want = idx.gather(1, torch.multinomial(torch.softmax(vals, -1), 1, generator=g)).squeeze(-1)
+        assert torch.equal(got, want), step
+        logits = logits.roll(1, dims=1)
+    bad = logits.clone()
+    bad[1, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="nan"):
+        sample_next(bad, 0.7, 30, None, torch.Generator().manual_seed(0))
+
+
 def test_sampling_is_reproducible_with_generator():
     logits = torch.randn(8, V)
     a = sample_next(logits, top_k=10, generator=torch.Generator().manual_seed(5))
