@@ -233,9 +233,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 class CausalSelfAttention(nn.Module):
     # gpt.inference.native_attention sets this on a CPU where gpt.native's kernels run, in layers they fit (learned
-    # positions, no QK-norm, SDPA attention, head size a multiple of 16): a decode step of one new token per row over
-    # a uniform KV cache then writes its keys and values and attends in one native call instead of ~20 tensor ops
-    # (equal up to float32 rounding: tested)
+    # positions, no QK-norm, SDPA attention, head size a multiple of 16): a decode step of one new token per row (rows
+    # at one position or, in a ragged cache, each at its own) then writes its keys and values and attends over each
+    # row's own keys in one native call instead of ~20 tensor ops (equal up to float32 rounding: tested)
     native_decode = False
 
     def __init__(self, cfg: GPTConfig):
@@ -292,12 +292,14 @@ class CausalSelfAttention(nn.Module):
         output (B, T, H D), before c_proj (the keys and values stored in `cache` first, when given)."""
         B, T, _ = qkv.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
-        if (self.native_decode and T == 1 and cache is not None and cache.lens is None and mask is None and rope is None
-                and self.q_norm is None and not self.eager and not self.training and D % 16 == 0 and qkv.is_cpu
-                and native.loaded() is not None):
-            if cache.pos + 1 > cache.max_len:
-                raise ValueError(f"KV cache overflow: {cache.pos + 1} positions > max_len {cache.max_len}")
-            y = native.loaded().attend_new(qkv.reshape(B, -1), cache.k[layer], cache.v[layer], H, cache.pos)
+        if (self.native_decode and T == 1 and cache is not None and (mask is None or cache.lens is not None)
+                and rope is None and self.q_norm is None and not self.eager and not self.training and D % 16 == 0
+                and qkv.is_cpu and native.loaded() is not None):
+            # (a ragged cache's mask is GPT._plan's: each row's keys up to its own length, what the kernel reads)
+            end = (cache.pos if cache.lens is None else cache.longest) + 1
+            if end > cache.max_len:
+                raise ValueError(f"KV cache overflow: {end} positions > max_len {cache.max_len}")
+            y = native.loaded().attend_new(qkv.reshape(B, -1), cache.k[layer], cache.v[layer], H, cache.pos, cache.lens)
             return y.view(B, 1, H * D)
         q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=2)
         q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)

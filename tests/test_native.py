@@ -259,22 +259,43 @@ def test_attention_kernel_writes_the_cache_and_equals_sdpa(kernels, dtype, cache
         k_want[:, :, pos], v_want[:, :, pos] = k.view(B, Hkv, D).to(cache_dtype), v.view(B, Hkv, D).to(cache_dtype)
         want = F.scaled_dot_product_attention(q.float().view(B, H, 1, D), k_want[:, :, :pos + 1].float(),
                                               v_want[:, :, :pos + 1].float(), enable_gqa=True).view(B, H * D)
-        got = kernels.attend_new(qkv, kc, vc, H, pos)
+        got = kernels.attend_new(qkv, kc, vc, H, pos, None)
         assert got.dtype is dtype and got.shape == (B, H * D)
         assert torch.equal(kc, k_want) and torch.equal(vc, v_want)  # the new keys and values, nothing else
         tol = 1e-5 if dtype is torch.float32 else 2.0 ** -7 * want.abs().max().item()  # bf16 output: one rounding
         assert (got.float() - want).abs().max() <= tol
 
 
+def test_attention_kernel_takes_each_rows_own_length(kernels):
+    """Rows at different positions (a ragged cache: rows that joined a running batch at different times): row b
+    writes at lens[b] and attends over its own keys 0 .. lens[b] only, as SDPA of that row alone does."""
+    torch.manual_seed(1)
+    H, Hkv, D, L = 4, 2, 32, 30
+    lens = torch.tensor([3, 17, 0, 29])
+    kc, vc = torch.randn(4, Hkv, L, D), torch.randn(4, Hkv, L, D)
+    qkv = torch.randn(4, (H + 2 * Hkv) * D)
+    k_want, v_want = kc.clone(), vc.clone()
+    got = kernels.attend_new(qkv, kc, vc, H, 0, lens)
+    for b, n in enumerate(lens.tolist()):
+        q, k, v = qkv[b].split([H * D, Hkv * D, Hkv * D])
+        k_want[b, :, n], v_want[b, :, n] = k.view(Hkv, D), v.view(Hkv, D)
+        want = F.scaled_dot_product_attention(q.view(1, H, 1, D), k_want[b:b + 1, :, :n + 1], v_want[b:b + 1, :, :n + 1],
+                                              enable_gqa=True)
+        torch.testing.assert_close(got[b], want.view(H * D), rtol=1e-5, atol=1e-5)
+    assert torch.equal(kc, k_want) and torch.equal(vc, v_want)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        kernels.attend_new(qkv, kc, vc, H, 0, torch.tensor([0, 1, 2, L]))
+
+
 def test_attention_kernel_refuses_what_it_cannot_do(kernels):
     kc = torch.zeros(1, 2, 8, 32)
     with pytest.raises(RuntimeError, match="outside the cache"):
-        kernels.attend_new(torch.randn(1, 6 * 32), kc, kc.clone(), 2, 8)
+        kernels.attend_new(torch.randn(1, 6 * 32), kc, kc.clone(), 2, 8, None)
     with pytest.raises(RuntimeError, match="shapes do not fit"):
-        kernels.attend_new(torch.randn(1, 5 * 32), kc, kc.clone(), 2, 0)
+        kernels.attend_new(torch.randn(1, 5 * 32), kc, kc.clone(), 2, 0, None)
     odd = torch.zeros(1, 2, 8, 24)  # head size not a multiple of 16
     with pytest.raises(RuntimeError, match="shapes do not fit"):
-        kernels.attend_new(torch.randn(1, 6 * 24), odd, odd.clone(), 2, 0)
+        kernels.attend_new(torch.randn(1, 6 * 24), odd, odd.clone(), 2, 0, None)
 
 
 @pytest.mark.parametrize("arch", [{}, {"n_kv_head": 1}, {"pos": "rope"}, {"qk_norm": True}, {"attn_impl": "eager"}])
@@ -371,3 +392,39 @@ def test_seeded_sampling_draws_the_same_tokens_with_the_kernel(kernels, monkeypa
         g = torch.Generator().manual_seed(7)
         draws.append([engine.sample_next(logits, 0.8, 40, 0.9, g).tolist() for _ in range(20)])
     assert draws[0] == draws[1]
+
+
+def test_a_ragged_decode_step_with_the_attention_kernel_equals_the_one_without(kernels):
+    """The decode engine's rows at different positions (continuous batching): the kernel takes each row's own
+    length, with the logits and cache of the masked SDPA path."""
+    from gpt.engine import DecodeEngine, Sampling
+    from gpt.inference import native_attention
+
+    torch.manual_seed(0)
+    model = GPT(vocab_size=64, block_size=40, n_layer=2, n_head=2, n_embd=64).eval()
+    served = copy.deepcopy(model)
+    native_attention(served)
+    ragged = []
+
+    class Spy:  # records whether each attention call had rows at different positions
+        def __getattr__(self, name):
+            return getattr(kernels, name)
+
+        def attend_new(self, *args):
+            ragged.append(args[-1] is not None)
+            return kernels.attend_new(*args)
+
+    spy = Spy()
+    outs = []
+    for m in (model, served):
+        engine = DecodeEngine(m, 3)
+        rows = [engine.add([[1, 2, 3, 4, 5][:n]], Sampling(12, temperature=0.0))[0] for n in (5, 2)]
+        for _ in range(3):  # the third row joins later, at another position
+            engine.step()
+        rows += engine.add([[7, 8, 9]], Sampling(12, temperature=0.0))
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(native, "loaded", lambda: spy)
+            while not engine.idle:
+                engine.step()
+        outs.append([r.new for r in rows])
+    assert outs[0] == outs[1] and any(ragged) and not all(ragged)  # greedy: the same tokens; ragged steps served

@@ -189,24 +189,25 @@ inline void store_f(at::BFloat16* p, __m512 v) {  // round to nearest even, as a
   for (int i = 0; i < 16; ++i) p[i] = at::BFloat16(tmp[i]);
 }
 
-// One new token per row at position `pos` of every row: its keys and values written into the cache, its
-// queries attending over keys 0 .. pos. T: the activations' type, C: the cache's.
+// One new token per row, row b's at position pos[b]: its keys and values written into the cache, its queries
+// attending over that row's keys 0 .. pos[b]. T: the activations' type, C: the cache's.
 template <typename T, typename C>
 void attend_rows(const T* qkv, int64_t B, int64_t H, int64_t Hkv, int64_t D, C* kc, C* vc, int64_t row_stride,
-                int64_t head_stride, int64_t pos, T* y) {
+                int64_t head_stride, const int64_t* positions, T* y) {
   const int64_t width = (H + 2 * Hkv) * D, group = H / Hkv;
   for (int64_t b = 0; b < B; ++b)  // the new keys and values, into the cache (converted to its type)
-    for (int64_t g = 0; g < Hkv; ++g)
+    for (int64_t g = 0, pos = positions[b]; g < Hkv; ++g)
       for (int64_t d = 0; d < D; ++d) {
         kc[b * row_stride + g * head_stride + pos * D + d] = C(static_cast<float>(qkv[b * width + (H + g) * D + d]));
         vc[b * row_stride + g * head_stride + pos * D + d] = C(static_cast<float>(qkv[b * width + (H + Hkv + g) * D + d]));
       }
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> p(pos + 1);
+    std::vector<float> p;
     std::vector<__m512> q(D / 16), acc(D / 16);
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / H, h = i % H, g = h / group;
+      const int64_t b = i / H, h = i % H, g = h / group, pos = positions[b];
+      p.resize(pos + 1);
       const T* qp = qkv + b * width + h * D;
       for (int64_t c = 0; c < D / 16; ++c) q[c] = _mm512_mul_ps(load_f(qp + 16 * c), _mm512_set1_ps(scale));
       const C* K = kc + b * row_stride + g * head_stride;
@@ -234,20 +235,33 @@ void attend_rows(const T* qkv, int64_t B, int64_t H, int64_t Hkv, int64_t D, C* 
 }  // namespace
 
 // qkv (B, (H + 2 Hkv) D): c_attn's output for one new token per row; k_cache, v_cache (B, Hkv, L, D) (a layer of the
-// KV cache, every row holding `pos` positions) -> the new tokens' attention output (B, H D), after writing their keys
-// and values at position `pos`.
+// KV cache); every row holding `pos` positions, or with `lens` (B,) int64, row b holding lens[b] (rows that joined a
+// running batch at different times) -> the new tokens' attention output (B, H D), after writing their keys and
+// values at those positions.
 torch::Tensor attend_new(const torch::Tensor& qkv, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-                         int64_t n_head, int64_t pos) {
+                         int64_t n_head, int64_t position, const c10::optional<torch::Tensor>& lens) {
   TORCH_CHECK(qkv.dim() == 2 && qkv.is_contiguous() && k_cache.dim() == 4, "qkv (B, W) and a (B, Hkv, L, D) cache expected");
   TORCH_CHECK(k_cache.sizes() == v_cache.sizes() && k_cache.strides() == v_cache.strides() &&
               k_cache.scalar_type() == v_cache.scalar_type(), "keys and values of one shape and type expected");
   const int64_t B = qkv.size(0), Hkv = k_cache.size(1), L = k_cache.size(2), D = k_cache.size(3);
   TORCH_CHECK(k_cache.size(0) == B && n_head % Hkv == 0 && qkv.size(1) == (n_head + 2 * Hkv) * D && D % 16 == 0,
               "shapes do not fit: qkv ", qkv.sizes(), ", cache ", k_cache.sizes(), ", ", n_head, " heads");
-  TORCH_CHECK(k_cache.stride(3) == 1 && k_cache.stride(2) == D && 0 <= pos && pos < L, "position ", pos, " outside the cache");
+  TORCH_CHECK(k_cache.stride(3) == 1 && k_cache.stride(2) == D, "a cache with contiguous positions expected");
+  std::vector<int64_t> pos(B);
+  if (lens.has_value() && lens->defined()) {
+    TORCH_CHECK(lens->dim() == 1 && lens->size(0) == B && lens->scalar_type() == at::kLong && lens->device().is_cpu(),
+                "lens: a (", B, ",) int64 CPU tensor expected, got ", lens->sizes());
+    const torch::Tensor t = lens->contiguous();
+    std::copy(t.data_ptr<int64_t>(), t.data_ptr<int64_t>() + B, pos.begin());
+  } else {
+    std::fill(pos.begin(), pos.end(), position);
+  }
+  for (int64_t b = 0; b < B; ++b) TORCH_CHECK(0 <= pos[b] && pos[b] < L, "position ", pos[b], " outside the cache");
   torch::Tensor y = torch::empty({B, n_head * D}, qkv.options());
   const int64_t rs = k_cache.stride(0), hs = k_cache.stride(1);
-  auto run = [&](auto* q, auto* kc, auto* vc) { attend_rows(q, B, n_head, Hkv, D, kc, vc, rs, hs, pos, static_cast<decltype(q)>(y.data_ptr())); };
+  auto run = [&](auto* q, auto* kc, auto* vc) {
+    attend_rows(q, B, n_head, Hkv, D, kc, vc, rs, hs, pos.data(), static_cast<decltype(q)>(y.data_ptr()));
+  };
   const bool qb = qkv.scalar_type() == at::kBFloat16, cb = k_cache.scalar_type() == at::kBFloat16;
   TORCH_CHECK((qb || qkv.scalar_type() == at::kFloat) && (cb || k_cache.scalar_type() == at::kFloat), "float32 or bf16 expected");
   if (qb && cb) run(qkv.data_ptr<at::BFloat16>(), k_cache.data_ptr<at::BFloat16>(), v_cache.data_ptr<at::BFloat16>());
@@ -312,5 +326,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16", &linear_bf16, "x (M, K) @ bf16 weight (N, K)^T + bias");
   m.def("linear_int8", &linear_int8, "x (M, K) @ (int8 weight (N, K) * scales)^T + bias");
   m.def("topk", &topk, "the k largest entries of each row, descending, and whether no row held a NaN");
-  m.def("attend_new", &attend_new, "one new token per row: keys and values cached, attention over positions 0 .. pos");
+  m.def("attend_new", &attend_new, "one new token per row: keys and values cached, attention over each row's positions 0 .. pos");
 }
