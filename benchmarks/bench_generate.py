@@ -50,6 +50,14 @@ def ao_int8(model):
     return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8).eval()
 
 
+@contextlib.contextmanager
+def stacked(*contexts):
+    with contextlib.ExitStack() as stack:
+        for c in contexts:
+            stack.enter_context(c)
+        yield
+
+
 def torch_kernels_only(model):
     """The model with gpt.native's kernel switched off in every Linear layer; run under native.suspended() (no native
     attention or top-k either), it decodes as GPT_NATIVE_KERNELS=0 would."""
@@ -173,10 +181,12 @@ def main() -> None:
         f"ours dtype=auto ({auto} weights; infer.py default)": (load_for_inference(path, dtype="auto")[0], None),
         "ours dtype=float32": (load_for_inference(path, dtype="float32")[0], None),
         "ours int8 (quantize=int8)": (load_for_inference(path, quantize="int8")[0], None),
+        # the previous paths as they were: torch's ops only
         "previous default: fp32 weights, bf16 autocast": (load_for_inference(path, dtype="float32")[0],
-                                                          lambda: torch.autocast("cpu", dtype=torch.bfloat16)),
+                                                          lambda: stacked(torch.autocast("cpu", dtype=torch.bfloat16),
+                                                                          native.suspended())),
         "previous int8: torch.ao quantize_dynamic modules": (ao_int8(load_for_inference(path, dtype="float32")[0]),
-                                                              None),
+                                                              native.suspended),
         # the same two paths with torch's kernels only (oneDNN / fbgemm for every call): what gpt.native adds
         "ours dtype=auto, torch's kernels only": (torch_kernels_only(load_for_inference(path, dtype="auto")[0]),
                                                    native.suspended),
@@ -202,7 +212,8 @@ def main() -> None:
 
     hf_name = "transformers generate (fp32, cache)"
     runs = {hf_name: hf_gen, **{name: ours_gen(m, ac) for name, (m, ac) in models.items()},
-            "no cache, full recompute (nanoGPT's generate), fp32": ours_gen(models[names[1]][0], use_cache=False)}
+            "no cache, full recompute (nanoGPT's generate), fp32": ours_gen(models[names[1]][0], native.suspended,
+                                                                            use_cache=False)}
     for fn in runs.values():  # warm-up
         fn()
     best = {k: 0.0 for k in runs}

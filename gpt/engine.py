@@ -35,6 +35,8 @@ from gpt.model import GPT
 # ------------------------------------------------------------------------------------------------ sampling
 
 TOPK_CHUNK = 64  # the chunk width of the two-stage top-k (`topk`)
+NATIVE_TOPK = 128  # the largest k for gpt.native's top-k: it inserts each hit into a sorted list (k = 200 at V 50,304:
+#                    0.2 ms against the two-stage 0.3; k = 500: 0.96 against 0.49), and top-p's k can grow to V
 
 
 def topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,11 +47,12 @@ def topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     values equal torch.topk's; among exactly equal values the indices may differ (torch.topk's choice among
     ties is unspecified as well). On the 2-core test CPU, V 50,304 and k 50: ~2x faster at 1 row, ~1.6x at 16
     (torch.topk's single pass over V dominates a decode step's sampling). Where gpt.native's kernels are loaded
-    (models loaded for inference on a CPU), a float32 row takes their one-pass top-k instead (~5x faster again at
-    1 row; the same values, the lower index first among equal ones), unless it holds a NaN."""
+    (models loaded for inference on a CPU), a float32 row takes their one-pass top-k instead for k up to NATIVE_TOPK
+    (~5x faster again at 1 row and k 50; the same values, the lower index first among equal ones), unless it holds
+    a NaN."""
     B, V = x.shape
     kernels = native.loaded()
-    if kernels is not None and x.dtype == torch.float32 and x.device.type == "cpu" and 0 < k <= V:
+    if kernels is not None and x.dtype == torch.float32 and x.device.type == "cpu" and 0 < k <= min(V, NATIVE_TOPK):
         vals, idx, finite = kernels.topk(x.contiguous(), k)
         if finite:
             return vals, idx

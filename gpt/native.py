@@ -81,20 +81,24 @@ def kernels():
 
 
 def loaded():
-    """The kernel module if `kernels()` has loaded it, else None (never builds: for the hot path)."""
-    return _state.get("module")
+    """The kernel module if `kernels()` has loaded it, else None (never builds: for the hot path); None inside
+    `suspended()`."""
+    return None if _suspended else _state.get("module")
+
+
+_suspended = 0
 
 
 @contextlib.contextmanager
 def suspended():
     """Within it `loaded()` answers None, so attention and top-k take torch's ops (layers that hold the kernels
-    keep them): for comparisons in one process (benchmarks/bench_generate.py)."""
-    saved = _state.get("module")
-    _state["module"] = None
+    keep them; `kernels()` is unaffected): for comparisons in one process (benchmarks/bench_generate.py)."""
+    global _suspended
+    _suspended += 1
     try:
         yield
     finally:
-        _state["module"] = saved
+        _suspended -= 1
 
 
 def reason() -> str | None:

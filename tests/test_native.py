@@ -381,7 +381,9 @@ def test_engine_topk_takes_the_kernel_and_leaves_a_nan_row_to_torch(kernels, mon
         engine.sample_next(x, 1.0, 50, None, [(torch.Generator().manual_seed(0), 2)])
 
 
-def test_seeded_sampling_draws_the_same_tokens_with_the_kernel(kernels, monkeypatch):
+def test_seeded_sampling_draws_the_same_tokens_with_the_kernel_where_logits_have_no_ties(kernels, monkeypatch):
+    """(Among exactly equal logits, as bf16 ones have, the kernel's top-k orders them by index, torch.topk in no
+    specified order, so seeded draws may differ there, as they did between torch.topk and the two-stage top-k.)"""
     from gpt import engine
 
     torch.manual_seed(0)
@@ -428,3 +430,46 @@ def test_a_ragged_decode_step_with_the_attention_kernel_equals_the_one_without(k
                 engine.step()
         outs.append([r.new for r in rows])
     assert outs[0] == outs[1] and any(ragged) and not all(ragged)  # greedy: the same tokens; ragged steps served
+
+
+def test_large_k_and_fp16_and_autograd_stay_with_torch(kernels, monkeypatch):
+    """k above NATIVE_TOPK (top-p grows k towards the vocabulary: the kernel's sorted insertion is for small k), a
+    float16 model's attention, and attention that needs a gradient take torch's ops."""
+    from gpt import engine
+    from gpt.inference import native_attention
+
+    spy = _Spy(kernels)
+    monkeypatch.setattr(native, "loaded", lambda: spy)
+    x = torch.randn(2, 5000)
+    engine.topk(x, engine.NATIVE_TOPK + 1)
+    assert spy.rows == []
+    engine.topk(x, engine.NATIVE_TOPK)
+    assert spy.rows == [2]
+    torch.manual_seed(0)
+    model = GPT(vocab_size=32, block_size=16, n_layer=1, n_head=2, n_embd=32).eval()
+    native_attention(model)
+    for dtype in (torch.float16,):
+        half = copy.deepcopy(model).to(dtype)
+        cache = half.new_cache(1)
+        with torch.no_grad():
+            last_logits(half, torch.tensor([[1, 2, 3]]), cache)
+            last_logits(half, torch.tensor([[4]]), cache)  # one token: would be the kernel's, but not float16
+    assert spy.rows == [2]
+    cache = model.new_cache(1)
+    last_logits(model, torch.tensor([[1, 2, 3]]), cache)
+    out = last_logits(model, torch.tensor([[4]]), cache)  # autograd on: torch's attention
+    out.sum().backward()
+    assert spy.rows == [2] and model.transformer.h[0].attn.c_attn.weight.grad is not None
+
+
+def test_suspended_does_not_stop_a_later_load(fresh_state, monkeypatch):
+    monkeypatch.delenv(native.ENV, raising=False)
+    with native.suspended():
+        assert native.loaded() is None
+    k = native.kernels()
+    if k is None:
+        pytest.skip(f"native decode kernels unavailable here: {native.reason()}")
+    assert native.loaded() is k
+    with native.suspended():
+        assert native.loaded() is None and native.kernels() is k
+    assert native.loaded() is k
