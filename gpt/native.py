@@ -10,8 +10,9 @@ The kernels are compiled on first use with torch's C++ extension builder (a C++ 
 per machine, Python and torch version, kept in torch's extension cache, $TORCH_EXTENSIONS_DIR or
 ~/.cache/torch_extensions).
 They are used only where they can run: Linux on x86-64 with AVX512F/BW/VL. Anywhere else, or when the build
-fails (no compiler: the reason is logged in one line), or with GPT_NATIVE_KERNELS=0 in the environment, the
-same layers use torch's kernels, with results equal up to float rounding.
+fails (no compiler: the reason is logged in one line, and kept in the build folder so that later processes do
+not try again until the folder is deleted), or with GPT_NATIVE_KERNELS=0 in the environment, the same layers use
+torch's kernels, with results equal up to float rounding.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ SOURCE = Path(__file__).with_name("csrc") / "decode.cpp"
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl")
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-fopenmp"]  # -fopenmp: at::parallel_for's threads
 ENV = "GPT_NATIVE_KERNELS"
+FAILED = "build-failed"  # written into the build folder with the reason when a build fails: not tried again
 
 _lock = threading.Lock()
 _state: dict = {}
@@ -140,9 +142,16 @@ def _build():
     # ours, no build of ours is running, so a torch lock found in the folder is such a leftover.
     with open(folder / "gpt-build.lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
+        failed = folder / FAILED
+        if failed.exists():  # each process that loads a model would otherwise try (and fail) again
+            raise RuntimeError(f"an earlier build failed ({failed.read_text().strip()}); delete {folder} to build again")
         (folder / "lock").unlink(missing_ok=True)
-        return load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
-                    build_directory=str(folder), verbose=False)
+        try:
+            return load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],
+                        build_directory=str(folder), verbose=False)
+        except Exception as e:
+            failed.write_text(_one_line(e) + "\n")
+            raise
 
 
 def max_rows(out_features: int) -> int:

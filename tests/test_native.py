@@ -473,3 +473,30 @@ def test_suspended_does_not_stop_a_later_load(fresh_state, monkeypatch):
     with native.suspended():
         assert native.loaded() is None and native.kernels() is k
     assert native.loaded() is k
+
+
+def test_a_failed_build_is_not_tried_again_until_its_folder_is_deleted(fresh_state, monkeypatch, tmp_path):
+    """The first process to fail leaves the reason in the build folder; later ones read it instead of building."""
+    import torch.utils.cpp_extension as ext
+
+    monkeypatch.delenv(native.ENV, raising=False)
+    monkeypatch.setattr(native, "unavailable_reason", lambda: None)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    calls = []
+
+    def fail(**kw):
+        calls.append(kw["name"])
+        raise RuntimeError("Error building extension: c++: not found")
+    monkeypatch.setattr(ext, "load", fail)
+    assert native.kernels() is None and calls == [native.extension_name()]
+    folder = native.build_directory(native.extension_name())
+    assert (folder / native.FAILED).read_text() == "Error building extension: c++: not found\n"
+    native._state.clear()  # another process
+    assert native.kernels() is None and len(calls) == 1
+    assert native.reason() == (f"an earlier build failed (Error building extension: c++: not found); delete {folder} "
+                               "to build again")
+    import shutil
+
+    shutil.rmtree(folder)
+    native._state.clear()
+    assert native.kernels() is None and len(calls) == 2  # tried again
