@@ -128,6 +128,15 @@ def build_directory(name: str) -> Path:
     return Path(root) / f"py{sys.version_info.major}{sys.version_info.minor}_cpu" / name
 
 
+def _import(name: str, path: Path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _build():
     import fcntl
 
@@ -145,6 +154,12 @@ def _build():
         failed = folder / FAILED
         if failed.exists():  # each process that loads a model would otherwise try (and fail) again
             raise RuntimeError(f"an earlier build failed ({failed.read_text().strip()}); delete {folder} to build again")
+        built = folder / f"{name}.so"
+        if built.exists():  # the name is a digest of what went into the build: import it as it is (torch's load()
+            try:            # would run ninja, and rebuild for a copy of the source at another path, as a wheel has)
+                return _import(name, built)
+            except ImportError as e:  # a damaged file: build again
+                log.info("rebuilding the native decode kernels: %s", _one_line(e))
         (folder / "lock").unlink(missing_ok=True)
         try:
             return load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"],

@@ -233,17 +233,24 @@ def test_layers_keep_autograd_dtypes_and_shape_errors_of_their_torch_paths(kerne
         lin(torch.randn(1, 64).bfloat16())
 
 
-def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_load(kernels, fresh_state):
-    """torch's build lock stays behind a build that was killed; under its own lock native removes it."""
-    import threading
+def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_build(fresh_state, monkeypatch, tmp_path):
+    """torch's build lock stays behind a build that was killed, and torch would wait on it forever; under its own
+    lock native removes it before building."""
+    import torch.utils.cpp_extension as ext
 
+    monkeypatch.delenv(native.ENV, raising=False)
+    monkeypatch.setattr(native, "unavailable_reason", lambda: None)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     folder = native.build_directory(native.extension_name())
+    folder.mkdir(parents=True)
     (folder / "lock").touch()
-    done = []
-    t = threading.Thread(target=lambda: done.append(native.kernels()), daemon=True)
-    t.start()
-    t.join(timeout=240)
-    assert done and done[0] is not None and not (folder / "lock").exists()
+    seen = []
+
+    def build(**kw):
+        seen.append((folder / "lock").exists())
+        return "built"
+    monkeypatch.setattr(ext, "load", build)
+    assert native.kernels() == "built" and seen == [False]
 
 
 @pytest.mark.parametrize("dtype,cache_dtype,H,Hkv", [(torch.float32, torch.float32, 4, 4), (torch.bfloat16, torch.bfloat16, 4, 2),
@@ -500,3 +507,17 @@ def test_a_failed_build_is_not_tried_again_until_its_folder_is_deleted(fresh_sta
     shutil.rmtree(folder)
     native._state.clear()
     assert native.kernels() is None and len(calls) == 2  # tried again
+
+
+def test_a_built_module_is_imported_without_building_again(kernels, fresh_state, monkeypatch):
+    """Once built, the module is imported from the build folder as it is: no ninja run, no rebuild for a copy of the
+    source at another path (an installed wheel's, a second clone's)."""
+    import torch.utils.cpp_extension as ext
+
+    def no_build(**kw):
+        raise AssertionError("built again")
+    monkeypatch.setattr(ext, "load", no_build)
+    module = native.kernels()
+    assert module is not None and module.__name__ == native.extension_name()
+    x, w = torch.randn(1, 16), torch.randn(4, 16).bfloat16()
+    torch.testing.assert_close(module.linear_bf16(x, w, None), kernels.linear_bf16(x, w, None))
