@@ -184,8 +184,7 @@ def native_attention(model: nn.Module) -> int:
     (see CausalSelfAttention.native_decode) where the kernels run here -> how many layers will."""
     if native.kernels() is None or getattr(getattr(model, "config", None), "pos", "learned") == "rope":
         return 0
-    layers = [m for m in model.modules() if isinstance(m, CausalSelfAttention)
-              and m.q_norm is None and not m.eager and m.head_dim % 16 == 0]
+    layers = [m for m in model.modules() if isinstance(m, CausalSelfAttention) and m.native_fits()]
     for m in layers:
         m.native_decode = True
     return len(layers)

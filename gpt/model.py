@@ -139,22 +139,26 @@ class KVCache:
             view._base = (torch.arange(len(lens), device=self.k.device)[:, None] * self.k.size(2) + heads) * self.max_len
         return view
 
+    def end(self, t: int) -> int:
+        """The end of the positions held once t new tokens are written (ragged: the longest row's); ValueError if the
+        cache cannot hold them."""
+        end = (self.pos if self.lens is None else self.longest) + t
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
+        return end
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, H, T, D) for `layer`; return all keys/values so far (B, H, pos + T, D) (ragged:
         (B, H, longest + 1, D), each row's own keys first)."""
         if self.lens is not None:
             if k.size(2) != 1:
                 raise ValueError(f"rows at different positions take one new token each, not {k.size(2)}")
-            end = self.longest + 1
-            if end > self.max_len:
-                raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
+            end = self.end(1)
             at = (self._base + self.lens[:, None]).flatten()  # (B * H,) rows of the layer's (B * H * max_len, D)
             for cache, new in ((self.k, k), (self.v, v)):  # (under autocast: bf16 k, v)
                 cache[layer].view(-1, new.size(-1)).index_copy_(0, at, new[:, :, 0].flatten(0, 1).to(cache.dtype))
             return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-        end = self.pos + k.size(2)
-        if end > self.max_len:
-            raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
+        end = self.end(k.size(2))
         self.k[layer, :, :, self.pos:end] = k
         self.v[layer, :, :, self.pos:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
@@ -253,6 +257,10 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.eager = cfg.attn_impl == "eager"
 
+    def native_fits(self) -> bool:
+        """Whether gpt.native's one-token attention can stand in for this layer's (given no rotary positions)."""
+        return self.q_norm is None and not self.eager and self.head_dim % 16 == 0
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                causal: bool) -> torch.Tensor:
         """q (B, H, Tq, D), k/v (B, Hkv, Tk, D) -> (B, H, Tq, D). mask: (Tq, Tk) bool, True = may attend."""
@@ -296,13 +304,11 @@ class CausalSelfAttention(nn.Module):
         B, T, _ = qkv.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         if (self.native_decode and T == 1 and cache is not None and (mask is None or cache.lens is not None)
-                and rope is None and self.q_norm is None and not self.eager and not self.training and D % 16 == 0
+                and rope is None and self.native_fits() and not self.training
                 and qkv.is_cpu and qkv.dtype in _NATIVE_DTYPES and cache.k.dtype in _NATIVE_DTYPES
                 and not (qkv.requires_grad and torch.is_grad_enabled()) and native.loaded() is not None):
             # (a ragged cache's mask is GPT._plan's: each row's keys up to its own length, what the kernel reads)
-            end = (cache.pos if cache.lens is None else cache.longest) + 1
-            if end > cache.max_len:
-                raise ValueError(f"KV cache overflow: {end} positions > max_len {cache.max_len}")
+            cache.end(1)
             y = native.loaded().attend_new(qkv.reshape(B, -1), cache.k[layer], cache.v[layer], H, cache.pos, cache.lens)
             return y.view(B, 1, H * D)
         q, k, v = qkv.split([H * D, Hkv * D, Hkv * D], dim=2)

@@ -1,12 +1,13 @@
 """Native CPU kernels for decoding (gpt/csrc/decode.cpp): the few-row matmuls of a batch-1 decode step with bf16
-weights (gpt.inference.PackedLinear) and int8 weights (gpt.quantize.Int8Linear, kernel "native").
+weights (gpt.inference.PackedLinear) and int8 weights (gpt.quantize.Int8Linear, kernel "native"), the one-token
+attention step (gpt.model.CausalSelfAttention.native_decode) and the sampler's top-k (gpt.engine.topk).
 
 At batch 1 each Linear reads its whole weight to produce one row, so the step's speed is the rate at which the
 weights stream from memory. torch's CPU kernels (oneDNN bf16, fbgemm int8) are built for many rows: on a
 2-core Xeon with AMX they take ~100 us for a transformer block's 0.3-1.2 MB matmuls, 3-10 GB/s where the memory
 gives ~25. The native kernel reads each weight row once, in nn.Linear's own layout, with AVX-512.
 
-The kernels are compiled on first use with torch's C++ extension builder (a C++ compiler and ninja; ~40 s, once
+The kernels are compiled on first use with torch's C++ extension builder (a C++ compiler and ninja; ~30 s, once
 per machine, Python and torch version, kept in torch's extension cache, $TORCH_EXTENSIONS_DIR or
 ~/.cache/torch_extensions).
 They are used only where they can run: Linux on x86-64 with AVX512F/BW/VL. Anywhere else, or when the build
@@ -64,8 +65,8 @@ def unavailable_reason() -> str | None:
 
 
 def kernels():
-    """The compiled kernel module (linear_bf16, linear_int8), or None where they cannot be used; built once per
-    process (and once per machine: torch caches the build)."""
+    """The compiled kernel module (linear_bf16, linear_int8, attend_new, topk), or None where they cannot be used;
+    loaded once per process, built once per machine (kept in the build folder)."""
     with _lock:
         if "module" in _state:
             return _state["module"]
@@ -145,7 +146,7 @@ def _build():
     name = extension_name()
     folder = build_directory(name)
     folder.mkdir(parents=True, exist_ok=True)
-    log.info("loading the native decode kernels %s (compiled on first use: ~40 s)", name)
+    log.info("loading the native decode kernels %s (compiled on first use: ~30 s)", name)
     # One build at a time across processes, under a lock the system releases when its holder dies. torch's own
     # lock file would stay behind a build that was killed (and make every later load wait forever): holding
     # ours, no build of ours is running, so a torch lock found in the folder is such a leftover.
