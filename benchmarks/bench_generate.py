@@ -59,9 +59,14 @@ def stacked(*contexts):
 
 
 def torch_kernels_only(model):
-    """The model with gpt.native's kernel switched off in every Linear layer; run under native.suspended() (no native
-    attention or top-k either), it decodes as GPT_NATIVE_KERNELS=0 would."""
+    """The model with gpt.native's kernel switched off in every Linear layer (float32 ones plain nn.Linear again);
+    run under native.suspended() (no native attention or top-k either), it decodes as GPT_NATIVE_KERNELS=0 would."""
+    from gpt.inference import NativeLinear, NativeOutputHead
+    from gpt.model import OutputHead
+
     for m in model.modules():
+        if isinstance(m, NativeLinear):
+            m.__class__ = OutputHead if isinstance(m, NativeOutputHead) else torch.nn.Linear
         if getattr(m, "_native", None) is not None:
             m._native = None
     return model
@@ -140,6 +145,8 @@ def kernel_paths(models: dict) -> str:
                        f"prepacked for oneDNN{small}")
         if int8:
             out.append(f"{name}: int8 kernel {', '.join(int8)}{small}")
+        if own and not packed and not int8:
+            out.append(f"{name}: {len(own)} float32 linear layers{small}")
     from gpt import native
 
     if native.kernels() is None:
@@ -182,16 +189,18 @@ def main() -> None:
         "ours dtype=float32": (load_for_inference(path, dtype="float32")[0], None),
         "ours int8 (quantize=int8)": (load_for_inference(path, quantize="int8")[0], None),
         # the previous paths as they were: torch's ops only
-        "previous default: fp32 weights, bf16 autocast": (load_for_inference(path, dtype="float32")[0],
+        "previous default: fp32 weights, bf16 autocast": (torch_kernels_only(load_for_inference(path, dtype="float32")[0]),
                                                           lambda: stacked(torch.autocast("cpu", dtype=torch.bfloat16),
                                                                           native.suspended())),
-        "previous int8: torch.ao quantize_dynamic modules": (ao_int8(load_for_inference(path, dtype="float32")[0]),
+        "previous int8: torch.ao quantize_dynamic modules": (ao_int8(torch_kernels_only(load_for_inference(path, dtype="float32")[0])),
                                                               native.suspended),
         # the same two paths with torch's kernels only (oneDNN / fbgemm for every call): what gpt.native adds
         "ours dtype=auto, torch's kernels only": (torch_kernels_only(load_for_inference(path, dtype="auto")[0]),
                                                    native.suspended),
         "ours int8, torch's kernels only": (torch_kernels_only(load_for_inference(path, quantize="int8")[0]),
                                             native.suspended),
+        "ours dtype=float32, torch's kernels only": (torch_kernels_only(load_for_inference(path, dtype="float32")[0]),
+                                                     native.suspended),
     }
     names = list(models)
     prompt = torch.randint(0, args.vocab, (1, args.prompt_len))
@@ -212,7 +221,7 @@ def main() -> None:
 
     hf_name = "transformers generate (fp32, cache)"
     runs = {hf_name: hf_gen, **{name: ours_gen(m, ac) for name, (m, ac) in models.items()},
-            "no cache, full recompute (nanoGPT's generate), fp32": ours_gen(models[names[1]][0], native.suspended,
+            "no cache, full recompute (nanoGPT's generate), fp32": ours_gen(models[names[7]][0], native.suspended,
                                                                             use_cache=False)}
     for fn in runs.values():  # warm-up
         fn()
@@ -244,7 +253,8 @@ def main() -> None:
     print(f"\nint8 vs our fp32: {i8 / f:.2f}x; int8 vs our dtype=auto: {i8 / a:.2f}x; "
           f"dtype=auto vs the previous default: {a / best[names[3]]:.2f}x; "
           f"int8 vs the previous int8: {i8 / best[names[4]]:.2f}x; gpt.native's kernels: dtype=auto "
-          f"{a / best[names[5]]:.2f}x, int8 {i8 / best[names[6]]:.2f}x of torch's kernels only")
+          f"{a / best[names[5]]:.2f}x, int8 {i8 / best[names[6]]:.2f}x, float32 {f / best[names[7]]:.2f}x of torch's "
+          "kernels only")
 
     positions = [p for p in (64, 512, args.block_size - 1) if p < args.block_size]
     print("\n| decode step (model + top-k sampling), ms | " + " | ".join(f"pos {p}" for p in positions)

@@ -121,12 +121,14 @@ def main() -> None:
     torch.manual_seed(args.seed)
     model = GPT(vocab_size=args.vocab, block_size=args.block_size, n_layer=args.n_layer, n_head=args.n_head,
                 n_embd=args.n_embd, bias=True).eval().requires_grad_(False).to(args.device)
-    from gpt.inference import native_attention, pack_linears
+    from gpt.inference import native_attention, native_linears, pack_linears
 
     if args.dtype == "bfloat16":
         model = model.to(torch.bfloat16)
         if torch.device(args.device).type == "cpu":  # oneDNN's prepacked weights, as infer.py loads them
             pack_linears(model)
+    elif torch.device(args.device).type == "cpu":  # gpt.native's few-row float32 matmuls, as serve.py loads them
+        native_linears(model)
     if torch.device(args.device).type == "cpu":  # gpt.native's decode attention and top-k, as serve.py loads them
         native_attention(model)
     engine = Engine(model, _Tokens(), args.device)

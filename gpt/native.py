@@ -1,5 +1,6 @@
-"""Native CPU kernels for decoding (gpt/csrc/decode.cpp): the few-row matmuls of a batch-1 decode step with bf16
-weights (gpt.inference.PackedLinear) and int8 weights (gpt.quantize.Int8Linear, kernel "native"), the one-token
+"""Native CPU kernels for decoding (gpt/csrc/decode.cpp): the few-row matmuls of a decode step with bf16 weights
+(gpt.inference.PackedLinear), int8 weights (gpt.quantize.Int8Linear, kernel "native") and float32 weights
+(gpt.inference.NativeLinear, up to F32_ROWS rows: a continuous batch's step too), the one-token
 attention step (gpt.model.CausalSelfAttention.native_decode) and the sampler's top-k (gpt.engine.topk).
 
 At batch 1 each Linear reads its whole weight to produce one row, so the step's speed is the rate at which the
@@ -65,7 +66,7 @@ def unavailable_reason() -> str | None:
 
 
 def kernels():
-    """The compiled kernel module (linear_bf16, linear_int8, attend_new, topk), or None where they cannot be used;
+    """The compiled kernel module (linear_bf16, linear_int8, linear_f32, attend_new, topk), or None where they cannot be used;
     loaded once per process, built once per machine (kept in the build folder)."""
     with _lock:
         if "module" in _state:
@@ -168,6 +169,9 @@ def _build():
         except Exception as e:
             failed.write_text(_one_line(e) + "\n")
             raise
+
+
+F32_ROWS = 16  # the most input rows a float32 Linear (gpt.inference.NativeLinear) sends to the native kernel
 
 
 def max_rows(out_features: int) -> int:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from gpt import native
 from gpt.engine import last_logits
-from gpt.inference import PackedLinear, pack_linears
+from gpt.inference import NativeLinear, NativeOutputHead, PackedLinear, native_linears, pack_linears
 from gpt.model import GPT
 from gpt.quantize import Int8Linear, quantize_int8, quantize_weight
 
@@ -65,6 +65,94 @@ def test_int8_kernel_equals_the_dequantized_matmul(kernels, M, N, K):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * K ** 0.5)
     torch.testing.assert_close(kernels.linear_int8(x.bfloat16(), q, s, None), F.linear(x.bfloat16().float(), q.float() * s[:, None]),
                                rtol=1e-5, atol=1e-5 * K ** 0.5)
+
+
+@pytest.mark.parametrize("M,N,K", SHAPES + [(16, 70, 384), (13, 9, 31)])
+def test_f32_kernel_equals_torchs_matmul(kernels, M, N, K):
+    torch.manual_seed(M * 100 + N)
+    x, w, b = torch.randn(M, K), torch.randn(N, K), torch.randn(N)
+    got = kernels.linear_f32(x, w, b)
+    assert got.dtype is torch.float32 and got.shape == (M, N)
+    torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5 * K ** 0.5)  # the sums' order differs
+    torch.testing.assert_close(kernels.linear_f32(x, w, None), F.linear(x, w), rtol=1e-5, atol=1e-5 * K ** 0.5)
+    xb = x.bfloat16()  # a bf16 input is widened exactly
+    torch.testing.assert_close(kernels.linear_f32(xb, w, b), F.linear(xb.float(), w, b), rtol=1e-5, atol=1e-5 * K ** 0.5)
+
+
+def test_a_rows_f32_result_does_not_depend_on_its_batch_mates(kernels):
+    """Every output element is one dot product summed in one order, whatever the number of rows in the call (1 to 16,
+    in groups of 1 to 4): a row decoded in a continuous batch gets exactly the values it gets alone."""
+    torch.manual_seed(0)
+    x, w, b = torch.randn(16, 200), torch.randn(37, 200), torch.randn(37)
+    full = kernels.linear_f32(x, w, b)
+    for i in range(16):
+        assert torch.equal(kernels.linear_f32(x[i:i + 1], w, b)[0], full[i])
+    assert torch.equal(kernels.linear_f32(x[5:11], w, b), full[5:11])
+
+
+def test_float32_layers_send_up_to_16_rows_to_the_kernel_and_keep_their_parameters(kernels):
+    torch.manual_seed(0)
+    model = GPT(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=32, vocab_multiple=64).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert native_linears(model) == 4 + 1
+    head, fc = model.lm_head, model.transformer.h[0].mlp.c_fc
+    assert type(head) is NativeOutputHead and type(fc) is NativeLinear and fc._native is kernels
+    assert head.weight is model.transformer.wte.weight  # still tied
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    spy = fc._native = head._native = _Spy(kernels)
+    with torch.no_grad():
+        for rows in (1, 4, 16, 17):
+            x = torch.randn(rows, 1, 32)
+            torch.testing.assert_close(fc(x), F.linear(x, fc.weight, fc.bias), rtol=1e-5, atol=1e-5)
+            logits = head(x)
+            assert logits.shape == (rows, 1, 50)  # the padding rows are never scored
+            torch.testing.assert_close(logits, F.linear(x, head.weight[:50]), rtol=1e-5, atol=1e-5)
+        assert spy.rows == [1, 1, 4, 4, 16, 16]  # 17 rows (a prompt's prefill): torch's matmul
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast decides the dtype: torch's path
+            assert fc(torch.randn(1, 32)).dtype is torch.bfloat16
+    x = torch.randn(1, 32, requires_grad=True)
+    fc(x).sum().backward()  # autograd: plain F.linear, never the kernel
+    assert x.grad is not None and spy.rows == [1, 1, 4, 4, 16, 16]
+    with pytest.raises(RuntimeError):  # not read as two rows of 32
+        fc(torch.randn(1, 64))
+    again = copy.deepcopy(model)  # the kernel is attached again, not copied
+    assert type(again.lm_head) is NativeOutputHead and again.lm_head._native is kernels
+
+
+def test_float32_decode_with_the_kernels_equals_torchs_and_load_for_inference_uses_them(kernels, tmp_path):
+    from gpt.checkpoint import save_checkpoint
+    from gpt.engine import DecodeEngine, Sampling
+    from gpt.inference import load_for_inference
+
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=40, block_size=32, n_layer=2, n_head=2, n_embd=32)
+    ref = GPT(**cfg).eval()
+    path = save_checkpoint({"model": ref.state_dict(), "config": {"model": {"_target_": "gpt.model.GPT", **cfg}},
+                            "tokenizer": {"type": "char", "chars": "".join(chr(48 + i) for i in range(40))},
+                            "step": 1}, tmp_path / "m.pt")
+    model = load_for_inference(str(path), dtype="float32")[0]
+    assert sum(isinstance(m, NativeLinear) for m in model.modules()) == 4 * 2 + 1
+    # rows joining a running batch (continuous batching): each row's logits at every step against the reference
+    # model's (torch's matmuls), both engines fed the same tokens
+    seen = {}
+
+    def record(name):
+        def sample(logits, temperature, top_k, top_p, generator):
+            seen.setdefault(name, []).append(logits.clone())
+            return logits.argmax(-1)
+        return sample
+
+    engines = {name: DecodeEngine(m, 4, sample=record(name)) for name, m in (("native", model), ("torch", ref))}
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9, 10], [11]]
+    for step in range(12):
+        for e in engines.values():
+            if step < len(prompts):
+                e.add([prompts[step]], Sampling(max_tokens=8, temperature=0.0))
+            e.step()
+    for a, b in zip(seen["native"], seen["torch"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert len(seen["native"]) >= 12
 
 
 def test_kernels_refuse_bad_arguments_with_a_message(kernels):

@@ -33,6 +33,8 @@ inline __m512 load(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 inline __m512 load(const int8_t* p, __mmask16 m) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p))); }
+inline __m512 load(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 
 // Rows [n0, n0 + rows) of W (rows <= kRows) times MM rows of X starting at row m0: the block's weights are loaded
 // and widened once for all MM inputs (MM * kRows accumulators: at most 16 of the 32 vector registers).
@@ -160,6 +162,19 @@ torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& weight, c
     float* Y = y.data_ptr<float>();
     matmul(X, M, W, N, K, [&](int64_t m, int64_t n, float s) { Y[m * N + n] = s + B[n]; });
   }
+  return y;
+}
+
+// x (M, K) float32 or bfloat16, weight (N, K) float32, bias (N,) or None -> (M, N) float32.
+torch::Tensor linear_f32(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias) {
+  check(x, weight, at::kFloat);
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  std::vector<float> buf;
+  const float* X = as_float(x, buf);
+  const Vec B(bias, N);
+  torch::Tensor y = torch::empty({M, N}, x.options().dtype(at::kFloat));
+  float* Y = y.data_ptr<float>();
+  matmul(X, M, weight.data_ptr<float>(), N, K, [&](int64_t m, int64_t n, float s) { Y[m * N + n] = s + B[n]; });
   return y;
 }
 
@@ -324,6 +339,7 @@ std::tuple<torch::Tensor, torch::Tensor, bool> topk(const torch::Tensor& x, int6
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bf16", &linear_bf16, "x (M, K) @ bf16 weight (N, K)^T + bias");
+  m.def("linear_f32", &linear_f32, "x (M, K) @ float32 weight (N, K)^T + bias");
   m.def("linear_int8", &linear_int8, "x (M, K) @ (int8 weight (N, K) * scales)^T + bias");
   m.def("topk", &topk, "the k largest entries of each row, descending, and whether no row held a NaN");
   m.def("attend_new", &attend_new, "one new token per row: keys and values cached, attention over each row's positions 0 .. pos");
