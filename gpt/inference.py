@@ -74,7 +74,7 @@ class PackedLinear(nn.Linear):
         w = self._scored().detach()
         try:
             packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
-            x = torch.randn(2, w.size(1), dtype=w.dtype, device=w.device)
+            x = torch.randn(2, w.size(1), generator=torch.Generator().manual_seed(0)).to(w.dtype).to(w.device)
             got = torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
         except (RuntimeError, AttributeError, NotImplementedError) as e:
             log.info("no prepacked weights for %s Linear layers: %s", w.dtype, e)
@@ -128,9 +128,11 @@ class NativeLinear(nn.Linear):
     """An nn.Linear of a float32 CPU model (same parameters, state_dict and weight tying) whose calls of at most
     `native.F32_ROWS` rows without autograd or autocast (decode steps, a continuous batch's rows) take gpt.native's
     float32 kernel where it runs here: it reads each weight row once for all the rows, 2-5x faster than torch's
-    matmul at 1-16 rows (the (V, C) output layer included). Every output element is one float32 dot product summed
-    in the same order whatever the number of rows, so a row's values do not depend on its batch-mates. Anything
-    else (more rows: prefills; another dtype or device; autograd; autocast) takes F.linear."""
+    matmul at 1-16 rows on an AMD EPYC (the (V, C) output layer included). In a call of at most 16 rows every output
+    element is one float32 dot product summed in one order whatever the number of rows, so within such calls a
+    row's values do not depend on its batch-mates; a bigger call (a prompt's prefill, or a decode step packed with
+    one: DecodeEngine) takes F.linear, whose sums may differ from the kernel's in the last bit, as torch's own do
+    between calls of different sizes. Anything else (another dtype or device, autograd, autocast) takes F.linear."""
 
     _native = None  # gpt.native's module, when its kernel agrees with F.linear here
     _native_rows = _native_cap = 0  # the most rows, and elements of an input, the kernel takes
@@ -146,8 +148,11 @@ class NativeLinear(nn.Linear):
         kernels = native.kernels() if w.dtype == torch.float32 and w.device.type == "cpu" and w.is_contiguous() else None
         if kernels is None:
             return False
-        x = torch.randn(3, w.size(1))
-        got, want = kernels.linear_f32(x, w, self.bias), F.linear(x, w, self.bias)
+        x = torch.randn(3, w.size(1), generator=torch.Generator().manual_seed(0))  # torch's global stream untouched
+        try:
+            got, want = kernels.linear_f32(x, w, self.bias), F.linear(x, w, self.bias)
+        except RuntimeError:  # a bias the kernel does not take (another dtype or layout)
+            return False
         if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
             return False
         self._native, self._native_rows = kernels, native.F32_ROWS
@@ -167,6 +172,7 @@ class NativeLinear(nn.Linear):
         w, b, k = self._scored(), self.bias, self._native
         if (k is not None and x.dtype == torch.float32 and w.dtype == torch.float32 and x.is_cpu and w.is_cpu
                 and x.numel() <= self._native_cap and x.shape[-1] == self.in_features and w.is_contiguous()
+                and (b is None or (b.dtype == torch.float32 and b.is_contiguous()))
                 and not torch.is_autocast_enabled("cpu")
                 and not ((x.requires_grad or w.requires_grad or (b is not None and b.requires_grad))
                          and torch.is_grad_enabled())):
@@ -205,7 +211,7 @@ def pack_linears(model: nn.Module) -> int:
         return 0
     n = 0
     for m in model.modules():
-        plain = type(m)
+        plain = {NativeLinear: nn.Linear, NativeOutputHead: OutputHead}.get(type(m), type(m))  # float32 ones cast since
         if plain in (nn.Linear, OutputHead) and m.weight.device.type == "cpu" and m.weight.dtype == torch.bfloat16:
             m.__class__ = PackedOutputHead if plain is OutputHead else PackedLinear
             if m.pack():

@@ -81,13 +81,14 @@ def test_f32_kernel_equals_torchs_matmul(kernels, M, N, K):
 
 def test_a_rows_f32_result_does_not_depend_on_its_batch_mates(kernels):
     """Every output element is one dot product summed in one order, whatever the number of rows in the call (1 to 16,
-    in groups of 1 to 4): a row decoded in a continuous batch gets exactly the values it gets alone."""
+    in groups of 1 to 4): within decode steps of at most 16 rows, a row gets exactly the values it gets alone."""
     torch.manual_seed(0)
-    x, w, b = torch.randn(16, 200), torch.randn(37, 200), torch.randn(37)
-    full = kernels.linear_f32(x, w, b)
-    for i in range(16):
-        assert torch.equal(kernels.linear_f32(x[i:i + 1], w, b)[0], full[i])
-    assert torch.equal(kernels.linear_f32(x[5:11], w, b), full[5:11])
+    for N, K in ((37, 200), (5, 17), (70, 384), (1, 15)):
+        x, w, b = torch.randn(16, K), torch.randn(N, K), torch.randn(N)
+        full = kernels.linear_f32(x, w, b)
+        for i in range(16):
+            for j in range(i + 1, 17):
+                assert torch.equal(kernels.linear_f32(x[i:j], w, b), full[i:j]), (N, K, i, j)
 
 
 def test_float32_layers_send_up_to_16_rows_to_the_kernel_and_keep_their_parameters(kernels):
@@ -118,6 +119,18 @@ def test_float32_layers_send_up_to_16_rows_to_the_kernel_and_keep_their_paramete
         fc(torch.randn(1, 64))
     again = copy.deepcopy(model)  # the kernel is attached again, not copied
     assert type(again.lm_head) is NativeOutputHead and again.lm_head._native is kernels
+    other = GPT(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=32).eval()
+    state = torch.get_rng_state()
+    assert native_linears(other) == 5
+    assert torch.equal(torch.get_rng_state(), state)  # attaching draws from a generator of its own
+    lin = torch.nn.Linear(32, 7)
+    assert native_linears(torch.nn.Sequential(lin)) == 1
+    lin.bias = torch.nn.Parameter(torch.randn(14)[::2], requires_grad=False)  # a strided bias: torch's path
+    with torch.no_grad():
+        x = torch.randn(1, 32)
+        torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias))
+    if pack_linears(again.to(torch.bfloat16)) == 5:  # cast to bf16 later: prepacked as a plain model would be
+        assert type(again.lm_head).__name__ == "PackedOutputHead" and type(again.transformer.h[0].mlp.c_fc) is PackedLinear
 
 
 def test_float32_decode_with_the_kernels_equals_torchs_and_load_for_inference_uses_them(kernels, tmp_path):
