@@ -8,16 +8,19 @@ except the assistant's content and its `<|end|>`; generation appends `<|assistan
 
 from __future__ import annotations
 
-from gpt.tokenizer import with_special_tokens
+from gpt.tokenizer import has_token, with_special_tokens
 
 SPECIAL = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 END = "<|end|>"
 
 
 def answer_stop_ids(tok, chat: bool = True) -> tuple[int, ...]:
-    """The ids that end a generated answer: end-of-text where the tokenizer has one, and a chat answer's <|end|>
-    before it (the eos ids gpt.export_meta writes, which vLLM and llama.cpp stop at)."""
-    return tuple(i for i in (tok.special_id(END) if chat else None, tok.eot_id) if i is not None)
+    """The ids that end a generated answer: end-of-text where the tokenizer has one, and for a chat answer its
+    <|end|> before it (the eos ids gpt.export_meta writes, which vLLM and llama.cpp stop at), then the role tokens
+    that start a turn (<|user|>, <|system|>, <|assistant|>): a model that skips <|end|> and goes on with the next
+    turn has ended its answer (what it would write as the user is not part of it)."""
+    turns = [tok.special_id(t) for t in SPECIAL if t != END and has_token(tok, t)] if chat else []
+    return tuple(i for i in (tok.special_id(END) if chat else None, tok.eot_id, *turns) if i is not None)
 
 
 class ChatText:

@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from gpt.chat import END, SPECIAL, chat_tokenizer, encode_chat  # noqa: E402
+from gpt.chat import END, SPECIAL, answer_stop_ids, chat_tokenizer, encode_chat  # noqa: E402
 from gpt.serve import ChatText, Engine, create_app  # noqa: E402
 from gpt.tokenizer import CharTokenizer  # noqa: E402
 from test_openai_api import CHARS, KEY, _save, _start, base_model, chat_model, library_greedy  # noqa: E402
@@ -137,11 +137,11 @@ def test_browser_chat_streams_the_library_answers_with_history(browser, tmp_path
             got.append(_say(browser, text))
             history.append({"role": "user", "content": text})
             want = ChatText(tok).decode(library_greedy(model, encode_chat(tok, history, generation_prompt=True)[0],
-                                             MAX_TOKENS, tok.special_id(END)))
+                                             MAX_TOKENS, answer_stop_ids(tok)))
             assert got[-1] == want  # the second turn's prompt holds the first turn: the whole history
             history.append({"role": "assistant", "content": want})
         alone = ChatText(tok).decode(library_greedy(model, encode_chat(tok, history[2:3], generation_prompt=True)[0],
-                                          MAX_TOKENS, tok.special_id(END)))
+                                          MAX_TOKENS, answer_stop_ids(tok)))
         assert alone != got[1]  # so the check above tells history from no history
         browser.save_screenshot(str(tmp_path / "chat.png"))
         assert (tmp_path / "chat.png").stat().st_size > 0
@@ -175,7 +175,7 @@ def test_browser_long_conversation_leaves_its_oldest_turns_out_to_fit_the_server
             while len(sent) > 1 and sum(len(m["content"]) for m in sent) > 40:  # the page's rule
                 sent, dropped = sent[2:] if len(sent) > 2 else sent[1:], dropped + 1
             want = ChatText(tok).decode(library_greedy(model, encode_chat(tok, sent, generation_prompt=True)[0],
-                                                       16, tok.special_id(END)))
+                                                       16, answer_stop_ids(tok)))
             assert _reply(browser, text) == want  # (this random model's answer may be its special tokens only)
             history += [{"role": "user", "content": text}, {"role": "assistant", "content": want}]
         assert dropped and browser.find_element(By.ID, "status").text == ""

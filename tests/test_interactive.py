@@ -12,7 +12,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import ROOT
-from gpt.chat import END, SPECIAL, ChatText, chat_tokenizer, encode_chat
+from gpt.chat import END, SPECIAL, ChatText, answer_stop_ids, chat_tokenizer, encode_chat
 from gpt.engine import Sampling, complete
 from gpt.errors import UserError
 from gpt.inference import encode_prompt, interactive
@@ -35,8 +35,9 @@ def _greedy(model, tok, ids: list[int], stop: int | None) -> str:
     return tok.decode(_greedy_ids(model, ids, stop))
 
 
-def _greedy_ids(model, ids: list[int], stop: int | None) -> list[int]:
-    sampling = Sampling(MAX_NEW, 0.0, stop_ids=() if stop is None else (stop,))
+def _greedy_ids(model, ids: list[int], stop: int | tuple[int, ...] | None) -> list[int]:
+    stops = () if stop is None else stop if isinstance(stop, tuple) else (stop,)
+    sampling = Sampling(MAX_NEW, 0.0, stop_ids=stops)
     return complete(model, [ids[-model.config.block_size:]], sampling)[0].new
 
 
@@ -48,7 +49,7 @@ def test_chat_keeps_the_conversation_across_turns(tmp_path):
     r = _infer(ckpt, f"{turns[0]}\n\n   \n{turns[1]}\n")  # blank lines between the turns are ignored
     assert r.returncode == 0, r.stderr
 
-    end, history, answers, shown = tok.special_id(END), [], [], ChatText(tok)
+    end, history, answers, shown = answer_stop_ids(tok), [], [], ChatText(tok)  # <|end|>, or a new turn
     for text in turns:
         history.append({"role": "user", "content": text})
         answers.append(shown.decode(_greedy_ids(model, encode_chat(tok, history, generation_prompt=True)[0], end)))
@@ -79,21 +80,24 @@ def _cfg(**over):
 
 
 def test_answers_are_kept_as_generated_ids():
-    """The conversation is kept as token ids: an answer holding a special token (this untrained model answers
-    "Hi" with <|assistant|> tokens, which a char tokenizer cannot even encode as text) feeds the next turn as
-    it was generated; the text shown leaves the template's special tokens out (as /v1/chat/completions)."""
+    """The conversation is kept as token ids: each answer as generated, closed by <|end|>, feeds the next turn. An
+    answer that starts a new turn (this untrained model answers "Hi" with <|assistant|>, which a char tokenizer
+    cannot even encode as text) ends there; the text shown leaves the template's special tokens out (as
+    /v1/chat/completions)."""
     model, tok = chat_model(), chat_tokenizer(CharTokenizer(CHARS))
     out = io.StringIO()
     messages = interactive(_cfg(), model, tok, io.StringIO("Hi\n\nBye"), out)  # the last line has no line break
     assert [m["content"] for m in messages[::2]] == ["Hi", "Bye"]
-    end, cut = tok.special_id(END), Sampling(5, 0.0, stop_ids=(tok.special_id(END),))
+    end, stops = tok.special_id(END), answer_stop_ids(tok)
     first = encode_chat(tok, [{"role": "user", "content": "Hi"}], generation_prompt=True)[0]
+    raw = complete(model, [first], Sampling(5, 0.0, stop_ids=(end,)))[0].new  # ended at <|end|> only
+    assert "<|assistant|>" in tok.decode(raw)  # the case this test is about
+    cut = Sampling(5, 0.0, stop_ids=stops)
     new = complete(model, [first], cut)[0].new
-    assert "<|assistant|>" in tok.decode(new)  # the case this test is about
+    assert new == raw[:min(raw.index(s) for s in stops if s in raw)]  # the answer ends where the new turn starts
     second = first + new + [end] + encode_chat(tok, [{"role": "user", "content": "Bye"}], generation_prompt=True)[0]
     shown = ChatText(tok)
     want = [shown.decode(new), shown.decode(complete(model, [second[-model.config.block_size:]], cut)[0].new)]
-    assert want[0] != tok.decode(new)
     assert [m["content"] for m in messages[1::2]] == want
     assert out.getvalue() == f"> {want[0]}\n> > {want[1]}\n> \n"
 

@@ -16,7 +16,7 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from gpt.chat import END, SPECIAL, chat_tokenizer, encode_chat  # noqa: E402
+from gpt.chat import END, SPECIAL, answer_stop_ids, chat_tokenizer, encode_chat  # noqa: E402
 from gpt.checkpoint import save_checkpoint  # noqa: E402
 from gpt.generate import generate  # noqa: E402
 from gpt.model import GPT  # noqa: E402
@@ -98,9 +98,11 @@ def client(url: str, key: str = KEY) -> "openai.OpenAI":
     return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=60)
 
 
-def library_greedy(model: GPT, ids: list[int], n: int, stop: int | None = None) -> list[int]:
+def library_greedy(model: GPT, ids: list[int], n: int, stop: int | tuple[int, ...] | None = None) -> list[int]:
+    """The library's greedy tokens, cut before the first of the stop ids (a chat answer's: answer_stop_ids)."""
     out = generate(model, torch.tensor([ids]), n, temperature=0)[0, len(ids):].tolist()
-    return out[:out.index(stop)] if stop is not None and stop in out else out
+    stops = () if stop is None else stop if isinstance(stop, tuple) else (stop,)
+    return out[:min((out.index(s) for s in stops if s in out), default=len(out))]
 
 
 pytestmark = pytest.mark.slow  # most tests use the two server processes (a few seconds to start)
@@ -177,7 +179,7 @@ def test_chat_uses_the_template_and_stops_at_end_of_answer_streamed_or_not(serve
     tok = chat_tokenizer(CharTokenizer(CHARS))
     messages = [{"role": "system", "content": "Be brief"}, {"role": "user", "content": "Hi"}]
     ids = encode_chat(tok, messages, generation_prompt=True)[0]
-    want = library_greedy(model, ids, 40, stop=tok.special_id(END))
+    want = library_greedy(model, ids, 40, stop=answer_stop_ids(tok))  # <|end|>, or the start of a new turn
     r = c.chat.completions.create(model="chat", messages=messages, max_tokens=40, temperature=0)
     text = ChatText(tok).decode(want)  # the answer's text leaves the template's special tokens out
     assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == text

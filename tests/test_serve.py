@@ -108,7 +108,7 @@ def test_concurrent_requests_are_queued_not_interleaved(engine):
 
 
 def test_chat_request_uses_the_template_and_stops_at_end_of_answer():
-    from gpt.chat import END, ChatText, chat_tokenizer, prompt_ids
+    from gpt.chat import END, ChatText, answer_stop_ids, chat_tokenizer, prompt_ids
 
     tok = chat_tokenizer(CharTokenizer(CHARS))
     torch.manual_seed(0)
@@ -121,14 +121,13 @@ def test_chat_request_uses_the_template_and_stops_at_end_of_answer():
     r = client.post("/generate", json={"prompt": "Hi", "max_new_tokens": 30, "temperature": 0, "chat": True})
     assert r.status_code == 200, r.text
     ids = torch.tensor([prompt_ids(tok, "Hi")])
-    expected = []
-    for t in generate(model, ids, 30, temperature=0)[0, ids.size(1):].tolist():
-        if t == end:
-            break
-        expected.append(t)
+    full = generate(model, ids, 30, temperature=0)[0, ids.size(1):].tolist()
+    stops = answer_stop_ids(tok)  # <|end|>, end-of-text, or a role token (the start of a new turn)
+    expected = full[:min((full.index(s) for s in stops if s in full), default=len(full))]
+    assert len(expected) < 30  # this model's answer ends before max_new_tokens
     body = r.json()  # the text leaves the template's special tokens out, as /v1/chat/completions does
     assert body["completion"] == ChatText(tok).decode(expected) and body["new_tokens"] == len(expected)
-    assert END not in body["completion"] and body["completion"] != tok.decode(expected)
+    assert body["finish_reason"] == "stop" and END not in body["completion"]
 
 
 def test_a_chat_answer_ends_at_end_of_text_on_every_endpoint():
@@ -138,7 +137,7 @@ def test_a_chat_answer_ends_at_end_of_text_on_every_endpoint():
     from gpt.tokenizer import TiktokenTokenizer
 
     tok = chat_tokenizer(TiktokenTokenizer("gpt2"))
-    assert answer_stop_ids(tok) == (tok.special_id(END), tok.eot_id)
+    assert answer_stop_ids(tok)[:2] == (tok.special_id(END), tok.eot_id)
     torch.manual_seed(0)
     model = GPT(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=16).eval()
     with torch.no_grad():  # end-of-text the greedy choice: its output row a large multiple of a likely one's
@@ -149,6 +148,32 @@ def test_a_chat_answer_ends_at_end_of_text_on_every_endpoint():
                                                   "max_tokens": 6, "temperature": 0}).json()
     assert (g["completion"], g["new_tokens"], g["finish_reason"]) == ("", 0, "stop")
     assert v["choices"][0]["message"]["content"] == "" and v["usage"]["completion_tokens"] == 0
+
+
+def test_a_chat_answer_that_starts_the_next_turn_ends_there():
+    """A chat model that writes <|user|> (the next turn) instead of <|end|> has ended its answer: /generate and
+    /v1/chat/completions stop there (finish_reason stop) and show nothing of the turn it started; a plain
+    completion (/v1/completions: no chat template) is not cut there."""
+    from gpt.chat import chat_tokenizer, encode_chat
+    from gpt.tokenizer import TiktokenTokenizer
+
+    tok = chat_tokenizer(TiktokenTokenizer("gpt2"))
+    user = tok.special_id("<|user|>")
+    torch.manual_seed(0)
+    model = GPT(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=16).eval()
+    with torch.no_grad():  # <|user|> the greedy choice: its output row a large multiple of a likely one's
+        model.lm_head.weight[user] = 30 * model.lm_head.weight[tok.encode("the")[0]]
+    client = TestClient(create_app(Engine(model, tok, "cpu", None, "chat.pt"), Limits(max_new_tokens=8)))
+    prompt = encode_chat(tok, [{"role": "user", "content": "Hi"}], generation_prompt=True)[0]
+    assert generate(model, torch.tensor([prompt]), 2, temperature=0.0)[0, -2:].tolist() == [user, user]
+    g = client.post("/generate", json={"prompt": "Hi", "chat": True, "max_new_tokens": 8, "temperature": 0}).json()
+    v = client.post("/v1/chat/completions", json={"model": "chat", "messages": [{"role": "user", "content": "Hi"}],
+                                                  "max_tokens": 8, "temperature": 0}).json()
+    assert (g["completion"], g["new_tokens"], g["finish_reason"]) == ("", 0, "stop")
+    assert (v["choices"][0]["message"]["content"], v["choices"][0]["finish_reason"]) == ("", "stop")
+    assert v["usage"]["completion_tokens"] == 0
+    c = client.post("/v1/completions", json={"model": "chat", "prompt": "Hi", "max_tokens": 8, "temperature": 0}).json()
+    assert c["choices"][0]["finish_reason"] == "length" and c["usage"]["completion_tokens"] == 8
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
