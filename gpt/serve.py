@@ -37,6 +37,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gpt import native
 from gpt.chat import ChatText, answer_stop_ids
 from gpt.errors import UserError
 from gpt.export_meta import CHAT_TEMPLATE
@@ -253,6 +254,7 @@ class Batcher:
         return ids
 
     def submit(self, job: Job) -> None:
+        native.release_idle_threads()  # this thread's idle OpenMP helpers would slow the worker's steps (see there)
         with self.cv:
             self.pending.append(job)
             if self.thread is None:
@@ -365,6 +367,8 @@ class Batcher:
     def _loop(self) -> None:
         while True:
             with self.cv:
+                if not self.pending and not self.running:  # idle: its OpenMP helpers go too (release_idle_threads)
+                    native.release_idle_threads()
                 while not self.pending and not self.running:
                     self.cv.wait()
             with self.engine.lock:
@@ -1164,7 +1168,7 @@ class OpenAIRoutes:
         except UserError as e:
             raise ApiError(400, str(e), "messages") from None
         ids = ids[-block:]  # the context-window rule, as infer.py's terminal chat
-        stops = answer_stop_ids(tok)  # export_meta's eos ids
+        stops = answer_stop_ids(tok)  # export_meta's eos ids (<|end|>, end-of-text), then a new turn's role tokens
         jobs, queue = self.start(request, [ids], body, max_tokens, stops,
                                  (body.top_logprobs or 0) if body.logprobs else None, ChatText(tok))
         head = {"id": f"chatcmpl-{os.urandom(12).hex()}", "object": "chat.completion", "created": int(time.time()),

@@ -1,11 +1,15 @@
 """Recipe tests in torchtune's style: run the real entry script (train.py / finetune.py) for a few steps on a tiny
-seeded float32 model and compare the per-step training losses to stored values (rtol 1e-4), so that a silent
+seeded float32 model and compare the per-step training losses to stored values (rtol 1e-3), so that a silent
 change to a loss, a data path, a sampler or an initialisation shows as a changed number.
 
 The entry scripts run in this process (runpy with their command line), which is several times faster than a
 subprocess each. Dropout is 0 and autocast off, so the numbers depend only on float32 arithmetic: they were
 recorded natively on an AMX Xeon and hold unchanged with ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 (the
-kernels a CPU without AVX-512 runs). If a deliberate change moves them, re-record with
+kernels a CPU without AVX-512 runs). On the AMD EPYC kind of build machine (Zen 4, AVX-512 and AVX512-BF16, no
+AMX) the SFT losses come out up to 4e-4 (1.3e-4 relative) off the record from step 1 on: the parent's Muon steps
+orthogonalise in bfloat16, which turns float32 summation-order differences between the CPUs' kernels into visible
+ones. The tolerance, 1e-3, covers both kinds; another seed moves these numbers by 2e-3 (DPO) to 0.14 (GRPO), and a
+changed loss, data path, sampler or initialisation as much. If a deliberate change moves them, re-record with
 `GPT_RECORD_RECIPES=1 python -m pytest tests/test_recipes.py -s` and say in the commit why they moved."""
 
 from __future__ import annotations
@@ -81,7 +85,7 @@ def check(name: str, got: list[float]) -> None:
         print(f'\n    "{name}": {[float(f"{v:.7g}") for v in got]},')
         return
     torch.testing.assert_close(torch.tensor(got, dtype=torch.float64),
-                               torch.tensor(EXPECTED[name], dtype=torch.float64), rtol=1e-4, atol=1e-4,
+                               torch.tensor(EXPECTED[name], dtype=torch.float64), rtol=1e-3, atol=1e-3,
                                msg=lambda m: f"{name} losses {got} != stored {EXPECTED[name]}: {m}")
 
 

@@ -331,3 +331,22 @@ def test_max_batch_1_serves_one_request_at_a_time(engine):
         texts = {r.json()["completion"] for r in _submit_together(c, engine, bodies)}
         assert c.get("/health").json()["batching"]["batch_sizes"] == {"1": 3}
     assert len(texts) == 1
+
+
+def test_the_worker_and_the_submitting_thread_let_their_idle_openmp_helpers_go(monkeypatch):
+    """gpt.native.release_idle_threads is called by the thread that hands a request over (the event loop's idle
+    OpenMP pool) and by the worker whenever it goes idle: idle pools slow every parallel region of the worker."""
+    from gpt import native
+
+    calls = []
+    monkeypatch.setattr(native, "release_idle_threads", lambda: calls.append(threading.current_thread().name))
+    torch.manual_seed(0)
+    tok = CharTokenizer(CHARS)
+    model = GPT(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=16).eval()
+    client = TestClient(create_app(Engine(model, tok, "cpu", None, "m.pt"), Limits(max_new_tokens=4)))
+    r = client.post("/generate", json={"prompt": "ab", "max_new_tokens": 3, "temperature": 0})
+    assert r.status_code == 200, r.text
+    deadline = time.monotonic() + 5
+    while "gpt-batcher" not in calls and time.monotonic() < deadline:  # idle once the request is answered
+        time.sleep(0.01)
+    assert "gpt-batcher" in calls and any(name != "gpt-batcher" for name in calls)

@@ -451,13 +451,15 @@ def test_more_top_logprobs_than_the_vocabulary_holds_lists_them_all():
     tok = chat_tokenizer(CharTokenizer("0123456789+-=\n"))
     torch.manual_seed(0)
     model = GPT(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=16).eval()
+    with torch.no_grad():  # logit 0 for the chat tokens (an answer's end, or a new turn): digits and signs lead
+        model.lm_head.weight[tok.base_vocab_size:] = 0
     c = TestClient(create_app(Engine(model, tok, "cpu", None, "calc.pt"), Limits(max_new_tokens=4)))
     body = {"model": "calc", "messages": [{"role": "user", "content": "1+1"}], "max_tokens": 3, "logprobs": True,
             "top_logprobs": 20, "temperature": 0}
     r = c.post("/v1/chat/completions", json=body)
     assert r.status_code == 200, r.text
     content = r.json()["choices"][0]["logprobs"]["content"]
-    assert content and all(len(e["top_logprobs"]) == tok.vocab_size for e in content)
+    assert len(content) == 3 and all(len(e["top_logprobs"]) == tok.vocab_size for e in content)
     r = c.post("/v1/chat/completions", json={**body, "stream": True})
     assert r.status_code == 200 and '"error"' not in r.text and r.text.rstrip().endswith("data: [DONE]")
 
