@@ -92,7 +92,11 @@ void matmul(const float* X, int64_t M, const T* W, int64_t N, int64_t K, const O
         const int64_t ahead = n0 + kAhead * kRows;  // hardware prefetcher keeps
         const char* next = reinterpret_cast<const char*>(W + ahead * K);
         const int64_t bytes = std::min(kRows, N - ahead) * K * int64_t(sizeof(T));
-        for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(next + i, _MM_HINT_T0);
+        if (M <= 4) {
+          for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(next + i, _MM_HINT_T0);
+        } else {  // many inputs: X itself fills L1 (16 rows of 384 floats: 24 KB), the stream waits in L2
+          for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(next + i, _MM_HINT_T1);
+        }
       }
       for (int64_t m0 = 0; m0 < M; m0 += 4) {  // inputs four at a time; the block's weights stay in L1 meanwhile
         switch (std::min<int64_t>(4, M - m0)) {
