@@ -67,8 +67,10 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> to
 def generate_batch(model: GPT, prompts: list[list[int]], max_new_tokens: int, **kwargs) -> list[list[int]]:
     """Generate for several prompts of different lengths in one batch -> each prompt's new ids.
 
-    With eot_id given, a row's ids stop before its first end-of-text.
+    With eot_id given, a row's ids stop before its first end-of-text; with stop_ids, before the first of them (a chat
+    answer's: gpt.chat.answer_stop_ids).
     """
     eot, use_cache = kwargs.pop("eot_id", None), kwargs.pop("use_cache", True)
-    sampling = Sampling(max_new_tokens, stop_ids=() if eot is None else (eot,), **kwargs)
+    stops = tuple(kwargs.pop("stop_ids", ())) + (() if eot is None else (eot,))
+    sampling = Sampling(max_new_tokens, stop_ids=stops, **kwargs)
     return [r.new for r in complete(model, prompts, sampling, use_cache, _sample)]

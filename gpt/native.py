@@ -204,23 +204,28 @@ def release_idle_threads() -> bool:
 
 
 def _find_omp_pause():
-    """omp_pause_resource_all of the OpenMP runtime torch runs on (libgomp in Linux wheels, libiomp5 or libomp in
-    other builds), found among the libraries this process has loaded; None where there is none."""
+    """omp_pause_resource_all of the libgomp torch runs on (Linux wheels: torch/lib/libgomp*.so*; else the one loaded
+    under the name libgomp.so.1), or None. Only libgomp: there it frees the calling thread's pool alone (other threads'
+    teams run on), which is what release_idle_threads needs; in LLVM's libomp a pause is global. Another libgomp
+    that a library of this process bundles (scikit-learn's, say) is not torch's, so it is never picked."""
     import ctypes
 
+    lib = None
+    torch_dir = os.path.dirname(torch.__file__)
     try:
         with open("/proc/self/maps") as f:
-            paths = {line.split()[-1] for line in f if "/" in line}
+            paths = sorted({line.split()[-1] for line in f if "/" in line})
     except OSError:
+        paths = []
+    for path in paths:
+        if os.path.basename(path).startswith("libgomp") and (path.startswith(torch_dir + os.sep)
+                                                             or path.startswith(torch_dir + ".libs" + os.sep)):
+            lib = path
+            break
+    try:
+        handle = ctypes.CDLL(lib) if lib else ctypes.CDLL("libgomp.so.1", mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+        fn = handle.omp_pause_resource_all
+    except (OSError, AttributeError):  # no libgomp loaded (torch on another runtime, or none), or an old one
         return None
-    for path in sorted(paths):
-        if os.path.basename(path).split(".")[0] in ("libgomp", "libiomp5", "libomp") or \
-                os.path.basename(path).startswith("libgomp-"):
-            try:
-                fn = ctypes.CDLL(path).omp_pause_resource_all
-            except (OSError, AttributeError):
-                continue
-            fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
-            return fn
-    return None
-
+    fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+    return fn

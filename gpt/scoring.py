@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from gpt.chat import END, encode_chat
+from gpt.chat import answer_stop_ids, encode_chat
 from gpt.encoding import encode_texts, reward_batch, score_batch
 from gpt.generate import generate_batch
 from gpt.heads import Classifier, RewardModel
@@ -20,12 +20,13 @@ def _device(model: torch.nn.Module) -> torch.device:
 @torch.no_grad()
 def chat_exact_match(model, tok, conversations: list[list[dict]], autocast, max_new_tokens: int = 32) -> float:
     """Fraction of conversations whose last assistant answer the model reproduces exactly (greedy, in the
-    chat template, to <|end|>; answer and reference compared with surrounding whitespace stripped)."""
+    chat template, to <|end|> or the start of a new turn, as serve.py answers: gpt.chat.answer_stop_ids; answer and
+    reference compared with surrounding whitespace stripped)."""
     if not conversations:
         return float("nan")
     prompts = [encode_chat(tok, c[:-1], generation_prompt=True)[0] for c in conversations]
     with autocast():
-        outs = generate_batch(model, prompts, max_new_tokens, temperature=0.0, eot_id=tok.special_id(END))
+        outs = generate_batch(model, prompts, max_new_tokens, temperature=0.0, stop_ids=answer_stop_ids(tok))
     return sum(tok.decode(o).strip() == c[-1]["content"].strip() for o, c in zip(outs, conversations)) / len(outs)
 
 

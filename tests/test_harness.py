@@ -139,7 +139,8 @@ def test_chat_template_gives_the_ids_of_gpt_chat(tmp_path):
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi: a b"}]
     text = lm.apply_chat_template(messages)
     assert lm.tok_encode(text) == encode_chat(from_identity(identity), messages, generation_prompt=True)[0]
-    assert lm.stop_ids == (lm.tok.special_id("<|endoftext|>"), lm.tok.special_id("<|end|>"))
+    # an answer ends at <|end|> or end-of-text, or where the model starts a new turn (as serve.py's answers)
+    assert lm.stop_ids == tuple(lm.tok.special_id(t) for t in ("<|end|>", "<|endoftext|>", *SPECIAL[:3]))
     plain = PipelineLM(ckpt=str(save_model(tmp_path / "plain.pt", {"type": "char", "chars": CHARS}, len(CHARS))))
     with pytest.raises(UserError, match="needs a chat model"):
         plain.apply_chat_template(messages)

@@ -648,6 +648,13 @@ def test_release_idle_threads_lets_the_calling_threads_openmp_helpers_go():
     t = threading.Thread(target=run)
     t.start()
     t.join()
+    import ctypes
+
+    torch_gomp = [line.split()[-1] for line in open("/proc/self/maps")
+                  if "libgomp" in line and line.split()[-1].startswith(os.path.dirname(torch.__file__))]
+    if torch_gomp:  # torch's own runtime, not another libgomp the process may hold
+        ours = ctypes.cast(native._find_omp_pause(), ctypes.c_void_p).value
+        assert ours == ctypes.cast(ctypes.CDLL(torch_gomp[0]).omp_pause_resource_all, ctypes.c_void_p).value
     assert seen["released"] and seen["same"]
     assert seen["after"] == seen["before"] - 1  # its helper gone
     assert seen["again"] == seen["before"]

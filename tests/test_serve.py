@@ -350,3 +350,37 @@ def test_the_worker_and_the_submitting_thread_let_their_idle_openmp_helpers_go(m
     while "gpt-batcher" not in calls and time.monotonic() < deadline:  # idle once the request is answered
         time.sleep(0.01)
     assert "gpt-batcher" in calls and any(name != "gpt-batcher" for name in calls)
+
+
+def test_an_answer_cut_where_it_starts_a_new_turn_is_the_same_streamed_or_not():
+    """After some text, a role token ends the answer: the text before it, finish_reason stop, completion_tokens
+    counting the answer's tokens, the same whether streamed or not (a small model whose greedy answer writes a few
+    characters and then <|user|> or another role token, found among seeds)."""
+    from gpt.chat import SPECIAL, ChatText, answer_stop_ids, chat_tokenizer, encode_chat
+
+    tok = chat_tokenizer(CharTokenizer(CHARS))
+    roles, stops = {tok.special_id(t) for t in SPECIAL[:3]}, answer_stop_ids(tok)
+    msgs = [{"role": "user", "content": "Hi"}]
+    ids = encode_chat(tok, msgs, generation_prompt=True)[0]
+    for seed in range(200):
+        torch.manual_seed(seed)
+        model = GPT(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=16).eval()
+        with torch.no_grad():
+            model.lm_head.weight[tok.special_id("<|user|>")] *= 3
+        out = generate(model, torch.tensor([ids]), 12, temperature=0)[0, len(ids):].tolist()
+        cut = next((i for i, t in enumerate(out) if t in stops), None)
+        if cut is not None and cut >= 3 and out[cut] in roles:
+            break
+    else:
+        pytest.fail("no seed gives an answer that starts a new turn after some text")
+    want = ChatText(tok).decode(out[:cut])
+    c = TestClient(create_app(Engine(model, tok, "cpu", None, "chat.pt"), Limits(max_new_tokens=12)))
+    body = {"model": "chat", "messages": msgs, "max_tokens": 12, "temperature": 0}
+    v = c.post("/v1/chat/completions", json=body).json()
+    assert (v["choices"][0]["message"]["content"], v["choices"][0]["finish_reason"]) == (want, "stop")
+    assert v["usage"]["completion_tokens"] == cut
+    r = c.post("/v1/chat/completions", json={**body, "stream": True, "stream_options": {"include_usage": True}})
+    chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    assert "".join(ch["delta"].get("content", "") for d in chunks for ch in d["choices"]) == want
+    assert [ch["finish_reason"] for d in chunks for ch in d["choices"] if ch["finish_reason"]] == ["stop"]
+    assert chunks[-1]["usage"]["completion_tokens"] == cut

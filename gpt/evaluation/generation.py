@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from gpt.chat import END, SPECIAL, prompt_ids
+from gpt.chat import SPECIAL, answer_stop_ids, prompt_ids
 from gpt.errors import UserError
 from gpt.evaluation.text_metrics import text_metrics
 from gpt.engine import Sampling, complete
@@ -46,20 +46,21 @@ def greedy_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, st
     """The greedy (temperature 0) answer to each prompt, batched as the SFT stage's evaluation batches them.
 
     A chat model (is_chat) gets each prompt in the chat template, as infer.py chat=true and stage=sft build
-    it (gpt.chat.prompt_ids), and its answer ends at <|end|>; any other model continues the prompt as it
+    it (gpt.chat.prompt_ids), and its answer ends at <|end|> or where it starts a new turn (as serve.py's: gpt.chat.
+    answer_stop_ids); any other model continues the prompt as it
     saw text in training (gpt.inference.encode_prompt) up to end-of-text. Either way the answer is cut at
     the first of `stop` (None: a blank line for a plain language model, nothing more for a chat model).
     batch_size prompts are answered together (SFT's evaluation: its eval_examples, 64 by default, in one batch).
     """
     if is_chat(tokenizer):
-        ids, end = [prompt_ids(tokenizer, p) for p in prompts], tokenizer.special_id(END)
+        ids, ends = [prompt_ids(tokenizer, p) for p in prompts], answer_stop_ids(tokenizer)
         stop = [] if stop is None else stop
     else:
         ids = [encode_prompt(tokenizer, p, model.config.block_size, note=False) for p in prompts]
-        end, stop = tokenizer.eot_id, ["\n\n"] if stop is None else stop
+        ends, stop = answer_stop_ids(tokenizer, chat=False), ["\n\n"] if stop is None else stop
     outs: list[list[int]] = []
     for i in range(0, len(ids), batch_size):
-        outs += generate_batch(model, ids[i:i + batch_size], max_new_tokens, temperature=0.0, eot_id=end)
+        outs += generate_batch(model, ids[i:i + batch_size], max_new_tokens, temperature=0.0, stop_ids=ends)
     return [cut_at_stop(tokenizer.decode(o), stop) for o in outs]
 
 

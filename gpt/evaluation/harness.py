@@ -49,7 +49,7 @@ from lm_eval.api.registry import metric_registry, model_registry, register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simple_parse_args_string
 from packaging.specifiers import SpecifierSet
 
-from gpt.chat import END, SPECIAL
+from gpt.chat import END, SPECIAL, answer_stop_ids
 from gpt.engine import DecodeEngine, Sampling, text_stop
 from gpt.errors import UserError, exit_code
 from gpt.evaluation.generation import cut_at_stop, is_chat
@@ -117,8 +117,7 @@ class PipelineLM(TemplateLM):
         self._specials = specials
         self._split = re.compile("(" + "|".join(map(re.escape, sorted(specials, key=len, reverse=True))) + ")") \
             if specials else None
-        self.stop_ids = tuple(i for i in (tokenizer.eot_id, tokenizer.special_id(END) if self.chat else None)
-                              if i is not None)
+        self.stop_ids = answer_stop_ids(tokenizer, self.chat)  # a chat answer: <|end|>, or a new turn
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> PipelineLM:

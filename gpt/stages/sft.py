@@ -11,7 +11,7 @@ import logging
 
 import torch
 
-from gpt.chat import END, chat_tokenizer, encode_chat
+from gpt.chat import answer_stop_ids, chat_tokenizer, encode_chat
 from gpt.encoding import fit_block
 from gpt.errors import UserError
 from gpt.generate import generate_batch
@@ -64,7 +64,7 @@ class SFT(MaskedLMObjective):
         prompts = [encode_chat(self.tokenizer, c[:-1], generation_prompt=True)[0] for c in convs]
         with autocast():
             outs = generate_batch(model, prompts, self.max_new_tokens, temperature=0.0,
-                                  eot_id=self.tokenizer.special_id(END))
+                                  stop_ids=answer_stop_ids(self.tokenizer))
         rows = []
         for c, o in zip(convs, outs):
             prompt = c[-2]["content"] if len(c) > 1 else ""
