@@ -52,7 +52,35 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str = "cpu", int8: bo
     return torch.bfloat16 if kind == "cpu" and cpu_has_fast_bf16() else torch.float32
 
 
-class PackedLinear(nn.Linear):
+def _needs_autograd(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> bool:
+    return (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)) and torch.is_grad_enabled()
+
+
+def _by_rows(fn, x: torch.Tensor, *args) -> torch.Tensor:
+    """fn (a gpt.native matmul) over x's rows: x (..., K) -> (..., N)."""
+    shape = x.shape
+    y = fn(x.reshape(-1, shape[-1]), *args)
+    return y.view(*shape[:-1], y.size(1))
+
+
+class _Rebuilt:
+    """deepcopy / pickle of a kernel-backed Linear: the attributes in _transient (the kernel module, oneDNN's opaque
+    tensor with no storage) are not state; `_setup()` makes them again on load."""
+
+    _transient: tuple[str, ...] = ("_native",)
+
+    def __getstate__(self):
+        state = super().__getstate__().copy()
+        for name in self._transient:
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._setup()
+
+
+class PackedLinear(_Rebuilt, nn.Linear):
     """An nn.Linear (same parameters, state_dict and weight tying) whose CPU forward without autograd
     multiplies by a copy of its weight prepacked once in oneDNN's blocked layout. At batch 1 a bf16 matmul
     with the prepacked weight is 1.5-4x faster than F.linear on the plain one (the (V, C) output layer
@@ -92,26 +120,17 @@ class PackedLinear(nn.Linear):
                 self._native = kernels
         return True
 
-    def __getstate__(self):  # deepcopy / pickle: the opaque oneDNN tensor has no storage; repacked on load
-        state = super().__getstate__().copy()
-        state.pop("_packed", None)
-        state.pop("_native", None)
-        return state
+    _transient = ("_packed", "_native")
 
-    def __setstate__(self, state):
-        super().__setstate__(state)
+    def _setup(self) -> None:
         self.pack()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # lean: a decode step makes 25 of these calls
         p, w, b = self._packed, self.weight, self.bias
         if (p is not None and x.dtype == self._packed_dtype and x.is_cpu and w._version == self._packed_version
-                and w.dtype == self._packed_dtype
-                and not ((x.requires_grad or w.requires_grad or (b is not None and b.requires_grad))
-                         and torch.is_grad_enabled())):
-            shape = x.shape
-            if self._native is not None and shape.numel() <= self._native_cap and shape[-1] == self.in_features:
-                y = self._native.linear_bf16(x.reshape(-1, shape[-1]), self._scored(), b)
-                return y.view(*shape[:-1], y.size(1))
+                and w.dtype == self._packed_dtype and not _needs_autograd(x, w, b)):
+            if self._native is not None and x.numel() <= self._native_cap and x.shape[-1] == self.in_features:
+                return _by_rows(self._native.linear_bf16, x, self._scored(), b)
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), p, b, "none", [], "")
         return F.linear(x, self._scored(), b)
 
@@ -124,7 +143,7 @@ class PackedOutputHead(PackedLinear, OutputHead):
         return self.weight[: self.vocab_size]
 
 
-class NativeLinear(nn.Linear):
+class NativeLinear(_Rebuilt, nn.Linear):
     """An nn.Linear of a float32 CPU model (same parameters, state_dict and weight tying) whose calls of at most
     `native.F32_ROWS` rows without autograd or autocast (decode steps, a continuous batch's rows) take gpt.native's
     float32 kernel where it runs here: it reads each weight row once for all the rows, 2-5x faster than torch's
@@ -159,13 +178,7 @@ class NativeLinear(nn.Linear):
         self._native_cap = native.F32_ROWS * w.size(1)
         return True
 
-    def __getstate__(self):  # deepcopy / pickle: the kernel module is not state; attached again on load
-        state = super().__getstate__().copy()
-        state.pop("_native", None)
-        return state
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
+    def _setup(self) -> None:
         self.attach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # lean: a decode step makes 25 of these calls
@@ -173,12 +186,8 @@ class NativeLinear(nn.Linear):
         if (k is not None and x.dtype == torch.float32 and w.dtype == torch.float32 and x.is_cpu and w.is_cpu
                 and x.numel() <= self._native_cap and x.shape[-1] == self.in_features and w.is_contiguous()
                 and (b is None or (b.dtype == torch.float32 and b.is_contiguous()))
-                and not torch.is_autocast_enabled("cpu")
-                and not ((x.requires_grad or w.requires_grad or (b is not None and b.requires_grad))
-                         and torch.is_grad_enabled())):
-            shape = x.shape
-            y = k.linear_f32(x.reshape(-1, shape[-1]), w, b)
-            return y.view(*shape[:-1], y.size(1))
+                and not torch.is_autocast_enabled("cpu") and not _needs_autograd(x, w, b)):
+            return _by_rows(k.linear_f32, x, w, b)
         return F.linear(x, w, b)
 
 
@@ -189,19 +198,29 @@ class NativeOutputHead(NativeLinear, OutputHead):
         return self.weight[: self.vocab_size]
 
 
-def native_linears(model: nn.Module) -> int:
-    """Turn every float32 CPU nn.Linear of the model into a NativeLinear (a padded output layer into a
-    NativeOutputHead) where gpt.native's kernels run here -> how many."""
+_PLAIN = {NativeLinear: nn.Linear, NativeOutputHead: OutputHead, PackedLinear: nn.Linear,
+          PackedOutputHead: OutputHead}
+
+
+def _swap_linears(model: nn.Module, dtype: torch.dtype, linear: type, head: type, setup: str) -> int:
+    """Turn every CPU nn.Linear of `dtype` into `linear` (a padded output layer into `head`: the same parameters, by
+    class), keeping those whose `setup` method answers True (the others go back to their class) -> how many."""
     n = 0
     for m in model.modules():
-        plain = type(m)
-        if plain in (nn.Linear, OutputHead) and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32:
-            m.__class__ = NativeOutputHead if plain is OutputHead else NativeLinear
-            if m.attach():
+        plain = _PLAIN.get(type(m), type(m))  # a layer swapped before (and cast since) counts as its plain class
+        if plain in (nn.Linear, OutputHead) and m.weight.device.type == "cpu" and m.weight.dtype == dtype:
+            m.__class__ = head if plain is OutputHead else linear
+            if getattr(m, setup)():
                 n += 1
             else:
                 m.__class__ = plain
     return n
+
+
+def native_linears(model: nn.Module) -> int:
+    """Turn every float32 CPU nn.Linear of the model into a NativeLinear (a padded output layer into a
+    NativeOutputHead) where gpt.native's kernels run here -> how many."""
+    return _swap_linears(model, torch.float32, NativeLinear, NativeOutputHead, "attach")
 
 
 def pack_linears(model: nn.Module) -> int:
@@ -209,16 +228,7 @@ def pack_linears(model: nn.Module) -> int:
     -> how many were packed."""
     if not torch.backends.mkldnn.is_available():
         return 0
-    n = 0
-    for m in model.modules():
-        plain = {NativeLinear: nn.Linear, NativeOutputHead: OutputHead}.get(type(m), type(m))  # float32 ones cast since
-        if plain in (nn.Linear, OutputHead) and m.weight.device.type == "cpu" and m.weight.dtype == torch.bfloat16:
-            m.__class__ = PackedOutputHead if plain is OutputHead else PackedLinear
-            if m.pack():
-                n += 1
-            else:
-                m.__class__ = plain
-    return n
+    return _swap_linears(model, torch.bfloat16, PackedLinear, PackedOutputHead, "pack")
 
 
 def load_for_inference(path: str, device: str = "cpu", quantize: str | None = None,

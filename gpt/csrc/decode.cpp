@@ -150,18 +150,23 @@ struct Vec {
 
 }  // namespace
 
-// x (M, K) float32 or bfloat16, weight (N, K) bfloat16, bias (N,) or None -> (M, N) in x's dtype.
-torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias) {
-  check(x, weight, at::kBFloat16);
+namespace {
+
+// y = x W^T + bias for a weight W (N, K) of element type T (at::ScalarType wtype), in dtype `out` (float32, or bf16:
+// the float32 result rounded once).
+template <typename T>
+torch::Tensor linear_of(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias,
+                        at::ScalarType wtype, at::ScalarType out) {
+  check(x, weight, wtype);
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   std::vector<float> buf;
   const float* X = as_float(x, buf);
   const Vec B(bias, N);
-  torch::Tensor y = torch::empty({M, N}, x.options());
-  const at::BFloat16* W = weight.data_ptr<at::BFloat16>();
-  if (y.scalar_type() == at::kBFloat16) {
+  torch::Tensor y = torch::empty({M, N}, x.options().dtype(out));
+  const T* W = weight.data_ptr<T>();
+  if (out == at::kBFloat16) {
     at::BFloat16* Y = y.data_ptr<at::BFloat16>();
-    matmul(X, M, W, N, K, [&](int64_t m, int64_t n, float s) { Y[m * N + n] = at::BFloat16(s + B[n]); });  // rounded once
+    matmul(X, M, W, N, K, [&](int64_t m, int64_t n, float s) { Y[m * N + n] = at::BFloat16(s + B[n]); });
   } else {
     float* Y = y.data_ptr<float>();
     matmul(X, M, W, N, K, [&](int64_t m, int64_t n, float s) { Y[m * N + n] = s + B[n]; });
@@ -169,17 +174,16 @@ torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& weight, c
   return y;
 }
 
+}  // namespace
+
+// x (M, K) float32 or bfloat16, weight (N, K) bfloat16, bias (N,) or None -> (M, N) in x's dtype.
+torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias) {
+  return linear_of<at::BFloat16>(x, weight, bias, at::kBFloat16, x.scalar_type());
+}
+
 // x (M, K) float32 or bfloat16, weight (N, K) float32, bias (N,) or None -> (M, N) float32.
 torch::Tensor linear_f32(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias) {
-  check(x, weight, at::kFloat);
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  std::vector<float> buf;
-  const float* X = as_float(x, buf);
-  const Vec B(bias, N);
-  torch::Tensor y = torch::empty({M, N}, x.options().dtype(at::kFloat));
-  float* Y = y.data_ptr<float>();
-  matmul(X, M, weight.data_ptr<float>(), N, K, [&](int64_t m, int64_t n, float s) { Y[m * N + n] = s + B[n]; });
-  return y;
+  return linear_of<float>(x, weight, bias, at::kFloat, at::kFloat);
 }
 
 // x (M, K) float32 or bfloat16, weight (N, K) int8, scales (N,) float32, bias (N,) or None -> (M, N) float32:
