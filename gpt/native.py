@@ -20,6 +20,7 @@ torch's kernels, with results equal up to float rounding.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -42,15 +43,16 @@ _lock = threading.Lock()
 _state: dict = {}
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags as Linux lists them (empty elsewhere)."""
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them (empty elsewhere); read once."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
+                return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
 def unavailable_reason() -> str | None:
@@ -175,13 +177,17 @@ F32_ROWS = 16  # the most input rows a float32 Linear (gpt.inference.NativeLinea
 
 
 def max_rows(out_features: int) -> int:
-    """The most input rows a Linear with `out_features` outputs sends to the native kernel (0: none); more go to
-    torch's. Measured on a 2-core Xeon with AMX: inside a batch-1 decode step the kernel takes the 24 matmuls of a
-    6-layer, 384-wide model's blocks in 0.67 ms where fbgemm takes 0.91 (int8), 1.33 where oneDNN takes 1.58 (bf16);
+    """The most input rows a bf16 or int8 Linear with `out_features` outputs sends to the native kernel (0: none); more
+    go to torch's. Measured inside a batch-1 decode step of a 6-layer, 384-wide model: the kernel takes the 24 block
+    matmuls in 0.67 ms where fbgemm takes 0.91 (int8), 1.33 where oneDNN takes 1.58 (bf16; 2-core Xeon with AMX);
     weights cold in cache it takes half their time at 1 row and still wins at 4 (and 8). The (50304, 384) output
-    layer's matmul is another kind: many short rows, best served by torch's kernels (0.45 ms against the native
-    0.62 in int8, 1.02 against 1.45 in bf16), so layers that wide stay with them."""
-    return 0 if out_features > 8192 else 4
+    layer is another kind, many short rows, and which kernel streams it faster depends on the CPU: on the Xeon with
+    AMX torch's (0.45 ms against the native 0.62 in int8, 1.02 against 1.45 in bf16), on an AMD EPYC (Zen 4, no AMX)
+    the native one at 1 row (0.51 ms against fbgemm's 0.70, 1.02 against oneDNN's 1.58; at 4 rows they are even). So
+    layers that wide send one row to the kernel on a CPU without AMX, none with it."""
+    if out_features <= 8192:
+        return 4
+    return 0 if "amx_bf16" in cpu_flags() else 1
 
 
 _OMP_PAUSE: list = []  # [omp_pause_resource_all or None], looked up once

@@ -202,7 +202,9 @@ def test_bf16_layers_send_a_few_rows_to_the_kernel_and_more_to_onednn(kernels):
         pytest.skip("oneDNN cannot prepack bf16 weights here")
     block, wide = model
     assert isinstance(block, PackedLinear) and block._native is kernels and block._native_rows == 4
-    assert wide._native is None  # an output-layer-wide matmul stays with oneDNN (native.max_rows)
+    # an output-layer-wide matmul: one row to the kernel on a CPU without AMX, none with it (native.max_rows)
+    amx = "amx_bf16" in native.cpu_flags()
+    assert (wide._native is None, wide._native_rows) == ((True, 0) if amx else (False, 1))
     spy = block._native = _Spy(kernels)
     with torch.no_grad():
         for rows in (1, 3, 4, 5, 16):
@@ -231,7 +233,19 @@ def test_int8_layers_send_a_few_rows_to_the_kernel_and_more_to_the_other_kernel(
             torch.testing.assert_close(m(x), F.linear(x, m.dequantized(), m.bias), rtol=0.03, atol=0.03)
     assert spy.rows == [1, 2, 4]
     out = Int8Linear.from_linear(torch.nn.Linear(64, 9000))
-    assert out._native is None and "native" not in repr(out)
+    if "amx_bf16" in native.cpu_flags():
+        assert out._native is None and "native" not in repr(out)
+    else:
+        assert out._native is kernels and "native (up to 1 rows), then fbgemm" in repr(out)
+
+
+def test_output_layer_wide_matmuls_take_the_kernel_for_one_row_where_the_cpu_has_no_amx(monkeypatch):
+    """native.max_rows: block-sized layers take up to 4 rows anywhere; a layer wider than 8192 outputs one row on a
+    CPU without AMX (measured faster there), none on one with it (oneDNN / fbgemm measured faster)."""
+    monkeypatch.setattr(native, "cpu_flags", lambda: frozenset({"avx512f", "avx512bw", "avx512vl", "amx_bf16"}))
+    assert (native.max_rows(1536), native.max_rows(8192), native.max_rows(50304)) == (4, 4, 0)
+    monkeypatch.setattr(native, "cpu_flags", lambda: frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}))
+    assert (native.max_rows(1536), native.max_rows(8192), native.max_rows(50304)) == (4, 4, 1)
 
 
 def test_a_decode_step_with_the_kernels_gives_the_logits_of_torchs_kernels(kernels):
