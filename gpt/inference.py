@@ -63,15 +63,16 @@ def _by_rows(fn, x: torch.Tensor, *args) -> torch.Tensor:
     return y.view(*shape[:-1], y.size(1))
 
 
-class _Rebuilt:
-    """deepcopy / pickle of a kernel-backed Linear: the attributes in _transient (the kernel module, oneDNN's opaque
-    tensor with no storage) are not state; `_setup()` makes them again on load."""
+_TRANSIENT = ("_packed", "_native")  # what kernel-backed layers hold that is not state
 
-    _transient: tuple[str, ...] = ("_native",)
+
+class _Rebuilt:
+    """deepcopy / pickle of a kernel-backed Linear: the attributes in _TRANSIENT (the kernel module, oneDNN's opaque
+    tensor with no storage) are not state; `_setup()` makes them again on load."""
 
     def __getstate__(self):
         state = super().__getstate__().copy()
-        for name in self._transient:
+        for name in _TRANSIENT:  # every kind's: a layer swapped from another kind may still hold that one's
             state.pop(name, None)
         return state
 
@@ -113,14 +114,17 @@ class PackedLinear(_Rebuilt, nn.Linear):
         self._packed, self._packed_dtype, self._packed_version = packed, w.dtype, self.weight._version
         self._native, self._native_rows = None, native.max_rows(w.size(0))
         self._native_cap = self._native_rows * w.size(1)  # the most elements of an input the kernel takes
-        kernels = native.kernels() if self._native_rows and w.is_contiguous() else None
+        bf16 = w.dtype == torch.bfloat16  # (a packed layer cast to another dtype since keeps oneDNN alone)
+        kernels = native.kernels() if self._native_rows and bf16 and w.is_contiguous() else None
         if kernels is not None:
-            got = kernels.linear_bf16(x, w, self.bias)
-            if got.shape == want.shape and torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2):
+            try:
+                got = kernels.linear_bf16(x, w, self.bias)
+            except RuntimeError:  # a bias the kernel does not take
+                got = None
+            if got is not None and got.shape == want.shape and torch.allclose(got.float(), want.float(), rtol=2e-2,
+                                                                             atol=2e-2):
                 self._native = kernels
         return True
-
-    _transient = ("_packed", "_native")
 
     def _setup(self) -> None:
         self.pack()
@@ -209,10 +213,14 @@ def _swap_linears(model: nn.Module, dtype: torch.dtype, linear: type, head: type
     for m in model.modules():
         plain = _PLAIN.get(type(m), type(m))  # a layer swapped before (and cast since) counts as its plain class
         if plain in (nn.Linear, OutputHead) and m.weight.device.type == "cpu" and m.weight.dtype == dtype:
+            for name in _TRANSIENT:  # a swapped layer's kernel state (a oneDNN tensor, the kernel module) goes
+                m.__dict__.pop(name, None)
             m.__class__ = head if plain is OutputHead else linear
             if getattr(m, setup)():
                 n += 1
             else:
+                for name in _TRANSIENT:
+                    m.__dict__.pop(name, None)
                 m.__class__ = plain
     return n
 

@@ -88,7 +88,8 @@ class Int8Linear(nn.Module):
         return cls(q, scales, linear.bias, prefer)
 
     def extra_repr(self) -> str:
-        small = f"native (up to {self._native_rows} rows), then " if self._native is not None else ""
+        rows = f"{self._native_rows} row{'s' if self._native_rows != 1 else ''}"
+        small = f"native (up to {rows}), then " if self._native is not None else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, kernel={small}{self.kernel}")
 

@@ -236,7 +236,7 @@ def test_int8_layers_send_a_few_rows_to_the_kernel_and_more_to_the_other_kernel(
     if "amx_bf16" in native.cpu_flags():
         assert out._native is None and "native" not in repr(out)
     else:
-        assert out._native is kernels and "native (up to 1 rows), then fbgemm" in repr(out)
+        assert out._native is kernels and "native (up to 1 row), then fbgemm" in repr(out)
 
 
 def test_output_layer_wide_matmuls_take_the_kernel_for_one_row_where_the_cpu_has_no_amx(monkeypatch):
@@ -248,12 +248,13 @@ def test_output_layer_wide_matmuls_take_the_kernel_for_one_row_where_the_cpu_has
     assert (native.max_rows(1536), native.max_rows(8192), native.max_rows(50304)) == (4, 4, 1)
 
 
-def test_a_decode_step_with_the_kernels_gives_the_logits_of_torchs_kernels(kernels):
+@pytest.mark.parametrize("vocab", [96, 8300])  # 8300: an output layer wider than 8192 (native.max_rows: 1 row or none)
+def test_a_decode_step_with_the_kernels_gives_the_logits_of_torchs_kernels(kernels, vocab):
     """Whole models, one token at a time over a KV cache: bf16 (PackedLinear) and int8 (Int8Linear) with the native
     kernel for their one-row matmuls, against the same model without it: bf16 on oneDNN (equal up to bf16 rounding),
     int8 on the dequantized float32 matmul (fbgemm would quantize the activations too; equal up to float32 sums)."""
     torch.manual_seed(0)
-    cfg = dict(vocab_size=96, block_size=32, n_layer=2, n_head=2, n_embd=64, bias=True)
+    cfg = dict(vocab_size=vocab, block_size=32, n_layer=2, n_head=2, n_embd=64, bias=True)
     bf16 = GPT(**cfg).eval().requires_grad_(False).to(torch.bfloat16)
     if pack_linears(bf16) != 4 * 2 + 1:
         pytest.skip("oneDNN cannot prepack bf16 weights here")
@@ -267,10 +268,12 @@ def test_a_decode_step_with_the_kernels_gives_the_logits_of_torchs_kernels(kerne
     bf16_ref = copy.deepcopy(bf16)  # PackedLinear repacks on copy
     for m in bf16_ref.modules():
         m._native = None
-    prompt = torch.randint(0, 96, (1, 6))
+    prompt = torch.randint(0, vocab, (1, 6))
+    head = 1 if native.max_rows(vocab) else 0  # a narrow output layer always; a wide one on a CPU without AMX
+    assert vocab < 8192 or head == (0 if "amx_bf16" in native.cpu_flags() else 1)
     for model, ref, tol in ((bf16, bf16_ref, 0.01), (int8, int8_ref, 1e-5)):  # bf16: an ulp or two
         layers = [m for m in model.modules() if getattr(m, "_native", None) is not None]
-        assert len(layers) == 4 * 2 + 1  # every block matmul and the output layer (96 rows: narrow)
+        assert len(layers) == 4 * 2 + head  # every block matmul, and the output layer where it takes the kernel
         assert not any(getattr(m, "_native", None) for m in ref.modules())
         runs = []
         for m in (model, ref):
@@ -636,6 +639,28 @@ def test_a_built_module_is_imported_without_building_again(kernels, fresh_state,
     assert module is not None and module.__name__ == native.extension_name()
     x, w = torch.randn(1, 16), torch.randn(4, 16).bfloat16()
     torch.testing.assert_close(module.linear_bf16(x, w, None), kernels.linear_bf16(x, w, None))
+
+
+def test_layers_swapped_between_kinds_keep_no_stale_kernel_state(kernels):
+    """A packed bf16 model cast to float32 and given the float32 kernel (and back), or a layer whose swap failed,
+    holds no other kind's kernel state: it deep-copies and saves, and computes as plain F.linear."""
+    import io
+
+    torch.manual_seed(0)
+    model = GPT(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=32).eval().requires_grad_(False)
+    ref = copy.deepcopy(model)
+    if pack_linears(model.to(torch.bfloat16)) != 5:
+        pytest.skip("oneDNN cannot prepack bf16 weights here")
+    copy.deepcopy(model)  # a packed float32 layer re-packs on load (oneDNN alone: the bf16 kernel does not apply)
+    assert native_linears(model.float()) == 5
+    assert not any("_packed" in vars(m) for m in model.modules())
+    again = copy.deepcopy(model)
+    torch.save(again, io.BytesIO())
+    x = torch.randint(0, 50, (1, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(again(x)[0], ref(x)[0], rtol=1e-2, atol=1e-2)  # bf16-rounded weights, float32
+    assert pack_linears(again.to(torch.bfloat16)) == 5 and not any(type(m) is NativeLinear for m in again.modules())
+    copy.deepcopy(again)
 
 
 def test_release_idle_threads_lets_the_calling_threads_openmp_helpers_go():
