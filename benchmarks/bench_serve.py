@@ -30,6 +30,7 @@ import torch
 
 from gpt.model import GPT
 from gpt.serve import Batcher, Engine, GenerateRequest, Job
+from gpt.trainer import measure_peak_flops
 
 
 class _Tokens:
@@ -172,23 +173,6 @@ def main() -> None:
         floor(model, sum(r.max_new_tokens for _, r in work))
 
 
-def matmul_peak(dtype: torch.dtype, device: str, n: int = 1536, reps: int = 5) -> float:
-    """FLOP/s of one large square matmul in `dtype` on `device`, the best of `reps`: what the machine's matmul
-    kernels reach at their best."""
-    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        a @ b
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
-
-
 def floor(model, tokens: int) -> None:
     """The least the tokens can cost: each new token is a row of every matmul of a decode step (the blocks' and the
     output layer's weights, 2 flops per weight), at the machine's best matmul speed. Where that exceeds the budget
@@ -196,7 +180,7 @@ def floor(model, tokens: int) -> None:
     weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))  # the output layer's too
     flops = 2 * weights * tokens
     dtype = model.transformer.wte.weight.dtype
-    peak = matmul_peak(dtype, str(model.transformer.wte.weight.device))
+    peak = measure_peak_flops(str(model.transformer.wte.weight.device), dtype, size=1536)
     print(f"the tokens' matmuls alone ({flops / 1e12:.2f} TFLOP) take at least {flops / peak:.1f} s at this machine's "
           f"best {str(dtype).replace('torch.', '')} matmul speed ({peak / 1e9:.0f} GFLOP/s, a 1536-square matmul; the "
           f"prompts' prefills not counted)")

@@ -56,14 +56,13 @@ def _needs_autograd(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) ->
     return (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)) and torch.is_grad_enabled()
 
 
-def _by_rows(fn, x: torch.Tensor, *args) -> torch.Tensor:
-    """fn (a gpt.native matmul) over x's rows: x (..., K) -> (..., N)."""
-    shape = x.shape
-    y = fn(x.reshape(-1, shape[-1]), *args)
-    return y.view(*shape[:-1], y.size(1))
-
-
 _TRANSIENT = ("_packed", "_native")  # what kernel-backed layers hold that is not state
+
+
+def _drop_kernel_state(m: nn.Module) -> None:
+    """Forget a layer's kernel state (a oneDNN tensor, the kernel module): before it changes kind, or goes plain."""
+    for name in _TRANSIENT:
+        m.__dict__.pop(name, None)
 
 
 class _Rebuilt:
@@ -134,7 +133,7 @@ class PackedLinear(_Rebuilt, nn.Linear):
         if (p is not None and x.dtype == self._packed_dtype and x.is_cpu and w._version == self._packed_version
                 and w.dtype == self._packed_dtype and not _needs_autograd(x, w, b)):
             if self._native is not None and x.numel() <= self._native_cap and x.shape[-1] == self.in_features:
-                return _by_rows(self._native.linear_bf16, x, self._scored(), b)
+                return native.by_rows(self._native.linear_bf16, x, self._scored(), b)
             return torch.ops.mkldnn._linear_pointwise(x.contiguous(), p, b, "none", [], "")
         return F.linear(x, self._scored(), b)
 
@@ -191,7 +190,7 @@ class NativeLinear(_Rebuilt, nn.Linear):
                 and x.numel() <= self._native_cap and x.shape[-1] == self.in_features and w.is_contiguous()
                 and (b is None or (b.dtype == torch.float32 and b.is_contiguous()))
                 and not torch.is_autocast_enabled("cpu") and not _needs_autograd(x, w, b)):
-            return _by_rows(k.linear_f32, x, w, b)
+            return native.by_rows(k.linear_f32, x, w, b)
         return F.linear(x, w, b)
 
 
@@ -213,14 +212,12 @@ def _swap_linears(model: nn.Module, dtype: torch.dtype, linear: type, head: type
     for m in model.modules():
         plain = _PLAIN.get(type(m), type(m))  # a layer swapped before (and cast since) counts as its plain class
         if plain in (nn.Linear, OutputHead) and m.weight.device.type == "cpu" and m.weight.dtype == dtype:
-            for name in _TRANSIENT:  # a swapped layer's kernel state (a oneDNN tensor, the kernel module) goes
-                m.__dict__.pop(name, None)
+            _drop_kernel_state(m)
             m.__class__ = head if plain is OutputHead else linear
             if getattr(m, setup)():
                 n += 1
             else:
-                for name in _TRANSIENT:
-                    m.__dict__.pop(name, None)
+                _drop_kernel_state(m)
                 m.__class__ = plain
     return n
 

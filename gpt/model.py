@@ -235,9 +235,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-_NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # the activations and caches gpt.native's attention takes
-
-
 class CausalSelfAttention(nn.Module):
     # gpt.inference.native_attention sets this on a CPU where gpt.native's kernels run, in layers they fit (learned
     # positions, no QK-norm, SDPA attention, head size a multiple of 16): a decode step of one new token per row (rows
@@ -305,7 +302,7 @@ class CausalSelfAttention(nn.Module):
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         if (self.native_decode and T == 1 and cache is not None and (mask is None or cache.lens is not None)
                 and rope is None and self.native_fits() and not self.training
-                and qkv.is_cpu and qkv.dtype in _NATIVE_DTYPES and cache.k.dtype in _NATIVE_DTYPES
+                and qkv.is_cpu and qkv.dtype in native.INPUT_DTYPES and cache.k.dtype in native.INPUT_DTYPES
                 and not (qkv.requires_grad and torch.is_grad_enabled()) and native.loaded() is not None):
             # (a ragged cache's mask is GPT._plan's: each row's keys up to its own length, what the kernel reads)
             cache.end(1)

@@ -173,6 +173,16 @@ def _build():
             raise
 
 
+INPUT_DTYPES = (torch.float32, torch.bfloat16)  # the activations (and KV caches) the kernels take
+
+
+def by_rows(fn, x: torch.Tensor, *args) -> torch.Tensor:
+    """A kernel matmul `fn` (x (M, K), *args) -> (M, N) over x's rows: x (..., K) -> (..., N)."""
+    shape = x.shape
+    y = fn(x.reshape(-1, shape[-1]), *args)
+    return y.view(*shape[:-1], y.size(1))
+
+
 F32_ROWS = 16  # the most input rows a float32 Linear (gpt.inference.NativeLinear) sends to the native kernel
 
 

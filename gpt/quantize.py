@@ -52,9 +52,6 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scales
 
 
-_NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # the inputs gpt.native's int8 kernel takes
-
-
 class Int8Linear(nn.Module):
     """y = x @ (int8 weight * scales[:, None])^T + bias, with float32 input and output.
 
@@ -163,11 +160,9 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # lean: a decode step makes 25 of these calls
         kernels = self._native
         if kernels is not None:  # a few rows, no autograd, float32 or bf16: gpt.native's kernel
-            shape = x.shape
-            if (shape.numel() <= self._native_cap and shape[-1] == self.in_features and x.dtype in _NATIVE_DTYPES
+            if (x.numel() <= self._native_cap and x.shape[-1] == self.in_features and x.dtype in native.INPUT_DTYPES
                     and not (x.requires_grad and torch.is_grad_enabled())):
-                y = kernels.linear_int8(x.reshape(-1, shape[-1]), self.weight, self.scales, self.bias)
-                return y.view(*shape[:-1], self.out_features)
+                return native.by_rows(kernels.linear_int8, x, self.weight, self.scales, self.bias)
         if self._fbgemm:  # the op takes any leading dims and a float32 input
             return self._mm(x if x.dtype is torch.float32 else x.float(), self._packed, True)
         y = self._run(self.kernel, x.reshape(-1, self.in_features))
